@@ -1,0 +1,31 @@
+# Every target sets itself up (apt packages, .venv, build) through scripts/bootstrap.sh.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+STATE_DIR ?= var
+CONFIG ?=
+
+.PHONY: setup run test test-quick bench lint clean
+
+setup:
+	@bash scripts/bootstrap.sh
+
+run: setup
+	$(VENV)/bin/fastcompute agent --state-dir $(STATE_DIR) --hypervisor test:///default $(if $(CONFIG),--config $(CONFIG))
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-quick: setup
+	$(PY) -m pytest -q -m "not guest and not slow" tests
+
+bench: setup
+	$(PY) -m pytest -q bench --benchmark-columns=median,ops,rounds --benchmark-sort=name -p no:cacheprovider
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf build $(VENV) $(STATE_DIR) .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -1,0 +1,3 @@
+"""fastcompute: the per-host compute agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""The agent's configuration: a TOML file, one table per concern, every key with its default.
+
+Each section is a ``msgspec.Struct``; the field's default is the documented default and the
+``doc`` metadata says what it means. ``fastcompute config`` prints the whole file with its
+comments, so the documentation cannot drift from the code. Unknown keys are errors: a typo
+in a config file must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[agent]: sockets, state and concurrency."""
+
+    host: Annotated[str, _doc("This host's name as reported in host.info; empty = the machine's hostname")] = ""
+    control: Annotated[str, _doc("ZeroMQ ROUTER endpoint for requests")] = "tcp://127.0.0.1:7780"
+    events: Annotated[str, _doc("ZeroMQ PUB endpoint for events")] = "tcp://127.0.0.1:7781"
+    state_dir: Annotated[str, _doc("Directory for the SQLite store, disks and logs")] = "/var/lib/fastcompute"
+    max_frame_bytes: Annotated[int, _doc("Requests larger than this are refused undecoded")] = 1 << 20
+    idempotency_window_s: Annotated[float, _doc("How long a request id's reply is kept for retries")] = 600.0
+    max_concurrent_builds: Annotated[int, _doc("Spawns that may be building at once (Nova's max_concurrent_builds)")] = 64
+    worker_threads: Annotated[int, _doc("Threads for blocking work (libvirt calls, file I/O)")] = 8
+    max_inflight_requests: Annotated[int, _doc("Requests in flight before new ones get BUSY")] = 4096
+    sync_power_state_interval_s: Annotated[float, _doc("Period of the power-state sync with the hypervisor")] = 10.0
+    resources_interval_s: Annotated[float, _doc("host.resources is published at least this often")] = 10.0
+    log_level: Annotated[str, _doc("DEBUG, INFO, WARNING or ERROR")] = "INFO"
+
+
+class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[security]: CURVE. Without a server key the agent binds only loopback or ipc://."""
+
+    server_secret_key_file: Annotated[str, _doc("CURVE secret key file of the agent (from `fastcompute keys`); empty = no CURVE")] = ""
+    client_public_keys: Annotated[list[str], _doc("Z85 public keys of the clients allowed to connect")] = (
+        msgspec.field(default_factory=list)
+    )
+    client_public_keys_dir: Annotated[str, _doc("Directory of *.key public key files (from `fastcompute keys`), also allowed")] = ""
+
+
+class HypervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[hypervisor]: the libvirt connection and domain defaults."""
+
+    uri: Annotated[str, _doc("libvirt URI; test:///default is libvirt's in-process test hypervisor")] = "test:///default"
+    domain_type: Annotated[str, _doc("Domain type for qemu:// URIs: qemu (TCG) or kvm")] = "qemu"
+    shutdown_timeout_s: Annotated[float, _doc("Graceful (ACPI) shutdown wait before a forced stop")] = 60.0
+
+
+class ResourcesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[resources]: what of the host may be given to guests (Nova's defaults)."""
+
+    cpu_allocation_ratio: Annotated[float, _doc("VCPU over-subscription ratio")] = 16.0
+    ram_allocation_ratio: Annotated[float, _doc("MEMORY_MB over-subscription ratio")] = 1.5
+    disk_allocation_ratio: Annotated[float, _doc("DISK_GB over-subscription ratio")] = 1.0
+    reserved_host_cpus: Annotated[int, _doc("VCPUs kept for the host")] = 0
+    reserved_host_memory_mb: Annotated[int, _doc("MiB kept for the host")] = 512
+    reserved_host_disk_mb: Annotated[int, _doc("MiB of disk kept for the host")] = 0
+    disk_gb: Annotated[int, _doc("DISK_GB total; 0 = the size of the file system holding state_dir")] = 0
+    cpu_dedicated_set: Annotated[str, _doc("Host CPUs for pinned guests (PCPU), e.g. '4-15'; empty = none")] = ""
+    cpu_shared_set: Annotated[str, _doc("Host CPUs for unpinned guests (VCPU); empty = all not dedicated")] = ""
+
+
+class QuotaConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[quota]: per-project limits; -1 = unlimited."""
+
+    instances: Annotated[int, _doc("Instances per project")] = -1
+    cores: Annotated[int, _doc("vCPUs per project")] = -1
+    ram_mb: Annotated[int, _doc("MiB of guest memory per project")] = -1
+
+
+class ImagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[images]: image sources, the base-image cache and instance disks."""
+
+    disk_mode: Annotated[str, _doc("cow: qcow2 overlay on the cached base; flat: a private copy")] = "cow"
+
+
+class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[network]: bridges, taps and security groups."""
+
+
+class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[stats]: sampling and metrics."""
+
+    interval_s: Annotated[float, _doc("Period of host.stats sampling and publication; 0 = off")] = 5.0
+    metrics: Annotated[str, _doc("HOST:PORT of the Prometheus /metrics endpoint; empty = off")] = ""
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole configuration file."""
+
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    hypervisor: HypervisorConfig = msgspec.field(default_factory=HypervisorConfig)
+    resources: ResourcesConfig = msgspec.field(default_factory=ResourcesConfig)
+    quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
+    images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
+    network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
+    stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
+
+
+class ConfigError(ValueError):
+    """The config file cannot be read or has a wrong key or value."""
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a TOML config file (or the defaults when ``path`` is None)."""
+    if path is None:
+        return Config()
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config {path}: {exc}") from exc
+
+
+def with_overrides(cfg: Config, section: str, **values: Any) -> Config:
+    """Return ``cfg`` with the given keys of one section replaced (None values are ignored)."""
+    given = {k: v for k, v in values.items() if v is not None}
+    if not given:
+        return cfg
+    new_section = msgspec.structs.replace(getattr(cfg, section), **given)
+    return msgspec.structs.replace(cfg, **{section: new_section})
+
+
+def render_defaults() -> str:
+    """The default configuration as a commented TOML file."""
+    lines = ["# fastcompute agent configuration; every key with its default.", ""]
+    for section_field in msgspec.structs.fields(Config):
+        section_type = section_field.type
+        lines.append(f"# {(getattr(section_type, '__doc__', None) or '').strip()}")
+        lines.append(f"[{section_field.name}]")
+        hints = msgspec.inspect.type_info(section_type)
+        assert isinstance(hints, msgspec.inspect.StructType)
+        for f in hints.fields:
+            desc = ""
+            if isinstance(f.type, msgspec.inspect.Metadata):
+                desc = str((f.type.extra_json_schema or {}).get("description", ""))
+            lines.append(f"# {desc}")
+            default = f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+            lines.append(f"{f.name} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
