@@ -5,3 +5,4 @@ It imports nothing from the package and knows nothing of RPC or libvirt; each co
 its own include file under ``core/`` and its Python callers translate to and from the agent's
 types.
 """
+include "core/copy.pxi"

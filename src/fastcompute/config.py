@@ -80,6 +80,17 @@ class ImagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[images]: image sources, the base-image cache and instance disks."""
 
     disk_mode: Annotated[str, _doc("cow: qcow2 overlay on the cached base; flat: a private copy")] = "cow"
+    glance_endpoint: Annotated[str, _doc("Image service (Glance v2) URL for image ids, e.g. http://glance:9292; empty = ids refused")] = ""
+    glance_token: Annotated[str, _doc("X-Auth-Token sent to the Image service; empty = none")] = ""
+    glance_headers: Annotated[list[str], _doc("Extra 'Name: value' headers for the Image service (e.g. X-Project-Id without Keystone)")] = (
+        msgspec.field(default_factory=list)
+    )
+    ca_file: Annotated[str, _doc("CA bundle for https image sources; empty = the system's")] = ""
+    connect_timeout_s: Annotated[float, _doc("Connecting to an image server gives up after this")] = 10.0
+    read_timeout_s: Annotated[float, _doc("A download that receives nothing for this long is abandoned")] = 30.0
+    max_image_bytes: Annotated[int, _doc("Images larger than this (downloaded bytes or virtual size) are refused")] = 100 << 30
+    cache_max_age_s: Annotated[float, _doc("The cleaner removes bases no instance has used for this long")] = 86400.0
+    cleaner_interval_s: Annotated[float, _doc("Period of the base-image cleaner; 0 = off")] = 2400.0
 
 
 class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

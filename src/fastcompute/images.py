@@ -1,0 +1,907 @@
+"""Images: sources, the verified single-flight base cache, inspection and instance disks.
+
+A boot storm is mostly an image problem: a hundred spawns of one new image must cost one
+download, one verification and a hundred cheap disks. :class:`ImageCache` keeps base images
+under ``state_dir/_base``; each is fetched once (concurrent callers wait on the one fetch in
+flight), verified against the checksums that came with it, inspected from its bytes, stored
+raw, and only then renamed into place, so a crash never leaves a half image that looks whole.
+Instance disks live at ``state_dir/instances/<uuid>/disk``: a qcow2 overlay written by the
+agent itself (``cow``), or a private sparse copy made by the Cython copier (``flat``).
+
+Layout of the cache, per base ``<key>`` (a digest of its source)::
+
+    _base/<key>          the raw image, complete and verified
+    _base/<key>.json     what it is: source, digests of the fetched bytes, format, sizes;
+                         its mtime is the base's last use
+    _base/.tmp-*         fetches in progress (removed at start-up: a crash leftover)
+    instances/<uuid>/disk       the instance disk
+    instances/<uuid>/disk.info  which base the disk was made from (the cache's "users")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+
+from . import _core
+from .config import ImagesConfig
+from .errors import BadRequest, Conflict, ImageError
+from .images_qcow2 import FormatError, create_overlay, inspect
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+Progress = Callable[[str, int, int | None], None]
+"""``progress(stage, done_bytes, total_bytes_or_None)``; stages: download, convert, copy."""
+
+_DIGESTS = ("sha256", "sha512")
+_WRITE_CHUNK = 8 << 20
+_ZERO_BLOCK = 64 << 10
+_ZEROS = bytes(_ZERO_BLOCK)
+_TMP_PREFIX = ".tmp-"
+
+
+class ImageSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an instance's image comes from, as the spawn request gave it.
+
+    ``id`` names an image of the configured Image service (Glance); ``url`` is a ``file://``,
+    ``http://`` or ``https://`` source. ``checksum`` (``sha256:<hex>`` or ``sha512:<hex>``) is
+    checked against the fetched bytes. ``disk_format`` is what the requester claims (``raw``
+    or ``qcow2``); when given it must match what the bytes say.
+    """
+
+    id: str | None = None
+    url: str | None = None
+    checksum: str | None = None
+    disk_format: str | None = None
+
+
+class BaseInfo(msgspec.Struct, kw_only=True):
+    """One cached base image, as ``fastcompute images`` lists it."""
+
+    key: str
+    source: str
+    format: str
+    size: int
+    allocated: int
+    virtual_size: int
+    fetched_at: float
+    last_used: float
+    age_s: float
+    users: list[str]
+
+
+class _Meta(msgspec.Struct, kw_only=True):
+    """The sidecar of a base: written before the base is renamed into place."""
+
+    source: str
+    format: str
+    virtual_size: int
+    fetched_bytes: int
+    digests: dict[str, str]
+    fetched_at: float
+
+
+class _DiskInfo(msgspec.Struct, kw_only=True):
+    base: str
+    mode: str
+
+
+def copy(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[int, str]:
+    """Copy ``src`` to ``dst`` with the Cython copier, keeping holes, and fsync it.
+
+    Returns ``(data_bytes, method)``: the bytes of data copied (holes excluded) and how
+    (``reflink``, ``copy_file_range``, ``sendfile``, ``readwrite`` or ``none``).
+    ``progress(done, total)`` is called every 256 MiB of data and at the end; the GIL is
+    released while copying. On error ``dst`` is removed and ``OSError`` raised.
+    """
+    return _core.copy_file(os.fspath(src), os.fspath(dst), progress)
+
+
+def parse_checksum(checksum: str) -> tuple[str, str]:
+    """Split ``sha256:<hex>`` / ``sha512:<hex>`` into ``(algo, hex)``; BadRequest otherwise."""
+    algo, sep, value = checksum.partition(":")
+    algo = algo.lower()
+    value = value.lower()
+    lengths = {"sha256": 64, "sha512": 128}
+    if not sep or algo not in lengths:
+        raise BadRequest(f"image checksum must be sha256:<hex> or sha512:<hex>, not {checksum!r}")
+    if len(value) != lengths[algo] or any(c not in "0123456789abcdef" for c in value):
+        raise BadRequest(f"image checksum {checksum!r} is not a {algo} hex digest")
+    return algo, value
+
+
+@dataclass(slots=True)
+class _Flight:
+    """One fetch in progress; callers of the same image subscribe to its progress."""
+
+    task: asyncio.Task[_Meta] | None = None
+    listeners: list[Progress] = field(default_factory=list)
+    last_log: float = 0.0
+
+    def report(self, stage: str, done: int, total: int | None) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(stage, done, total)
+            except Exception:  # a broken listener must not fail everybody's download
+                log.exception("image progress listener failed")
+
+
+class _Sink:
+    """A temporary file fed in chunks from a worker thread: hashed, zero blocks left as holes."""
+
+    def __init__(self, path: Path, algos: list[str]) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.hashes = {a: hashlib.new(a) for a in algos}
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        for h in self.hashes.values():
+            h.update(data)
+        view = memoryview(data)
+        for off in range(0, len(data), _ZERO_BLOCK):
+            block = view[off : off + _ZERO_BLOCK]
+            # Skipping all-zero blocks keeps a raw image sparse in the cache, which is what
+            # makes later flat copies cheap (the copier skips holes).
+            if len(block) == _ZERO_BLOCK and block == _ZEROS:
+                continue
+            os.pwrite(self.fd, block, self.size + off)
+        self.size += len(data)
+
+    def finish(self) -> dict[str, str]:
+        os.ftruncate(self.fd, self.size)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        return {a: h.hexdigest() for a, h in self.hashes.items()}
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class ImageCache:
+    """The base-image cache of one agent and the instance disks made from it."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        cfg: ImagesConfig,
+        executor: concurrent.futures.Executor,
+    ) -> None:
+        if cfg.disk_mode not in ("cow", "flat"):
+            raise ValueError(f"[images] disk_mode must be cow or flat, not {cfg.disk_mode!r}")
+        self.cfg = cfg
+        self.base_dir = Path(state_dir) / "_base"
+        self.instances_dir = Path(state_dir) / "instances"
+        self._executor = executor
+        self._flights: dict[str, _Flight] = {}
+        self._pins: dict[str, int] = {}
+        self._uses: dict[str, int] = {}
+        self._pruning: dict[str, asyncio.Future[None]] = {}
+        self._client: httpx.AsyncClient | None = None
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+
+    # ---- public API -------------------------------------------------------------------
+
+    def disk_format(self) -> str:
+        """The format of instance disks, for the domain XML's driver type."""
+        return "qcow2" if self.cfg.disk_mode == "cow" else "raw"
+
+    async def prepare_disk(
+        self,
+        instance_uuid: str,
+        image: ImageSpec,
+        disk_gb: int,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Make ``instance_uuid``'s disk from ``image``, sized ``disk_gb`` GiB; return its path.
+
+        The base is fetched and verified once however many callers ask at the same time.
+        ``disk_gb`` 0 means the image's own virtual size. Raises :class:`ImageError` (or
+        :class:`BadRequest` for a malformed spec, :class:`Conflict` if the disk exists);
+        on failure no base and no instance disk is left behind.
+        """
+        key, source = self._source_key(image)
+        want = parse_checksum(image.checksum) if image.checksum else None
+        self._pins[key] = self._pins.get(key, 0) + 1
+        self._uses[key] = self._uses.get(key, 0) + 1
+        try:
+            meta = await self._ensure_base(key, source, image, progress)
+            if want is not None and meta.digests.get(want[0]) != want[1]:
+                raise ImageError(
+                    f"image {source} does not match the requested checksum: {want[0]} is "
+                    f"{meta.digests.get(want[0])}, the request says {want[1]}",
+                    {"source": source},
+                )
+            size = disk_gb * GiB if disk_gb > 0 else meta.virtual_size
+            if meta.virtual_size > size:
+                raise ImageError(
+                    f"image {source} has a virtual size of {_human(meta.virtual_size)}, larger "
+                    f"than the flavor's {disk_gb} GiB disk: choose a flavor with at least "
+                    f"{-(-meta.virtual_size // GiB)} GiB",
+                    {"virtual_size": meta.virtual_size, "disk_gb": disk_gb},
+                )
+            loop = asyncio.get_running_loop()
+            copy_progress: Callable[[int, int], object] | None = None
+            if progress is not None:
+                cb = progress
+
+                def copy_progress(done: int, total: int) -> None:
+                    loop.call_soon_threadsafe(cb, "copy", done, total)
+
+            return await loop.run_in_executor(
+                self._executor, self._make_disk, instance_uuid, key, size, copy_progress
+            )
+        finally:
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+
+    async def remove_disk(self, instance_uuid: str) -> None:
+        """Remove an instance's disk and its record; nothing happens if there is none."""
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._remove_disk_files, self._instance_dir(instance_uuid)
+        )
+
+    def list_bases(self) -> list[BaseInfo]:
+        """The cached bases with size, age and the instances using them (blocking: reads disk)."""
+        users = self._scan_users()
+        now = time.time()
+        out = []
+        for key in sorted(self._base_keys()):
+            base = self.base_dir / key
+            sidecar = self.base_dir / f"{key}.json"
+            try:
+                st = base.stat()
+                meta = msgspec.json.decode(sidecar.read_bytes(), type=_Meta)
+                last_used = sidecar.stat().st_mtime
+            except (OSError, msgspec.DecodeError):
+                continue
+            out.append(
+                BaseInfo(
+                    key=key,
+                    source=meta.source,
+                    format=meta.format,
+                    size=st.st_size,
+                    allocated=st.st_blocks * 512,
+                    virtual_size=meta.virtual_size,
+                    fetched_at=meta.fetched_at,
+                    last_used=last_used,
+                    age_s=max(0.0, now - last_used),
+                    users=sorted(users.get(key, [])),
+                )
+            )
+        return out
+
+    async def prune(self, max_age_s: float | None = None) -> list[str]:
+        """Remove bases unused by any instance for ``max_age_s`` (default: the config's).
+
+        A base with an instance disk made from it, or with a spawn or fetch in progress, is
+        never removed. Returns the keys removed.
+        """
+        age = self.cfg.cache_max_age_s if max_age_s is None else max_age_s
+        loop = asyncio.get_running_loop()
+        uses_before = dict(self._uses)
+        bases = await loop.run_in_executor(self._executor, self.list_bases)
+        removed = []
+        for b in bases:
+            key = b.key
+            if b.users or b.age_s < age or key in self._flights or self._pins.get(key):
+                continue
+            if self._uses.get(key) != uses_before.get(key) or key in self._pruning:
+                # A spawn used it while we were scanning: its disk may not have been seen.
+                continue
+            done: asyncio.Future[None] = loop.create_future()
+            self._pruning[key] = done
+            try:
+                await loop.run_in_executor(self._executor, self._delete_base, key)
+                removed.append(key)
+                log.info(
+                    "image cache: removed base %s (%s), unused for %.0f s",
+                    key, b.source, b.age_s,
+                )
+            finally:
+                del self._pruning[key]
+                done.set_result(None)
+        return removed
+
+    async def run_cleaner(self, stop: asyncio.Event) -> None:
+        """Prune the cache every ``cleaner_interval_s`` until ``stop`` is set."""
+        interval = self.cfg.cleaner_interval_s
+        if interval <= 0:
+            return
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            if stop.is_set():
+                return
+            try:
+                await self.prune()
+            except Exception:  # the cleaner must outlive one bad pass
+                log.exception("image cache cleaner failed")
+
+    async def close(self) -> None:
+        """Abandon fetches in flight (their temporary files are removed) and close clients."""
+        tasks = [f.task for f in self._flights.values() if f.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # ---- the base: single flight ------------------------------------------------------
+
+    def _source_key(self, image: ImageSpec) -> tuple[str, str]:
+        if image.disk_format is not None and image.disk_format not in ("raw", "qcow2"):
+            raise ImageError(
+                f"image disk_format {image.disk_format!r} is not supported: use raw or qcow2"
+            )
+        if image.id is not None:
+            if not self.cfg.glance_endpoint:
+                raise ImageError(
+                    "the image is given by id but no Image service is configured "
+                    "([images] glance_endpoint)"
+                )
+            source = f"glance:{self.cfg.glance_endpoint.rstrip('/')}/v2/images/{image.id}"
+        elif image.url is not None:
+            scheme = urllib.parse.urlsplit(image.url).scheme.lower()
+            if scheme not in ("file", "http", "https"):
+                raise BadRequest(
+                    f"image url scheme {scheme!r} is not supported: use file, http or https"
+                )
+            source = image.url
+        else:
+            raise BadRequest("image needs an id or a url")
+        return hashlib.sha256(source.encode()).hexdigest()[:40], source
+
+    async def _ensure_base(
+        self, key: str, source: str, image: ImageSpec, progress: Progress | None
+    ) -> _Meta:
+        while key in self._pruning:
+            await self._pruning[key]
+        flight = self._flights.get(key)
+        if flight is None:
+            loop = asyncio.get_running_loop()
+            meta = await loop.run_in_executor(self._executor, self._read_meta, key)
+            if meta is not None:
+                if image.disk_format is not None and image.disk_format != meta.format:
+                    raise _claim_error(source, image.disk_format, meta.format)
+                return meta
+            # Re-check: another caller may have started the fetch while we looked.
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = _Flight()
+                self._flights[key] = flight
+                flight.task = asyncio.create_task(self._fetch(key, source, image, flight))
+                flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
+        if progress is not None:
+            flight.listeners.append(progress)
+        assert flight.task is not None
+        try:
+            meta = await asyncio.shield(flight.task)
+        finally:
+            if progress is not None:
+                with contextlib.suppress(ValueError):
+                    flight.listeners.remove(progress)
+        if image.disk_format is not None and image.disk_format != meta.format:
+            raise _claim_error(source, image.disk_format, meta.format)
+        return meta
+
+    async def _fetch(self, key: str, source: str, image: ImageSpec, flight: _Flight) -> _Meta:
+        loop = asyncio.get_running_loop()
+        tmp = self.base_dir / f"{_TMP_PREFIX}{key}-{os.getpid()}-{secrets.token_hex(4)}"
+        expected: dict[str, str] = {}
+        claimed = image.disk_format
+        started = time.monotonic()
+        log.info("image cache: fetching %s", source)
+        try:
+            if source.startswith("glance:"):
+                assert image.id is not None
+                info = await self._glance_meta(image.id)
+                expected, claimed = _glance_expectations(info, claimed, self.cfg.max_image_bytes)
+                url = self._glance_url(image.id, "/file")
+                digests, fetched = await self._download(
+                    url, self._glance_headers(), tmp, expected, flight
+                )
+            elif source.startswith("file:"):
+                digests, fetched = await self._fetch_file(source, tmp, flight)
+            else:
+                digests, fetched = await self._download(source, {}, tmp, expected, flight)
+            for algo, value in expected.items():
+                if digests.get(algo) != value:
+                    raise ImageError(
+                        f"image {source} failed verification: its {algo} is {digests.get(algo)}, "
+                        f"the Image service says {value}; the download was discarded",
+                        {"source": source},
+                    )
+            if image.checksum:
+                algo, value = parse_checksum(image.checksum)
+                if digests[algo] != value:
+                    raise ImageError(
+                        f"image {source} does not match the requested checksum: {algo} is "
+                        f"{digests[algo]}, the request says {value}; the download was discarded",
+                        {"source": source},
+                    )
+            try:
+                fmt = await loop.run_in_executor(self._executor, inspect, tmp)
+            except FormatError as exc:
+                raise ImageError(f"image {source} refused: {exc}", {"source": source}) from exc
+            if claimed is not None and claimed != fmt.format:
+                raise _claim_error(source, claimed, fmt.format)
+            if fmt.virtual_size > self.cfg.max_image_bytes:
+                raise ImageError(
+                    f"image {source} has a virtual size of {_human(fmt.virtual_size)}, above the "
+                    f"limit of {_human(self.cfg.max_image_bytes)} ([images] max_image_bytes)"
+                )
+            if fmt.format == "qcow2":
+                await self._convert_to_raw(tmp, source, fmt.virtual_size, flight)
+            meta = _Meta(
+                source=source,
+                format=fmt.format,
+                virtual_size=fmt.virtual_size,
+                fetched_bytes=fetched,
+                digests=digests,
+                fetched_at=time.time(),
+            )
+            await loop.run_in_executor(self._executor, self._commit_base, key, tmp, meta)
+        except BaseException:
+            for path in (tmp, tmp.with_name(tmp.name + ".raw")):
+                await loop.run_in_executor(self._executor, _unlink_quietly, path)
+            raise
+        log.info(
+            "image cache: %s ready as %s (%s fetched in %.1f s)",
+            source, key, _human(fetched), time.monotonic() - started,
+        )
+        return meta
+
+    # ---- sources ----------------------------------------------------------------------
+
+    async def _fetch_file(
+        self, source: str, tmp: Path, flight: _Flight
+    ) -> tuple[dict[str, str], int]:
+        parts = urllib.parse.urlsplit(source)
+        if parts.netloc not in ("", "localhost"):
+            raise ImageError(f"image url {source} names a remote host; file:// must be local")
+        path = Path(urllib.parse.unquote(parts.path))
+        loop = asyncio.get_running_loop()
+        try:
+            size = (await loop.run_in_executor(self._executor, os.stat, path)).st_size
+        except OSError as exc:
+            raise ImageError(f"image {source} cannot be read: {exc.strerror}") from exc
+        if size > self.cfg.max_image_bytes:
+            raise ImageError(
+                f"image {source} is {_human(size)}, above the limit of "
+                f"{_human(self.cfg.max_image_bytes)} ([images] max_image_bytes)"
+            )
+
+        def on_copy(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(flight.report, "download", done, total)
+
+        def work() -> dict[str, str]:
+            _core.copy_file(str(path), str(tmp), on_copy)
+            return _hash_file(tmp, list(_DIGESTS))
+
+        try:
+            return await loop.run_in_executor(self._executor, work), size
+        except OSError as exc:
+            raise ImageError(f"image {source} cannot be read: {exc.strerror or exc}") from exc
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            c = self.cfg
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(
+                    connect=c.connect_timeout_s, read=c.read_timeout_s,
+                    write=c.read_timeout_s, pool=None,
+                ),
+                verify=c.ca_file or True,
+                follow_redirects=True,
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            )
+        return self._client
+
+    async def _download(
+        self,
+        url: str,
+        headers: dict[str, str],
+        tmp: Path,
+        expected: dict[str, str],
+        flight: _Flight,
+    ) -> tuple[dict[str, str], int]:
+        loop = asyncio.get_running_loop()
+        limit = self.cfg.max_image_bytes
+        algos = list(dict.fromkeys([*_DIGESTS, *expected]))
+        sink = await loop.run_in_executor(self._executor, _Sink, tmp, algos)
+        try:
+            async with self._stream(url, headers) as resp:
+                length = resp.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                if total is not None and total > limit:
+                    raise ImageError(
+                        f"image {url} is {_human(total)}, above the limit of {_human(limit)} "
+                        "([images] max_image_bytes)"
+                    )
+                buf = bytearray()
+                received = 0
+                flight.report("download", 0, total)
+                async for chunk in resp.aiter_raw():
+                    received += len(chunk)
+                    if received > limit:
+                        raise ImageError(
+                            f"image {url} is larger than the limit of {_human(limit)} "
+                            "([images] max_image_bytes); the download was abandoned"
+                        )
+                    buf += chunk
+                    if len(buf) >= _WRITE_CHUNK:
+                        data = bytes(buf)
+                        buf.clear()
+                        await loop.run_in_executor(self._executor, sink.write, data)
+                        self._report_download(flight, url, received, total)
+                if buf:
+                    await loop.run_in_executor(self._executor, sink.write, bytes(buf))
+                if total is not None and received != total:
+                    raise ImageError(
+                        f"image {url} download was truncated: {received} of {total} bytes"
+                    )
+                flight.report("download", received, total)
+            digests = await loop.run_in_executor(self._executor, sink.finish)
+            return digests, received
+        except BaseException:
+            await loop.run_in_executor(self._executor, sink.abort)
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, url: str, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+        """GET ``url`` streamed; network failures become ImageError with the reason."""
+        try:
+            async with self._http().stream(
+                "GET", url, headers={"Accept-Encoding": "identity", **headers}
+            ) as resp:
+                if resp.status_code != 200:
+                    raise ImageError(
+                        f"image {url} cannot be fetched: the server answered "
+                        f"{resp.status_code} {resp.reason_phrase}",
+                        {"status": resp.status_code},
+                    )
+                yield resp
+        except httpx.TimeoutException as exc:
+            raise ImageError(
+                f"image {url}: the server stalled ({type(exc).__name__}; [images] "
+                f"read_timeout_s is {self.cfg.read_timeout_s} s); the download was abandoned"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise ImageError(f"image {url} download failed: {exc or type(exc).__name__}") from exc
+
+    def _report_download(self, flight: _Flight, url: str, done: int, total: int | None) -> None:
+        flight.report("download", done, total)
+        now = time.monotonic()
+        if now - flight.last_log >= 5.0:
+            flight.last_log = now
+            pct = f" ({100 * done // total}%)" if total else ""
+            log.info("image cache: %s: %s received%s", url, _human(done), pct)
+
+    def _glance_url(self, image_id: str, suffix: str = "") -> str:
+        quoted = urllib.parse.quote(image_id, safe="")
+        return f"{self.cfg.glance_endpoint.rstrip('/')}/v2/images/{quoted}{suffix}"
+
+    def _glance_headers(self) -> dict[str, str]:
+        headers = {}
+        if self.cfg.glance_token:
+            headers["X-Auth-Token"] = self.cfg.glance_token
+        for line in self.cfg.glance_headers:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip()] = value.strip()
+        return headers
+
+    async def _glance_meta(self, image_id: str) -> dict[str, Any]:
+        url = self._glance_url(image_id)
+        try:
+            resp = await self._http().get(url, headers=self._glance_headers())
+        except httpx.HTTPError as exc:
+            raise ImageError(
+                f"the Image service at {self.cfg.glance_endpoint} cannot be reached: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        if resp.status_code == 404:
+            raise ImageError(
+                f"image {image_id} not found in the Image service (or not visible to this "
+                "agent's project)",
+                {"image_id": image_id},
+            )
+        if resp.status_code in (401, 403):
+            raise ImageError(
+                f"the Image service refused access to image {image_id} ({resp.status_code}): "
+                "check [images] glance_token",
+                {"image_id": image_id},
+            )
+        if resp.status_code != 200:
+            raise ImageError(
+                f"the Image service answered {resp.status_code} for image {image_id}",
+                {"image_id": image_id},
+            )
+        try:
+            info = resp.json()
+        except ValueError as exc:
+            raise ImageError(f"the Image service sent invalid JSON for image {image_id}") from exc
+        if not isinstance(info, dict):
+            raise ImageError(f"the Image service sent invalid metadata for image {image_id}")
+        return info
+
+    # ---- conversion, commit, disks (worker threads) -----------------------------------
+
+    async def _convert_to_raw(
+        self, tmp: Path, source: str, virtual_size: int, flight: _Flight
+    ) -> None:
+        # Bases are kept raw (Nova's force_raw_images): overlays and flat copies then only
+        # ever see one format, and qemu never parses a downloaded qcow2 at guest run time.
+        # The header was checked first, so qemu-img follows no backing or data file.
+        raw = tmp.with_name(tmp.name + ".raw")
+        flight.report("convert", 0, virtual_size)
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(tmp), str(raw),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, err = await proc.communicate()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise ImageError(
+                f"image {source} is not a valid qcow2 image: "
+                f"{err.decode(errors='replace').strip()[-300:]}"
+            )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, _fsync_replace, raw, tmp)
+        flight.report("convert", virtual_size, virtual_size)
+
+    def _commit_base(self, key: str, tmp: Path, meta: _Meta) -> None:
+        # The sidecar goes first: a base file exists only with its description beside it.
+        sidecar = self.base_dir / f"{key}.json"
+        _write_atomic(sidecar, msgspec.json.encode(meta))
+        os.rename(tmp, self.base_dir / key)
+        _fsync_dir(self.base_dir)
+
+    def _read_meta(self, key: str) -> _Meta | None:
+        if not (self.base_dir / key).exists():
+            return None
+        try:
+            return msgspec.json.decode((self.base_dir / f"{key}.json").read_bytes(), type=_Meta)
+        except (OSError, msgspec.DecodeError):
+            return None
+
+    def _instance_dir(self, instance_uuid: str) -> Path:
+        if not instance_uuid or "/" in instance_uuid or instance_uuid.startswith("."):
+            raise BadRequest(f"invalid instance uuid {instance_uuid!r}")
+        return self.instances_dir / instance_uuid
+
+    def _make_disk(
+        self,
+        instance_uuid: str,
+        key: str,
+        size: int,
+        progress: Callable[[int, int], object] | None,
+    ) -> Path:
+        idir = self._instance_dir(instance_uuid)
+        idir.mkdir(parents=True, exist_ok=True)
+        disk = idir / "disk"
+        info = idir / "disk.info"
+        base = self.base_dir / key
+        if disk.exists():
+            raise Conflict(f"instance {instance_uuid} already has a disk at {disk}")
+        # The record goes first, so that the cleaner never sees a disk whose base looks unused.
+        info.write_bytes(msgspec.json.encode(_DiskInfo(base=key, mode=self.cfg.disk_mode)))
+        try:
+            with contextlib.suppress(OSError):
+                os.utime(self.base_dir / f"{key}.json")
+            if self.cfg.disk_mode == "cow":
+                # No fsync: a disk lost in a crash belongs to a spawn that did not finish,
+                # which start-up reconciliation rolls back anyway.
+                create_overlay(disk, size, str(base), "raw")
+            else:
+                tmp = idir / ".disk.tmp"
+                _core.copy_file(str(base), str(tmp), progress)
+                try:
+                    os.truncate(tmp, size)
+                    os.rename(tmp, disk)
+                except BaseException:
+                    _unlink_quietly(tmp)
+                    raise
+        except OSError as exc:
+            self._remove_disk_files(idir)
+            raise ImageError(f"cannot create the disk of instance {instance_uuid}: {exc}") from exc
+        except BaseException:
+            self._remove_disk_files(idir)
+            raise
+        return disk
+
+    @staticmethod
+    def _remove_disk_files(idir: Path) -> None:
+        for name in ("disk", "disk.info", ".disk.tmp"):
+            _unlink_quietly(idir / name)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            idir.rmdir()
+
+    def _delete_base(self, key: str) -> None:
+        _unlink_quietly(self.base_dir / key)
+        _unlink_quietly(self.base_dir / f"{key}.json")
+        _fsync_dir(self.base_dir)
+
+    def _base_keys(self) -> list[str]:
+        try:
+            names = os.listdir(self.base_dir)
+        except FileNotFoundError:
+            return []
+        return [n for n in names if not n.startswith(".") and not n.endswith(".json")]
+
+    def _scan_users(self) -> dict[str, list[str]]:
+        users: dict[str, list[str]] = {}
+        try:
+            entries = os.listdir(self.instances_dir)
+        except FileNotFoundError:
+            return users
+        for name in entries:
+            try:
+                raw = (self.instances_dir / name / "disk.info").read_bytes()
+                info = msgspec.json.decode(raw, type=_DiskInfo)
+            except (OSError, msgspec.DecodeError):
+                continue
+            users.setdefault(info.base, []).append(name)
+        return users
+
+    def _remove_leftovers(self) -> None:
+        # A crash mid-fetch leaves .tmp-* files (never mistaken for bases, but wasted space),
+        # and a crash between the sidecar and the rename leaves a sidecar without a base.
+        for name in os.listdir(self.base_dir):
+            path = self.base_dir / name
+            if name.startswith(_TMP_PREFIX):
+                log.info("image cache: removing %s left by an interrupted fetch", name)
+                _unlink_quietly(path)
+            elif name.endswith(".json") and not (self.base_dir / name[: -len(".json")]).exists():
+                _unlink_quietly(path)
+
+
+def _glance_expectations(
+    info: dict[str, Any], claimed: str | None, limit: int
+) -> tuple[dict[str, str], str | None]:
+    """Check Glance's image record; return the digests to verify and the claimed format."""
+    image_id = info.get("id", "?")
+    status = info.get("status")
+    if status != "active":
+        raise ImageError(f"image {image_id} is {status}, not active, in the Image service")
+    fmt = info.get("disk_format")
+    if fmt not in ("raw", "qcow2"):
+        raise ImageError(
+            f"image {image_id} has disk_format {fmt!r} in the Image service; only raw and "
+            "qcow2 are supported"
+        )
+    if claimed is not None and claimed != fmt:
+        raise ImageError(
+            f"image {image_id} is {fmt} in the Image service but the request says {claimed}"
+        )
+    container = info.get("container_format")
+    if container not in (None, "bare"):
+        raise ImageError(
+            f"image {image_id} has container_format {container!r}; only bare is supported"
+        )
+    size = info.get("size")
+    if isinstance(size, int) and size > limit:
+        raise ImageError(
+            f"image {image_id} is {_human(size)}, above the limit of {_human(limit)} "
+            "([images] max_image_bytes)"
+        )
+    expected: dict[str, str] = {}
+    algo, value = info.get("os_hash_algo"), info.get("os_hash_value")
+    if isinstance(algo, str) and isinstance(value, str) and algo and value:
+        if algo.lower() not in hashlib.algorithms_available:
+            raise ImageError(
+                f"image {image_id} is hashed with {algo}, which this host cannot check"
+            )
+        expected[algo.lower()] = value.lower()
+    elif isinstance(info.get("checksum"), str) and info["checksum"]:
+        expected["md5"] = info["checksum"].lower()
+    else:
+        raise ImageError(
+            f"image {image_id} has no hash in the Image service (os_hash_value, checksum): "
+            "it cannot be verified"
+        )
+    return expected, fmt
+
+
+def _claim_error(source: str, claimed: str, actual: str) -> ImageError:
+    return ImageError(
+        f"image {source} claims to be {claimed} but its bytes are {actual}; it was refused "
+        f"(a {actual} image served as {claimed} could expose host files or corrupt the guest)",
+        {"source": source, "claimed": claimed, "detected": actual},
+    )
+
+
+def _hash_file(path: Path, algos: list[str]) -> dict[str, str]:
+    hashes = {a: hashlib.new(a) for a in algos}
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_WRITE_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            for h in hashes.values():
+                h.update(view[:n])
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _fsync_replace(src: Path, dst: Path) -> None:
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dst)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+__all__ = ["BaseInfo", "ImageCache", "ImageSpec", "copy", "parse_checksum"]
