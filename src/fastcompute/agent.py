@@ -1,0 +1,177 @@
+"""The agent process: builds the parts, starts them in order, and stops them cleanly.
+
+Start: store → hypervisor connection → resource tracker → manager (load + reconcile) →
+sockets. Stop (SIGTERM/SIGINT): refuse new requests, finish those in flight and the builds in
+progress, flush the store, close the sockets and the hypervisor connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .config import Config
+from .hypervisor import LibvirtDriver
+from .images import ImageCache
+from .manager import Manager
+from .resources import Tracker, cpu_traits, topology_from_libvirt
+from .server import Handler, Server
+from .store import Store
+
+log = logging.getLogger("fastcompute.agent")
+
+
+class Agent:
+    """One fastcompute agent: the manager behind a ZeroMQ server."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state_dir = Path(cfg.agent.state_dir)
+        self.store = Store(self.state_dir / "fastcompute.sqlite")
+        self.driver = LibvirtDriver(cfg.hypervisor.uri, cfg.agent.worker_threads)
+        # Blocking file work (image fetches, copies, disk creation) runs here, never on the loop.
+        self.io_pool = ThreadPoolExecutor(max_workers=cfg.agent.worker_threads, thread_name_prefix="io")
+        self.images: ImageCache | None = None
+        self.manager: Manager | None = None
+        self.server: Server | None = None
+        self._stop = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+
+    def _handlers(self, m: Manager) -> dict[str, Handler]:
+        async def ping(_a: Any, _rid: str) -> Any:
+            return m.ping()
+
+        async def host_info(_a: Any, _rid: str) -> Any:
+            return m.host_info()
+
+        async def spawn(a: protocol.SpawnArgs, rid: str) -> Any:
+            return await m.spawn(a, rid)
+
+        def lifecycle(op: str) -> Handler:
+            async def run(a: Any, _rid: str) -> Any:
+                kw: dict[str, Any] = {}
+                if op == "stop":
+                    kw["timeout_s"] = a.timeout_s
+                if op == "reboot":
+                    kw["hard"] = a.hard
+                return await m.transition(op, protocol.normalise_uuid(a.uuid), **kw)
+
+            return run
+
+        async def delete(a: protocol.UuidArgs, _rid: str) -> Any:
+            return await m.delete(protocol.normalise_uuid(a.uuid))
+
+        async def get(a: protocol.UuidArgs, _rid: str) -> Any:
+            return m.get(protocol.normalise_uuid(a.uuid))
+
+        async def list_(a: protocol.ListArgs, _rid: str) -> Any:
+            return m.list(a.project_id, a.vm_state)
+
+        async def console(a: protocol.ConsoleArgs, _rid: str) -> Any:
+            return await m.console(protocol.normalise_uuid(a.uuid), a.tail_bytes)
+
+        handlers: dict[str, Handler] = {
+            "ping": ping,
+            "host.info": host_info,
+            "instance.spawn": spawn,
+            "instance.delete": delete,
+            "instance.get": get,
+            "instance.list": list_,
+            "instance.console": console,
+        }
+        for op in ("start", "stop", "pause", "unpause", "suspend", "resume", "reboot"):
+            handlers["instance." + op] = lifecycle(op)
+        assert set(handlers) == set(protocol.OP_ARGS), set(protocol.OP_ARGS) ^ set(handlers)
+        return handlers
+
+    async def start(self) -> None:
+        """Open everything and start serving."""
+        cfg = self.cfg
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        server = Server(cfg.agent, cfg.security, self.store, {})
+        self.server = server
+        self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
+        manager = Manager(cfg, self.store, self.driver, self.images, server.publish)
+        self.manager = manager
+        await self.driver.connect(manager.on_power_event)
+        caps, info, facts = await self.driver.host_facts()
+        tracker = Tracker(topology_from_libvirt(caps, info), cfg.resources, cfg.quota, self.state_dir)
+        await manager.start(tracker, facts, cpu_traits(caps))
+        _, _, replies = await self.store.load()
+        server.handlers = self._handlers(manager)
+        server.remember(replies)
+        server.bind()
+        server.start()
+        loop = asyncio.get_running_loop()
+        self._background = [
+            loop.create_task(self._every(cfg.agent.sync_power_state_interval_s, manager.sync_power_states)),
+            loop.create_task(self._resources_loop()),
+            loop.create_task(self._every(60.0, self._expire)),
+        ]
+        log.info("agent %s serving %s, events on %s, hypervisor %s, state in %s",
+                 manager.hostname, server.endpoints["control"], server.endpoints["events"],
+                 cfg.hypervisor.uri, self.state_dir)
+
+    async def _every(self, period: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await fn()
+            except Exception:
+                log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
+
+    async def _expire(self) -> None:
+        assert self.server is not None
+        self.server.expire()
+        await self.store.write([Store.expire_replies(time.time())])
+
+    async def _resources_loop(self) -> None:
+        """host.resources: soon after a change (coalesced), and at least every interval."""
+        m, s = self.manager, self.server
+        assert m is not None and s is not None
+        last = 0.0
+        while True:
+            await asyncio.sleep(0.1)
+            due = time.monotonic() - last >= self.cfg.agent.resources_interval_s
+            if m.take_resources_dirty() or due:
+                s.publish("host.resources", m.host_info())
+                last = time.monotonic()
+
+    def request_stop(self) -> None:
+        """Ask the agent to shut down (signal handlers call this)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stop.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Finish in-flight work, make the store consistent, close everything."""
+        log.info("shutting down: finishing requests in flight")
+        if self.server is not None:
+            await self.server.drain(30.0)
+        if self.manager is not None:
+            await self.manager.drain(30.0)
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.server is not None:
+            await self.server.close()
+        if self.images is not None:
+            await self.images.close()
+        await self.store.close()
+        await self.driver.close()
+        self.io_pool.shutdown(wait=True)
+        log.info("stopped")

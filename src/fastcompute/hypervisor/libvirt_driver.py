@@ -1,0 +1,306 @@
+"""The libvirt driver: every call runs in a worker thread; events arrive on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import libvirt
+import libvirtaio
+
+from ..errors import HypervisorError
+from .driver import DomainInfo, PowerEvent
+from .xml import NAMESPACE
+
+log = logging.getLogger("fastcompute.hypervisor")
+T = TypeVar("T")
+
+_STATE = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutdown",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+_event_loop_registered = False
+
+
+def _quiet_libvirt_errors(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; ours are raised and logged instead."""
+
+
+class LibvirtDriver:
+    """Drives one libvirt connection."""
+
+    def __init__(self, uri: str, workers: int) -> None:
+        self.uri = uri
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
+        self._conn: Any = None
+        self._on_event: Callable[[PowerEvent], None] | None = None
+        self._closing = False
+        self._reconnect: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from None
+
+    # -- connection ----------------------------------------------------------------------------
+
+    async def connect(self, on_power_event: Callable[[PowerEvent], None]) -> None:
+        """Open the connection and subscribe to lifecycle events."""
+        global _event_loop_registered
+        if not _event_loop_registered:
+            libvirt.registerErrorHandler(_quiet_libvirt_errors, None)
+            libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+            _event_loop_registered = True
+        self._on_event = on_power_event
+        await self._open()
+
+    async def _open(self) -> None:
+        conn = await self._call(libvirt.open, self.uri)
+        conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+        if not self.uri.startswith("test:"):
+            conn.registerCloseCallback(self._closed, None)
+            conn.setKeepAlive(5, 3)
+        self._conn = conn
+        self.connected.set()
+
+    def _closed(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        if self._closing:
+            return
+        log.warning("libvirt connection to %s closed (reason %d); reconnecting", self.uri, reason)
+        self.connected.clear()
+        self._conn = None
+        self._reconnect = asyncio.get_running_loop().create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            try:
+                await self._open()
+            except HypervisorError as exc:
+                log.info("libvirt not back yet (%s); retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.warning("reconnected to %s and re-subscribed to events", self.uri)
+            return
+
+    async def close(self) -> None:
+        """Close the connection and the worker threads."""
+        self._closing = True
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(HypervisorError):
+                await self._call(conn.close)
+        self._pool.shutdown(wait=True)
+
+    def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        state = {
+            libvirt.VIR_DOMAIN_EVENT_STARTED: "running",
+            libvirt.VIR_DOMAIN_EVENT_RESUMED: "running",
+            libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "paused",
+            libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+            libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "suspended",
+        }.get(event)
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED:
+                state = "suspended"
+            elif detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED:
+                state = "crashed"
+            else:
+                state = "shutdown"
+        if state is not None and self._on_event is not None:
+            self._on_event(PowerEvent(dom.UUIDString(), state))
+
+    async def _ready(self) -> Any:
+        if self._conn is None:
+            try:
+                await asyncio.wait_for(self.connected.wait(), 30)
+            except TimeoutError:
+                raise HypervisorError(f"no connection to the hypervisor at {self.uri}") from None
+        return self._conn
+
+    # -- facts ---------------------------------------------------------------------------------
+
+    async def host_facts(self) -> tuple[str, list[Any], dict[str, Any]]:
+        """Capabilities XML, getInfo, and {uri, type, version}."""
+        conn = await self._ready()
+
+        def facts() -> tuple[str, list[Any], dict[str, Any]]:
+            v = conn.getVersion()
+            version = f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
+            return conn.getCapabilities(), conn.getInfo(), {
+                "uri": self.uri, "type": conn.getType(), "version": version}
+
+        return await self._call(facts)
+
+    # -- domains -------------------------------------------------------------------------------
+
+    def _lookup(self, conn: Any, uuid: str) -> Any:
+        return conn.lookupByUUIDString(uuid)
+
+    @staticmethod
+    def _power(dom: Any) -> str:
+        state = dom.state()[0]
+        if state == libvirt.VIR_DOMAIN_SHUTOFF and dom.hasManagedSaveImage():
+            return "suspended"
+        return _STATE.get(state, "nostate")
+
+    async def launch(self, xml: str, start: bool) -> str:
+        """Define a domain and (optionally) start it; returns its power state."""
+        conn = await self._ready()
+
+        def run() -> str:
+            dom = conn.defineXML(xml)
+            if start:
+                try:
+                    dom.create()
+                except libvirt.libvirtError:
+                    dom.undefine()
+                    raise
+                return "running"
+            return "shutdown"
+
+        return await self._call(run)
+
+    async def power_on(self, uuid: str) -> str:
+        """Start a defined domain (restoring its managed save if it has one)."""
+        conn = await self._ready()
+
+        def run() -> str:
+            dom = self._lookup(conn, uuid)
+            if not dom.isActive():
+                dom.create()
+            return self._power(dom)
+
+        return await self._call(run)
+
+    async def power_off(self, uuid: str, timeout_s: float) -> str:
+        """ACPI shutdown, waiting up to ``timeout_s``; then a forced stop."""
+        conn = await self._ready()
+        dom = await self._call(self._lookup, conn, uuid)
+
+        def begin() -> bool:
+            if dom.hasManagedSaveImage():
+                dom.managedSaveRemove()
+            if not dom.isActive():
+                return False
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED or timeout_s <= 0:
+                dom.destroy()
+                return False
+            dom.shutdown()
+            return True
+
+        if await self._call(begin):
+            deadline = time.monotonic() + timeout_s
+            delay = 0.01
+            while await self._call(dom.isActive):
+                if time.monotonic() >= deadline:
+                    log.info("domain %s ignored ACPI shutdown for %.0fs; forcing it off", uuid, timeout_s)
+                    try:
+                        await self._call(dom.destroy)
+                    except HypervisorError:
+                        if await self._call(dom.isActive):
+                            raise
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        return "shutdown"
+
+    async def pause(self, uuid: str) -> str:
+        """Pause a running domain."""
+        return await self._simple(uuid, lambda d: d.suspend())
+
+    async def unpause(self, uuid: str) -> str:
+        """Resume a paused domain."""
+        return await self._simple(uuid, lambda d: d.resume())
+
+    async def suspend(self, uuid: str) -> str:
+        """Managed save: the guest's memory goes to disk and the domain stops."""
+        return await self._simple(uuid, lambda d: d.managedSave())
+
+    async def reboot(self, uuid: str, hard: bool) -> str:
+        """Soft (ACPI) or hard (destroy and start again) reboot."""
+
+        def do(dom: Any) -> None:
+            if hard:
+                if dom.hasManagedSaveImage():
+                    dom.managedSaveRemove()
+                if dom.isActive():
+                    dom.destroy()
+                dom.create()
+            else:
+                dom.reboot()
+
+        return await self._simple(uuid, do)
+
+    async def _simple(self, uuid: str, action: Callable[[Any], object]) -> str:
+        conn = await self._ready()
+
+        def run() -> str:
+            dom = self._lookup(conn, uuid)
+            action(dom)
+            return self._power(dom)
+
+        return await self._call(run)
+
+    async def destroy(self, uuid: str) -> None:
+        """Stop and undefine a domain, with its managed save; absent domains are fine."""
+        conn = await self._ready()
+
+        def run() -> None:
+            try:
+                dom = self._lookup(conn, uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return
+                raise
+            if dom.isActive():
+                dom.destroy()
+            if dom.hasManagedSaveImage():
+                dom.managedSaveRemove()
+            dom.undefine()
+
+        await self._call(run)
+
+    async def info(self, uuid: str) -> DomainInfo | None:
+        """A domain's state, or None when it does not exist."""
+        conn = await self._ready()
+
+        def run() -> DomainInfo | None:
+            try:
+                dom = self._lookup(conn, uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                raise
+            return self._describe(dom)
+
+        return await self._call(run)
+
+    def _describe(self, dom: Any) -> DomainInfo:
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NAMESPACE)
+            ours = True
+        except libvirt.libvirtError:
+            ours = False
+        return DomainInfo(dom.UUIDString(), self._power(dom), ours, bool(dom.hasManagedSaveImage()))
+
+    async def list_domains(self) -> list[DomainInfo]:
+        """Every domain of the hypervisor, ours or not."""
+        conn = await self._ready()
+        return await self._call(lambda: [self._describe(d) for d in conn.listAllDomains()])

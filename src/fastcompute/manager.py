@@ -1,0 +1,534 @@
+"""The instance state machine: the only writer of instance state.
+
+Every op takes the instance's lock, checks that the current state allows it (Nova's rules),
+records the task, drives the hypervisor, and commits the outcome to the store before the reply
+and the ``instance.<uuid>`` event go out. Builds are bounded by a semaphore; claims are taken
+before anything is recorded and released exactly once when a build fails or an instance is
+deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import socket
+import time
+import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from . import protocol
+from .config import Config
+from .errors import AgentError, BadRequest, Conflict, HypervisorError, NotFound
+from .hypervisor import Driver, PowerEvent
+from .hypervisor.xml import DiskSpec, DomainSpec, build
+from .images import ImageCache, ImageSpec
+from .protocol import Fault, InstanceRecord, SpawnArgs
+from .resources import Claim, Tracker
+from .store import Store
+
+log = logging.getLogger("fastcompute.manager")
+
+Publish = Callable[[str, Any], None]
+
+# vm_state an op needs, the task it runs under, and the vm_state it leads to.
+_TRANSITIONS: dict[str, tuple[frozenset[str], str, str]] = {
+    "start": (frozenset({"stopped"}), "powering-on", "active"),
+    "stop": (frozenset({"active", "paused", "suspended"}), "powering-off", "stopped"),
+    "pause": (frozenset({"active"}), "pausing", "paused"),
+    "unpause": (frozenset({"paused"}), "unpausing", "active"),
+    "suspend": (frozenset({"active", "paused"}), "suspending", "suspended"),
+    "resume": (frozenset({"suspended"}), "resuming", "active"),
+    "reboot": (frozenset({"active"}), "rebooting", "active"),
+    "reboot-hard": (frozenset({"active", "paused", "stopped", "suspended", "error"}), "rebooting-hard", "active"),
+}
+
+_VM_STATE_OF_POWER = {
+    "running": "active",
+    "paused": "paused",
+    "suspended": "suspended",
+    "shutdown": "stopped",
+    "crashed": "stopped",
+}
+
+_KNOWN_HW_KEYS = frozenset({
+    "hw:cpu_policy", "hw:cpu_thread_policy", "hw:numa_nodes", "hw:mem_page_size",
+    "hw:cpu_dedicated_mask", "hw:emulator_threads_policy",
+})
+_KNOWN_HW_PREFIXES = ("hw:numa_cpus.", "hw:numa_mem.")
+_QUOTA_KEYS = frozenset({
+    "quota:cpu_shares", "quota:cpu_quota", "quota:cpu_period", "quota:disk_read_bytes_sec",
+    "quota:disk_write_bytes_sec", "quota:disk_read_iops_sec", "quota:disk_write_iops_sec",
+})
+
+
+class Stored(msgspec.Struct, kw_only=True):
+    """An instance as the store keeps it: the wire record plus what only the agent needs."""
+
+    record: InstanceRecord
+    digest: str
+    request_id: str | None = None
+
+
+def now() -> str:
+    """The current time as an RFC 3339 UTC string."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def validate_extra_specs(specs: dict[str, str]) -> None:
+    """Reject unknown ``hw:`` keys and malformed ``quota:`` values (BAD_REQUEST)."""
+    for key, value in specs.items():
+        field = f"args.flavor.extra_specs.{key}"
+        if key.startswith("hw:") and key not in _KNOWN_HW_KEYS and not key.startswith(_KNOWN_HW_PREFIXES):
+            raise BadRequest(f"unknown extra spec {key!r}", {"field": field, "reason": "unknown hw: key"})
+        if key.startswith("quota:"):
+            if key not in _QUOTA_KEYS:
+                raise BadRequest(f"unknown extra spec {key!r}", {"field": field, "reason": "unknown quota: key"})
+            if not value.isdigit():
+                raise BadRequest(f"{key} must be a non-negative integer, not {value!r}",
+                                 {"field": field, "reason": "not a non-negative integer"})
+    policy = specs.get("hw:cpu_policy")
+    if policy is not None and policy not in ("shared", "dedicated", "mixed"):
+        raise BadRequest(f"hw:cpu_policy must be shared, dedicated or mixed, not {policy!r}",
+                         {"field": "args.flavor.extra_specs.hw:cpu_policy", "reason": "invalid value"})
+
+
+class Manager:
+    """Owns the instances of this host and every change to them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        driver: Driver,
+        images: ImageCache,
+        publish: Publish,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.driver = driver
+        self.images = images
+        self.publish = publish
+        self.state_dir = Path(cfg.agent.state_dir)
+        self.hostname = cfg.agent.host or socket.gethostname()
+        self.instances: dict[str, Stored] = {}
+        self.tracker: Tracker | None = None
+        self.hypervisor_facts: dict[str, Any] = {}
+        self.traits: list[str] = []
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._builds: dict[str, asyncio.Task[None]] = {}
+        self._build_slots = asyncio.Semaphore(cfg.agent.max_concurrent_builds)
+        self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
+        self._resources_dirty = False
+        self.started_at = time.monotonic()
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    async def start(self, tracker: Tracker, facts: dict[str, Any], traits: list[str]) -> None:
+        """Load the store, take the stored claims, and reconcile with the hypervisor."""
+        self.tracker = tracker
+        self.hypervisor_facts = facts
+        self.traits = traits
+        rows, claim_rows, _replies = await self.store.load()
+        dec = msgspec.msgpack.Decoder(Stored)
+        for uuid, _rid, body in rows:
+            self.instances[uuid] = dec.decode(body)
+            self._locks[uuid] = asyncio.Lock()
+        claims = Store.decode_rows(claim_rows, Claim)
+        stale = []
+        for uuid, claim in claims.items():
+            if uuid in self.instances:
+                tracker.restore(uuid, claim)
+            else:
+                stale.append(uuid)
+        if stale:
+            log.warning("dropping %d claims of instances the store does not know", len(stale))
+            await self.store.write([Store.delete_claim(u) for u in stale])
+        await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Bring the store and the hypervisor into agreement after a (re)start."""
+        domains = {d.uuid: d for d in await self.driver.list_domains()}
+        for d in domains.values():
+            if d.ours and d.uuid not in self.instances:
+                log.warning("domain %s carries fastcompute metadata but is unknown to the store; "
+                            "leaving it alone", d.uuid)
+        inst_root = self.state_dir / "instances"
+        if inst_root.is_dir():
+            for entry in inst_root.iterdir():
+                if entry.name not in self.instances:
+                    log.warning("removing leftover files of unknown instance %s", entry.name)
+                    await self.images.remove_disk(entry.name)
+                    shutil.rmtree(entry, ignore_errors=True)
+        for uuid, stored in list(self.instances.items()):
+            rec = stored.record
+            try:
+                await self._reconcile_one(uuid, rec, domains.get(uuid))
+            except AgentError as exc:
+                log.error("could not reconcile instance %s: %s", uuid, exc.message)
+
+    async def _reconcile_one(self, uuid: str, rec: InstanceRecord, dom: Any) -> None:
+        if rec.task_state == "deleting":
+            log.info("finishing the interrupted delete of %s", uuid)
+            await self._delete_locked(uuid)
+            return
+        if rec.vm_state == "building":
+            log.info("resuming the interrupted build of %s", uuid)
+            if dom is not None:
+                await self.driver.destroy(uuid)
+            self._start_build(uuid)
+            return
+        if rec.vm_state in ("error", "deleted"):
+            return
+        if dom is None:
+            log.info("instance %s has no domain (host or hypervisor restarted); re-creating it %s",
+                     uuid, rec.vm_state)
+            power = await self._recreate(uuid, rec.vm_state)
+            await self._commit(uuid, vm_state=rec.vm_state, task_state=None, power_state=power)
+            return
+        if rec.task_state is not None:
+            vm_state = _VM_STATE_OF_POWER.get(dom.power_state, rec.vm_state)
+            log.info("instance %s was interrupted while %s; it is %s", uuid, rec.task_state, vm_state)
+            await self._commit(uuid, vm_state=vm_state, task_state=None, power_state=dom.power_state)
+        elif dom.power_state != rec.power_state:
+            await self._sync_one(uuid, dom.power_state)
+
+    async def _recreate(self, uuid: str, vm_state: str) -> str:
+        start = vm_state in ("active", "paused", "suspended")
+        power = await self.driver.launch(self._domain_xml(uuid), start=start)
+        if vm_state == "paused":
+            power = await self.driver.pause(uuid)
+        elif vm_state == "suspended":
+            power = await self.driver.suspend(uuid)
+        return power
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _get(self, uuid: str) -> Stored:
+        stored = self.instances.get(uuid)
+        if stored is None:
+            raise NotFound(f"no instance {uuid} on this host", {"uuid": uuid})
+        return stored
+
+    def instance_dir(self, uuid: str) -> Path:
+        """Where an instance's files (disk, console log) live."""
+        return self.state_dir / "instances" / uuid
+
+    def _domain_xml(self, uuid: str) -> str:
+        rec = self.instances[uuid].record
+        disk_path = self.instance_dir(uuid) / "disk"
+        domain_type = "test" if self.driver.uri.startswith("test:") else self.cfg.hypervisor.domain_type
+        return build(DomainSpec(
+            uuid=uuid,
+            name=rec.name,
+            instance_name=rec.name,
+            project_id=rec.project_id,
+            vcpus=rec.flavor.vcpus,
+            memory_mb=rec.flavor.memory_mb,
+            disk=DiskSpec(str(disk_path), self.images.disk_format()),
+            console_path=str(self.instance_dir(uuid) / "console.log"),
+            domain_type=domain_type,
+        ))
+
+    async def _commit(self, uuid: str, *, extra: list[Any] | None = None, **changes: Any) -> InstanceRecord:
+        """Apply state changes, make them durable, then publish the event."""
+        stored = self.instances[uuid]
+        rec = stored.record
+        for key, value in changes.items():
+            setattr(rec, key, value)
+        rec.updated_at = now()
+        await self.store.write(
+            [self.store.put_instance(uuid, rec.project_id, stored.request_id, stored), *(extra or [])]
+        )
+        self.publish("instance." + uuid, rec)
+        return rec
+
+    def _mark_resources_changed(self) -> None:
+        self._resources_dirty = True
+
+    def take_resources_dirty(self) -> bool:
+        """Whether usage changed since the last call (for coalesced host.resources events)."""
+        dirty, self._resources_dirty = self._resources_dirty, False
+        return dirty
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        """``ping``."""
+        from . import __version__
+
+        return {"version": __version__, "uptime_s": round(time.monotonic() - self.started_at, 3)}
+
+    def host_info(self) -> dict[str, Any]:
+        """``host.info``."""
+        t = self.tracker
+        assert t is not None
+        return {
+            "hostname": self.hostname,
+            "hypervisor": self.hypervisor_facts,
+            "topology": t.topology(),
+            "inventory": t.inventory,
+            "usage": dict(t.usage),
+            "traits": self.traits,
+            "generation": t.generation,
+            "instances": len(self.instances),
+        }
+
+    def get(self, uuid: str) -> InstanceRecord:
+        """``instance.get``."""
+        return self._get(uuid).record
+
+    def list(self, project_id: str | None, vm_state: str | None) -> list[InstanceRecord]:
+        """``instance.list``."""
+        return [
+            s.record for s in self.instances.values()
+            if (project_id is None or s.record.project_id == project_id)
+            and (vm_state is None or s.record.vm_state == vm_state)
+        ]
+
+    async def console(self, uuid: str, tail_bytes: int) -> dict[str, bytes]:
+        """``instance.console``: the tail of the serial console log."""
+        self._get(uuid)
+        path = self.instance_dir(uuid) / "console.log"
+
+        def read() -> bytes:
+            try:
+                with path.open("rb") as f:
+                    size = f.seek(0, 2)
+                    f.seek(max(0, size - tail_bytes))
+                    return f.read()
+            except FileNotFoundError:
+                return b""
+
+        return {"data": await asyncio.get_running_loop().run_in_executor(None, read)}
+
+    # -- spawn -----------------------------------------------------------------------------------
+
+    async def spawn(self, args: SpawnArgs, request_id: str | None) -> InstanceRecord:
+        """``instance.spawn``: claim, record, reply ``building``; the build goes on in a task."""
+        tracker = self.tracker
+        assert tracker is not None
+        uuid = protocol.normalise_uuid(args.uuid) if args.uuid else str(uuid_mod.uuid4())
+        if args.image.id is None and args.image.url is None:
+            raise BadRequest("image needs an id or a url", {"field": "args.image", "reason": "empty"})
+        validate_extra_specs(args.flavor.extra_specs)
+        digest = hashlib.sha1(
+            self._digest_encoder.encode(msgspec.structs.replace(args, uuid=uuid, wait=False))
+        ).hexdigest()
+        existing = self.instances.get(uuid)
+        if existing is not None:
+            if existing.digest != digest:
+                raise Conflict(f"instance {uuid} exists with other arguments", {"uuid": uuid})
+            return await self._after_spawn(uuid, args.wait)
+        claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb,
+                              args.flavor.disk_gb, args.flavor.extra_specs)
+        ts = now()
+        rec = InstanceRecord(
+            uuid=uuid, name=args.name, project_id=args.project_id, vm_state="building",
+            task_state="spawning", power_state="nostate", flavor=args.flavor, image=args.image,
+            host=self.hostname, numa=None, created_at=ts, updated_at=ts, metadata=args.metadata,
+        )
+        stored = Stored(record=rec, digest=digest, request_id=request_id)
+        self.instances[uuid] = stored
+        self._locks[uuid] = asyncio.Lock()
+        try:
+            await self.store.write([
+                self.store.put_instance(uuid, rec.project_id, request_id, stored),
+                self.store.put_claim(uuid, rec.project_id, claim),
+            ])
+        except BaseException:
+            del self.instances[uuid]
+            del self._locks[uuid]
+            tracker.release(uuid)
+            raise
+        self._mark_resources_changed()
+        self.publish("instance." + uuid, rec)
+        self._start_build(uuid)
+        return await self._after_spawn(uuid, args.wait)
+
+    async def _after_spawn(self, uuid: str, wait: bool) -> InstanceRecord:
+        build = self._builds.get(uuid)
+        if wait and build is not None:
+            await asyncio.shield(build)
+        return self._get(uuid).record
+
+    def _start_build(self, uuid: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._build(uuid))
+        self._builds[uuid] = task
+        task.add_done_callback(lambda _t: self._builds.pop(uuid, None))
+
+    async def _build(self, uuid: str) -> None:
+        async with self._locks[uuid], self._build_slots:
+            rec = self.instances[uuid].record
+            try:
+                await self.images.prepare_disk(
+                    uuid, ImageSpec(id=rec.image.id, url=rec.image.url, checksum=rec.image.checksum),
+                    rec.flavor.disk_gb,
+                )
+                power = await self.driver.launch(self._domain_xml(uuid), start=True)
+            except AgentError as exc:
+                await self._fail_build(uuid, exc)
+                return
+            except Exception as exc:
+                log.exception("build of %s failed unexpectedly", uuid)
+                await self._fail_build(uuid, AgentError(f"build failed: {exc}"))
+                return
+            await self._commit(uuid, vm_state="active", task_state=None, power_state=power)
+
+    async def _fail_build(self, uuid: str, exc: AgentError) -> None:
+        log.warning("build of %s failed: %s %s", uuid, exc.code, exc.message)
+        tracker = self.tracker
+        assert tracker is not None
+        try:
+            await self.driver.destroy(uuid)
+        except HypervisorError as cleanup:
+            log.error("could not remove the domain of failed build %s: %s", uuid, cleanup.message)
+        await self.images.remove_disk(uuid)
+        tracker.release(uuid)
+        self._mark_resources_changed()
+        await self._commit(uuid, vm_state="error", task_state=None, power_state="nostate",
+                           fault=Fault(exc.code, exc.message), extra=[Store.delete_claim(uuid)])
+
+    # -- lifecycle ops ---------------------------------------------------------------------------
+
+    async def transition(self, op: str, uuid: str, **kw: Any) -> InstanceRecord:
+        """Run one lifecycle op (start, stop, pause, ...) under the instance's lock."""
+        name = "reboot-hard" if op == "reboot" and kw.get("hard") else op
+        allowed, task, target = _TRANSITIONS[name]
+        self._check(uuid, op, allowed)
+        async with self._locks[uuid]:
+            rec = self._check(uuid, op, allowed).record
+            await self._commit(uuid, task_state=task)
+            try:
+                power = await self._drive(name, uuid, **kw)
+            except HypervisorError as exc:
+                await self._commit(uuid, task_state=None)
+                raise HypervisorError(f"{op} of {uuid} failed: {exc.message}") from None
+            return await self._commit(uuid, vm_state=target, task_state=None, power_state=power,
+                                      fault=rec.fault if target != "active" else None)
+
+    def _check(self, uuid: str, op: str, allowed: frozenset[str]) -> Stored:
+        stored = self._get(uuid)
+        rec = stored.record
+        if rec.task_state is not None:
+            raise Conflict(f"cannot {op} instance {uuid}: it is busy {rec.task_state}",
+                           {"vm_state": rec.vm_state, "task_state": rec.task_state})
+        if rec.vm_state not in allowed:
+            raise Conflict(
+                f"cannot {op} instance {uuid} while it is {rec.vm_state}; "
+                f"{op} needs {' or '.join(sorted(allowed))}",
+                {"vm_state": rec.vm_state, "allowed": sorted(allowed)},
+            )
+        return stored
+
+    async def _drive(self, name: str, uuid: str, **kw: Any) -> str:
+        d = self.driver
+        timeout = kw.get("timeout_s")
+        stop_wait = float(timeout) if timeout is not None else self.cfg.hypervisor.shutdown_timeout_s
+        actions: dict[str, Callable[[], Awaitable[str]]] = {
+            "start": lambda: d.power_on(uuid),
+            "stop": lambda: d.power_off(uuid, stop_wait),
+            "pause": lambda: d.pause(uuid),
+            "unpause": lambda: d.unpause(uuid),
+            "suspend": lambda: d.suspend(uuid),
+            "resume": lambda: d.power_on(uuid),
+            "reboot": lambda: d.reboot(uuid, False),
+            "reboot-hard": lambda: self._hard_reboot(uuid),
+        }
+        return await actions[name]()
+
+    async def _hard_reboot(self, uuid: str) -> str:
+        if await self.driver.info(uuid) is None:
+            # Nova's hard reboot re-creates the domain from the record: it also repairs an
+            # instance whose domain was lost.
+            return await self.driver.launch(self._domain_xml(uuid), start=True)
+        return await self.driver.reboot(uuid, True)
+
+    async def delete(self, uuid: str) -> dict[str, Any]:
+        """``instance.delete``: allowed from every state; releases disk, network and claim."""
+        self._get(uuid)
+        async with self._locks[uuid]:
+            self._get(uuid)
+            await self._commit(uuid, task_state="deleting")
+            await self._delete_locked(uuid)
+        self._locks.pop(uuid, None)
+        return {"uuid": uuid, "deleted": True}
+
+    async def _delete_locked(self, uuid: str) -> None:
+        tracker = self.tracker
+        assert tracker is not None
+        await self.driver.destroy(uuid)
+        await self.images.remove_disk(uuid)
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: shutil.rmtree(self.instance_dir(uuid), ignore_errors=True)
+        )
+        stored = self.instances[uuid]
+        await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid)])
+        tracker.release(uuid)
+        del self.instances[uuid]
+        self._mark_resources_changed()
+        rec = stored.record
+        rec.vm_state, rec.task_state, rec.power_state, rec.updated_at = "deleted", None, "nostate", now()
+        self.publish("instance." + uuid, rec)
+
+    # -- power-state sync ------------------------------------------------------------------------
+
+    def on_power_event(self, event: PowerEvent) -> None:
+        """A lifecycle event from the hypervisor (on the event loop)."""
+        stored = self.instances.get(event.uuid)
+        if stored is None or stored.record.task_state is not None or self._locks[event.uuid].locked():
+            return
+        if stored.record.power_state != event.power_state:
+            asyncio.get_running_loop().create_task(self._sync_one(event.uuid, event.power_state))
+
+    async def sync_power_states(self) -> None:
+        """The periodic sync: what events missed (Nova's _sync_power_states)."""
+        domains = {d.uuid: d for d in await self.driver.list_domains()}
+        for uuid, stored in list(self.instances.items()):
+            rec = stored.record
+            if rec.task_state is not None or rec.vm_state in ("building", "error"):
+                continue
+            dom = domains.get(uuid)
+            power = dom.power_state if dom is not None else "nostate"
+            if power != rec.power_state:
+                await self._sync_one(uuid, power)
+
+    async def _sync_one(self, uuid: str, power: str) -> None:
+        lock = self._locks.get(uuid)
+        if lock is None or lock.locked():
+            return
+        async with lock:
+            stored = self.instances.get(uuid)
+            if stored is None or stored.record.task_state is not None:
+                return
+            rec = stored.record
+            vm_state = rec.vm_state
+            if vm_state in ("active", "paused") and power in ("shutdown", "crashed"):
+                log.warning("instance %s stopped behind our back (%s); marking it stopped", uuid, power)
+                vm_state = "stopped"
+            elif vm_state == "stopped" and power in ("running", "paused"):
+                log.warning("instance %s should be stopped but is %s; stopping it", uuid, power)
+                power = await self.driver.power_off(uuid, 0)
+            if vm_state != rec.vm_state or power != rec.power_state:
+                await self._commit(uuid, vm_state=vm_state, power_state=power)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for builds in progress to finish (or leave them to the next start-up)."""
+        builds = list(self._builds.values())
+        if builds:
+            log.info("waiting up to %.0fs for %d builds in progress", timeout_s, len(builds))
+            _done, pending = await asyncio.wait(builds, timeout=timeout_s)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                log.warning("%d builds left to finish at the next start-up", len(pending))
+

@@ -1,0 +1,307 @@
+"""The wire schema of contract version 1: typed requests, replies and error codes.
+
+Decoding and validation happen in one msgspec pass per frame: the envelope first (with ``args``
+kept raw), then ``args`` against the op's own struct. Nothing here knows about libvirt, the
+store or sockets.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuid_mod
+from typing import Annotated, Any, Final
+
+import msgspec
+from msgspec import Meta, Raw, Struct
+
+from .errors import AgentError, BadRequest, UnknownOp
+
+VERSION: Final = 1
+
+ERROR_CODES: Final = (
+    "BAD_REQUEST",
+    "UNKNOWN_OP",
+    "NOT_FOUND",
+    "CONFLICT",
+    "NO_CAPACITY",
+    "QUOTA_EXCEEDED",
+    "IMAGE_ERROR",
+    "HYPERVISOR_ERROR",
+    "BUSY",
+    "INTERNAL",
+)
+
+VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "error", "deleted")
+TASK_STATES: Final = (
+    "spawning",
+    "powering-off",
+    "powering-on",
+    "pausing",
+    "unpausing",
+    "suspending",
+    "resuming",
+    "rebooting",
+    "rebooting-hard",
+    "deleting",
+)
+POWER_STATES: Final = ("nostate", "running", "paused", "shutdown", "crashed", "suspended")
+
+RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
+Name = Annotated[str, Meta(min_length=1, max_length=255)]
+ShortStr = Annotated[str, Meta(max_length=255)]
+_HEX = "[0-9a-fA-F]"
+UuidStr = Annotated[str, Meta(pattern=f"^{_HEX}{{8}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{12}}$")]
+
+
+class _Args(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every op's arguments: unknown keys are a BAD_REQUEST."""
+
+
+class NoArgs(_Args):
+    """An op without arguments."""
+
+
+class Envelope(Struct, forbid_unknown_fields=True):
+    """A request frame; ``args`` stays raw until the op is known."""
+
+    v: int
+    id: RequestId
+    op: Annotated[str, Meta(min_length=1, max_length=64)]
+    args: Raw = Raw(b"\x80")
+
+
+class _IdOnly(Struct):
+    """Lenient view of a frame, to echo the id of a request that failed validation."""
+
+    id: Any = ""
+
+
+class Flavor(_Args):
+    """What the guest gets: CPUs, memory, root disk and Nova's extra specs."""
+
+    vcpus: Annotated[int, Meta(ge=1, le=1024)]
+    memory_mb: Annotated[int, Meta(ge=1, le=16 * 1024 * 1024)]
+    disk_gb: Annotated[int, Meta(ge=0, le=65536)]
+    extra_specs: dict[Annotated[str, Meta(min_length=1, max_length=255)], ShortStr] = {}
+
+
+class Image(_Args):
+    """Where the root disk's image comes from."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    url: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    checksum: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+
+
+class SpawnArgs(_Args):
+    """``instance.spawn``."""
+
+    name: Name
+    flavor: Flavor
+    image: Image
+    uuid: UuidStr | None = None
+    project_id: Annotated[str, Meta(min_length=1, max_length=255)] = "default"
+    networks: list[dict[str, Any]] = []
+    metadata: Annotated[dict[Annotated[str, Meta(max_length=255)], ShortStr], Meta(max_length=128)] = {}
+    wait: bool = False
+
+
+class UuidArgs(_Args):
+    """Ops that name one instance."""
+
+    uuid: UuidStr
+
+
+class StopArgs(_Args):
+    """``instance.stop``."""
+
+    uuid: UuidStr
+    timeout_s: Annotated[float, Meta(ge=0, le=3600)] | None = None
+
+
+class RebootArgs(_Args):
+    """``instance.reboot``."""
+
+    uuid: UuidStr
+    hard: bool = False
+
+
+class ListArgs(_Args):
+    """``instance.list``."""
+
+    project_id: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    vm_state: Annotated[str, Meta(pattern="^(" + "|".join(VM_STATES) + ")$")] | None = None
+
+
+class ConsoleArgs(_Args):
+    """``instance.console``."""
+
+    uuid: UuidStr
+    tail_bytes: Annotated[int, Meta(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
+
+
+class NumaCell(Struct, kw_only=True):
+    """One guest NUMA cell's placement in the instance record."""
+
+    cell: int
+    host_cell: int
+    cpus: list[int]
+    memory_mb: int
+    pagesize_kb: int | None = None
+    pinning: dict[int, int] | None = None
+
+
+class Fault(Struct):
+    """Why an instance is in ``error``."""
+
+    code: str
+    message: str
+
+
+class InstanceRecord(Struct, kw_only=True):
+    """The instance record of the contract: the body of replies and ``instance.<uuid>`` events."""
+
+    uuid: str
+    name: str
+    project_id: str
+    vm_state: str
+    task_state: str | None
+    power_state: str
+    flavor: Flavor
+    image: Image
+    host: str
+    numa: list[NumaCell] | None
+    created_at: str
+    updated_at: str
+    fault: Fault | None = None
+    metadata: dict[str, str] = {}
+
+
+class Reply(Struct, omit_defaults=True):
+    """A successful reply."""
+
+    v: int
+    id: str
+    ok: bool
+    result: Any = None
+
+
+class ErrorBody(Struct, omit_defaults=True):
+    """The ``error`` of a failed reply."""
+
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorReply(Struct):
+    """A failed reply."""
+
+    v: int
+    id: str
+    ok: bool
+    error: ErrorBody
+
+
+OP_ARGS: Final[dict[str, type[_Args]]] = {
+    "ping": NoArgs,
+    "host.info": NoArgs,
+    "instance.spawn": SpawnArgs,
+    "instance.start": UuidArgs,
+    "instance.stop": StopArgs,
+    "instance.pause": UuidArgs,
+    "instance.unpause": UuidArgs,
+    "instance.suspend": UuidArgs,
+    "instance.resume": UuidArgs,
+    "instance.reboot": RebootArgs,
+    "instance.delete": UuidArgs,
+    "instance.get": UuidArgs,
+    "instance.list": ListArgs,
+    "instance.console": ConsoleArgs,
+}
+
+# Ops whose replies are persisted for idempotent retries across restarts; read-only ops are
+# answered again from memory within the window but need no durable log.
+MUTATING_OPS: Final = frozenset(
+    op for op in OP_ARGS if op.startswith("instance.") and op not in
+    ("instance.get", "instance.list", "instance.console")
+)
+
+_envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+_id_decoder = msgspec.msgpack.Decoder(_IdOnly)
+_args_decoders = {op: msgspec.msgpack.Decoder(t) for op, t in OP_ARGS.items()}
+_encoder = msgspec.msgpack.Encoder()
+_AT = re.compile(r"^(?P<reason>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _validation_details(exc: msgspec.MsgspecError, prefix: str) -> tuple[str, dict[str, Any]]:
+    m = _AT.match(str(exc))
+    reason = m.group("reason") if m else str(exc)
+    path = (m.group("path") or "") if m else ""
+    field = (prefix + path).lstrip(".") or prefix.rstrip(".") or "<frame>"
+    if reason.startswith("Object contains unknown field"):
+        field = field + "." + reason.split("`")[1] if "`" in reason else field
+    return f"invalid request: {field}: {reason}", {"field": field, "reason": reason}
+
+
+def request_id_of(frame: bytes) -> str:
+    """The request id of a frame, if one can be read at all; ``""`` otherwise."""
+    try:
+        rid = _id_decoder.decode(frame).id
+    except msgspec.MsgspecError:
+        return ""
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else ""
+
+
+def decode_envelope(frame: bytes) -> Envelope:
+    """Decode a request frame's envelope; raises BadRequest with the offending field."""
+    try:
+        env = _envelope_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise BadRequest(
+            "the frame is not a MessagePack map: send {v, id, op, args}",
+            {"field": "<frame>", "reason": str(exc)},
+        ) from None
+    except msgspec.ValidationError as exc:
+        message, details = _validation_details(exc, "")
+        raise BadRequest(message, details) from None
+    if env.v != VERSION:
+        raise BadRequest(
+            f"unsupported protocol version {env.v}; this agent speaks version {VERSION}",
+            {"field": "v", "reason": f"expected {VERSION}"},
+        )
+    return env
+
+
+def decode_args(op: str, raw: Raw) -> _Args:
+    """Decode and validate an op's arguments."""
+    decoder = _args_decoders.get(op)
+    if decoder is None:
+        raise UnknownOp(f"unknown op {op!r}; known ops: {', '.join(OP_ARGS)}", {"op": op})
+    try:
+        return decoder.decode(raw)
+    except msgspec.MsgspecError as exc:
+        message, details = _validation_details(exc, "args")
+        raise BadRequest(message, details) from None
+
+
+def normalise_uuid(value: str) -> str:
+    """The canonical lowercase, hyphenated form of a uuid string."""
+    return str(uuid_mod.UUID(value))
+
+
+def encode_ok(request_id: str, result: Any) -> bytes:
+    """Encode a successful reply."""
+    return _encoder.encode(Reply(VERSION, request_id, True, result))
+
+
+def encode_error(request_id: str, error: AgentError) -> bytes:
+    """Encode a failed reply from a typed error."""
+    return _encoder.encode(
+        ErrorReply(VERSION, request_id, False, ErrorBody(error.code, error.message, error.details))
+    )
+
+
+def encode(obj: Any) -> bytes:
+    """Encode any wire value (structs, maps, lists) as MessagePack."""
+    return _encoder.encode(obj)
