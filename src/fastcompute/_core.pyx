@@ -6,3 +6,4 @@ its own include file under ``core/`` and its Python callers translate to and fro
 types.
 """
 include "core/copy.pxi"
+include "core/sampler.pxi"
