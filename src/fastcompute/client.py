@@ -77,7 +77,7 @@ class AsyncClient:
         if curve is not None:
             curve.apply(self.sock)
         self.sock.connect(endpoint)
-        self._prefix = f"{os.getpid():x}-{id(self):x}-"
+        self._prefix = os.urandom(8).hex() + "-"
         self._ids = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -149,7 +149,7 @@ class Client:
             curve.apply(self.sock)
         self.sock.connect(endpoint)
         self._ids = itertools.count(1)
-        self._prefix = f"{os.getpid():x}-{id(self):x}-"
+        self._prefix = os.urandom(8).hex() + "-"
 
     def __enter__(self) -> Client:
         return self
