@@ -1,0 +1,179 @@
+"""Prometheus metrics of the agent, on their own registry, served over HTTP.
+
+One :class:`Metrics` object per agent holds every series; the server, the manager, the image
+cache and the stats collector call its small methods (``observe_request``, ``set_instances``,
+``set_resources``, ``image_cache``, ``observe_sampler``, ``observe_loop_lag``).
+:func:`start_http_server` serves ``/metrics`` from a thread (loopback by default) and returns a
+handle to stop it; :func:`loop_lag_probe` is a coroutine that measures how late the event loop
+wakes up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)
+_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_SAMPLER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class Metrics:
+    """Every series of the agent, on ``self.registry`` (never the process-global one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fastcompute_requests", "Requests answered, by op and outcome (ok or error)",
+            ["op", "outcome"], registry=r,
+        )
+        self.request_seconds = Histogram(
+            "fastcompute_request_duration_seconds", "Time from request decoded to reply sent, by op",
+            ["op"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.errors = Counter(
+            "fastcompute_errors", "Error replies, by op and error code", ["op", "code"], registry=r,
+        )
+        self.instances = Gauge(
+            "fastcompute_instances", "Instances on this host, by vm_state", ["vm_state"], registry=r,
+        )
+        self.resource_capacity = Gauge(
+            "fastcompute_resource_capacity",
+            "What may be claimed of a resource class (total x ratio - reserved)",
+            ["resource_class"], registry=r,
+        )
+        self.resource_claimed = Gauge(
+            "fastcompute_resource_claimed", "Amount of a resource class held by claims",
+            ["resource_class"], registry=r,
+        )
+        self.claims = Gauge(
+            "fastcompute_claims", "Claims holding some of a resource class", ["resource_class"],
+            registry=r,
+        )
+        self.image_cache_lookups = Counter(
+            "fastcompute_image_cache_lookups", "Base-image cache lookups, by result (hit or miss)",
+            ["result"], registry=r,
+        )
+        self.sampler_seconds = Histogram(
+            "fastcompute_sampler_duration_seconds", "Time of one cgroup sampling pass",
+            buckets=_SAMPLER_BUCKETS, registry=r,
+        )
+        self.cgroups_sampled = Gauge(
+            "fastcompute_sampler_cgroups", "Cgroups read by the last sampling pass", registry=r,
+        )
+        self.loop_lag = Histogram(
+            "fastcompute_event_loop_lag_seconds", "How late the event loop ran a timed wake-up",
+            buckets=_LAG_BUCKETS, registry=r,
+        )
+        self.loop_lag_last = Gauge(
+            "fastcompute_event_loop_lag_last_seconds", "The last measured event loop lag",
+            registry=r,
+        )
+        self._vm_states: set[str] = set()
+        self._resource_classes: set[str] = set()
+
+    def observe_request(self, op: str, seconds: float, error_code: str | None = None) -> None:
+        """One request of ``op`` answered after ``seconds``; ``error_code`` when it failed."""
+        self.requests.labels(op, "ok" if error_code is None else "error").inc()
+        self.request_seconds.labels(op).observe(seconds)
+        if error_code is not None:
+            self.errors.labels(op, error_code).inc()
+
+    def set_instances(self, by_vm_state: Mapping[str, int]) -> None:
+        """The instance count per vm_state; states missing from the mapping become 0."""
+        for state in self._vm_states - by_vm_state.keys():
+            self.instances.labels(state).set(0)
+        for state, n in by_vm_state.items():
+            self.instances.labels(state).set(n)
+        self._vm_states |= by_vm_state.keys()
+
+    def set_resources(self, by_class: Mapping[str, tuple[float, float, int]]) -> None:
+        """Per resource class ``(capacity, claimed, claims)``; missing classes become 0."""
+        for rc in self._resource_classes - by_class.keys():
+            self.resource_claimed.labels(rc).set(0)
+            self.claims.labels(rc).set(0)
+        for rc, (capacity, claimed, claims) in by_class.items():
+            self.resource_capacity.labels(rc).set(capacity)
+            self.resource_claimed.labels(rc).set(claimed)
+            self.claims.labels(rc).set(claims)
+        self._resource_classes |= by_class.keys()
+
+    def image_cache(self, hit: bool) -> None:
+        """One base-image cache lookup, a hit or a miss."""
+        self.image_cache_lookups.labels("hit" if hit else "miss").inc()
+
+    def observe_sampler(self, seconds: float, cgroups: int) -> None:
+        """One sampling pass took ``seconds`` and read ``cgroups`` cgroups."""
+        self.sampler_seconds.observe(seconds)
+        self.cgroups_sampled.set(cgroups)
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        """The event loop woke up ``seconds`` later than asked."""
+        self.loop_lag.observe(seconds)
+        self.loop_lag_last.set(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition of every series (what ``/metrics`` serves)."""
+        return bytes(prometheus_client.generate_latest(self.registry))
+
+
+@dataclass
+class MetricsServer:
+    """A running ``/metrics`` endpoint; ``stop()`` closes it."""
+
+    host: str
+    port: int
+    _server: Any
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        """The endpoint's URL."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        """Stop serving and wait for the server thread to end."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def start_http_server(metrics: Metrics, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
+    """Serve ``metrics`` on ``http://host:port/metrics`` from a daemon thread.
+
+    ``port`` 0 picks a free port (read it back from the result). Blocking only for the bind.
+    """
+    server, thread = prometheus_client.start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsServer(host, int(server.server_port), server, thread)
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> ``(host, port)``; ValueError when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"metrics endpoint {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+async def loop_lag_probe(metrics: Metrics, interval: float = 0.5) -> None:
+    """Measure the event loop's lag every ``interval`` seconds, forever (cancel to stop).
+
+    The lag is how much later than asked a ``sleep(interval)`` returns: time the loop spent on
+    other callbacks or blocked, i.e. how long any request may wait before it is even read.
+    """
+    while True:
+        start = time.monotonic()
+        await asyncio.sleep(interval)
+        metrics.observe_loop_lag(max(0.0, time.monotonic() - start - interval))
