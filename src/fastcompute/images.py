@@ -239,7 +239,8 @@ class ImageCache:
                     f"{meta.digests.get(want[0])}, the request says {want[1]}",
                     {"source": source},
                 )
-            size = disk_gb * GiB if disk_gb > 0 else meta.virtual_size
+            # Whole sectors: a guest disk cannot end mid-sector (an odd-sized raw image can).
+            size = disk_gb * GiB if disk_gb > 0 else -(-meta.virtual_size // 512) * 512
             if meta.virtual_size > size:
                 raise ImageError(
                     f"image {source} has a virtual size of {_human(meta.virtual_size)}, larger "

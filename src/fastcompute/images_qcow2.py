@@ -159,8 +159,9 @@ def overlay_layout(
 ) -> tuple[bytes, int, int]:
     """The bytes of a new overlay's cluster 0 and its refcount structures.
 
-    Returns ``(header_cluster_prefix, refcount_block_entries, file_length)``; see
-    :func:`create_overlay`.
+    Returns ``(header, clusters, file_length)``: the start of cluster 0 (header, extensions,
+    backing file name), how many clusters the file has (each with refcount 1) and its length;
+    see :func:`create_overlay`.
     """
     name = os.fsencode(backing_file)
     fmt = backing_format.encode()
@@ -191,8 +192,10 @@ def create_overlay(path: Path, virtual_size: int, backing_file: str, backing_for
     Layout: cluster 0 the header (with the backing format extension and the backing file
     name), cluster 1 the refcount table, cluster 2 its single refcount block (16-bit
     refcounts), then the L1 table, all zero (every read falls through to the backing file).
-    The file is created exclusively: an existing disk is never overwritten.
+    The size is rounded up to whole 512-byte sectors, as ``qemu-img create`` does. The file
+    is created exclusively: an existing disk is never overwritten.
     """
+    virtual_size = -(-virtual_size // 512) * 512
     header, clusters, length = overlay_layout(virtual_size, backing_file, backing_format)
     refcounts = struct.pack(f">{clusters}H", *([1] * clusters))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
