@@ -7,12 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from stats_fixtures import Burner, CgroupFactory, available_versions, block_device_of
 
 from fastcompute.errors import NotFound
 from fastcompute.stats import CgroupPaths, Sampler, cgroup_of_pid, detect_layout, host_layout
 from fastcompute.stats_reference import read_cgroup
-
-from stats_fixtures import Burner, CgroupFactory, available_versions, block_device_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating cgroups needs root")
 
