@@ -160,3 +160,99 @@ def spawn_args(image: Path, name: str = "vm", **over: Any) -> dict[str, Any]:
     }
     args.update(over)
     return args
+
+
+# -- helpers for the agent test suite (tests/test_agent_*.py, tests/test_cli.py) ---------------
+
+def call_error(agent: AgentProcess, op: str, args: dict[str, Any] | None = None) -> Any:
+    """Send one request that must fail; return the typed error it raised."""
+    from fastcompute.errors import AgentError
+
+    with pytest.raises(AgentError) as info:
+        agent.call(op, args)
+    return info.value
+
+
+def wait_for_state(agent: AgentProcess, uuid: str, vm_state: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Poll ``instance.get`` until the instance is in ``vm_state`` with no task; return the record."""
+    deadline = time.monotonic() + timeout_s
+    rec: dict[str, Any] = {}
+    with agent.client() as c:
+        while time.monotonic() < deadline:
+            rec = c.call("instance.get", {"uuid": uuid})
+            if rec["vm_state"] == vm_state and rec["task_state"] is None:
+                return rec
+            time.sleep(0.05)
+    pytest.fail(f"instance {uuid} did not reach {vm_state} within {timeout_s}s; last: {rec}")
+
+
+def spawn_in_state(agent: AgentProcess, image: Path, state: str, **over: Any) -> dict[str, Any]:
+    """A new instance brought to ``state`` (active, stopped, paused, suspended or error)."""
+    args = spawn_args(image, name=f"vm-{state}", wait=True)
+    if state == "error":
+        args["image"] = {"url": (image.parent / "no-such-image.raw").as_uri()}
+    args.update(over)
+    rec = agent.call("instance.spawn", args)
+    want_build = "error" if state == "error" else "active"
+    assert rec["vm_state"] == want_build, rec
+    op = {"stopped": "instance.stop", "paused": "instance.pause", "suspended": "instance.suspend"}.get(state)
+    if op is not None:
+        rec = agent.call(op, {"uuid": rec["uuid"]})
+        assert rec["vm_state"] == state, rec
+    return rec  # type: ignore[no-any-return]
+
+
+def node_uri(directory: Path, *, nodes: int, sockets: int, cores: int, threads: int,
+             memory_mib: int, name: str = "host.xml") -> str:
+    """A libvirt test-driver URI for a custom host (a node file without domains)."""
+    cpus = nodes * sockets * cores * threads
+    path = directory / name
+    path.write_text(
+        "<node>\n  <cpu>\n"
+        f"    <nodes>{nodes}</nodes>\n    <sockets>{sockets}</sockets>\n"
+        f"    <cores>{cores}</cores>\n    <threads>{threads}</threads>\n"
+        f"    <active>{cpus}</active>\n    <mhz>2400</mhz>\n    <model>x86_64</model>\n"
+        f"  </cpu>\n  <memory>{memory_mib * 1024}</memory>\n</node>\n"
+    )
+    return "test://" + str(path.resolve())
+
+
+def sub_socket(endpoint: str, topics: list[str], curve: tuple[bytes, bytes, bytes] | None = None,
+               settle_s: float = 0.5) -> zmq.Socket[Any]:
+    """A plain pyzmq SUB socket on the agent's events; ``curve`` is (server public, public, secret).
+
+    ZeroMQ drops what a PUB sends before the subscription reaches it, so this waits
+    ``settle_s`` after connecting.
+    """
+    s = zmq.Context.instance().socket(zmq.SUB)
+    s.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        s.curve_serverkey, s.curve_publickey, s.curve_secretkey = curve
+    for t in topics:
+        s.setsockopt_string(zmq.SUBSCRIBE, t)
+    s.connect(endpoint)
+    time.sleep(settle_s)
+    return s
+
+
+def recv_events(sock: zmq.Socket[Any], timeout_s: float, until: Any = None) -> list[tuple[str, Any]]:
+    """Collect ``(topic, body)`` events (bodies decoded with plain msgpack) until ``until(topic,
+    body)`` is true or ``timeout_s`` passes."""
+    import msgpack
+
+    got: list[tuple[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if not sock.poll(int(left * 1000) + 1):
+            break
+        topic, body = sock.recv_multipart()
+        got.append((topic.decode(), msgpack.unpackb(body)))
+        if until is not None and until(*got[-1]):
+            break
+    return got
+
+
+def disk_dirs(agent: AgentProcess) -> set[str]:
+    """The instance directories (disks) present under the agent's state dir."""
+    root = agent.state_dir / "instances"
+    return {p.name for p in root.iterdir()} if root.is_dir() else set()
