@@ -96,6 +96,12 @@ class ImagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[network]: bridges, taps and security groups."""
 
+    physical_interface: Annotated[str, _doc("Host interface that carries VLAN networks (<iface>.<vlan> sub-interfaces); empty = VLAN ports are refused")] = ""
+    default_mtu: Annotated[int, _doc("MTU of bridges and taps when the port's network gives none")] = 1500
+    bridge_prefix: Annotated[str, _doc("Name prefix of the bridges made for networks without a given bridge (Neutron's brq)")] = "brq"
+    tap_prefix: Annotated[str, _doc("Name prefix of port taps; the rest of the 15 characters is the port id (os-vif's tap)")] = "tap"
+    owner: Annotated[str, _doc("Name of the agent's nftables tables (bridge and inet) and the tag in the alias of every link it makes; only those are ever removed")] = "fastcompute"
+
 
 class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[stats]: sampling and metrics."""

@@ -1,0 +1,330 @@
+"""Ports, bridges and security groups, proven with real traffic between namespaces.
+
+Every test builds its own world (unique nftables tables, bridge names and link tags) with
+stand-in guests in namespaces (see network_fixtures) and removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from network_fixtures import (
+    EGRESS_ALL,
+    Guest,
+    Lab,
+    group,
+    link_names,
+    make_lab,
+    port,
+    port_chains,
+    received,
+    rule,
+    run,
+    sh,
+    tables,
+    udp_frame,
+)
+
+from fastcompute.errors import AgentError, BadRequest, Conflict
+from fastcompute.network import Network, decode_ports
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bridges, namespaces and nftables need root")
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with make_lab() as made:
+        yield made
+
+
+def two_guests(lab: Lab, groups_a: list[dict], groups_b: list[dict], prefix: int = 24) -> tuple[Guest, Guest]:  # type: ignore[type-arg]
+    pa, pb = port("10.0.0.1", groups=groups_a, prefix=prefix), port("10.0.0.2", groups=groups_b, prefix=prefix)
+    plugged = run(lab.net.plug("11111111-1111-1111-1111-111111111111", [pa, pb]))
+    return lab.guest_for(plugged[0], "10.0.0.1", prefix), lab.guest_for(plugged[1], "10.0.0.2", prefix)
+
+
+def test_ping_and_tcp_pass_only_where_ingress_rules_allow(lab: Lab) -> None:
+    a, b = two_guests(
+        lab,
+        [group(EGRESS_ALL, rule("ingress", "icmp"))],
+        [group(EGRESS_ALL, rule("ingress", "tcp", 8080))],
+    )
+    assert b.ping(a.ip), "a allows ICMP in: b's ping must be answered"
+    assert not a.ping(b.ip), "b allows no ICMP in: a's ping must get no answer"
+    with b.listen(8080), b.listen(8081), a.listen(8080):
+        conn = a.connect(b.ip, 8080)
+        assert conn is not None, "b allows tcp 8080 in"
+        conn.close()
+        assert a.connect(b.ip, 8081) is None, "b does not allow tcp 8081 in"
+        assert b.connect(a.ip, 8080) is None, "a does not allow tcp in"
+
+
+def test_egress_is_denied_without_an_egress_rule(lab: Lab) -> None:
+    a, b = two_guests(lab, [group(rule("ingress", "icmp"))], [group(EGRESS_ALL, rule("ingress", "icmp"))])
+    assert not a.ping(b.ip), "a has no egress rule"
+    assert b.ping(a.ip), "replies to allowed ingress leave through conntrack, not egress rules"
+
+
+def test_tcp_22_from_a_prefix_lets_exactly_that_through(lab: Lab) -> None:
+    only_ssh = group(EGRESS_ALL, rule("ingress", "tcp", 22, remote="10.0.0.0/24"))
+    ports = [
+        port("10.0.0.1", groups=[group(EGRESS_ALL)], prefix=16),
+        port("10.0.0.2", groups=[only_ssh], prefix=16),
+        port("10.0.1.3", groups=[group(EGRESS_ALL)], prefix=16),
+    ]
+    plugged = run(lab.net.plug("22222222-2222-2222-2222-222222222222", ports))
+    inside, server, outside = (
+        lab.guest_for(p, ip, 16) for p, ip in zip(plugged, ("10.0.0.1", "10.0.0.2", "10.0.1.3"), strict=True)
+    )
+    with server.listen(22), server.listen(23):
+        conn = inside.connect(server.ip, 22)
+        assert conn is not None, "tcp 22 from 10.0.0.0/24 is allowed"
+        conn.close()
+        assert inside.connect(server.ip, 23) is None, "tcp 23 is not"
+        assert not inside.ping(server.ip), "ICMP is not"
+        assert outside.connect(server.ip, 22) is None, "10.0.1.3 is outside 10.0.0.0/24"
+    assert outside.ping(inside.ip) is False, "inside allows no ingress at all"
+
+
+def test_spoofed_source_ip_and_mac_are_dropped(lab: Lab) -> None:
+    a, b = two_guests(lab, [group(EGRESS_ALL)], [group(EGRESS_ALL, rule("ingress", "udp", 5000))])
+    with b.listen(5000, socket.SOCK_DGRAM) as sink:
+        a.raw_send(udp_frame(a.mac, b.mac, a.ip, b.ip, 5000, b"honest"))
+        a.raw_send(udp_frame(a.mac, b.mac, "10.0.0.99", b.ip, 5000, b"forged-ip"))
+        a.raw_send(udp_frame("fa:16:3e:00:00:99", b.mac, a.ip, b.ip, 5000, b"forged-mac"))
+        a.raw_send(udp_frame(b.mac, b.mac, b.ip, b.ip, 5000, b"forged-both"))
+        got = received(sink)
+    assert got == [b"honest"]
+
+
+def _arp_request(sender_mac: str, sender_ip: str, target_ip: str) -> bytes:
+    mac = bytes.fromhex(sender_mac.replace(":", ""))
+    arp = bytes.fromhex("0001080006040001") + mac + socket.inet_aton(sender_ip) + bytes(6) + socket.inet_aton(target_ip)
+    return b"\xff" * 6 + mac + b"\x08\x06" + arp
+
+
+def _neighbour(ns: str, ip: str) -> list[dict]:  # type: ignore[type-arg]
+    out: list[dict] = json.loads(sh("ip", "-n", ns, "-j", "neigh", "show", ip).stdout or "[]")  # type: ignore[type-arg]
+    return out
+
+
+def test_forged_arp_is_dropped(lab: Lab) -> None:
+    a, b = two_guests(lab, [group(EGRESS_ALL)], [group(EGRESS_ALL)])
+    # A request addressed to b makes b's kernel learn the sender: a claims 10.0.0.77, then itself.
+    a.raw_send(_arp_request(a.mac, "10.0.0.77", b.ip))
+    a.raw_send(_arp_request(a.mac, a.ip, b.ip))
+    deadline = time.monotonic() + 1
+    while not _neighbour(b.ns, a.ip) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [n["lladdr"] for n in _neighbour(b.ns, a.ip)] == [a.mac], "the honest request is learnt"
+    assert _neighbour(b.ns, "10.0.0.77") == [], "the forged sender address is not"
+
+
+def test_changing_groups_keeps_established_connections_and_blocks_new_ones(lab: Lab) -> None:
+    a, b = two_guests(lab, [group(EGRESS_ALL)], [group(EGRESS_ALL, rule("ingress", "tcp", 7000))])
+    with b.listen(7000) as server:
+        conn = a.connect(b.ip, 7000)
+        assert conn is not None
+        peer, _ = server.accept()
+        with conn, peer:
+            conn.sendall(b"before")
+            assert peer.recv(16) == b"before"
+            run(lab.net.set_security_groups(b.plugged.port_id, [group(EGRESS_ALL, rule("ingress", "tcp", 7001))]))
+            conn.sendall(b"after")
+            peer.settimeout(2)
+            assert peer.recv(16) == b"after", "the established connection survives the change"
+            peer.sendall(b"back")
+            conn.settimeout(2)
+            assert conn.recv(16) == b"back"
+        assert a.connect(b.ip, 7000) is None, "new connections follow the new rules"
+    with b.listen(7001):
+        fresh = a.connect(b.ip, 7001)
+        assert fresh is not None, "the new rule allows tcp 7001"
+        fresh.close()
+
+
+def test_port_without_port_security_is_not_filtered(lab: Lab) -> None:
+    pa, pb = port("10.0.0.1", security=False), port("10.0.0.2", groups=[group(EGRESS_ALL)])
+    plugged = run(lab.net.plug("33333333-3333-3333-3333-333333333333", [pa, pb]))
+    a, b = lab.guest_for(plugged[0], "10.0.0.1"), lab.guest_for(plugged[1], "10.0.0.2")
+    assert b.ping(a.ip), "a has no port security: everything reaches it"
+    assert not a.ping(b.ip), "b still denies ingress"
+    assert not any(c.endswith(plugged[0].tap) for c in port_chains(lab.owner))
+
+
+def test_unplug_leaves_no_tap_rule_or_bridge_it_made(lab: Lab) -> None:
+    before = link_names()
+    instance = "44444444-4444-4444-4444-444444444444"
+    ports = [port("10.0.0.1", groups=[group(EGRESS_ALL)]), port("10.0.0.2", groups=[group(EGRESS_ALL)])]
+    plugged = run(lab.net.plug(instance, ports))
+    lab.guest_for(plugged[0], "10.0.0.1")  # a veth in the tap's place goes the same way
+    made = link_names() - before
+    assert {p.tap for p in plugged} | {plugged[0].bridge} <= made
+    assert len(port_chains(lab.owner)) == 8
+    run(lab.net.unplug(instance))
+    assert link_names() - before == set()
+    assert port_chains(lab.owner) == set()
+    for objs in tables(lab.owner).values():
+        for obj in objs:
+            assert not obj.get("map", {}).get("elem"), obj
+    run(lab.net.unplug(instance))  # a retried delete is a no-op
+
+
+def test_existing_bridge_is_used_and_kept(lab: Lab) -> None:
+    bridge = lab.owner + "x"
+    sh("ip", "link", "add", bridge, "type", "bridge")
+    lab.extra_links.append(bridge)
+    p = port("10.0.0.1", groups=[group(EGRESS_ALL)])
+    p["network"]["bridge"] = bridge
+    plugged = run(lab.net.plug("55555555-5555-5555-5555-555555555555", [p]))
+    assert plugged[0].bridge == bridge
+    master = json.loads(sh("ip", "-j", "link", "show", plugged[0].tap).stdout)[0]["master"]
+    assert master == bridge
+    run(lab.net.unplug("55555555-5555-5555-5555-555555555555"))
+    assert bridge in link_names(), "a bridge the agent did not make is never removed"
+
+
+@pytest.fixture
+def nic() -> Iterator[str]:
+    """A stand-in physical interface: one end of a veth pair (this kernel has no dummy driver)."""
+    name = "fctphy" + os.urandom(2).hex()
+    sh("ip", "link", "add", name, "type", "veth", "peer", "name", name + "p")
+    try:
+        yield name
+    finally:
+        sh("ip", "link", "del", name, check=False)
+
+
+def _kernel_has_vlans(nic: str) -> bool:
+    made = sh("ip", "link", "add", "link", nic, "name", nic + ".9", "type", "vlan", "id", "9", check=False)
+    sh("ip", "link", "del", nic + ".9", check=False)
+    return made.returncode == 0
+
+
+def test_vlan_network_gets_a_sub_interface_on_the_physical_interface(nic: str) -> None:
+    if not _kernel_has_vlans(nic):
+        pytest.skip("this kernel has no 802.1Q support (CONFIG_VLAN_8021Q)")
+    with make_lab(physical_interface=nic, default_mtu=1400) as lab:
+        p = port("10.0.0.1", groups=[group(EGRESS_ALL)], vlan=101)
+        plugged = run(lab.net.plug("66666666-6666-6666-6666-666666666666", [p]))
+        vlan = json.loads(sh("ip", "-j", "-d", "link", "show", f"{nic}.101").stdout)[0]
+        assert vlan["linkinfo"]["info_kind"] == "vlan"
+        assert vlan["linkinfo"]["info_data"]["id"] == 101
+        assert vlan["master"] == plugged[0].bridge
+        assert plugged[0].mtu == 1400
+        bridge = json.loads(sh("ip", "-j", "link", "show", plugged[0].bridge).stdout)[0]
+        assert bridge["mtu"] == 1400
+        run(lab.net.unplug("66666666-6666-6666-6666-666666666666"))
+        assert not {f"{nic}.101", plugged[0].bridge, plugged[0].tap} & link_names()
+        assert nic in link_names()
+
+
+def test_vlan_port_fails_cleanly_on_a_kernel_without_vlans(nic: str) -> None:
+    if _kernel_has_vlans(nic):
+        pytest.skip("this kernel makes VLAN interfaces")
+    with make_lab(physical_interface=nic) as lab:
+        before = link_names()
+        with pytest.raises(AgentError, match=r"802\.1Q"):
+            run(lab.net.plug("66666666-6666-6666-6666-666666666666", [port("10.0.0.1", vlan=101)]))
+        assert link_names() == before, "the bridge made for the port is rolled back"
+        assert lab.net.plugged() == []
+
+
+def test_vlan_port_without_physical_interface_is_a_bad_request(lab: Lab) -> None:
+    with pytest.raises(BadRequest):
+        run(lab.net.plug("77777777-7777-7777-7777-777777777777", [port("10.0.0.1", vlan=5)]))
+
+
+def test_reconcile_removes_strays_remakes_missing_and_is_idempotent(lab: Lab) -> None:
+    keep, drop = "88888888-8888-8888-8888-888888888888", "99999999-9999-9999-9999-999999999999"
+    kept_ports = [port("10.0.0.1", groups=[group(EGRESS_ALL, rule("ingress", "icmp"))]), port("10.0.0.2", groups=[])]
+    dropped = [port("10.0.0.3", groups=[group(EGRESS_ALL)], network="net2")]
+    kept = run(lab.net.plug(keep, kept_ports))
+    gone = run(lab.net.plug(drop, dropped))
+    untouched = lab.owner + "t"
+    sh("ip", "link", "add", untouched, "type", "bridge")  # not ours: no alias tag
+    lab.extra_links.append(untouched)
+    # Damage behind the agent's back: a kept tap and one of its chains disappear.
+    sh("ip", "link", "del", kept[1].tap)
+    sh("nft", "flush", "chain", "inet", lab.owner, "i-" + kept[0].tap)
+    lab.net.close()
+
+    restarted = Network(lab.cfg)
+    lab.net = restarted
+    wanted = {keep: decode_ports(kept_ports)}
+    report = run(restarted.reconcile(wanted))
+    assert set(report.removed_links) == {gone[0].tap, gone[0].bridge}
+    assert report.made_links == [kept[1].tap]
+    assert report.made_ports == [kept_ports[0]["id"]], "only the damaged chain's port is rewritten"
+    assert report.removed_ports == [gone[0].tap]
+    names = link_names()
+    assert {kept[0].tap, kept[1].tap, kept[0].bridge, untouched} <= names
+    assert not {gone[0].tap, gone[0].bridge} & names
+    assert port_chains(lab.owner) == {f"{k}-{p.tap}" for k in "stei" for p in kept}
+
+    snapshot = tables(lab.owner), json.loads(sh("ip", "-j", "link", "show").stdout)
+    again = run(restarted.reconcile(wanted))
+    assert not again.changed, again
+    assert (tables(lab.owner), json.loads(sh("ip", "-j", "link", "show").stdout)) == snapshot
+
+    a, b = lab.guest_for(kept[0], "10.0.0.1"), lab.guest_for(kept[1], "10.0.0.2")
+    assert b.ping(a.ip) is False, "b has no egress rule after reconciliation either"
+    run(restarted.set_security_groups(b.plugged.port_id, [group(EGRESS_ALL)]))
+    assert b.ping(a.ip), "the re-made ingress chain of a allows ICMP again"
+
+
+def test_plugging_again_for_the_same_instance_is_a_no_op(lab: Lab) -> None:
+    p = port("10.0.0.1", groups=[group(EGRESS_ALL)])
+    first = run(lab.net.plug("aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa", [p]))
+    chains = tables(lab.owner)
+    assert run(lab.net.plug("aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa", [p])) == first
+    assert tables(lab.owner) == chains
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda p: p.update(mac="fa:16:3e:00:00"), "networks[0].mac"),
+        (lambda p: p.update(mac="01:00:5e:00:00:01"), "networks[0].mac"),
+        (lambda p: p["fixed_ips"].append({"ip": "10.0.0.1", "prefix": 24}), "networks[0].fixed_ips[1].ip"),
+        (lambda p: p["fixed_ips"].append({"ip": "10.0.0.300", "prefix": 24}), "networks[0].fixed_ips[1].ip"),
+        (lambda p: p.update(security_groups=[group(rule("ingress", "bogus"))]),
+         "networks[0].security_groups[0].rules[0].protocol"),
+        (lambda p: p.update(security_groups=[group(rule("ingress", "tcp", 90, 80))]),
+         "networks[0].security_groups[0].rules[0].port_range_min"),
+        (lambda p: p.update(security_groups=[group(rule("ingress", "tcp", remote="2001:db8::/32"))]),
+         "networks[0].security_groups[0].rules[0].remote_ip_prefix"),
+        (lambda p: p.update(port_security_enabled=False, security_groups=[group()]), "networks[0].security_groups"),
+        (lambda p: p.update(colour="blue"), "networks[0]"),
+    ],
+)  # fmt: skip
+def test_invalid_ports_are_bad_requests_naming_the_field(lab: Lab, mutate: object, field: str) -> None:
+    p = port("10.0.0.1")
+    mutate(p)  # type: ignore[operator]
+    with pytest.raises(BadRequest) as err:
+        run(lab.net.validate([p]))
+    assert err.value.details is not None
+    assert err.value.details["field"] == field
+    assert err.value.details["reason"]
+
+
+def test_two_ports_with_one_address_on_a_network_are_a_bad_request(lab: Lab) -> None:
+    with pytest.raises(BadRequest) as err:
+        run(lab.net.validate([port("10.0.0.1"), port("10.0.0.1", mac="fa:16:3e:00:00:42")]))
+    assert err.value.details == {"field": "networks[1].fixed_ips[0].ip", "reason": err.value.details["reason"]}
+    run(lab.net.validate([port("10.0.0.1"), port("10.0.0.1", network="net2")]))  # other network: fine
+
+
+def test_mac_or_ip_in_use_on_the_hosts_network_is_a_conflict(lab: Lab) -> None:
+    run(lab.net.plug("bbbbbbbb-bbbb-bbbb-bbbb-bbbbbbbbbbbb", [port("10.0.0.1")]))
+    for clash in (port("10.0.0.1", mac="fa:16:3e:00:00:42"), port("10.0.0.9", mac="fa:16:3e:00:00:01")):
+        with pytest.raises(Conflict):
+            run(lab.net.validate([clash]))
+        with pytest.raises(Conflict):
+            run(lab.net.plug("cccccccc-cccc-cccc-cccc-cccccccccccc", [clash]))
+    run(lab.net.validate([port("10.0.0.1", network="net2")]))
