@@ -1,0 +1,238 @@
+"""Image benchmarks: the copier against its rivals, overlays against qemu-img, a spawn storm.
+
+Every gate compares things measured in the same run, alternating, on medians. The copy files
+are 256 MiB rather than the 1 GiB of the issue: one 1 GiB dense copy with fsync takes ~3 s
+on these machines, and five methods times several rounds would make this one benchmark take
+minutes. Every copy, the rivals' included, ends with an fsync of the destination: the agent
+needs its disks durable, and comparing a synced copy with one still in the page cache would
+measure the disk, not the copier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import http.server
+import os
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fastcompute.config import ImagesConfig
+from fastcompute.images import ImageCache, ImageSpec, copy
+from fastcompute.images_qcow2 import create_overlay
+
+MiB = 1 << 20
+COPY_SIZE = 256 * MiB
+ROUNDS = 4
+# Dense copies are bound by the same kernel path for every method (copy_file_range, sendfile
+# and write all end in the page cache and one fsync): "at least as fast" is checked within
+# this margin, the spread between identical runs on 2 shared cores.
+NOISE = 1.15
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_copy_source(path: Path, kind: str) -> None:
+    block = hashlib.sha512(kind.encode()).digest() * (MiB // 64)
+    with open(path, "wb") as f:
+        if kind == "dense":
+            for _ in range(COPY_SIZE // MiB):
+                f.write(block)
+        else:
+            # 10% data: one MiB in every ten, the rest holes.
+            f.truncate(COPY_SIZE)
+            for off in range(0, COPY_SIZE, 10 * MiB):
+                f.seek(off)
+                f.write(block)
+    _fsync(path)
+
+
+def _rivals(src: Path, dst: Path) -> dict[str, Callable[[], None]]:
+    def ours() -> None:
+        copy(src, dst)
+
+    def shutil_copyfile() -> None:
+        shutil.copyfile(src, dst)
+        _fsync(dst)
+
+    def cp() -> None:
+        subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)], check=True)
+        _fsync(dst)
+
+    def qemu_img() -> None:
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(dst)],
+                       check=True)
+        _fsync(dst)
+
+    return {"copier": ours, "shutil.copyfile": shutil_copyfile, "cp": cp, "qemu-img": qemu_img}
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_copier_vs_rivals(benchmark: pytest.FixtureRequest, tmp_path: Path, kind: str) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _make_copy_source(src, kind)
+    methods = _rivals(src, dst)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    order = list(methods)
+
+    def one_round(record: bool = True) -> None:
+        for name in order:
+            dst.unlink(missing_ok=True)
+            # Start every copy with no dirty pages around: the previous copy's writeback (or
+            # another process's) must not be billed to this one.
+            os.sync()
+            t0 = time.perf_counter()
+            methods[name]()
+            if record:
+                times[name].append(time.perf_counter() - t0)
+            if name == "copier":
+                assert dst.stat().st_blocks <= src.stat().st_blocks + 128
+        order.reverse()  # alternate who goes first, so page-cache effects even out
+
+    one_round(record=False)  # warm-up: the first copy of a fresh file pays for more than copying
+    for _ in range(ROUNDS):
+        one_round()
+    benchmark.pedantic(methods["copier"], rounds=3, iterations=1)  # type: ignore[attr-defined]
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    best_rival = min(v for k, v in med.items() if k != "copier")
+    report = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items())
+    print({k: [round(x * 1000) for x in v] for k, v in times.items()})
+    print(f"\n{kind} {COPY_SIZE // MiB} MiB: {report}; "
+          f"best rival / copier = {best_rival / med['copier']:.2f}x, "
+          f"shutil / copier = {med['shutil.copyfile'] / med['copier']:.2f}x")
+    benchmark.extra_info.update({f"{k}_ms": v * 1000 for k, v in med.items()})  # type: ignore[attr-defined]
+    assert med["copier"] <= best_rival * NOISE, med
+    if kind == "sparse":
+        assert med["shutil.copyfile"] >= 5 * med["copier"], med
+
+
+def test_overlay_vs_qemu_img_create(
+    benchmark: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\1" * MiB)
+    size = 20 << 30
+    n = 40
+
+    def ours(i: int) -> None:
+        create_overlay(tmp_path / f"ours-{i}", size, str(base), "raw")
+
+    def qemu(i: int) -> None:
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+             str(tmp_path / f"qemu-{i}"), str(size)],
+            check=True,
+        )
+
+    t_ours: list[float] = []
+    t_qemu: list[float] = []
+    for i in range(n):
+        for fn, acc in ((ours, t_ours), (qemu, t_qemu)) if i % 2 else ((qemu, t_qemu), (ours, t_ours)):
+            t0 = time.perf_counter()
+            fn(i)
+            acc.append(time.perf_counter() - t0)
+    counter = iter(range(n, 10 * n + 10_000))
+    benchmark(lambda: ours(next(counter)))  # type: ignore[operator]
+    ratio = statistics.median(t_qemu) / statistics.median(t_ours)
+    print(f"\noverlay: agent {statistics.median(t_ours) * 1e6:.0f} us, qemu-img create "
+          f"{statistics.median(t_qemu) * 1e6:.0f} us: {ratio:.0f}x")
+    assert ratio >= 20
+
+
+# ---- storm: the image part of a boot storm --------------------------------------------
+
+
+class _Counting(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    body = b""
+    hits = 0
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        type(self).hits += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+@pytest.fixture
+def http_image() -> Iterator[tuple[str, type[_Counting]]]:
+    handler = type("Handler", (_Counting,), {"body": os.urandom(64 * MiB), "hits": 0})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/img.raw", handler
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_storm_of_one_uncached_image(
+    benchmark: pytest.FixtureRequest, tmp_path: Path, http_image: tuple[str, type[_Counting]]
+) -> None:
+    """200 disks of one uncached 64 MiB image: one download, and no more time than the
+    download plus 200 disks from a cached base, plus 20%."""
+    url, handler = http_image
+    spawns = 200
+
+    async def storm(state: Path) -> float:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            cache = ImageCache(state, ImagesConfig(), ex)
+            t0 = time.perf_counter()
+            await asyncio.gather(
+                *(cache.prepare_disk(f"i{n}", ImageSpec(url=url), 1) for n in range(spawns))
+            )
+            took = time.perf_counter() - t0
+            await cache.close()
+            return took
+
+    async def separately(state: Path) -> tuple[float, float]:
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            cache = ImageCache(state, ImagesConfig(), ex)
+            t0 = time.perf_counter()
+            await cache.prepare_disk("first", ImageSpec(url=url), 1)
+            download = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await asyncio.gather(
+                *(cache.prepare_disk(f"i{n}", ImageSpec(url=url), 1) for n in range(spawns))
+            )
+            disks = time.perf_counter() - t0
+            await cache.close()
+            return download, disks
+
+    storms: list[float] = []
+    parts: list[tuple[float, float]] = []
+    for r in range(3):
+        hits = handler.hits
+        storms.append(asyncio.run(storm(tmp_path / f"storm-{r}")))
+        assert handler.hits == hits + 1
+        parts.append(asyncio.run(separately(tmp_path / f"sep-{r}")))
+        shutil.rmtree(tmp_path / f"storm-{r}")
+        shutil.rmtree(tmp_path / f"sep-{r}")
+    state = iter(range(100))
+    benchmark.pedantic(  # type: ignore[attr-defined]
+        lambda: asyncio.run(storm(tmp_path / f"b-{next(state)}")), rounds=1, iterations=1
+    )
+    t_storm = statistics.median(storms)
+    t_download = statistics.median(p[0] for p in parts)
+    t_disks = statistics.median(p[1] for p in parts)
+    print(f"\nstorm of {spawns}: {t_storm * 1000:.0f} ms; download {t_download * 1000:.0f} ms + "
+          f"{spawns} disks {t_disks * 1000:.0f} ms = {(t_download + t_disks) * 1000:.0f} ms; "
+          f"ratio {t_storm / (t_download + t_disks):.2f}")
+    assert t_storm <= 1.2 * (t_download + t_disks)
