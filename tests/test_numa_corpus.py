@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from numa_fixtures import corpus, placement_problems
 
-from fastcompute import numa_reference
+from fastcompute import numa, numa_reference
 
 Fitter = Callable[[dict[str, Any], dict[str, Any], dict[str, Any] | None], dict[str, Any] | None]
 
-FITTERS: dict[str, Fitter] = {"reference": numa_reference.fit}
+FITTERS: dict[str, Fitter] = {"compiled": numa.fit, "reference": numa_reference.fit}
 CASES = {case["id"]: case for case in corpus()}
 _answers: dict[tuple[str, str], dict[str, Any] | None] = {}
 

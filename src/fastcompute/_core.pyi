@@ -1,6 +1,6 @@
 """Typing stub of the compiled core; one section per include file under core/."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 # --- core/copy.pxi: the image copier ---
 def copy_file(
@@ -24,3 +24,12 @@ class CgroupSampler:
     def remove(self, key: int) -> bool: ...
     def close(self) -> None: ...
     def sample(self) -> tuple[array.array[int], array.array[int], list[tuple[int, int]]]: ...
+
+# --- core/cpuset.pxi + core/numa_fit.pxi: CPU set bitmaps and the NUMA fitter ---
+from typing import Any
+
+def cpuset_to_list(bitmap: bytes) -> list[int]: ...
+def cpuset_from_list(cpus: Iterable[int]) -> bytes: ...
+def numa_fit(
+    host: dict[str, Any], request: dict[str, Any], limits: dict[str, Any] | None = None
+) -> dict[str, Any] | None: ...

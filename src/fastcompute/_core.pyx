@@ -7,3 +7,5 @@ types.
 """
 include "core/copy.pxi"
 include "core/sampler.pxi"
+include "core/cpuset.pxi"
+include "core/numa_fit.pxi"
