@@ -656,3 +656,26 @@ def test_copier_releases_the_gil(tmp_path: Path) -> None:
         done.set()
         t.join()
     assert ticks > 0
+
+
+async def test_cancelled_spawn_leaves_no_disk(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    src = tmp_path / "img.raw"
+    src.write_bytes(os.urandom(32 * MiB))
+    cache = ImageCache(tmp_path / "state", ImagesConfig(disk_mode="flat"), executor)
+    try:
+        await cache.prepare_disk("warm", ImageSpec(url=f"file://{src}"), 1)
+        task = asyncio.create_task(cache.prepare_disk("cancelled", ImageSpec(url=f"file://{src}"), 1))
+        for _ in range(1000):
+            if (tmp_path / "state" / "instances" / "cancelled").exists():
+                break
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await cache.close()
+    assert not (tmp_path / "state" / "instances" / "cancelled").exists()
+    [base] = cache.list_bases()
+    assert base.users == ["warm"]

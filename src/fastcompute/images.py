@@ -256,9 +256,20 @@ class ImageCache:
                 def copy_progress(done: int, total: int) -> None:
                     loop.call_soon_threadsafe(cb, "copy", done, total)
 
-            return await loop.run_in_executor(
+            made = loop.run_in_executor(
                 self._executor, self._make_disk, instance_uuid, key, size, copy_progress
             )
+            try:
+                return await asyncio.shield(made)
+            except asyncio.CancelledError:
+                # The thread cannot be stopped mid-copy: let it finish, then take back the disk
+                # it made, so a cancelled spawn leaves nothing behind either.
+                with contextlib.suppress(Exception):
+                    await made
+                    await loop.run_in_executor(
+                        self._executor, self._remove_disk_files, self._instance_dir(instance_uuid)
+                    )
+                raise
         finally:
             self._pins[key] -= 1
             if not self._pins[key]:
