@@ -12,7 +12,7 @@ def copy_file(
 ) -> tuple[int, str]: ...
 
 # --- core/sampler.pxi: the cgroup sampler ---
-import array
+import array  # noqa: E402 - one section per include file, each with its own imports
 
 CGROUP_FILE_KINDS: dict[str, int]
 CGROUP_SAMPLE_FIELDS: tuple[str, ...]
@@ -24,7 +24,6 @@ class CgroupSampler:
     def remove(self, key: int) -> bool: ...
     def close(self) -> None: ...
     def sample(self) -> tuple[array.array[int], array.array[int], list[tuple[int, int]]]: ...
-
 # --- core/cpuset.pxi + core/numa_fit.pxi: CPU set bitmaps and the NUMA fitter ---
 from typing import Any
 
