@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Builds the project's own cloud-style guest image and prints its path on stdout (last line).
+#
+# The image is a raw disk holding a FAT file system with syslinux in its boot sector, a Debian
+# cloud kernel (unpacked from the Debian package, not installed) and a busybox-static initramfs,
+# so a guest boots it BIOS -> syslinux -> kernel exactly as it would boot a cloud image, from a
+# qcow2 overlay. Everything is made without mounting anything (mkfs.vfat, syslinux, mcopy), so it
+# works in an unprivileged-looking container as well. docs/GUESTS.md describes what the guest does.
+#
+# The result is cached under .cache/guest-image/<hash of this script>/disk.img (or
+# $FASTCOMPUTE_GUEST_CACHE/<hash>/disk.img): a changed script builds a new image, an unchanged one
+# costs a hash. Concurrent callers wait on a lock and share the one build.
+set -euo pipefail
+
+SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
+REPO="$(dirname "$(dirname "$SCRIPT")")"
+CACHE_ROOT="${FASTCOMPUTE_GUEST_CACHE:-$REPO/.cache/guest-image}"
+KEY="$(sha256sum "$SCRIPT" | cut -c1-16)"
+OUT_DIR="$CACHE_ROOT/$KEY"
+IMAGE="$OUT_DIR/disk.img"
+IMAGE_MIB=32
+# The modules the init loads, in dependency order (the package ships no modules.dep: depmod
+# runs at install time, and we do not install).
+MODULES=(
+  drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_legacy_dev
+  drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci drivers/block/virtio_blk
+  net/core/failover drivers/net/net_failover drivers/net/virtio_net
+  drivers/acpi/button drivers/input/evdev
+)
+APT_PACKAGES=(syslinux syslinux-common mtools dosfstools busybox-static cpio)
+
+log() { echo "guest-image: $*" >&2; }
+
+ensure_packages() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# The init of the guest. It runs as PID 1 from the initramfs and must never exit (the kernel
+# would panic), so after its checks it waits for the ACPI power button forever.
+write_init() {
+  cat >"$1" <<'INIT'
+#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+# The initramfs has no /dev/console node, so PID 1 starts without output: talk to the serial port.
+exec </dev/ttyS0 >/dev/ttyS0 2>&1
+for m in $(cat /etc/modules); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+
+uuid=$(cat /sys/class/dmi/id/product_uuid 2>/dev/null || echo unknown)
+read -r up _ </proc/uptime
+echo "FASTCOMPUTE-GUEST-UP uptime=$up uuid=$uuid"
+
+# Read our own boot disk: the first MiB through the block layer, so a host can check that the
+# guest sees the bytes it was given.
+dev=none
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  for d in vda sda; do [ -b /dev/$d ] && dev=$d && break 2; done
+  sleep 0.2
+done
+if [ "$dev" != none ]; then
+  sum=$(dd if=/dev/$dev bs=1048576 count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+  echo "FASTCOMPUTE-DISK dev=$dev bytes=1048576 md5=$sum"
+else
+  echo "FASTCOMPUTE-DISK dev=none"
+fi
+
+# Per-guest settings come as fc.KEY=VALUE words, from the kernel command line (direct kernel boot)
+# or from SMBIOS OEM strings (type 11), which libvirt sets per domain through <sysinfo>.
+settings="$(cat /proc/cmdline) $(strings -n 3 /sys/firmware/dmi/entries/11-*/raw 2>/dev/null)"
+ip=; gw=
+for w in $settings; do
+  case "$w" in
+    fc.ip=*) ip=${w#fc.ip=} ;;
+    fc.gw=*) gw=${w#fc.gw=} ;;
+  esac
+done
+if [ -n "$ip" ]; then
+  ip link set lo up
+  ip link set eth0 up && ip addr add "$ip" dev eth0
+  [ -n "$gw" ] && ip route add default via "$gw"
+  mkdir -p /www && echo "fastcompute-guest $uuid" >/www/index.html
+  httpd -p 80 -h /www
+  echo "FASTCOMPUTE-NET ip=$ip gw=${gw:-none}"
+fi
+
+# acpid turns the power button (an input event from the button driver) into /etc/acpi/PWRF/*.
+acpid -c /etc/acpi -l /dev/null
+echo "FASTCOMPUTE-GUEST-READY"
+while :; do sleep 3600; done
+INIT
+  chmod 755 "$1"
+}
+
+build() {
+  local work="$1" kver deb mod
+  cd "$work"
+  kpkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')"
+  [ -n "$kpkg" ] || { log "cannot resolve linux-image-cloud-amd64 (run apt-get update?)"; exit 1; }
+  log "downloading $kpkg"
+  # apt would drop to the _apt user, who cannot write into our private build directory.
+  mkdir -p deb
+  (cd deb && apt-get download -q -o APT::Sandbox::User=root "$kpkg" >/dev/null)
+  deb="$(ls deb/*.deb)"
+  dpkg -x "$deb" kernel
+  kver="$(ls kernel/lib/modules)"
+
+  mkdir -p root/bin root/sbin root/proc root/sys root/dev root/tmp root/etc/acpi/PWRF root/lib/modules
+  cp /bin/busybox root/bin/busybox
+  for a in $(root/bin/busybox --list); do
+    [ "$a" = busybox ] || ln -s busybox "root/bin/$a"
+  done
+  : >root/etc/modules
+  for mod in "${MODULES[@]}"; do
+    cp "kernel/lib/modules/$kver/kernel/$mod.ko" "root/lib/modules/$(basename "$mod").ko"
+    basename "$mod" >>root/etc/modules
+  done
+  printf '#!/bin/sh\necho FASTCOMPUTE-GUEST-POWEROFF >/dev/ttyS0\npoweroff -f\n' >root/etc/acpi/PWRF/00000080
+  chmod 755 root/etc/acpi/PWRF/00000080
+  write_init root/init
+  (cd root && find . | LC_ALL=C sort | cpio -o -H newc --quiet --owner 0:0) | gzip -9n >initrd.gz
+
+  cat >syslinux.cfg <<EOF
+DEFAULT linux
+PROMPT 0
+TIMEOUT 0
+LABEL linux
+  KERNEL vmlinuz
+  INITRD initrd.gz
+  APPEND console=ttyS0 quiet
+EOF
+  truncate -s "${IMAGE_MIB}M" disk.img
+  mkfs.vfat -n FCGUEST disk.img >/dev/null
+  syslinux --install disk.img
+  mcopy -i disk.img "kernel/boot/vmlinuz-$kver" ::vmlinuz
+  mcopy -i disk.img initrd.gz ::initrd.gz
+  mcopy -i disk.img syslinux.cfg ::syslinux.cfg
+  {
+    echo "kernel=$kver"
+    echo "kernel_package=$(basename "$deb")"
+    echo "busybox=$(dpkg-query -W -f='${Version}' busybox-static)"
+    echo "syslinux=$(dpkg-query -W -f='${Version}' syslinux)"
+    echo "first_mib_md5=$(head -c 1048576 disk.img | md5sum | cut -d' ' -f1)"
+  } >manifest
+}
+
+main() {
+  if [ -f "$IMAGE" ]; then
+    echo "$IMAGE"
+    return
+  fi
+  mkdir -p "$CACHE_ROOT"
+  exec 9>"$CACHE_ROOT/.lock"
+  flock 9
+  if [ -f "$IMAGE" ]; then
+    echo "$IMAGE"
+    return
+  fi
+  ensure_packages
+  work="$(mktemp -d "$CACHE_ROOT/.build.XXXXXX")"
+  trap 'rm -rf "$work"' EXIT
+  local t0=$SECONDS
+  (build "$work")
+  mkdir -p "$OUT_DIR.tmp"
+  mv "$work/disk.img" "$work/manifest" "$OUT_DIR.tmp/"
+  chmod 644 "$OUT_DIR.tmp/disk.img"
+  rm -rf "$OUT_DIR"
+  mv "$OUT_DIR.tmp" "$OUT_DIR"
+  # Images built by earlier versions of this script are stale: keep only the current one.
+  find "$CACHE_ROOT" -mindepth 1 -maxdepth 1 -type d ! -name "$KEY" ! -name '.build.*' -exec rm -rf {} +
+  log "built $IMAGE in $((SECONDS - t0)) s"
+  echo "$IMAGE"
+}
+
+main "$@"

@@ -1,0 +1,222 @@
+"""Real guests for tests and benchmarks: the libvirtd daemons, the project's guest image, and
+the pieces to boot that image directly with libvirt-python (the baseline the agent is held to).
+
+The image (scripts/guest-image.sh) is a raw FAT disk with syslinux, a Debian cloud kernel and a
+busybox initramfs whose /init prints, on the serial console::
+
+    FASTCOMPUTE-GUEST-UP uptime=<seconds since the kernel started> uuid=<SMBIOS uuid>
+    FASTCOMPUTE-DISK dev=vda bytes=1048576 md5=<md5 of the first MiB of its disk>
+    FASTCOMPUTE-GUEST-READY                       (acpid runs: the power button works now)
+    FASTCOMPUTE-GUEST-POWEROFF                    (the power button was pressed)
+
+docs/GUESTS.md has the details and the timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import time
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_IMAGE_SCRIPT = REPO / "scripts" / "guest-image.sh"
+LIBVIRTD_SCRIPT = REPO / "scripts" / "libvirtd.sh"
+SYSTEM_URI = "qemu:///system"
+
+MARKER = "FASTCOMPUTE-GUEST-UP"
+READY = "FASTCOMPUTE-GUEST-READY"
+POWEROFF = "FASTCOMPUTE-GUEST-POWEROFF"
+_MARKER_RE = re.compile(rb"FASTCOMPUTE-GUEST-UP uptime=([0-9.]+) uuid=(\S+)")
+_DISK_RE = re.compile(rb"FASTCOMPUTE-DISK dev=(\S+)(?: bytes=(\d+) md5=([0-9a-f]{32}))?")
+
+# Domains booted directly (not through the agent) carry this, so that a run can find and remove
+# what an earlier, interrupted run left behind without touching anyone else's domains.
+DIRECT_NAMESPACE = "http://fastcompute.org/xmlns/direct-guest/1.0"
+DIRECT_PREFIX = "fcdirect-"
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[str]:
+    """``qemu:///system`` with virtlogd and libvirtd running; stops at the end what it started."""
+    holder = str(os.getpid())
+    try:
+        out = subprocess.run(["bash", str(LIBVIRTD_SCRIPT), "start", holder], check=True,
+                             capture_output=True, text=True, timeout=600)
+    except subprocess.CalledProcessError as e:
+        pytest.fail(f"scripts/libvirtd.sh start failed:\n{e.stdout}\n{e.stderr}")
+    yield out.stdout.strip().splitlines()[-1]
+    subprocess.run(["bash", str(LIBVIRTD_SCRIPT), "stop", holder], check=False, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    """The cached guest image (built on first use, a few seconds; then a hash)."""
+    try:
+        out = subprocess.run(["bash", str(GUEST_IMAGE_SCRIPT)], check=True, capture_output=True,
+                             text=True, timeout=900)
+    except subprocess.CalledProcessError as e:
+        pytest.fail(f"scripts/guest-image.sh failed:\n{e.stdout}\n{e.stderr}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+# -- the console ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Boot:
+    """One boot seen on a console: the guest's uptime when /init printed its marker."""
+
+    uptime_s: float
+    uuid: str
+
+
+def boots(console: Path) -> list[Boot]:
+    """Every boot marker on a console file so far, oldest first (a missing file has none)."""
+    try:
+        data = console.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [Boot(float(m[1]), m[2].decode()) for m in _MARKER_RE.finditer(data)]
+
+
+def disk_read(console: Path) -> tuple[str, int, str] | None:
+    """The guest's report of reading its own disk: (device, bytes, md5), or None before it."""
+    try:
+        m = _DISK_RE.search(console.read_bytes())
+    except FileNotFoundError:
+        return None
+    if m is None:
+        return None
+    return m[1].decode(), int(m[2] or 0), (m[3] or b"").decode()
+
+
+def wait_for_console(console: Path, text: str, *, count: int = 1, timeout_s: float = 180.0,
+                     poll_s: float = 0.05) -> float:
+    """Wait until ``text`` appears ``count`` times on the console; returns the monotonic time it
+    was seen. Raises TimeoutError with the console's tail otherwise."""
+    needle = text.encode()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if console.read_bytes().count(needle) >= count:
+                return time.monotonic()
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            tail = console.read_bytes()[-2000:].decode(errors="replace") if console.exists() else "<no file>"
+            raise TimeoutError(f"{text!r} x{count} not on {console} within {timeout_s}s; tail:\n{tail}")
+        time.sleep(poll_s)
+
+
+def first_mib_md5(path: Path) -> str:
+    """md5 of the first MiB of a raw file: what the guest must report reading from its disk."""
+    with path.open("rb") as f:
+        return hashlib.md5(f.read(1 << 20)).hexdigest()
+
+
+# -- guests booted directly -------------------------------------------------------------------
+
+def make_overlay(image: Path, overlay: Path) -> None:
+    """A qcow2 overlay over the raw image, as the agent gives each instance."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.resolve()), "-F", "raw",
+                    str(overlay)], check=True)
+
+
+def direct_domain_xml(name: str, uuid: str, disk: Path, console: Path, *, memory_mib: int = 128,
+                      vcpus: int = 1, domain_type: str = "qemu") -> str:
+    """The domain XML for one directly booted guest: the same shape as the agent's (TCG, BIOS
+    boot from a virtio qcow2 disk, serial console to a file, ACPI, stop on poweroff/crash)."""
+    dom = ET.Element("domain", type=domain_type)
+    ET.SubElement(dom, "name").text = name
+    ET.SubElement(dom, "uuid").text = uuid
+    meta = ET.SubElement(dom, "metadata")
+    ET.SubElement(meta, "fcd:guest", {"xmlns:fcd": DIRECT_NAMESPACE})
+    ET.SubElement(dom, "memory", unit="MiB").text = str(memory_mib)
+    ET.SubElement(dom, "vcpu").text = str(vcpus)
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    ET.SubElement(os_el, "boot", dev="hd")
+    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
+    ET.SubElement(dom, "on_poweroff").text = "destroy"
+    ET.SubElement(dom, "on_reboot").text = "restart"
+    ET.SubElement(dom, "on_crash").text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    d = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(d, "driver", name="qemu", type="qcow2")
+    ET.SubElement(d, "source", file=str(disk))
+    ET.SubElement(d, "target", dev="vda", bus="virtio")
+    serial = ET.SubElement(devices, "serial", type="file")
+    ET.SubElement(serial, "source", path=str(console))
+    ET.SubElement(serial, "target", port="0")
+    console_el = ET.SubElement(devices, "console", type="file")
+    ET.SubElement(console_el, "source", path=str(console))
+    ET.SubElement(console_el, "target", type="serial", port="0")
+    ET.SubElement(devices, "memballoon", model="none")
+    return ET.tostring(dom, encoding="unicode")
+
+
+@dataclass
+class DirectGuest:
+    """A guest started directly with libvirt-python, with its files."""
+
+    name: str
+    uuid: str
+    overlay: Path
+    console: Path
+    domain: Any = None
+
+
+def prepare_direct_guest(image: Path, workdir: Path, index: int = 0) -> DirectGuest:
+    """Name, overlay and console path of a new direct guest (nothing started yet)."""
+    uuid = str(uuidlib.uuid4())
+    workdir.mkdir(parents=True, exist_ok=True)
+    overlay = workdir / f"guest{index}.qcow2"
+    make_overlay(image, overlay)
+    return DirectGuest(f"{DIRECT_PREFIX}{uuid}", uuid, overlay, workdir / f"guest{index}.console")
+
+
+def start_direct_guest(conn: Any, guest: DirectGuest) -> None:
+    """Create (start, not define) the guest's transient domain."""
+    guest.domain = conn.createXML(direct_domain_xml(guest.name, guest.uuid, guest.overlay, guest.console), 0)
+
+
+def destroy_direct_guest(conn: Any, guest: DirectGuest) -> None:
+    """Stop the guest if it runs, and remove its overlay and console file."""
+    import libvirt
+
+    try:
+        conn.lookupByUUIDString(guest.uuid).destroy()
+    except libvirt.libvirtError as e:
+        if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            raise
+    guest.overlay.unlink(missing_ok=True)
+    guest.console.unlink(missing_ok=True)
+
+
+def remove_leftover_direct_guests(conn: Any) -> list[str]:
+    """Destroy (and undefine) direct guests an interrupted earlier run left; their names."""
+    import libvirt
+
+    gone = []
+    for dom in conn.listAllDomains(0):
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, DIRECT_NAMESPACE)
+        except libvirt.libvirtError:
+            continue
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefine()
+        gone.append(dom.name())
+    return gone

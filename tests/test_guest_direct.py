@@ -1,0 +1,111 @@
+"""The guest image and the libvirtd set-up, proven without the agent: a real QEMU guest (TCG)
+boots the project's image BIOS -> syslinux -> kernel from a qcow2 overlay, reports on its serial
+console, reads its own disk, reboots, and powers off when ACPI asks."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guest_fixtures import (
+    MARKER,
+    POWEROFF,
+    READY,
+    DirectGuest,
+    boots,
+    destroy_direct_guest,
+    disk_read,
+    first_mib_md5,
+    guest_image,
+    libvirtd,
+    prepare_direct_guest,
+    remove_leftover_direct_guests,
+    start_direct_guest,
+    wait_for_console,
+)
+
+libvirt = pytest.importorskip("libvirt")
+
+pytestmark = pytest.mark.guest
+__all__ = ["guest_image", "libvirtd"]
+
+# Generous for TCG on 2 shared cores (a boot takes ~6 s alone), bounded so a hang fails the run.
+BOOT_TIMEOUT_S = 120.0
+
+
+def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr; the tests look at the exceptions instead."""
+
+
+@pytest.fixture
+def conn(libvirtd: str) -> Iterator[Any]:
+    """A connection to the real hypervisor, with no direct guest left over from earlier runs."""
+    libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+    c = libvirt.open(libvirtd)
+    remove_leftover_direct_guests(c)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def guest(conn: Any, guest_image: Path, tmp_path: Path) -> Iterator[DirectGuest]:
+    """A direct guest's files, destroyed with its domain at the end whatever happened."""
+    g = prepare_direct_guest(guest_image, tmp_path / "guest")
+    yield g
+    destroy_direct_guest(conn, g)
+    assert not g.overlay.exists()
+    assert not g.console.exists()
+
+
+def _domain_gone(conn: Any, uuid: str) -> bool:
+    try:
+        return not conn.lookupByUUIDString(uuid).isActive()
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return True
+        raise
+
+
+def test_image_boots_reads_its_disk_reboots_and_powers_off(conn: Any, guest: DirectGuest,
+                                                           guest_image: Path) -> None:
+    start_direct_guest(conn, guest)
+
+    wait_for_console(guest.console, MARKER, timeout_s=BOOT_TIMEOUT_S)
+    first = boots(guest.console)
+    assert len(first) == 1
+    # The guest names itself by the UUID the domain was given (SMBIOS), and its uptime is the
+    # guest's own clock: a boot of a few seconds, not zero and not hours.
+    assert first[0].uuid == guest.uuid
+    assert 0.0 < first[0].uptime_s < BOOT_TIMEOUT_S
+
+    wait_for_console(guest.console, READY, timeout_s=BOOT_TIMEOUT_S)
+    # What the guest read from its virtio disk through the overlay is the image's first MiB.
+    assert disk_read(guest.console) == ("vda", 1 << 20, first_mib_md5(guest_image))
+
+    # libvirt's reboot of a QEMU guest is an ACPI request plus a reset once the guest has shut
+    # down: the same domain boots the image a second time and says so.
+    guest.domain.reboot(0)
+    wait_for_console(guest.console, MARKER, count=2, timeout_s=BOOT_TIMEOUT_S)
+    assert [b.uuid for b in boots(guest.console)] == [guest.uuid, guest.uuid]
+    assert guest.domain.isActive()
+
+    wait_for_console(guest.console, READY, count=2, timeout_s=BOOT_TIMEOUT_S)
+    guest.domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+    wait_for_console(guest.console, POWEROFF, timeout_s=BOOT_TIMEOUT_S)
+    # on_poweroff=destroy on a transient domain: powering off makes it vanish.
+    wait_until(lambda: _domain_gone(conn, guest.uuid), BOOT_TIMEOUT_S)
+    assert guest.name not in subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                                            capture_output=True, text=True, check=True).stdout
+
+
+def wait_until(predicate: Any, timeout_s: float) -> None:
+    """Poll ``predicate`` until it is true, or fail."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout_s}s")
+        time.sleep(0.05)
