@@ -10,7 +10,15 @@ import pytest
 from stats_fixtures import Burner, CgroupFactory, available_versions, block_device_of
 
 from fastcompute.errors import NotFound
-from fastcompute.stats import CgroupPaths, Sampler, cgroup_of_pid, detect_layout, host_layout
+from fastcompute.stats import (
+    LIBVIRT,
+    CgroupPaths,
+    Sampler,
+    cgroup_of_pid,
+    detect_layout,
+    guest_source,
+    host_layout,
+)
 from fastcompute.stats_reference import read_cgroup
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating cgroups needs root")
@@ -163,3 +171,21 @@ def test_cgroup_of_pid_finds_the_guest_not_its_emulator_child(cgroups: CgroupFac
         burner.stop()
     with pytest.raises(NotFound):
         cgroup_of_pid(burner.pid)
+
+
+def test_guest_source_from_the_qemu_pid_file(cgroups: CgroupFactory, tmp_path: Path) -> None:
+    cgroups.make("machine/qemu-2-vm/emulator")
+    burner = Burner()
+    try:
+        cgroups.enter("machine/qemu-2-vm/emulator", burner.pid)
+        (tmp_path / "vm.pid").write_text(f"{burner.pid}\n")
+        source = guest_source("vm", "auto", str(tmp_path))
+        assert isinstance(source, CgroupPaths)
+        assert source == cgroup_of_pid(burner.pid)
+        assert guest_source("vm", "libvirt", str(tmp_path)) == LIBVIRT
+        # no pid file: the test hypervisor's case
+        assert guest_source("other", "auto", str(tmp_path)) == LIBVIRT
+        with pytest.raises(NotFound):
+            guest_source("other", "cgroup", str(tmp_path))
+    finally:
+        burner.stop()

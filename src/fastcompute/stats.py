@@ -215,6 +215,10 @@ class CgroupPaths:
         return paths
 
 
+Source = str | CgroupPaths
+"""A guest's stats source: a cgroup (directory or :class:`CgroupPaths`) or :data:`LIBVIRT`."""
+
+
 # libvirt puts a guest's vCPU and emulator threads in children of the guest's cgroup
 _LIBVIRT_CHILDREN = ("emulator", "vcpu", "iothread")
 
@@ -259,6 +263,24 @@ def qemu_pid(domain_name: str, run_dir: str = "/run/libvirt/qemu") -> int:
         return int(Path(run_dir, f"{domain_name}.pid").read_text().strip())
     except (OSError, ValueError) as exc:
         raise NotFound(f"no QEMU pid for domain {domain_name}") from exc
+
+
+def guest_source(domain_name: str, mode: str = "auto", run_dir: str = "/run/libvirt/qemu") -> Source:
+    """The stats source of a running guest, for ``StatsCollector``'s ``sources()``.
+
+    ``mode`` is the ``[stats] source`` setting: ``libvirt`` gives :data:`LIBVIRT`; ``cgroup``
+    the cgroup of the domain's QEMU process (NotFound when there is none); ``auto`` that cgroup
+    when found, else :data:`LIBVIRT` (the test hypervisor has no processes). Resolve it again
+    after every start or reboot: a new QEMU process may live in a new cgroup.
+    """
+    if mode == LIBVIRT:
+        return LIBVIRT
+    try:
+        return cgroup_of_pid(qemu_pid(domain_name, run_dir))
+    except NotFound:
+        if mode == "auto":
+            return LIBVIRT
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,9 +566,6 @@ class SamplerMetrics(Protocol):
         """One sampling pass took ``seconds`` and read ``cgroups`` cgroups."""
 
 
-Source = str | CgroupPaths
-
-
 class StatsCollector:
     """Per-instance stats for the agent: ``await collect()`` at the stats interval.
 
@@ -576,6 +595,7 @@ class StatsCollector:
         self._sampled: dict[str, Source] = {}
         self._rates = Rates()
         self._last: dict[str, dict[str, Any]] = {}
+        self._gather_lock = threading.Lock()
         self.vanished: dict[str, int] = {}
         """Instances whose cgroup vanished in the last pass -> errno of the failed read."""
 
@@ -603,6 +623,11 @@ class StatsCollector:
         self._sampled.clear()
 
     def _gather(self, wanted: Mapping[str, Source]) -> dict[str, InstanceSample]:
+        # Two overlapping collect() calls must not both reconcile the sampler's set.
+        with self._gather_lock:
+            return self._gather_locked(wanted)
+
+    def _gather_locked(self, wanted: Mapping[str, Source]) -> dict[str, InstanceSample]:
         cgroups = {u: s for u, s in wanted.items() if not _is_libvirt(s)}
         for uuid in list(self._sampled):
             if cgroups.get(uuid) != self._sampled[uuid]:
