@@ -146,6 +146,12 @@ class CgroupPaths:
     blkio: str | None = None
     unified: str | None = None
 
+    def counts_cpu(self) -> bool:
+        """Whether CPU time is read from this cgroup (v1 cpuacct, or v2 ``cpu.stat``)."""
+        return bool(self.cpuacct) or (
+            self.unified is not None and os.path.exists(os.path.join(self.unified, "cpu.stat"))
+        )
+
     @property
     def key(self) -> str:
         """A stable name for the cgroup: its first directory."""
@@ -230,31 +236,47 @@ def _guest_scope(path: str) -> str:
     return path
 
 
+def _proc_cgroups(pid: int | str) -> dict[str, str]:
+    """``/proc/<pid>/cgroup`` as ``{controller: path}``; the v2 hierarchy under ``""``."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise NotFound(f"no process {pid}") from exc
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        for ctl in controllers.split(","):
+            out[ctl] = path
+    return out
+
+
 def cgroup_of_pid(pid: int, layout: CgroupLayout | None = None) -> CgroupPaths:
     """The cgroup of a guest's QEMU process, from ``/proc/<pid>/cgroup``.
 
     libvirt moves the QEMU main thread into an ``emulator`` child of the guest's cgroup (and
     vCPU threads into ``vcpuN``); the guest's own cgroup, the parent, is returned, so that its
-    counters cover every thread of the guest.
+    counters cover every thread of the guest. A hierarchy where the process sits in the root
+    or in the agent's own cgroup is left out: that cgroup is shared, its counters are not the
+    guest's (libvirt skips controllers it cannot use, e.g. a cpuacct not co-mounted with cpu).
+    NotFound when no hierarchy has a cgroup of the guest's own.
     """
     layout = layout or host_layout()
-    try:
-        text = Path(f"/proc/{pid}/cgroup").read_text()
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise NotFound(f"no process {pid}") from exc
+    theirs = _proc_cgroups(pid)
+    mine = _proc_cgroups("self")
     dirs: dict[str, str] = {}
-    for line in text.splitlines():
-        _, controllers, path = line.split(":", 2)
-        path = _guest_scope(path)
-        if controllers == "" and layout.unified:
-            dirs["unified"] = os.path.normpath(layout.unified + "/" + path.lstrip("/"))
-        for ctl in controllers.split(","):
-            if ctl in ("cpuacct", "memory", "blkio") and ctl in layout.v1:
-                dirs[ctl] = os.path.normpath(layout.v1[ctl] + "/" + path.lstrip("/"))
-    paths = CgroupPaths(**dirs)
-    if paths == CgroupPaths():
-        raise NotFound(f"process {pid} is in no known cgroup")
-    return paths
+    for ctl, field_name, mount in (
+        ("", "unified", layout.unified),
+        ("cpuacct", "cpuacct", layout.v1.get("cpuacct")),
+        ("memory", "memory", layout.v1.get("memory")),
+        ("blkio", "blkio", layout.v1.get("blkio")),
+    ):
+        path = theirs.get(ctl)
+        if mount is None or path is None or path == "/" or path == mine.get(ctl):
+            continue
+        dirs[field_name] = os.path.normpath(mount + "/" + _guest_scope(path).lstrip("/"))
+    if not dirs:
+        raise NotFound(f"process {pid} has no cgroup of its own")
+    return CgroupPaths(**dirs)
 
 
 def qemu_pid(domain_name: str, run_dir: str = "/run/libvirt/qemu") -> int:
@@ -270,17 +292,22 @@ def guest_source(domain_name: str, mode: str = "auto", run_dir: str = "/run/libv
 
     ``mode`` is the ``[stats] source`` setting: ``libvirt`` gives :data:`LIBVIRT`; ``cgroup``
     the cgroup of the domain's QEMU process (NotFound when there is none); ``auto`` that cgroup
-    when found, else :data:`LIBVIRT` (the test hypervisor has no processes). Resolve it again
-    after every start or reboot: a new QEMU process may live in a new cgroup.
+    when it counts the guest's CPU time, else :data:`LIBVIRT` (the test hypervisor has no
+    processes; a host where libvirt could not give the guest its own CPU cgroup has no
+    cgroup figure for CPU). Resolve it again after every start or reboot: a new QEMU process
+    may live in a new cgroup.
     """
     if mode == LIBVIRT:
         return LIBVIRT
     try:
-        return cgroup_of_pid(qemu_pid(domain_name, run_dir))
+        paths = cgroup_of_pid(qemu_pid(domain_name, run_dir))
     except NotFound:
         if mode == "auto":
             return LIBVIRT
         raise
+    if mode == "auto" and not paths.counts_cpu():
+        return LIBVIRT
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
