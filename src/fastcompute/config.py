@@ -29,7 +29,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: Annotated[int, _doc("Requests larger than this are refused undecoded")] = 1 << 20
     idempotency_window_s: Annotated[float, _doc("How long a request id's reply is kept for retries")] = 600.0
     max_concurrent_builds: Annotated[int, _doc("Spawns that may be building at once (Nova's max_concurrent_builds)")] = 64
-    worker_threads: Annotated[int, _doc("Threads for blocking work (libvirt calls, file I/O)")] = 8
+    worker_threads: Annotated[int, _doc("Threads for blocking file work and real-hypervisor calls (the test driver uses one)")] = 4
     max_inflight_requests: Annotated[int, _doc("Requests in flight before new ones get BUSY")] = 4096
     sync_power_state_interval_s: Annotated[float, _doc("Period of the power-state sync with the hypervisor")] = 10.0
     resources_interval_s: Annotated[float, _doc("host.resources is published at least this often")] = 10.0

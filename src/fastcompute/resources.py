@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +156,8 @@ class Tracker:
         self._add("DISK_GB", disk_gb, math.ceil(cfg.reserved_host_disk_mb / 1024), cfg.disk_allocation_ratio)
         self.usage: dict[str, int] = dict.fromkeys(RESOURCE_CLASSES, 0)
         self.claims: dict[str, Claim] = {}
+        # per project: (instances, vcpus, memory_mb) held, kept up to date for quota checks
+        self._projects: dict[str, tuple[int, int, int]] = {}
         self.generation = 0
 
     def _add(self, rc: str, total: int, reserved: int, ratio: float) -> None:
@@ -198,11 +199,11 @@ class Tracker:
 
     def check_quota(self, project_id: str, vcpus: int, memory_mb: int) -> None:
         """Raise QuotaExceeded when one more such instance would exceed the project's quota."""
-        mine = [c for c in self.claims.values() if c.project_id == project_id]
+        count, cores, ram = self._projects.get(project_id, (0, 0, 0))
         checks = (
-            ("instances", self.quota.instances, len(mine) + 1),
-            ("cores", self.quota.cores, sum(c.vcpus for c in mine) + vcpus),
-            ("ram_mb", self.quota.ram_mb, sum(c.memory_mb for c in mine) + memory_mb),
+            ("instances", self.quota.instances, count + 1),
+            ("cores", self.quota.cores, cores + vcpus),
+            ("ram_mb", self.quota.ram_mb, ram + memory_mb),
         )
         for name, limit, wanted in checks:
             if limit >= 0 and wanted > limit:
@@ -233,6 +234,7 @@ class Tracker:
         self.claims[uuid] = claim
         for rc, amount in claim.resources.items():
             self.usage[rc] = self.usage.get(rc, 0) + amount
+        self._account(claim, 1)
         self.generation += 1
 
     def release(self, uuid: str) -> None:
@@ -242,12 +244,13 @@ class Tracker:
             return
         for rc, amount in claim.resources.items():
             self.usage[rc] -= amount
+        self._account(claim, -1)
         self.generation += 1
+
+    def _account(self, claim: Claim, sign: int) -> None:
+        count, cores, ram = self._projects.get(claim.project_id, (0, 0, 0))
+        self._projects[claim.project_id] = (count + sign, cores + sign * claim.vcpus, ram + sign * claim.memory_mb)
 
     def topology(self) -> dict[str, Any]:
         """The topology as host.info reports it."""
         return {"cells": [msgspec.to_builtins(c) for c in self.cells]}
-
-    def held_by(self, uuids: Iterable[str]) -> set[str]:
-        """Which of these uuids hold a claim."""
-        return {u for u in uuids if u in self.claims}

@@ -90,7 +90,11 @@ class Server:
         self.observe = observe
         self.ctx = zmq.asyncio.Context()
         self.router: zmq.asyncio.Socket | None = None
-        self.pub: zmq.asyncio.Socket | None = None
+        # Plain (non-asyncio) views of the same sockets: sends never block here (no HWM on the
+        # ROUTER, NOBLOCK on the PUB), so they skip pyzmq's future machinery, which costs
+        # more than the send itself in a storm.
+        self._tx: zmq.Socket[bytes] | None = None
+        self.pub: zmq.Socket[bytes] | None = None
         self._auth: AsyncioAuthenticator | None = None
         self._replies: dict[str, tuple[float, bytes | asyncio.Future[bytes]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,7 +116,8 @@ class Server:
                         "(fastcompute keys) or bind to loopback or ipc://"
                     )
         self.router = self.ctx.socket(zmq.ROUTER)
-        self.pub = self.ctx.socket(zmq.PUB)
+        self._tx = zmq.Socket.shadow(self.router.underlying)
+        self.pub = zmq.Context.shadow(self.ctx.underlying).socket(zmq.PUB)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -161,23 +166,31 @@ class Server:
     # -- requests --------------------------------------------------------------------------
 
     async def _receive(self) -> None:
-        router = self.router
-        assert router is not None
+        router, tx = self.router, self._tx
+        assert router is not None and tx is not None
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                frames = await router.recv_multipart()
+                batch = [await router.recv_multipart()]
+                # Take whatever else is already queued without a trip through the loop.
+                while len(batch) < 256:
+                    try:
+                        batch.append(tx.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
             except (asyncio.CancelledError, zmq.ContextTerminated):
                 return
-            task = asyncio.get_running_loop().create_task(self._serve(frames))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            for frames in batch:
+                task = loop.create_task(self._serve(frames))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, frames: list[bytes]) -> None:
         envelope, body = frames[:-1], frames[-1]
         reply = await self.handle(body)
-        if self.router is not None:
+        if self._tx is not None:
             try:
-                await self.router.send_multipart([*envelope, reply])
+                self._tx.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.info("could not deliver a reply: %s", exc)
 
@@ -271,10 +284,10 @@ class Server:
         if self._receiver is not None:
             self._receiver.cancel()
             await asyncio.gather(self._receiver, return_exceptions=True)
-        for sock in (self.router, self.pub):
+        for sock in (self.pub, self.router):
             if sock is not None:
                 sock.close(linger=500)
-        self.router = self.pub = None
+        self.router = self.pub = self._tx = None
         if self._auth is not None:
             self._auth.stop()
         self.ctx.term()

@@ -13,11 +13,12 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from .workers import Workers
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -47,7 +48,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._thread = Workers(1, "store")
         self._conn: sqlite3.Connection | None = None
         self._pending: list[tuple[list[Statement], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -56,7 +57,7 @@ class Store:
 
     async def open(self) -> None:
         """Open (creating if needed) the database."""
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._open)
+        await self._thread.run(self._open)
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +74,9 @@ class Store:
         if self._flusher is not None:
             await self._flusher
         if self._conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
+            await self._thread.run(self._conn.close)
             self._conn = None
-        self._thread.shutdown(wait=True)
+        self._thread.shutdown()
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -93,12 +94,11 @@ class Store:
         await fut
 
     async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    await loop.run_in_executor(self._thread, self._commit, batch)
+                    await self._thread.run(self._commit, batch)
                 except Exception as exc:  # every waiter of this group must hear of it
                     for _, fut in batch:
                         if not fut.done():
@@ -167,7 +167,7 @@ class Store:
 
     async def load(self) -> tuple[list[tuple[str, str | None, bytes]], list[tuple[str, bytes]], dict[str, bytes]]:
         """Instances (uuid, request_id, body), claims (uuid, body) and unexpired replies."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._load)
+        return await self._thread.run(self._load)
 
     def _load(self) -> tuple[list[tuple[str, str | None, bytes]], list[tuple[str, bytes]], dict[str, bytes]]:
         conn = self._conn

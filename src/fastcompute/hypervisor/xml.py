@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape
 
 import msgspec
 
@@ -37,44 +37,44 @@ def domain_name(uuid: str) -> str:
     return "fc-" + uuid
 
 
-def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
-    el = ET.SubElement(parent, tag, attrs)
-    if text is not None:
-        el.text = text
-    return el
+def _a(value: object) -> str:
+    """Escape text for an XML attribute or element."""
+    return escape(str(value), _QUOTES)
+
+
+_QUOTES = {'"': "&quot;", "'": "&apos;"}
 
 
 def build(spec: DomainSpec) -> str:
-    """The domain XML of an instance."""
-    dom = ET.Element("domain", type=spec.domain_type)
-    _sub(dom, "name", domain_name(spec.uuid))
-    _sub(dom, "uuid", spec.uuid)
-    meta = _sub(dom, "metadata")
-    ours = ET.SubElement(meta, f"{PREFIX}:instance", {f"xmlns:{PREFIX}": NAMESPACE})
-    _sub(ours, f"{PREFIX}:name", spec.instance_name)
-    _sub(ours, f"{PREFIX}:project", spec.project_id)
-    _sub(dom, "memory", str(spec.memory_mb), unit="MiB")
-    _sub(dom, "vcpu", str(spec.vcpus))
-    os_el = _sub(dom, "os")
-    _sub(os_el, "type", "hvm", arch=spec.arch)
-    _sub(os_el, "boot", dev="hd")
-    features = _sub(dom, "features")
-    _sub(features, "acpi")
-    # The power-state logic reads a powered-off or crashed guest from its domain state, so the
-    # domain must stop (not restart) on both; a guest-initiated reboot restarts in place.
-    _sub(dom, "on_poweroff", "destroy")
-    _sub(dom, "on_reboot", "restart")
-    _sub(dom, "on_crash", "destroy")
-    devices = _sub(dom, "devices")
+    """The domain XML of an instance.
+
+    Built as text from escaped parts rather than with ElementTree: in a boot storm the XML of
+    every instance is built on the event loop, and this is several times cheaper.
+    """
+    parts = [
+        f"<domain type='{_a(spec.domain_type)}'>",
+        f"<name>{_a(domain_name(spec.uuid))}</name><uuid>{_a(spec.uuid)}</uuid>",
+        f"<metadata><{PREFIX}:instance xmlns:{PREFIX}='{NAMESPACE}'>"
+        f"<{PREFIX}:name>{_a(spec.instance_name)}</{PREFIX}:name>"
+        f"<{PREFIX}:project>{_a(spec.project_id)}</{PREFIX}:project>"
+        f"</{PREFIX}:instance></metadata>",
+        f"<memory unit='MiB'>{int(spec.memory_mb)}</memory><vcpu>{int(spec.vcpus)}</vcpu>",
+        f"<os><type arch='{_a(spec.arch)}'>hvm</type><boot dev='hd'/></os>",
+        "<features><acpi/></features>",
+        # The power-state logic reads a powered-off or crashed guest from its domain state, so
+        # the domain must stop (not restart) on both; a guest-initiated reboot restarts in place.
+        "<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>",
+        "<devices>",
+    ]
     if spec.disk is not None:
-        disk = _sub(devices, "disk", type="file", device="disk")
-        _sub(disk, "driver", name="qemu", type=spec.disk.format)
-        _sub(disk, "source", file=spec.disk.path)
-        _sub(disk, "target", dev="vda", bus="virtio")
-    serial = _sub(devices, "serial", type="file")
-    _sub(serial, "source", path=spec.console_path)
-    _sub(serial, "target", port="0")
-    console = _sub(devices, "console", type="file")
-    _sub(console, "source", path=spec.console_path)
-    _sub(console, "target", type="serial", port="0")
-    return ET.tostring(dom, encoding="unicode")
+        parts.append(
+            f"<disk type='file' device='disk'><driver name='qemu' type='{_a(spec.disk.format)}'/>"
+            f"<source file='{_a(spec.disk.path)}'/><target dev='vda' bus='virtio'/></disk>"
+        )
+    console = _a(spec.console_path)
+    parts.append(
+        f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
+        f"<console type='file'><source path='{console}'/><target type='serial' port='0'/></console>"
+        "</devices></domain>"
+    )
+    return "".join(parts)

@@ -1,0 +1,142 @@
+"""The agent's own overheads, each as a ratio to its floor measured in the same run.
+
+- ping through the agent vs a raw pyzmq ROUTER echo server: at most 2x the round trip.
+- a storm of spawns to ``active`` through ZeroMQ, the manager, SQLite and libvirt's test
+  driver vs the bare ``defineXML`` + ``create`` of the same domains: at least 40% of the rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import statistics
+import time
+import uuid as uuid_mod
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+import zmq
+from agent_fixtures import AgentProcess, free_port, spawn_args
+from hosts import write_test_host
+
+from fastcompute.client import AsyncClient, Client
+from fastcompute.hypervisor.xml import DiskSpec, DomainSpec, build
+
+PING_ROUNDS = 7
+PINGS_PER_ROUND = 400
+STORM = 1000
+STORM_ROUNDS = 3
+
+
+def _echo_server(endpoint: str) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(endpoint)
+    while True:
+        frames = s.recv_multipart()
+        if frames[-1] == b"stop":
+            s.send_multipart(frames)
+            return
+        s.send_multipart(frames)
+
+
+def _round_trips(endpoint: str, frame: bytes, n: int) -> float:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send(frame)
+        s.recv()
+        t = time.perf_counter()
+        for _ in range(n):
+            s.send(frame)
+            s.recv()
+        return (time.perf_counter() - t) / n
+    finally:
+        s.close()
+
+
+def test_ping_vs_raw_echo(benchmark: Any, make_agent: Any) -> None:
+    agent: AgentProcess = make_agent()
+    echo_ep = f"tcp://127.0.0.1:{free_port()}"
+    echo = multiprocessing.get_context("spawn").Process(target=_echo_server, args=(echo_ep,), daemon=True)
+    echo.start()
+    ping = b"\x84\xa1v\x01\xa2id\xa1p\xa2op\xa4ping\xa4args\x80"
+    agent_t: list[float] = []
+    echo_t: list[float] = []
+    try:
+        for _ in range(PING_ROUNDS):
+            echo_t.append(_round_trips(echo_ep, ping, PINGS_PER_ROUND))
+            agent_t.append(_round_trips(agent.control, ping, PINGS_PER_ROUND))
+        benchmark.pedantic(_round_trips, args=(agent.control, ping, PINGS_PER_ROUND), rounds=3)
+    finally:
+        _round_trips(echo_ep, b"stop", 0)
+        echo.join(5)
+    ratio = statistics.median(agent_t) / statistics.median(echo_t)
+    benchmark.extra_info.update(agent_us=statistics.median(agent_t) * 1e6,
+                                echo_us=statistics.median(echo_t) * 1e6, ratio=ratio)
+    print(f"\nping round trip: agent {statistics.median(agent_t) * 1e6:.0f} us, "
+          f"raw echo {statistics.median(echo_t) * 1e6:.0f} us, ratio {ratio:.2f} (gate <= 2.0)")
+    assert ratio <= 2.0
+
+
+def _raw_storm(uri: str, workdir: Path, n: int) -> float:
+    """define+create n domains of the agent's shape directly; returns domains per second."""
+    conn = libvirt.open(uri)
+    xmls = []
+    for i in range(n):
+        u = str(uuid_mod.uuid4())
+        xmls.append(build(DomainSpec(
+            uuid=u, name=f"raw{i}", instance_name=f"raw{i}", project_id="bench", vcpus=1, memory_mb=64,
+            disk=DiskSpec(str(workdir / u / "disk"), "qcow2"), console_path=str(workdir / u / "console.log"),
+        )))
+    try:
+        t = time.perf_counter()
+        for xml in xmls:
+            conn.defineXML(xml).create()
+        return n / (time.perf_counter() - t)
+    finally:
+        for d in conn.listAllDomains():
+            if d.isActive():
+                d.destroy()
+            d.undefine()
+        conn.close()
+
+
+async def _agent_storm(endpoint: str, image: Path, n: int) -> float:
+    async with AsyncClient(endpoint, timeout_s=300) as c:
+        t = time.perf_counter()
+        recs = await asyncio.gather(*(
+            c.call("instance.spawn", spawn_args(image, name=f"s{i}", wait=True)) for i in range(n)))
+        rate = n / (time.perf_counter() - t)
+        assert all(r["vm_state"] == "active" for r in recs)
+        await asyncio.gather(*(c.call("instance.delete", {"uuid": r["uuid"]}) for r in recs))
+        usage = await c.call("host.info")
+        assert usage["usage"]["VCPU"] == 0 and usage["instances"] == 0
+        return rate
+
+
+@pytest.mark.slow
+def test_storm_vs_raw_libvirt(benchmark: Any, make_agent: Any, tmp_path: Path) -> None:
+    uri = write_test_host(tmp_path / "host.xml", cores=64, memory_gib=1024)
+    agent: AgentProcess = make_agent(config="[resources]\ndisk_gb = 1000000\n", hypervisor=uri)
+    image = tmp_path / "image.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    with Client(agent.control) as c:
+        c.call("instance.delete", {"uuid": c.call("instance.spawn", spawn_args(image, wait=True))["uuid"]})
+    raw: list[float] = []
+    ours: list[float] = []
+    for _ in range(STORM_ROUNDS):
+        raw.append(_raw_storm(uri, tmp_path / "raw", STORM))
+        ours.append(asyncio.run(_agent_storm(agent.control, image, STORM)))
+    benchmark.pedantic(lambda: asyncio.run(_agent_storm(agent.control, image, STORM)), rounds=1)
+    ratio = statistics.median(ours) / statistics.median(raw)
+    benchmark.extra_info.update(agent_spawns_per_s=statistics.median(ours),
+                                raw_per_s=statistics.median(raw), ratio=ratio)
+    print(f"\nstorm of {STORM}: agent {statistics.median(ours):.0f} spawns/s to active, raw libvirt "
+          f"define+create {statistics.median(raw):.0f}/s, ratio {ratio:.2f} (gate >= 0.40)")
+    assert ratio >= 0.40
