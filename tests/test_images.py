@@ -679,3 +679,17 @@ async def test_cancelled_spawn_leaves_no_disk(
     assert not (tmp_path / "state" / "instances" / "cancelled").exists()
     [base] = cache.list_bases()
     assert base.users == ["warm"]
+
+
+async def test_checksum_of_a_cached_base_is_computed_when_first_asked(
+    image_server: ImageServer, cache: ImageCache
+) -> None:
+    body = image_bytes()
+    url = image_server.add("/later.raw", body)
+    await cache.prepare_disk("plain", ImageSpec(url=url), 1)
+    sha512 = "sha512:" + hashlib.sha512(body).hexdigest()
+    await cache.prepare_disk("checked", ImageSpec(url=url, checksum=sha512), 1)
+    with pytest.raises(ImageError, match="requested checksum"):
+        await cache.prepare_disk("wrong", ImageSpec(url=url, checksum="sha512:" + "a" * 128), 1)
+    assert image_server.routes["/later.raw"].hits == 1
+    assert sorted(b.users for b in cache.list_bases()) == [["checked", "plain"]]

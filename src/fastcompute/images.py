@@ -41,7 +41,7 @@ import msgspec
 from . import _core
 from .config import ImagesConfig
 from .errors import BadRequest, Conflict, ImageError
-from .images_qcow2 import FormatError, create_overlay, inspect
+from .images_qcow2 import QCOW2_MAGIC, FormatError, create_overlay, inspect
 
 log = logging.getLogger(__name__)
 
@@ -146,26 +146,45 @@ class _Flight:
                 log.exception("image progress listener failed")
 
 
+def _digests_for(head: bytes, algos: set[str]) -> dict[str, Any]:
+    """Hashers for the fetched bytes: those needed now, and every one for a qcow2 image.
+
+    Hashing costs more than the network on loopback (sha256 ~300 MB/s here), so a raw image
+    is hashed only as far as a check needs; a later request for another digest hashes the
+    cached base then. A qcow2 image is stored converted, its fetched bytes gone: it gets every
+    digest a request may name while they still pass by.
+    """
+    if head[:4] == QCOW2_MAGIC:
+        algos = algos | set(_DIGESTS)
+    return {a: hashlib.new(a) for a in sorted(algos)}
+
+
 class _Sink:
     """A temporary file fed in chunks from a worker thread: hashed, zero blocks left as holes."""
 
-    def __init__(self, path: Path, algos: list[str]) -> None:
+    def __init__(self, path: Path, algos: set[str]) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self.hashes = {a: hashlib.new(a) for a in algos}
+        self.algos = algos
+        self.hashes: dict[str, Any] | None = None
         self.size = 0
 
     def write(self, data: bytes) -> None:
+        if self.hashes is None:
+            self.hashes = _digests_for(data, self.algos)
         for h in self.hashes.values():
             h.update(data)
+        # Skipping all-zero blocks keeps a raw image sparse in the cache, which is what makes
+        # later flat copies cheap (the copier skips holes). Runs of data go in one write.
         view = memoryview(data)
+        start = 0
         for off in range(0, len(data), _ZERO_BLOCK):
-            block = view[off : off + _ZERO_BLOCK]
-            # Skipping all-zero blocks keeps a raw image sparse in the cache, which is what
-            # makes later flat copies cheap (the copier skips holes).
-            if len(block) == _ZERO_BLOCK and block == _ZEROS:
-                continue
-            os.pwrite(self.fd, block, self.size + off)
+            if data[off : off + _ZERO_BLOCK] == _ZEROS:
+                if off > start:
+                    _pwrite_all(self.fd, view[start:off], self.size + start)
+                start = off + _ZERO_BLOCK
+        if start < len(data):
+            _pwrite_all(self.fd, view[start:], self.size + start)
         self.size += len(data)
 
     def finish(self) -> dict[str, str]:
@@ -173,7 +192,7 @@ class _Sink:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        return {a: h.hexdigest() for a, h in self.hashes.items()}
+        return {a: h.hexdigest() for a, h in (self.hashes or {}).items()}
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -202,6 +221,7 @@ class ImageCache:
         self._pins: dict[str, int] = {}
         self._uses: dict[str, int] = {}
         self._pruning: dict[str, asyncio.Future[None]] = {}
+        self._digest_locks: dict[str, asyncio.Lock] = {}
         self._client: httpx.AsyncClient | None = None
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.instances_dir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +253,8 @@ class ImageCache:
         self._uses[key] = self._uses.get(key, 0) + 1
         try:
             meta = await self._ensure_base(key, source, image, progress)
+            if want is not None and want[0] not in meta.digests:
+                meta = await self._add_digest(key, source, meta, want[0])
             if want is not None and meta.digests.get(want[0]) != want[1]:
                 raise ImageError(
                     f"image {source} does not match the requested checksum: {want[0]} is "
@@ -431,6 +453,7 @@ class ImageCache:
         tmp = self.base_dir / f"{_TMP_PREFIX}{key}-{os.getpid()}-{secrets.token_hex(4)}"
         expected: dict[str, str] = {}
         claimed = image.disk_format
+        wanted = {parse_checksum(image.checksum)[0]} if image.checksum else set()
         started = time.monotonic()
         log.info("image cache: fetching %s", source)
         try:
@@ -440,12 +463,12 @@ class ImageCache:
                 expected, claimed = _glance_expectations(info, claimed, self.cfg.max_image_bytes)
                 url = self._glance_url(image.id, "/file")
                 digests, fetched = await self._download(
-                    url, self._glance_headers(), tmp, expected, flight
+                    url, self._glance_headers(), tmp, expected, wanted, flight
                 )
             elif source.startswith("file:"):
-                digests, fetched = await self._fetch_file(source, tmp, flight)
+                digests, fetched = await self._fetch_file(source, tmp, wanted, flight)
             else:
-                digests, fetched = await self._download(source, {}, tmp, expected, flight)
+                digests, fetched = await self._download(source, {}, tmp, expected, wanted, flight)
             for algo, value in expected.items():
                 if digests.get(algo) != value:
                     raise ImageError(
@@ -493,10 +516,33 @@ class ImageCache:
         )
         return meta
 
+    async def _add_digest(self, key: str, source: str, meta: _Meta, algo: str) -> _Meta:
+        """Hash a cached raw base for a digest not computed when it was fetched."""
+        lock = self._digest_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            loop = asyncio.get_running_loop()
+            fresh = await loop.run_in_executor(self._executor, self._read_meta, key)
+            if fresh is not None and algo in fresh.digests:
+                return fresh
+            if meta.format != "raw":
+                raise ImageError(
+                    f"the cached image {source} has no {algo} digest to check the request's "
+                    "checksum against; prune it (fastcompute images --prune) to fetch it again"
+                )
+            digest = await loop.run_in_executor(
+                self._executor, _hash_file, self.base_dir / key, {algo}
+            )
+            meta = msgspec.structs.replace(meta, digests={**meta.digests, **digest})
+            await loop.run_in_executor(
+                self._executor, _write_atomic, self.base_dir / f"{key}.json",
+                msgspec.json.encode(meta),
+            )
+            return meta
+
     # ---- sources ----------------------------------------------------------------------
 
     async def _fetch_file(
-        self, source: str, tmp: Path, flight: _Flight
+        self, source: str, tmp: Path, algos: set[str], flight: _Flight
     ) -> tuple[dict[str, str], int]:
         parts = urllib.parse.urlsplit(source)
         if parts.netloc not in ("", "localhost"):
@@ -518,7 +564,7 @@ class ImageCache:
 
         def work() -> dict[str, str]:
             _core.copy_file(str(path), str(tmp), on_copy)
-            return _hash_file(tmp, list(_DIGESTS))
+            return _hash_file(tmp, algos)
 
         try:
             return await loop.run_in_executor(self._executor, work), size
@@ -545,12 +591,14 @@ class ImageCache:
         headers: dict[str, str],
         tmp: Path,
         expected: dict[str, str],
+        wanted: set[str],
         flight: _Flight,
     ) -> tuple[dict[str, str], int]:
         loop = asyncio.get_running_loop()
         limit = self.cfg.max_image_bytes
-        algos = list(dict.fromkeys([*_DIGESTS, *expected]))
+        algos = {*expected, *wanted}
         sink = await loop.run_in_executor(self._executor, _Sink, tmp, algos)
+        writing: asyncio.Future[None] | None = None
         try:
             async with self._stream(url, headers) as resp:
                 length = resp.headers.get("content-length")
@@ -562,6 +610,7 @@ class ImageCache:
                     )
                 buf = bytearray()
                 received = 0
+                # One write in flight while the next chunk arrives: network and disk overlap.
                 flight.report("download", 0, total)
                 async for chunk in resp.aiter_raw():
                     received += len(chunk)
@@ -574,8 +623,12 @@ class ImageCache:
                     if len(buf) >= _WRITE_CHUNK:
                         data = bytes(buf)
                         buf.clear()
-                        await loop.run_in_executor(self._executor, sink.write, data)
+                        if writing is not None:
+                            await writing
+                        writing = loop.run_in_executor(self._executor, sink.write, data)
                         self._report_download(flight, url, received, total)
+                if writing is not None:
+                    await writing
                 if buf:
                     await loop.run_in_executor(self._executor, sink.write, bytes(buf))
                 if total is not None and received != total:
@@ -586,6 +639,9 @@ class ImageCache:
             digests = await loop.run_in_executor(self._executor, sink.finish)
             return digests, received
         except BaseException:
+            if writing is not None:
+                # The worker may still be writing: abort only after it let go of the file.
+                await asyncio.wait([writing])
             await loop.run_in_executor(self._executor, sink.abort)
             raise
 
@@ -858,9 +914,19 @@ def _claim_error(source: str, claimed: str, actual: str) -> ImageError:
     )
 
 
-def _hash_file(path: Path, algos: list[str]) -> dict[str, str]:
-    hashes = {a: hashlib.new(a) for a in algos}
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _hash_file(path: Path, algos: set[str]) -> dict[str, str]:
     with open(path, "rb", buffering=0) as f:
+        hashes = _digests_for(f.read(4), algos)
+        if not hashes:
+            return {}
+        f.seek(0)
         buf = bytearray(_WRITE_CHUNK)
         view = memoryview(buf)
         while n := f.readinto(buf):
