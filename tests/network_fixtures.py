@@ -85,15 +85,31 @@ def tables(owner: str) -> dict[str, Any]:
     return out
 
 
-def port_chains(owner: str) -> set[str]:
-    """Names of the per-port chains in the owner's tables."""
+def rule_chains(owner: str) -> set[str]:
+    """Names of the security-group chains (not the fixed ones) in the owner's tables."""
     names = set()
     for objs in tables(owner).values():
         for obj in objs:
             name = obj.get("chain", {}).get("name", "")
-            if name[:2] in ("s-", "t-", "e-", "i-"):
+            if name[:2] in ("e-", "i-"):
                 names.add(name)
     return names
+
+
+def elements(owner: str) -> dict[str, list[Any]]:
+    """The elements of every set and map in the owner's tables, by name."""
+    out: dict[str, list[Any]] = {}
+    for objs in tables(owner).values():
+        for obj in objs:
+            body = obj.get("set") or obj.get("map")
+            if body is not None:
+                out[body["name"]] = body.get("elem", [])
+    return out
+
+
+def mentions(owner: str, tap: str) -> bool:
+    """Whether anything in the owner's tables names the tap."""
+    return tap in json.dumps(tables(owner))
 
 
 def link_names() -> set[str]:

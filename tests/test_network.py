@@ -17,13 +17,15 @@ from network_fixtures import (
     EGRESS_ALL,
     Guest,
     Lab,
+    elements,
     group,
     link_names,
     make_lab,
+    mentions,
     port,
-    port_chains,
     received,
     rule,
+    rule_chains,
     run,
     sh,
     tables,
@@ -31,7 +33,7 @@ from network_fixtures import (
 )
 
 from fastcompute.errors import AgentError, BadRequest, Conflict
-from fastcompute.network import Network, decode_ports
+from fastcompute.network import Network, decode_ports, sg_chain
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bridges, namespaces and nftables need root")
 
@@ -154,7 +156,8 @@ def test_port_without_port_security_is_not_filtered(lab: Lab) -> None:
     a, b = lab.guest_for(plugged[0], "10.0.0.1"), lab.guest_for(plugged[1], "10.0.0.2")
     assert b.ping(a.ip), "a has no port security: everything reaches it"
     assert not a.ping(b.ip), "b still denies ingress"
-    assert not any(c.endswith(plugged[0].tap) for c in port_chains(lab.owner))
+    assert not mentions(lab.owner, plugged[0].tap)
+    assert mentions(lab.owner, plugged[1].tap)
 
 
 def test_unplug_leaves_no_tap_rule_or_bridge_it_made(lab: Lab) -> None:
@@ -165,13 +168,12 @@ def test_unplug_leaves_no_tap_rule_or_bridge_it_made(lab: Lab) -> None:
     lab.guest_for(plugged[0], "10.0.0.1")  # a veth in the tap's place goes the same way
     made = link_names() - before
     assert {p.tap for p in plugged} | {plugged[0].bridge} <= made
-    assert len(port_chains(lab.owner)) == 8
+    assert len(rule_chains(lab.owner)) == 2, "ports with the same groups share one egress and one ingress chain"
+    assert all(mentions(lab.owner, p.tap) for p in plugged)
     run(lab.net.unplug(instance))
     assert link_names() - before == set()
-    assert port_chains(lab.owner) == set()
-    for objs in tables(lab.owner).values():
-        for obj in objs:
-            assert not obj.get("map", {}).get("elem"), obj
+    assert rule_chains(lab.owner) == set()
+    assert all(elems == [] for elems in elements(lab.owner).values()), elements(lab.owner)
     run(lab.net.unplug(instance))  # a retried delete is a no-op
 
 
@@ -249,9 +251,12 @@ def test_reconcile_removes_strays_remakes_missing_and_is_idempotent(lab: Lab) ->
     untouched = lab.owner + "t"
     sh("ip", "link", "add", untouched, "type", "bridge")  # not ours: no alias tag
     lab.extra_links.append(untouched)
-    # Damage behind the agent's back: a kept tap and one of its chains disappear.
+    # Damage behind the agent's back: a kept tap, a kept port's chain and one of its elements.
+    first = decode_ports(kept_ports)[0]
+    damaged_chain = sg_chain(first.security_groups, "ingress")[0]
     sh("ip", "link", "del", kept[1].tap)
-    sh("nft", "flush", "chain", "inet", lab.owner, "i-" + kept[0].tap)
+    sh("nft", "flush", "chain", "inet", lab.owner, damaged_chain)
+    sh("nft", "delete", "element", "bridge", lab.owner, "mac", f"{{ {kept[0].tap} . {kept[0].mac} }}")
     lab.net.close()
 
     restarted = Network(lab.cfg)
@@ -260,12 +265,14 @@ def test_reconcile_removes_strays_remakes_missing_and_is_idempotent(lab: Lab) ->
     report = run(restarted.reconcile(wanted))
     assert set(report.removed_links) == {gone[0].tap, gone[0].bridge}
     assert report.made_links == [kept[1].tap]
-    assert report.made_ports == [kept_ports[0]["id"]], "only the damaged chain's port is rewritten"
+    assert report.made_ports == [kept_ports[0]["id"]], "only the damaged port's rules are rewritten"
     assert report.removed_ports == [gone[0].tap]
     names = link_names()
     assert {kept[0].tap, kept[1].tap, kept[0].bridge, untouched} <= names
     assert not {gone[0].tap, gone[0].bridge} & names
-    assert port_chains(lab.owner) == {f"{k}-{p.tap}" for k in "stei" for p in kept}
+    assert not mentions(lab.owner, gone[0].tap)
+    expected = {sg_chain(p.security_groups, d)[0] for p in decode_ports(kept_ports) for d in ("egress", "ingress")}
+    assert rule_chains(lab.owner) == expected
 
     snapshot = tables(lab.owner), json.loads(sh("ip", "-j", "link", "show").stdout)
     again = run(restarted.reconcile(wanted))

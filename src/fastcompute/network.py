@@ -8,21 +8,26 @@ Links are made through netlink (pyroute2); every link the agent makes carries an
 
 Security groups live in two nftables tables named ``<owner>`` (families ``bridge`` and
 ``inet``), changed by one atomic transaction per change through the in-process libnftables
-binding. The kernel here has no bridge-family conntrack, so the work is split:
+binding. The kernel has no bridge-family conntrack here, so the work is split in two:
 
-* the bridge table sees the bridge ports. In ``prerouting`` a verdict map keyed by the input
-  interface jumps to the port's anti-spoofing chain (MAC, IPv4/IPv6 source, ARP sender, no
-  VLAN tags, no DHCP or router-advertisement server), which also writes the port's number in
-  the high half of the packet mark. In ``forward`` a map keyed by the output interface writes
-  the destination port's number in the low half.
-* br_netfilter hands the bridged IP packets to the ``inet`` hooks, where conntrack runs. The
-  inet ``forward`` chain accepts established and related packets, drops invalid ones, then
-  looks the two halves of the mark up in two verdict maps: the sender's egress chain, then
-  the receiver's ingress chain (default drop).
+* The bridge table sees bridge ports. ``prerouting`` sends packets from secured ports to the
+  ``spoof`` chain, which drops any whose (port, MAC), (port, IPv4), (port, IPv6) or ARP sender
+  is not in the port sets, VLAN-tagged frames, and DHCP-server and router-advertisement
+  packets, then writes the sender's number into the packet mark. ``forward`` overwrites the
+  mark with the receiver's number, after the sender's egress has been judged.
+* br_netfilter hands bridged IP packets to the ``inet`` hooks, where conntrack runs. inet
+  ``prerouting`` accepts established and related packets, drops invalid ones and looks the
+  sender's mark up in the ``egress`` verdict map; inet ``forward`` does the same with the
+  receiver's mark and the ``ingress`` map. The chains they jump to hold the allow rules of a
+  port's groups and end in drop.
 
-Each lookup is a hash lookup, so a packet's path is the same length for 2 ports or 10,000.
-Per-port chains are named after the tap, and each carries a comment with a digest of what
-it should contain, which is how reconciliation tells a correct port from a stale one.
+Every per-port fact is a set or map element and every lookup a hash lookup, so a packet's
+path and the cost of adding a port do not grow with the number of ports. Rule chains are
+named by a digest of their rules and shared by every port with the same rules, so a port
+that joins existing groups costs a few element insertions. (libnftables 1.0.6 lists every
+chain before adding a rule, so new chains grow slower as chains accumulate; sharing keeps
+their number to the number of distinct rule sets.) Each rule chain's first rule carries its
+digest, which is how reconciliation tells an intact chain from a damaged one.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import hashlib
 import ipaddress
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, TypeVar
@@ -50,12 +56,12 @@ _T = TypeVar("_T")
 IFNAMSIZ: Final = 15
 _IFF_UP: Final = 1
 _MAC_RE: Final = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-# Mark layout: bit 31 + 15-bit sender port number in the high half, bit 15 + receiver number
-# in the low half. Bits 31 and 15 say "set by us", so unmarked traffic never hits a port map.
-_MARK_FROM_FLAG: Final = 0x80000000
-_MARK_TO_FLAG: Final = 0x8000
-_MAX_PORT_NUMBER: Final = 0x7FFF
-_BASE_VERSION: Final = "1"
+# Packet marks: the two top bits say whether the mark names the sender (10) or the receiver
+# (01) port, the low 16 bits the port's number. Other marks never hit a port map.
+_MARK_KIND: Final = 0xC0000000
+_MARK_FROM: Final = 0x80000000
+_MARK_TO: Final = 0x40000000
+_MAX_PORT_NUMBER: Final = 0xFFFF
 
 # Neutron's protocol names (neutron_lib.constants.IP_PROTOCOL_MAP) and their numbers.
 PROTOCOLS: Final[dict[str, int]] = {
@@ -269,7 +275,26 @@ def check_ports(ports: Sequence[Port], existing: Iterable[Port] = (), field_name
 
 
 # ---------------------------------------------------------------------------------------
-# nftables rendering: pure functions from ports to JSON commands.
+# nftables rendering: pure functions from ports to JSON commands and set elements.
+
+# Hashable forms of set and map elements: a string or int key, a tuple for a concatenation,
+# (key, value) for a map element, ("jump", chain) for a verdict.
+Elem = Any
+SetKey = tuple[str, str]  # (family, set or map name)
+
+_SETS: Final[dict[SetKey, dict[str, Any]]] = {
+    ("bridge", "secured"): {"type": "ifname"},
+    ("bridge", "mac"): {"type": ["ifname", "ether_addr"]},
+    ("bridge", "ip4"): {"type": ["ifname", "ipv4_addr"]},
+    ("bridge", "ip6"): {"type": ["ifname", "ipv6_addr"]},
+    ("bridge", "from_mark"): {"type": "ifname", "map": "mark"},
+    ("bridge", "to_mark"): {"type": "ifname", "map": "mark"},
+    ("inet", "egress"): {"type": "mark", "map": "verdict"},
+    ("inet", "ingress"): {"type": "mark", "map": "verdict"},
+}
+_BASE_CHAINS: Final = frozenset(
+    {("bridge", "prerouting"), ("bridge", "forward"), ("bridge", "spoof"), ("inet", "prerouting"), ("inet", "forward")}
+)
 
 
 def _meta(key: str) -> dict[str, Any]:
@@ -284,8 +309,8 @@ def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
     return {"match": {"op": op, "left": left, "right": right}}
 
 
-def _set_of(values: Sequence[str]) -> Any:
-    return values[0] if len(values) == 1 else {"set": list(values)}
+def _concat(*parts: Any) -> dict[str, Any]:
+    return {"concat": list(parts)}
 
 
 def _link_local(mac: str) -> str:
@@ -319,34 +344,89 @@ def _rule_exprs(rule: SecurityGroupRule) -> list[dict[str, Any]]:
     return exprs
 
 
+def _digest(obj: Any) -> str:
+    return hashlib.blake2b(msgspec.json.encode(obj), digest_size=8).hexdigest()
+
+
+def sg_chain(groups: Sequence[SecurityGroup], direction: str) -> tuple[str, list[list[dict[str, Any]]]]:
+    """A port's egress or ingress chain: (name from the digest of its rules, rules).
+
+    The chain accepts what any of the groups allows in that direction and drops the rest;
+    ports whose groups give the same rules share one chain.
+    """
+    rules: list[list[dict[str, Any]]] = []
+    seen: set[bytes] = set()
+    for group in groups:
+        for rule in group.rules:
+            if rule.direction != direction:
+                continue
+            exprs = [*_rule_exprs(rule), {"accept": None}]
+            key = msgspec.json.encode(exprs)
+            if key not in seen:
+                seen.add(key)
+                rules.append(exprs)
+    rules.append([{"drop": None}])
+    return f"{direction[0]}-{_digest(rules)}", rules
+
+
+def _elem_json(elem: Elem) -> Any:
+    if isinstance(elem, tuple) and len(elem) == 2 and elem[0] == "jump":
+        return {"jump": {"target": elem[1]}}
+    if isinstance(elem, tuple) and elem and elem[0] == "map":
+        return [_elem_json(elem[1]), _elem_json(elem[2])]
+    if isinstance(elem, tuple):
+        return {"concat": list(elem)}
+    return elem
+
+
+def _elem_from_json(obj: Any) -> Elem:
+    if isinstance(obj, list) and len(obj) == 2:
+        return ("map", _elem_from_json(obj[0]), _elem_from_json(obj[1]))
+    if isinstance(obj, dict):
+        if "concat" in obj:
+            return tuple(obj["concat"])
+        if "jump" in obj:
+            return ("jump", obj["jump"]["target"])
+        if "elem" in obj:
+            return _elem_from_json(obj["elem"]["val"])
+    return obj
+
+
 @dataclass(frozen=True)
-class _Names:
-    """The nftables object names of one port, all derived from its tap name."""
+class _PortNft:
+    """What one port puts into the tables: its set elements and the rule chains it uses."""
 
-    tap: str
+    elements: dict[SetKey, frozenset[Elem]]
+    chains: dict[tuple[str, str], list[list[dict[str, Any]]]]
 
-    @property
-    def spoof(self) -> str:
-        return "s-" + self.tap
 
-    @property
-    def to(self) -> str:
-        return "t-" + self.tap
-
-    @property
-    def egress(self) -> str:
-        return "e-" + self.tap
-
-    @property
-    def ingress(self) -> str:
-        return "i-" + self.tap
+def port_nft(port: Port, tap: str, number: int) -> _PortNft:
+    """The elements and chains of a port with port security, given its tap and number."""
+    mac = _normal_mac(port.mac) or port.mac
+    addrs = [ipaddress.ip_address(f.ip) for f in port.fixed_ips]
+    egress, egress_rules = sg_chain(port.security_groups, "egress")
+    ingress, ingress_rules = sg_chain(port.security_groups, "ingress")
+    return _PortNft(
+        elements={
+            ("bridge", "secured"): frozenset({tap}),
+            ("bridge", "mac"): frozenset({(tap, mac)}),
+            ("bridge", "ip4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
+            ("bridge", "ip6"): frozenset({(tap, _link_local(mac))} | {(tap, str(a)) for a in addrs if a.version == 6}),
+            ("bridge", "from_mark"): frozenset({("map", tap, _MARK_FROM | number)}),
+            ("bridge", "to_mark"): frozenset({("map", tap, _MARK_TO | number)}),
+            ("inet", "egress"): frozenset({("map", _MARK_FROM | number, ("jump", egress))}),
+            ("inet", "ingress"): frozenset({("map", _MARK_TO | number, ("jump", ingress))}),
+        },
+        chains={("inet", egress): egress_rules, ("inet", ingress): ingress_rules},
+    )
 
 
 class _Renderer:
-    """Builds the JSON commands of the two tables; one instance per table name."""
+    """Builds the JSON commands of the two tables named ``table``."""
 
     def __init__(self, table: str) -> None:
         self.table = table
+        self.base_tag = "fc-base:" + _digest(self._base(""))
 
     def _obj(self, family: str, kind: str, **body: Any) -> dict[str, Any]:
         return {kind: {"family": family, "table": self.table, **body}}
@@ -358,157 +438,175 @@ class _Renderer:
         return {"add": self._obj(family, "rule", **body)}
 
     def base(self) -> list[dict[str, Any]]:
-        """Both tables from scratch, empty maps; the caller deletes old tables first."""
-        t = self.table
-        mark = _meta("mark")
-        tag = f"fc-base:{_BASE_VERSION}"
-        return [
-            {"add": {"table": {"family": "bridge", "name": t}}},
-            {"add": self._obj("bridge", "map", name="from_port", type="ifname", map="verdict")},
-            {"add": self._obj("bridge", "map", name="to_port", type="ifname", map="verdict")},
-            {"add": self._obj("bridge", "chain", name="prerouting", type="filter", hook="prerouting",
-                              prio=-200, policy="accept")},
-            {"add": self._obj("bridge", "chain", name="forward", type="filter", hook="forward",
-                              prio=-200, policy="accept")},
-            self._rule("bridge", "prerouting", [{"vmap": {"key": _meta("iifname"), "data": "@from_port"}}], tag),
-            self._rule("bridge", "forward", [{"vmap": {"key": _meta("oifname"), "data": "@to_port"}}], tag),
-            {"add": {"table": {"family": "inet", "name": t}}},
-            {"add": self._obj("inet", "map", name="egress", type="mark", map="verdict")},
-            {"add": self._obj("inet", "map", name="ingress", type="mark", map="verdict")},
-            {"add": self._obj("inet", "chain", name="forward", type="filter", hook="forward",
-                              prio=0, policy="accept")},
-            # Traffic that touches none of our ports is not ours to judge.
-            self._rule("inet", "forward", [_match({"&": [mark, _MARK_FROM_FLAG | _MARK_TO_FLAG]}, 0),
-                                           {"accept": None}], tag),
-            self._rule("inet", "forward", [_match({"ct": {"key": "state"}}, ["established", "related"], "in"),
-                                           {"accept": None}]),
-            self._rule("inet", "forward", [_match({"ct": {"key": "state"}}, "invalid", "in"), {"drop": None}]),
-            # Neighbour discovery and DHCP replies reach ports whatever their groups, as in Neutron.
-            self._rule("inet", "forward", [_match(_meta("l4proto"), 58),
-                                           _match(_payload("icmpv6", "type"), {"set": [133, 134, 135, 136]}),
-                                           {"accept": None}]),
-            self._rule("inet", "forward", [_match(_meta("nfproto"), "ipv4"), _match(_meta("l4proto"), 17),
-                                           _match(_payload("th", "sport"), 67), _match(_payload("th", "dport"), 68),
-                                           {"accept": None}]),
-            self._rule("inet", "forward", [{"vmap": {"key": {"&": [mark, 0xFFFF0000]}, "data": "@egress"}}]),
-            self._rule("inet", "forward", [{"vmap": {"key": {"&": [mark, 0xFFFF]}, "data": "@ingress"}}]),
-        ]  # fmt: skip
+        """Both tables from scratch with empty sets; the caller deletes old tables first."""
+        return self._base(self.base_tag)
 
-    def spoof_rules(self, port: Port, number: int) -> list[list[dict[str, Any]]]:
-        """The anti-spoofing chain's rules (bridge family), first rule marks the packet."""
-        mac = _normal_mac(port.mac) or port.mac
-        v4 = [f.ip for f in port.fixed_ips if ipaddress.ip_address(f.ip).version == 4]
-        v6 = [str(ipaddress.ip_address(f.ip)) for f in port.fixed_ips if ipaddress.ip_address(f.ip).version == 6]
-        v6.append(_link_local(mac))
+    def _base(self, tag: str) -> list[dict[str, Any]]:
+        mark = _meta("mark")
         ether_type = _payload("ether", "type")
-        rules: list[list[dict[str, Any]]] = [
-            [{"mangle": {"key": _meta("mark"), "value": _MARK_FROM_FLAG | (number << 16)}}],
-            [_match(_payload("ether", "saddr"), mac, "!="), {"drop": None}],
-            [_match(ether_type, {"set": [0x8100, 0x88A8]}), {"drop": None}],
-            [_match(_payload("arp", "saddr ether"), mac, "!="), {"drop": None}],
-            [_match(_payload("arp", "saddr ip"), _set_of([*v4, "0.0.0.0"]), "!="), {"drop": None}],
+        iif, oif = _meta("iifname"), _meta("oifname")
+        l4 = _meta("l4proto")
+        sport, dport = _payload("th", "sport"), _payload("th", "dport")
+        ct_state = {"ct": {"key": "state"}}
+
+        def chain(family: str, name: str, hook: str | None = None, prio: int = 0) -> dict[str, Any]:
+            body: dict[str, Any] = {"name": name}
+            if hook:
+                body.update(type="filter", hook=hook, prio=prio, policy="accept")
+            return {"add": self._obj(family, "chain", **body)}
+
+        sets = [
+            {"add": self._obj(f, "map" if "map" in spec else "set", name=n, **spec)} for (f, n), spec in _SETS.items()
+        ]
+        drop, accept = {"drop": None}, {"accept": None}
+        is_arp, is_ip, is_ip6 = _match(ether_type, 0x0806), _match(ether_type, 0x0800), _match(ether_type, 0x86DD)
+
+        def spoof(*exprs: dict[str, Any]) -> dict[str, Any]:
+            return self._rule("bridge", "spoof", list(exprs))
+
+        def mark_from(key: dict[str, Any], map_name: str) -> dict[str, Any]:
+            return {"mangle": {"key": mark, "value": {"map": {"key": key, "data": map_name}}}}
+
+        def not_in(left: dict[str, Any], set_name: str) -> dict[str, Any]:
+            return _match(_concat(iif, left), "@" + set_name, "!=")
+
+        bridge = [
+            chain("bridge", "spoof"),
+            chain("bridge", "prerouting", "prerouting", -200),
+            chain("bridge", "forward", "forward", -200),
+            self._rule("bridge", "prerouting", [_match(iif, "@secured"), {"jump": {"target": "spoof"}}], tag),
+            # The sender's egress is judged in inet prerouting before this runs; from here on
+            # the mark names the receiver. Packets to other interfaces keep the sender's mark.
+            self._rule("bridge", "forward", [mark_from(oif, "@to_mark")], tag),
+            self._rule("bridge", "spoof", [mark_from(iif, "@from_mark")], tag),
+            spoof(not_in(_payload("ether", "saddr"), "mac"), drop),
+            spoof(_match(ether_type, {"set": [0x8100, 0x88A8]}), drop),
+            spoof(is_arp, not_in(_payload("arp", "saddr ether"), "mac"), drop),
+            # ARP probes (RFC 5227) carry sender address 0.0.0.0.
+            spoof(is_arp, _match(_payload("arp", "saddr ip"), "0.0.0.0"), accept),
+            spoof(is_arp, not_in(_payload("arp", "saddr ip"), "ip4"), drop),
             # A guest may not answer DHCP or advertise itself as a router.
-            [_match(ether_type, 0x0800), _match(_meta("l4proto"), 17), _match(_payload("th", "sport"), 67),
-             {"drop": None}],
-            [_match(_meta("l4proto"), 58), _match(_payload("icmpv6", "type"), 134), {"drop": None}],
-            # DHCP discovery comes from 0.0.0.0 before the guest knows its address.
-            [_match(_payload("ip", "saddr"), "0.0.0.0"), _match(_meta("l4proto"), 17),
-             _match(_payload("th", "sport"), 68), _match(_payload("th", "dport"), 67), {"accept": None}],
-            # Duplicate address detection and MLD reports come from :: too.
-            [_match(_payload("ip6", "saddr"), "::"), _match(_meta("l4proto"), 58), {"accept": None}],
+            spoof(is_ip, _match(l4, 17), _match(sport, 67), drop),
+            spoof(is_ip6, _match(l4, 17), _match(sport, 547), drop),
+            spoof(is_ip6, _match(l4, 58), _match(_payload("icmpv6", "type"), 134), drop),
+            # DHCP discovery comes from 0.0.0.0, duplicate address detection from ::.
+            spoof(is_ip, _match(_payload("ip", "saddr"), "0.0.0.0"), _match(l4, 17), _match(sport, 68),
+                  _match(dport, 67), accept),
+            spoof(is_ip6, _match(_payload("ip6", "saddr"), "::"), _match(l4, 58), accept),
+            spoof(is_ip, not_in(_payload("ip", "saddr"), "ip4"), drop),
+            spoof(is_ip6, not_in(_payload("ip6", "saddr"), "ip6"), drop),
         ]  # fmt: skip
-        if v4:
-            rules.append([_match(_payload("ip", "saddr"), _set_of(v4), "!="), {"drop": None}])
-        else:
-            rules.append([_match(ether_type, 0x0800), {"drop": None}])
-        rules.append([_match(_payload("ip6", "saddr"), _set_of(v6), "!="), {"drop": None}])
-        return rules
+        # Neighbour discovery, MLD and DHCP pass whatever the groups say, as in Neutron.
+        nd_out = [130, 131, 132, 133, 135, 136, 143]
+        nd_in = [130, 131, 132, 134, 135, 136, 143]
 
-    @staticmethod
-    def to_rules(number: int) -> list[list[dict[str, Any]]]:
-        """The output-port chain: the receiver's number into the low half of the mark."""
-        mark = _meta("mark")
-        value = {"|": [{"&": [mark, 0xFFFF0000]}, _MARK_TO_FLAG | number]}
-        return [[{"mangle": {"key": mark, "value": value}}]]
+        def judge(
+            hook: str,
+            prio: int,
+            kind: int,
+            nd: list[int],
+            dhcp: tuple[int, int],
+            dhcp6: tuple[int, int],
+            verdict_map: str,
+        ) -> list[dict[str, Any]]:
+            def rule(*exprs: dict[str, Any]) -> dict[str, Any]:
+                return self._rule("inet", hook, list(exprs))
 
-    @staticmethod
-    def sg_rules(groups: Sequence[SecurityGroup], direction: str) -> list[list[dict[str, Any]]]:
-        """A port's egress (verdict return) or ingress (verdict accept) chain, default drop."""
-        verdict = {"return": None} if direction == "egress" else {"accept": None}
-        rules: list[list[dict[str, Any]]] = []
-        seen: set[str] = set()
-        for group in groups:
-            for rule in group.rules:
-                if rule.direction != direction:
-                    continue
-                exprs = [*_rule_exprs(rule), verdict]
-                key = msgspec.json.encode(exprs).decode()
-                if key not in seen:
-                    seen.add(key)
-                    rules.append(exprs)
-        rules.append([{"drop": None}])
-        return rules
+            nfproto = _meta("nfproto")
+            return [
+                chain("inet", hook, hook, prio),
+                # Packets that do not come from (prerouting) or go to (forward) a secured port
+                # are not ours to judge.
+                self._rule("inet", hook, [_match({"&": [mark, _MARK_KIND]}, kind, "!="), accept], tag),
+                rule(_match(ct_state, ["established", "related"], "in"), accept),
+                rule(_match(ct_state, "invalid", "in"), drop),
+                rule(_match(l4, 58), _match(_payload("icmpv6", "type"), {"set": nd}), accept),
+                rule(_match(nfproto, "ipv4"), _match(l4, 17), _match(sport, dhcp[0]), _match(dport, dhcp[1]), accept),
+                rule(_match(nfproto, "ipv6"), _match(l4, 17), _match(sport, dhcp6[0]), _match(dport, dhcp6[1]), accept),
+                rule({"vmap": {"key": mark, "data": "@" + verdict_map}}),
+            ]
 
-    def port_chains(self, port: Port, tap: str, number: int) -> dict[tuple[str, str], list[list[dict[str, Any]]]]:
-        """All four chains of a port: (family, chain name) -> rules."""
-        n = _Names(tap)
-        return {
-            ("bridge", n.spoof): self.spoof_rules(port, number),
-            ("bridge", n.to): self.to_rules(number),
-            ("inet", n.egress): self.sg_rules(port.security_groups, "egress"),
-            ("inet", n.ingress): self.sg_rules(port.security_groups, "ingress"),
-        }
+        inet = [
+            *judge("prerouting", -150, _MARK_FROM, nd_out, (68, 67), (546, 547), "egress"),
+            *judge("forward", 0, _MARK_TO, nd_in, (67, 68), (547, 546), "ingress"),
+        ]
+        tables = [
+            {"add": {"table": {"family": "bridge", "name": self.table}}},
+            {"add": {"table": {"family": "inet", "name": self.table}}},
+        ]
+        return [*tables, *sets, *bridge, *inet]
 
-    @staticmethod
-    def digest(chain_rules: list[list[dict[str, Any]]]) -> str:
-        """The tag a chain's first rule carries: a hash of the chain's intended rules."""
-        return "fc:" + hashlib.blake2b(msgspec.json.encode(chain_rules), digest_size=10).hexdigest()
+    def rebuild(self) -> list[dict[str, Any]]:
+        """Commands that replace both tables by empty ones ("add" first: valid when absent)."""
+        cmds: list[dict[str, Any]] = []
+        for family in ("bridge", "inet"):
+            cmds += [
+                {"add": {"table": {"family": family, "name": self.table}}},
+                {"delete": {"table": {"family": family, "name": self.table}}},
+            ]
+        return cmds + self.base()
 
-    def chain_cmds(
-        self, family: str, name: str, rules: list[list[dict[str, Any]]], fresh: bool
-    ) -> list[dict[str, Any]]:
-        """Commands that (re)write one chain; the first rule carries the digest comment."""
+    def chain(self, family: str, name: str, rules: list[list[dict[str, Any]]], exists: bool) -> list[dict[str, Any]]:
+        """Commands that write one rule chain; the first rule carries the chain's digest."""
         cmds: list[dict[str, Any]] = [{"add": self._obj(family, "chain", name=name)}]
-        if not fresh:
+        if exists:
             cmds.append({"flush": self._obj(family, "chain", name=name)})
-        tag = self.digest(rules)
+        tag = "fc:" + _digest(rules)
         for i, exprs in enumerate(rules):
             cmds.append(self._rule(family, name, exprs, tag if i == 0 else None))
         return cmds
 
-    def elements(self, tap: str, number: int) -> list[tuple[str, str, Any, str]]:
-        """The four map elements of a port: (family, map, key, target chain)."""
-        n = _Names(tap)
-        return [
-            ("bridge", "from_port", tap, n.spoof),
-            ("bridge", "to_port", tap, n.to),
-            ("inet", "egress", _MARK_FROM_FLAG | (number << 16), n.egress),
-            ("inet", "ingress", _MARK_TO_FLAG | number, n.ingress),
-        ]
+    def drop_chain(self, family: str, name: str) -> list[dict[str, Any]]:
+        """Commands that delete a chain and its rules."""
+        return [{"flush": self._obj(family, "chain", name=name)}, {"delete": self._obj(family, "chain", name=name)}]
 
-    def element_cmd(self, verb: str, family: str, map_name: str, key: Any, target: str) -> dict[str, Any]:
-        """Add or delete one verdict-map element."""
-        return {verb: self._obj(family, "element", name=map_name, elem=[[key, {"jump": {"target": target}}]])}
+    def elements(self, verb: str, key: SetKey, elems: Iterable[Elem]) -> list[dict[str, Any]]:
+        """Add or delete elements of one set or map (nothing when there are none)."""
+        items = [_elem_json(e) for e in elems]
+        if not items:
+            return []
+        family, name = key
+        return [{verb: self._obj(family, "element", name=name, elem=items)}]
 
-    def add_port(self, port: Port, tap: str, number: int, fresh: bool) -> list[dict[str, Any]]:
-        """Commands that make (or, with ``fresh`` False, remake) a port's chains and elements."""
-        cmds: list[dict[str, Any]] = []
-        for (family, name), rules in self.port_chains(port, tap, number).items():
-            cmds += self.chain_cmds(family, name, rules, fresh)
-        for family, map_name, key, target in self.elements(tap, number):
-            cmds.append(self.element_cmd("add", family, map_name, key, target))
-        return cmds
+    @staticmethod
+    def chain_tag(rules: list[list[dict[str, Any]]]) -> str:
+        """The comment the first rule of a correct chain carries."""
+        return "fc:" + _digest(rules)
 
-    def remove_port(self, tap: str, number: int) -> list[dict[str, Any]]:
-        """Commands that delete a port's elements and then its chains."""
-        cmds = [self.element_cmd("delete", *e) for e in self.elements(tap, number)]
-        n = _Names(tap)
-        for family, name in (("bridge", n.spoof), ("bridge", n.to), ("inet", n.egress), ("inet", n.ingress)):
-            cmds += [
-                {"flush": self._obj(family, "chain", name=name)},
-                {"delete": self._obj(family, "chain", name=name)},
-            ]
-        return cmds
+
+@dataclass
+class _NftState:
+    """What the tables hold, read back from a listing (start-up and repair)."""
+
+    base_ok: bool = False
+    chain_tags: dict[tuple[str, str], str] = field(default_factory=dict)
+    elements: dict[SetKey, set[Elem]] = field(default_factory=dict)
+
+
+def _parse_listing(listing: Iterable[dict[str, Any]], base_tag: str) -> _NftState:
+    state = _NftState()
+    base_tags = 0
+    for obj in listing:
+        kind = "set" if "set" in obj else "map" if "map" in obj else None
+        if kind is not None:
+            body = obj[kind]
+            state.elements[(body["family"], body["name"])] = {_elem_from_json(e) for e in body.get("elem", [])}
+        elif "chain" in obj:
+            c = obj["chain"]
+            state.chain_tags.setdefault((c["family"], c["name"]), "")
+        elif "rule" in obj:
+            r = obj["rule"]
+            key = (r["family"], r["chain"])
+            comment = r.get("comment")
+            if comment == base_tag:
+                base_tags += 1
+            elif comment is not None and state.chain_tags.get(key) == "":
+                state.chain_tags[key] = comment
+            elif state.chain_tags.get(key) == "":
+                # The first rule has no tag: the chain is not as we wrote it.
+                state.chain_tags[key] = "?"
+    state.base_ok = base_tags == 5 and all(k in state.elements for k in _SETS)
+    return state
 
 
 # ---------------------------------------------------------------------------------------
@@ -522,44 +620,7 @@ class _Plugged:
     tap: str
     bridge: str
     mtu: int
-    number: int  # 0 when the port has no port security (no chains, no elements)
-
-
-@dataclass
-class _NftState:
-    """What the tables hold, read back from a listing (start-up and repair)."""
-
-    base_ok: bool = False
-    chain_tags: dict[tuple[str, str], str] = field(default_factory=dict)
-    elements: dict[tuple[str, str], dict[Any, str]] = field(default_factory=dict)
-
-
-def _parse_listing(listing: Iterable[dict[str, Any]], base_tag: str) -> _NftState:
-    state = _NftState()
-    base_tags = 0
-    for obj in listing:
-        if "map" in obj:
-            m = obj["map"]
-            elems: dict[Any, str] = {}
-            for key, verdict in m.get("elem", []):
-                target = verdict.get("jump", {}).get("target") if isinstance(verdict, dict) else None
-                if target is not None:
-                    elems[key] = target
-            state.elements[(m["family"], m["name"])] = elems
-        elif "chain" in obj:
-            c = obj["chain"]
-            state.chain_tags.setdefault((c["family"], c["name"]), "")
-        elif "rule" in obj:
-            r = obj["rule"]
-            comment = r.get("comment")
-            if comment is None:
-                continue
-            if comment == base_tag:
-                base_tags += 1
-            elif state.chain_tags.get((r["family"], r["chain"])) == "":
-                state.chain_tags[(r["family"], r["chain"])] = comment
-    state.base_ok = base_tags == 3
-    return state
+    number: int  # 0 when the port has no port security (no elements, no chains)
 
 
 class Network:
@@ -580,6 +641,7 @@ class Network:
         self._ports: dict[str, _Plugged] = {}
         self._numbers: set[int] = set()
         self._next_number = 1
+        self._chain_refs: Counter[tuple[str, str]] = Counter()
         self._nft: Nft | None = None
         self._ipr: Any = None
         self._base_ready = False
@@ -736,9 +798,8 @@ class Network:
             self._nftables.json({"nftables": cmds})
 
     def _answer(self, p: _Plugged) -> PluggedPort:
-        return PluggedPort(
-            port_id=p.port.id, tap=p.tap, mac=_normal_mac(p.port.mac) or p.port.mac, mtu=p.mtu, bridge=p.bridge
-        )
+        mac = _normal_mac(p.port.mac) or p.port.mac
+        return PluggedPort(port_id=p.port.id, tap=p.tap, mac=mac, mtu=p.mtu, bridge=p.bridge)
 
     def _take_number(self) -> int:
         for _ in range(_MAX_PORT_NUMBER):
@@ -749,40 +810,18 @@ class Network:
                 return n
         raise AgentError(f"more than {_MAX_PORT_NUMBER} ports with port security on this host")
 
-    def _ensure_base_cmds(self) -> list[dict[str, Any]]:
-        """Commands that (re)create empty tables when ours are missing or of another version."""
-        if self._base_ready:
-            return []
-        state = self._read_tables()
-        self._base_ready = True
-        if state.base_ok:
-            return []
-        return self._rebuild_cmds()
-
-    def _rebuild_cmds(self) -> list[dict[str, Any]]:
-        t = self.cfg.owner
-        # "add" then "delete" makes the deletion valid whether or not the table existed.
-        return [
-            {"add": {"table": {"family": "bridge", "name": t}}},
-            {"delete": {"table": {"family": "bridge", "name": t}}},
-            {"add": {"table": {"family": "inet", "name": t}}},
-            {"delete": {"table": {"family": "inet", "name": t}}},
-            *self._render.base(),
-        ]
-
     def _read_tables(self) -> _NftState:
         listing: list[dict[str, Any]] = []
         for family in ("bridge", "inet"):
+            cmd = {"list": {"table": {"family": family, "name": self.cfg.owner}}}
             try:
-                out = self._nftables.json(
-                    {"nftables": [{"list": {"table": {"family": family, "name": self.cfg.owner}}}]}
-                )
+                out = self._nftables.json({"nftables": [cmd]})
             except NftError as exc:
                 if "No such file or directory" in exc.message:
                     continue
                 raise
             listing += out.get("nftables", [])
-        return _parse_listing(listing, f"fc-base:{_BASE_VERSION}")
+        return _parse_listing(listing, self._render.base_tag)
 
     def _link(self, name: str) -> Any | None:
         try:
@@ -860,54 +899,82 @@ class Network:
                 with contextlib.suppress(Exception):
                     self._netlink.link("del", index=link["index"])
 
+    def _port_cmds(self, adds: Iterable[_Plugged], removes: Iterable[_Plugged]) -> list[dict[str, Any]]:
+        """Commands for ports leaving and joining the tables; updates the chain counts."""
+        gone = [port_nft(p.port, p.tap, p.number) for p in removes if p.number]
+        new = [port_nft(p.port, p.tap, p.number) for p in adds if p.number]
+        made: list[dict[str, Any]] = []
+        dropped: list[dict[str, Any]] = []
+        for nft in new:
+            for key, rules in nft.chains.items():
+                if self._chain_refs[key] == 0:
+                    # "exists" adds a flush, harmless on a new chain, so a leftover is rewritten.
+                    made += self._render.chain(*key, rules, exists=True)
+                self._chain_refs[key] += 1
+        for nft in gone:
+            for key in nft.chains:
+                self._chain_refs[key] -= 1
+                if self._chain_refs[key] <= 0:
+                    del self._chain_refs[key]
+                    dropped += self._render.drop_chain(*key)
+        old_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+        new_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+        for nft in gone:
+            for key, elems in nft.elements.items():
+                old_elems[key] |= elems
+        for nft in new:
+            for key, elems in nft.elements.items():
+                new_elems[key] |= elems
+        cmds = made
+        for key in _SETS:
+            cmds += self._render.elements("delete", key, old_elems[key] - new_elems[key])
+        for key in _SETS:
+            cmds += self._render.elements("add", key, new_elems[key] - old_elems[key])
+        return cmds + dropped
+
+    def _ensure_link_of_port(self, p: _Plugged, made: list[str]) -> None:
+        bridge_index = self._ensure_bridge(p.port.network, p.mtu, made)
+        self._ensure_tap(p.instance_uuid, p.port, bridge_index, p.mtu, made)
+
     def _plug_sync(self, instance_uuid: str, ports: list[Port]) -> list[PluggedPort]:
         made: list[str] = []
         new: list[_Plugged] = []
-        cmds = self._ensure_base_cmds()
+        refs_before = Counter(self._chain_refs)
         try:
             for port in ports:
                 if port.id in self._ports:
                     continue
                 mtu = port.network.mtu or self.cfg.default_mtu
-                bridge_index = self._ensure_bridge(port.network, mtu, made)
-                tap = self._ensure_tap(instance_uuid, port, bridge_index, mtu, made)
                 number = self._take_number() if port.port_security_enabled else 0
-                new.append(_Plugged(instance_uuid, port, tap, self.bridge_name(port.network), mtu, number))
-                if number:
-                    cmds += self._render.add_port(port, tap, number, fresh=True)
-            self._transact(cmds)
+                p = _Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu, number)
+                new.append(p)
+                self._ensure_link_of_port(p, made)
+            if self._base_ready:
+                self._transact(self._port_cmds(new, ()))
+            else:
+                self._sync_tables([*self._ports.values(), *new])
         except BaseException:
+            self._chain_refs = refs_before
             for p in new:
                 self._numbers.discard(p.number)
             self._delete_links(reversed(made))
-            if cmds:
-                self._base_ready = False
             raise
         for p in new:
             self._ports[p.port.id] = p
         return [self._answer(self._ports[port.id]) for port in ports]
 
     def _unplug_sync(self, instance_uuid: str, port_ids: list[str]) -> None:
-        gone: list[_Plugged] = []
-        for pid in port_ids:
-            p = self._ports.get(pid)
-            if p is not None and p.instance_uuid == instance_uuid:
-                gone.append(p)
-        cmds: list[dict[str, Any]] = []
+        gone = [p for pid in port_ids if (p := self._ports.get(pid)) is not None and p.instance_uuid == instance_uuid]
         for p in gone:
-            if p.number:
-                cmds += self._render.remove_port(p.tap, p.number)
+            del self._ports[p.port.id]
         try:
-            self._transact(cmds)
+            if not self._base_ready:
+                raise NftError("tables not checked yet")
+            self._transact(self._port_cmds((), gone))
         except NftError:
-            # The tables no longer match the record (changed behind our back): rebuild them
-            # from the record without the departing ports.
-            for p in gone:
-                del self._ports[p.port.id]
-            self._transact(self._full_cmds())
-        else:
-            for p in gone:
-                del self._ports[p.port.id]
+            # The tables do not match the record (changed behind our back, or not read since
+            # start-up): bring them to what the remaining ports need.
+            self._sync_tables(list(self._ports.values()), forget=gone)
         for p in gone:
             self._numbers.discard(p.number)
         self._delete_links(p.tap for p in gone)
@@ -937,23 +1004,90 @@ class Network:
         self._netlink.link("del", index=bridge["index"])
 
     def _set_groups_sync(self, plugged: _Plugged, groups: list[SecurityGroup]) -> None:
-        port = msgspec.structs.replace(plugged.port, security_groups=groups)
-        n = _Names(plugged.tap)
-        cmds: list[dict[str, Any]] = []
-        if plugged.number:
-            chains = self._render.port_chains(port, plugged.tap, plugged.number)
-            for family, name in (("inet", n.egress), ("inet", n.ingress)):
-                cmds += self._render.chain_cmds(family, name, chains[(family, name)], fresh=False)
-        self._transact(cmds)
-        plugged.port = port
+        updated = _Plugged(
+            plugged.instance_uuid,
+            msgspec.structs.replace(plugged.port, security_groups=groups),
+            plugged.tap,
+            plugged.bridge,
+            plugged.mtu,
+            plugged.number,
+        )
+        refs_before = Counter(self._chain_refs)
+        try:
+            if self._base_ready:
+                self._transact(self._port_cmds([updated], [plugged]))
+            else:
+                self._sync_tables([updated if p is plugged else p for p in self._ports.values()])
+        except BaseException:
+            self._chain_refs = refs_before
+            raise
+        self._ports[plugged.port.id] = updated
 
-    def _full_cmds(self) -> list[dict[str, Any]]:
-        cmds = self._rebuild_cmds()
-        for p in self._ports.values():
+    def _sync_tables(
+        self,
+        ports: Sequence[_Plugged],
+        report: ReconcileReport | None = None,
+        prune: bool = False,
+        forget: Sequence[_Plugged] = (),
+    ) -> None:
+        """Bring the tables to what ``ports`` need, from a listing, in one transaction.
+
+        With ``prune`` everything else goes too (reconciliation, where ``ports`` is all there
+        is); without, only the elements of ``forget`` and chains no element uses go, so that a
+        partial record never strips the rules of ports it does not know about.
+        """
+        state = self._read_tables()
+        cmds: list[dict[str, Any]] = []
+        if not state.base_ok:
+            cmds += self._render.rebuild()
+            state = _NftState(base_ok=True, elements={k: set() for k in _SETS})
+            if report is not None:
+                report.rebuilt_tables = True
+        want_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+        want_chains: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
+        refs: Counter[tuple[str, str]] = Counter()
+        for p in ports:
+            if not p.number:
+                continue
+            nft = port_nft(p.port, p.tap, p.number)
+            broken = False
+            for key, elems in nft.elements.items():
+                want_elems[key] |= elems
+                broken = broken or not elems <= state.elements.get(key, set())
+            for key, rules in nft.chains.items():
+                want_chains[key] = rules
+                refs[key] += 1
+                broken = broken or state.chain_tags.get(key) != self._render.chain_tag(rules)
+            if broken and report is not None:
+                report.made_ports.append(p.port.id)
+        for key, rules in want_chains.items():
+            if state.chain_tags.get(key) != self._render.chain_tag(rules):
+                cmds += self._render.chain(*key, rules, exists=key in state.chain_tags)
+        forgotten: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+        for p in forget:
             if p.number:
-                cmds += self._render.add_port(p.port, p.tap, p.number, fresh=True)
+                for key, elems in port_nft(p.port, p.tap, p.number).elements.items():
+                    forgotten[key] |= elems
+        stray_taps: set[str] = set()
+        kept_elems: dict[SetKey, set[Elem]] = {}
+        for key in _SETS:
+            have = state.elements.get(key, set())
+            extra = have - want_elems[key] if prune else (have & forgotten[key]) - want_elems[key]
+            kept_elems[key] = have - extra
+            if key == ("bridge", "secured"):
+                stray_taps = {t for t in extra if isinstance(t, str)}
+            cmds += self._render.elements("delete", key, extra)
+        for key in _SETS:
+            cmds += self._render.elements("add", key, want_elems[key] - state.elements.get(key, set()))
+        used = {e[2][1] for k in (("inet", "egress"), ("inet", "ingress")) for e in kept_elems[k] | want_elems[k]}
+        for key in state.chain_tags:
+            if key not in want_chains and key not in _BASE_CHAINS and key[1] not in used:
+                cmds += self._render.drop_chain(*key)
+        self._transact(cmds)
+        self._chain_refs = refs
         self._base_ready = True
-        return cmds
+        if report is not None:
+            report.removed_ports = sorted(stray_taps - {p.tap for p in ports})
 
     def _reconcile_sync(self, wanted: dict[str, tuple[str, Port]]) -> ReconcileReport:
         report = ReconcileReport()
@@ -980,83 +1114,31 @@ class Network:
                     self._netlink.link("del", index=link["index"])
                 report.removed_links.append(name)
 
+        # Keep each port's number, so that its elements stay as they are.
         state = self._read_tables()
-        old_numbers: dict[str, int] = {}
-        for key, target in state.elements.get(("inet", "egress"), {}).items():
-            if isinstance(key, int) and target.startswith("e-"):
-                old_numbers[target[2:]] = (key >> 16) & _MAX_PORT_NUMBER
+        old_numbers = {
+            e[1]: e[2] & _MAX_PORT_NUMBER
+            for e in state.elements.get(("bridge", "from_mark"), set())
+            if isinstance(e, tuple) and len(e) == 3 and isinstance(e[2], int)
+        }
         self._ports = {}
         self._numbers = set()
-        cmds: list[dict[str, Any]] = []
-        if not state.base_ok:
-            cmds += self._rebuild_cmds()
-            report.rebuilt_tables = True
-            state = _NftState()
-        self._base_ready = True
-
-        pending: list[tuple[str, Port, str]] = []
         for pid, (uuid, port) in wanted.items():
             tap = self.tap_name(pid)
-            number = 0
-            if port.port_security_enabled:
-                number = old_numbers.get(tap, 0)
-                if number and number not in self._numbers:
-                    self._numbers.add(number)
-                else:
-                    number = 0
+            number = old_numbers.get(tap, 0) if port.port_security_enabled else 0
+            if number in self._numbers:
+                number = 0
+            self._numbers.add(number)
             mtu = port.network.mtu or self.cfg.default_mtu
             self._ports[pid] = _Plugged(uuid, port, tap, self.bridge_name(port.network), mtu, number)
-            pending.append((uuid, port, tap))
+        self._numbers.discard(0)
         for p in self._ports.values():
             if p.port.port_security_enabled and not p.number:
                 p.number = self._take_number()
 
         made: list[str] = []
-        for uuid, port, _tap in pending:
-            p = self._ports[port.id]
-            bridge_index = self._ensure_bridge(port.network, p.mtu, made)
-            self._ensure_tap(uuid, port, bridge_index, p.mtu, made)
-        report.made_links = made
-
-        wanted_chains: set[tuple[str, str]] = set()
-        wanted_elems: dict[tuple[str, str], dict[Any, str]] = {}
         for p in self._ports.values():
-            if not p.number:
-                continue
-            chains = self._render.port_chains(p.port, p.tap, p.number)
-            elems = self._render.elements(p.tap, p.number)
-            wanted_chains.update(chains)
-            for family, map_name, key, target in elems:
-                wanted_elems.setdefault((family, map_name), {})[key] = target
-            intact = all(state.chain_tags.get(k) == self._render.digest(r) for k, r in chains.items()) and all(
-                state.elements.get((f, m), {}).get(key) == target for f, m, key, target in elems
-            )
-            if intact:
-                continue
-            report.made_ports.append(p.port.id)
-            for (family, name), rules in chains.items():
-                cmds += self._render.chain_cmds(family, name, rules, fresh=(family, name) not in state.chain_tags)
-            for family, map_name, key, target in elems:
-                current = state.elements.get((family, map_name), {}).get(key)
-                if current is not None and current != target:
-                    cmds.append(self._render.element_cmd("delete", family, map_name, key, current))
-                if current != target:
-                    cmds.append(self._render.element_cmd("add", family, map_name, key, target))
-        stray_taps: set[str] = set()
-        for (family, map_name), elems_now in state.elements.items():
-            for key, target in elems_now.items():
-                if key not in wanted_elems.get((family, map_name), {}):
-                    cmds.append(self._render.element_cmd("delete", family, map_name, key, target))
-                    stray_taps.add(target[2:])
-        for family, name in state.chain_tags:
-            if name[:2] in ("s-", "t-", "e-", "i-") and (family, name) not in wanted_chains:
-                chain = {"family": family, "table": self.cfg.owner, "name": name}
-                cmds += [{"flush": {"chain": chain}}, {"delete": {"chain": chain}}]
-                stray_taps.add(name[2:])
-        report.removed_ports = sorted(stray_taps)
-        try:
-            self._transact(cmds)
-        except NftError:
-            self._transact(self._full_cmds())
-            report.rebuilt_tables = True
+            self._ensure_link_of_port(p, made)
+        report.made_links = made
+        self._sync_tables(list(self._ports.values()), report, prune=True)
         return report
