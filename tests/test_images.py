@@ -693,3 +693,22 @@ async def test_checksum_of_a_cached_base_is_computed_when_first_asked(
         await cache.prepare_disk("wrong", ImageSpec(url=url, checksum="sha512:" + "a" * 128), 1)
     assert image_server.routes["/later.raw"].hits == 1
     assert sorted(b.users for b in cache.list_bases()) == [["checked", "plain"]]
+
+
+async def test_one_wrong_checksum_does_not_fail_the_others(
+    image_server: ImageServer, cache: ImageCache, tmp_path: Path
+) -> None:
+    body = image_bytes()
+    url = image_server.add("/shared.raw", body)
+    wrong = ImageSpec(url=url, checksum=sha256(b"not it"))
+    right = ImageSpec(url=url, checksum=sha256(body))
+    results = await asyncio.gather(
+        cache.prepare_disk("wrong", wrong, 1),
+        *(cache.prepare_disk(f"ok-{n}", right if n % 2 else ImageSpec(url=url), 1)
+          for n in range(10)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], ImageError) and "requested checksum" in str(results[0])
+    assert all(isinstance(r, Path) for r in results[1:])
+    assert image_server.routes["/shared.raw"].hits == 2
+    assert not (tmp_path / "state" / "instances" / "wrong").exists()

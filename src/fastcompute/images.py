@@ -418,32 +418,36 @@ class ImageCache:
     async def _ensure_base(
         self, key: str, source: str, image: ImageSpec, progress: Progress | None
     ) -> _Meta:
-        while key in self._pruning:
-            await self._pruning[key]
-        flight = self._flights.get(key)
-        if flight is None:
-            loop = asyncio.get_running_loop()
-            meta = await loop.run_in_executor(self._executor, self._read_meta, key)
-            if meta is not None:
-                if image.disk_format is not None and image.disk_format != meta.format:
-                    raise _claim_error(source, image.disk_format, meta.format)
-                return meta
-            # Re-check: another caller may have started the fetch while we looked.
+        while True:
+            while key in self._pruning:
+                await self._pruning[key]
             flight = self._flights.get(key)
             if flight is None:
-                flight = _Flight()
-                self._flights[key] = flight
-                flight.task = asyncio.create_task(self._fetch(key, source, image, flight))
-                flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
-        if progress is not None:
-            flight.listeners.append(progress)
-        assert flight.task is not None
-        try:
-            meta = await asyncio.shield(flight.task)
-        finally:
+                loop = asyncio.get_running_loop()
+                meta = await loop.run_in_executor(self._executor, self._read_meta, key)
+                if meta is not None:
+                    break
+                # Re-check: another caller may have started the fetch while we looked.
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = _Flight()
+                    self._flights[key] = flight
+                    flight.task = asyncio.create_task(self._fetch(key, source, image, flight))
+                    flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
             if progress is not None:
-                with contextlib.suppress(ValueError):
-                    flight.listeners.remove(progress)
+                flight.listeners.append(progress)
+            assert flight.task is not None
+            try:
+                meta = await asyncio.shield(flight.task)
+                break
+            except _RequestRefused as exc:
+                if exc.expects == _expectations(image):
+                    raise
+                # Another caller's checksum or claim was refused, not this image: fetch again.
+            finally:
+                if progress is not None:
+                    with contextlib.suppress(ValueError):
+                        flight.listeners.remove(progress)
         if image.disk_format is not None and image.disk_format != meta.format:
             raise _claim_error(source, image.disk_format, meta.format)
         return meta
@@ -452,7 +456,7 @@ class ImageCache:
         loop = asyncio.get_running_loop()
         tmp = self.base_dir / f"{_TMP_PREFIX}{key}-{os.getpid()}-{secrets.token_hex(4)}"
         expected: dict[str, str] = {}
-        claimed = image.disk_format
+        claimed: str | None = None
         wanted = {parse_checksum(image.checksum)[0]} if image.checksum else set()
         started = time.monotonic()
         log.info("image cache: fetching %s", source)
@@ -460,7 +464,13 @@ class ImageCache:
             if source.startswith("glance:"):
                 assert image.id is not None
                 info = await self._glance_meta(image.id)
-                expected, claimed = _glance_expectations(info, claimed, self.cfg.max_image_bytes)
+                expected, claimed = _glance_expectations(info, self.cfg.max_image_bytes)
+                if image.disk_format is not None and image.disk_format != claimed:
+                    raise _RequestRefused(
+                        image,
+                        f"image {image.id} is {claimed} in the Image service but the request "
+                        f"says {image.disk_format}",
+                    )
                 url = self._glance_url(image.id, "/file")
                 digests, fetched = await self._download(
                     url, self._glance_headers(), tmp, expected, wanted, flight
@@ -476,20 +486,27 @@ class ImageCache:
                         f"the Image service says {value}; the download was discarded",
                         {"source": source},
                     )
-            if image.checksum:
-                algo, value = parse_checksum(image.checksum)
-                if digests[algo] != value:
-                    raise ImageError(
-                        f"image {source} does not match the requested checksum: {algo} is "
-                        f"{digests[algo]}, the request says {value}; the download was discarded",
-                        {"source": source},
-                    )
             try:
                 fmt = await loop.run_in_executor(self._executor, inspect, tmp)
             except FormatError as exc:
                 raise ImageError(f"image {source} refused: {exc}", {"source": source}) from exc
             if claimed is not None and claimed != fmt.format:
                 raise _claim_error(source, claimed, fmt.format)
+            # The request's own expectations come last: when they fail, the caller that started
+            # the fetch is refused and the bytes discarded, and the callers waiting on the same
+            # image with other expectations fetch it again (see _ensure_base).
+            if image.checksum:
+                algo, value = parse_checksum(image.checksum)
+                if digests[algo] != value:
+                    raise _RequestRefused(
+                        image,
+                        f"image {source} does not match the requested checksum: {algo} is "
+                        f"{digests[algo]}, the request says {value}; the download was discarded",
+                        {"source": source},
+                    )
+            if image.disk_format is not None and image.disk_format != fmt.format:
+                err = _claim_error(source, image.disk_format, fmt.format)
+                raise _RequestRefused(image, err.message, err.details)
             if fmt.virtual_size > self.cfg.max_image_bytes:
                 raise ImageError(
                     f"image {source} has a virtual size of {_human(fmt.virtual_size)}, above the "
@@ -859,9 +876,21 @@ class ImageCache:
                 _unlink_quietly(path)
 
 
-def _glance_expectations(
-    info: dict[str, Any], claimed: str | None, limit: int
-) -> tuple[dict[str, str], str | None]:
+class _RequestRefused(ImageError):
+    """The fetched image is fine but not what the request that started the fetch expects."""
+
+    def __init__(
+        self, image: ImageSpec, message: str, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, details)
+        self.expects = _expectations(image)
+
+
+def _expectations(image: ImageSpec) -> tuple[tuple[str, str] | None, str | None]:
+    return (parse_checksum(image.checksum) if image.checksum else None), image.disk_format
+
+
+def _glance_expectations(info: dict[str, Any], limit: int) -> tuple[dict[str, str], str]:
     """Check Glance's image record; return the digests to verify and the claimed format."""
     image_id = info.get("id", "?")
     status = info.get("status")
@@ -872,10 +901,6 @@ def _glance_expectations(
         raise ImageError(
             f"image {image_id} has disk_format {fmt!r} in the Image service; only raw and "
             "qcow2 are supported"
-        )
-    if claimed is not None and claimed != fmt:
-        raise ImageError(
-            f"image {image_id} is {fmt} in the Image service but the request says {claimed}"
         )
     container = info.get("container_format")
     if container not in (None, "bare"):
@@ -903,7 +928,7 @@ def _glance_expectations(
             f"image {image_id} has no hash in the Image service (os_hash_value, checksum): "
             "it cannot be verified"
         )
-    return expected, fmt
+    return expected, str(fmt)
 
 
 def _claim_error(source: str, claimed: str, actual: str) -> ImageError:
