@@ -712,3 +712,13 @@ async def test_one_wrong_checksum_does_not_fail_the_others(
     assert all(isinstance(r, Path) for r in results[1:])
     assert image_server.routes["/shared.raw"].hits == 2
     assert not (tmp_path / "state" / "instances" / "wrong").exists()
+
+
+def test_copier_refuses_to_copy_a_file_onto_itself(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _make(src, "odd")
+    before = src.read_bytes()
+    os.link(src, tmp_path / "alias")
+    with pytest.raises(OSError):
+        copy(src, tmp_path / "alias")
+    assert src.read_bytes() == before

@@ -196,6 +196,13 @@ def copy_file(str src, str dst, object progress=None, bint sync=True,
         raise _copy_error(err, src)
     size = st.st_size
     try:
+        # Opening the destination truncates it: when it is the source, that would be the end.
+        try:
+            dst_st = _copy_os.stat(dst)
+        except FileNotFoundError:
+            dst_st = None
+        if dst_st is not None and dst_st.st_dev == st.st_dev and dst_st.st_ino == st.st_ino:
+            raise _copy_error(EINVAL, dst)
         with nogil:
             dfd = c_open(cdst, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
             if dfd < 0:
