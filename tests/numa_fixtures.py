@@ -68,12 +68,14 @@ def placement_problems(
         if pinned_policy and thread_policy == "require" and threads_per_core < 2:
             problems.append(f"{where}: require on a host without SMT")
         if pinned_policy and thread_policy == "isolate":
-            cores = [core_of.get(p) for p in pcpus + reserved]
+            cores = [core_of.get(p) for p in pcpus]
             if len(set(cores)) != len(cores):
                 problems.append(f"{where}: isolate shares a core")
             for core in set(cores):
                 if core is None or not set(core) <= free:
                     problems.append(f"{where}: isolate on a core that is not fully free")
+            if any(core_of.get(p) in cores for p in reserved):
+                problems.append(f"{where}: emulator pCPU on a core of the isolated guest")
         memory = guest["memory"]
         pagesize_req = guest.get("pagesize")
         chosen = cell_placed["pagesize"]

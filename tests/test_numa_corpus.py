@@ -1,6 +1,7 @@
 """Conformance with Nova 34 on the corpus (tests/data/numa-corpus.jsonl, docs/NUMA.md).
 
-Every case runs through both fitters, the compiled one and the plain-Python reference, in
+Every case runs through the compiled fitter (given the host dict, and given a compiled host
+snapshot) and through the plain-Python reference, in
 the three tiers of the corpus: (1) fit / no fit equals ``intended``; (2) every placement is
 valid; (3) host cells equal ``intended`` and pinning equals ``intended_sorted``.
 """
@@ -17,7 +18,13 @@ from fastcompute import numa, numa_reference
 
 Fitter = Callable[[dict[str, Any], dict[str, Any], dict[str, Any] | None], dict[str, Any] | None]
 
-FITTERS: dict[str, Fitter] = {"compiled": numa.fit, "reference": numa_reference.fit}
+FITTERS: dict[str, Fitter] = {
+    "compiled": numa.fit,
+    "compiled-snapshot": lambda host, request, limits: numa.fit(
+        numa.compile_host(host), request, limits
+    ),
+    "reference": numa_reference.fit,
+}
 CASES = {case["id"]: case for case in corpus()}
 _answers: dict[tuple[str, str], dict[str, Any] | None] = {}
 

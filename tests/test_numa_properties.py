@@ -6,11 +6,12 @@ always fits an empty host made to its shape; claims and releases keep a host mod
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from numa_fixtures import placement_problems
+from numa_fixtures import corpus, placement_problems
 
 from fastcompute import _core, numa, numa_reference
 
@@ -125,6 +126,7 @@ def test_compiled_fitter_equals_reference_and_is_valid(
 ) -> None:
     got = numa.fit(host, request, lim)
     assert got == numa_reference.fit(host, request, lim)
+    assert numa.fit(numa.compile_host(host), request, lim) == got
     if got is not None:
         assert placement_problems(host, request, lim, got) == []
 
@@ -216,3 +218,21 @@ def test_claims_until_full_never_pin_a_cpu_twice_and_release_exactly(
 @given(st.sets(st.integers(0, 700)))
 def test_cpuset_bitmaps_round_trip(cpus: set[int]) -> None:
     assert _core.cpuset_to_list(_core.cpuset_from_list(cpus)) == sorted(cpus)
+
+
+def test_one_host_snapshot_serves_many_threads_at_once() -> None:
+    """The fitter releases the GIL and a snapshot is immutable: threads fitting against one
+    snapshot all get the single-threaded answers."""
+    cases = [c for c in corpus() if c["family"] == "hard_8cell_128pcpu"]
+    snapshots = [numa.compile_host(c["host"]) for c in cases]
+    expected = [numa.fit(c["host"], c["request"], c["limits"]) for c in cases]
+
+    def fit_all(_: int) -> list[dict[str, Any] | None]:
+        return [
+            numa.fit(snap, c["request"], c["limits"])
+            for snap, c in zip(snapshots, cases, strict=True)
+        ]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for answers in pool.map(fit_all, range(16)):
+            assert answers == expected

@@ -4,7 +4,8 @@
   ``numa_get_constraints``), or None for a guest without a NUMA topology.
 - ``fit(host, request, limits)`` places a request on a host (Nova's
   ``numa_fit_instance_to_host``) with the compiled fitter of ``_core``; the plain-Python
-  ``numa_reference.fit`` beside it gives the same answers.
+  ``numa_reference.fit`` beside it gives the same answers. ``compile_host(host)`` makes a
+  reusable snapshot of a host for many fits.
 - ``claim(host, request, placement)`` and ``release(host, request, placement)`` return the
   host with a placement's usage added or removed, so that a tracker can keep its host model
   exact across spawns and deletes.
@@ -305,19 +306,28 @@ def _manual_split(
     return cpu_lists, mem_list
 
 
+def compile_host(host: dict[str, Any]) -> _core.NumaHost:
+    """``host`` read once into the compiled fitter's arrays: an immutable snapshot to pass
+    to ``fit`` instead of the dict when fitting several requests to the same host state
+    (it skips re-reading the dicts, most of a small fit's cost). Build a new one after a
+    ``claim`` or ``release``."""
+    return _core.NumaHost(host)
+
+
 def fit(
-    host: dict[str, Any], request: dict[str, Any], limits: dict[str, Any] | None = None
+    host: dict[str, Any] | _core.NumaHost,
+    request: dict[str, Any],
+    limits: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Place ``request`` on ``host`` exactly as Nova 34 would, or return None (no fit).
 
-    ``limits`` is None or ``{cpu_allocation_ratio, ram_allocation_ratio}`` (they bound
-    shared guests only). The placement is ``{"cells": [{host_cell, pinning: [[vcpu, pcpu],
-    ...], cpuset_reserved: None | [pcpu], pagesize: None | KiB}, ...]}`` in guest-cell order.
-    The search is polynomial in the number of cells (``docs/NUMA.md``) and runs without the
-    GIL.
+    ``host`` is the host dict or its ``compile_host`` snapshot. ``limits`` is None or
+    ``{cpu_allocation_ratio, ram_allocation_ratio}`` (they bound shared guests only). The
+    placement is ``{"cells": [{host_cell, pinning: [[vcpu, pcpu], ...], cpuset_reserved:
+    None | [pcpu], pagesize: None | KiB}, ...]}`` in guest-cell order. The search is
+    polynomial in the number of cells (``docs/NUMA.md``) and runs without the GIL.
     """
-    result: dict[str, Any] | None = _core.numa_fit(host, request, limits)
-    return result
+    return _core.numa_fit(host, request, limits)
 
 
 def claim(
@@ -325,7 +335,8 @@ def claim(
 ) -> dict[str, Any]:
     """A copy of ``host`` with ``placement`` of ``request`` counted as usage (Nova's
     ``numa_usage_from_instance_numa``): memory, shared vCPUs, pinned and emulator pCPUs
-    (whole cores for the isolate thread policy) and the huge pages of the chosen size.
+    (whole cores for the isolate thread policy's vCPUs) and the huge pages of the chosen
+    size.
 
     Raises ``Conflict`` if a pCPU to pin is already pinned: the placement is stale.
     """
@@ -362,10 +373,14 @@ def _account(
             if pool is None:
                 raise Conflict(f"host cell {cell['id']} has no {pagesize} KiB pages")
             pool["used"] += sign * (guest["memory"] * 1024 // pagesize)
-        pcpus = {p for _, p in placed["pinning"]} | set(placed.get("cpuset_reserved") or ())
+        pcpus = {p for _, p in placed["pinning"]}
         if guest.get("cpu_thread_policy") == "isolate":
-            # Isolated guests own their whole cores: the siblings can host no one else.
+            # Isolated guests own their whole cores (the fitter only gives them fully free
+            # ones): the siblings can host no one else.
             pcpus = {t for core in cell["siblings"] if pcpus.intersection(core) for t in core}
+        # The emulator pCPU is pinned alone: it may sit on a core another guest uses, and
+        # pinning its siblings too (as Nova does) would fail that claim.
+        pcpus |= set(placed.get("cpuset_reserved") or ())
         pinned = set(cell["pinned_cpus"])
         if sign > 0:
             if pcpus & pinned:

@@ -72,7 +72,7 @@ ctypedef struct _NfGuestCell:
     int policy
     int thread_policy
     int n_shared
-    Py_ssize_t vcpu_off, vcpu_n   # the dedicated vCPUs, ascending, in ids
+    Py_ssize_t vcpu_off, vcpu_n   # the dedicated vCPUs, ascending, in gids
 
 
 cdef int _nf_reserve(_NfBuf *b, Py_ssize_t extra) except -1:
@@ -179,7 +179,8 @@ cdef struct _NfWork:
     Py_ssize_t n_hosts
     _NfGuestCell *guests
     Py_ssize_t n_guests
-    int64_t *ids
+    int64_t *ids           # host CPU ids (lists of NumaHost)
+    int64_t *gids          # guest cells' dedicated vCPUs
     int64_t *sib_lens
     int64_t *pools
     Py_ssize_t words
@@ -529,86 +530,181 @@ cdef inline size_t _nf_span(Py_ssize_t n, size_t size) noexcept nogil:
     return ((<size_t>n * size) + 7) & ~(<size_t>7)
 
 
-def numa_fit(dict host, dict request, limits=None):
-    """Nova 34's numa_fit_instance_to_host on the corpus's JSON shapes: the placement
-    ``{"cells": [{host_cell, pinning, cpuset_reserved, pagesize}, ...]}`` or None."""
-    cdef list host_cells = <list?>host["cells"]
-    cdef list guest_cells = <list?>request["cells"]
-    cdef Py_ssize_t n_hosts = len(host_cells), n_guests = len(guest_cells)
-    if n_guests == 0 or n_hosts < n_guests:
-        return None
-    cdef _NfWork w
-    cdef _NfBuf ids, sib_lens, pools
-    cdef int64_t ids_stack[2048]
-    cdef int64_t sib_stack[512]
-    cdef int64_t pool_stack[128]
-    cdef char *cells_mem = NULL
-    cdef char *work_mem = NULL
-    cdef char *cursor
-    cdef size_t total
-    cdef Py_ssize_t h, gi, i, k, pin_total = 0, n_sib_ids = 0, length, pairs
-    cdef int64_t top = 0, v
-    cdef dict cell, pool
-    cdef object sib, entry, pagesize
-    cdef bint ok
-    cdef list out_cells, pinning
-    cdef _NfHostCell *c
-    cdef _NfGuestCell *g
-    cdef int64_t *pins
-    _nf_memset(&w, 0, sizeof(w))
-    _nf_buf_init(&ids, ids_stack, 2048)
-    _nf_buf_init(&sib_lens, sib_stack, 512)
-    _nf_buf_init(&pools, pool_stack, 128)
-    try:
-        cells_mem = <char *>_nf_malloc(
-            _nf_span(n_hosts, sizeof(_NfHostCell)) + _nf_span(n_guests, sizeof(_NfGuestCell)))
-        if cells_mem is NULL:
+cdef class NumaHost:
+    """A host's NUMA cells read once into C arrays (the corpus's host shape), with each
+    cell's CPU bitmaps and per-core free threads worked out: an immutable snapshot that any
+    number of numa_fit calls, in any threads, can share. Build a new one when the host's
+    usage changes."""
+
+    cdef _NfHostCell *hosts
+    cdef Py_ssize_t n_hosts
+    cdef _NfBuf ids
+    cdef _NfBuf sib_lens
+    cdef _NfBuf pools
+    cdef char *derived
+    cdef Py_ssize_t words
+    cdef uint64_t *bits
+    cdef int64_t *core_threads
+    cdef int64_t *core_lens
+
+    def __cinit__(self, dict host):
+        cdef list host_cells = <list?>host["cells"]
+        cdef Py_ssize_t h, i, length, n_sib_ids = 0
+        cdef int64_t top = 0, v
+        cdef dict cell, pool
+        cdef object sib, entry
+        cdef _NfHostCell *c
+        cdef _NfWork w
+        cdef char *cursor
+        self.n_hosts = len(host_cells)
+        _nf_heap_init(&self.ids, 1024)
+        _nf_heap_init(&self.sib_lens, 256)
+        _nf_heap_init(&self.pools, 64)
+        self.hosts = <_NfHostCell *>_nf_malloc(_nf_span(self.n_hosts, sizeof(_NfHostCell)) or 8)
+        if self.hosts is NULL:
             raise MemoryError()
-        cursor = cells_mem
-        w.n_hosts = n_hosts
-        w.n_guests = n_guests
-        w.hosts = <_NfHostCell *>_nf_carve(&cursor, n_hosts, sizeof(_NfHostCell))
-        w.guests = <_NfGuestCell *>_nf_carve(&cursor, n_guests, sizeof(_NfGuestCell))
-        for h in range(n_hosts):
+        for h in range(self.n_hosts):
             cell = <dict?>host_cells[h]
-            c = &w.hosts[h]
+            c = &self.hosts[h]
             c.id = cell["id"]
             c.memory = cell["memory"]
             c.memory_usage = cell["memory_usage"]
             c.cpu_usage = cell["cpu_usage"]
-            c.cpuset_off = ids.n
-            _nf_push_list(&ids, cell["cpuset"], &c.cpuset_n)
-            c.pcpuset_off = ids.n
-            _nf_push_list(&ids, cell["pcpuset"], &c.pcpuset_n)
-            c.pinned_off = ids.n
-            _nf_push_list(&ids, cell["pinned_cpus"], &c.pinned_n)
-            c.sib_off = sib_lens.n
-            c.sib_ids_off = ids.n
+            c.cpuset_off = self.ids.n
+            _nf_push_list(&self.ids, cell["cpuset"], &c.cpuset_n)
+            c.pcpuset_off = self.ids.n
+            _nf_push_list(&self.ids, cell["pcpuset"], &c.pcpuset_n)
+            c.pinned_off = self.ids.n
+            _nf_push_list(&self.ids, cell["pinned_cpus"], &c.pinned_n)
+            c.sib_off = self.sib_lens.n
+            c.sib_ids_off = self.ids.n
             c.sib_n = 0
             for sib in <list?>cell["siblings"]:
-                _nf_push_list(&ids, sib, &length)
-                _nf_push(&sib_lens, length)
+                _nf_push_list(&self.ids, sib, &length)
+                _nf_push(&self.sib_lens, length)
                 n_sib_ids += length
                 c.sib_n += 1
-            c.pool_off = pools.n // 4
+            c.pool_off = self.pools.n // 4
             c.pool_n = 0
             for entry in <list?>cell["mempages"]:
                 pool = <dict?>entry
-                _nf_reserve(&pools, 4)
-                pools.data[pools.n] = pool["size_kb"]
-                pools.data[pools.n + 1] = pool["total"]
-                pools.data[pools.n + 2] = pool["used"]
-                pools.data[pools.n + 3] = pool["reserved"]
-                if pools.data[pools.n] <= 0:
+                _nf_reserve(&self.pools, 4)
+                self.pools.data[self.pools.n] = pool["size_kb"]
+                self.pools.data[self.pools.n + 1] = pool["total"]
+                self.pools.data[self.pools.n + 2] = pool["used"]
+                self.pools.data[self.pools.n + 3] = pool["reserved"]
+                if self.pools.data[self.pools.n] <= 0:
                     raise ValueError("a page size must be positive")
-                pools.n += 4
+                self.pools.n += 4
                 c.pool_n += 1
-        for i in range(ids.n):
-            v = ids.data[i]
+        for i in range(self.ids.n):
+            v = self.ids.data[i]
             if v < 0:
                 raise ValueError(f"CPU id {v} is negative")
             if v > top:
                 top = v
+        self.words = (top >> 6) + 1
+        self.derived = <char *>_nf_malloc(
+            _nf_span(3 * self.n_hosts * self.words, sizeof(uint64_t))
+            + _nf_span(n_sib_ids, sizeof(int64_t)) + _nf_span(self.sib_lens.n, sizeof(int64_t))
+            + 8)
+        if self.derived is NULL:
+            raise MemoryError()
+        _nf_memset(&w, 0, sizeof(w))
+        with nogil:
+            cursor = self.derived
+            self.bits = <uint64_t *>_nf_carve(&cursor, 3 * self.n_hosts * self.words,
+                                              sizeof(uint64_t))
+            self.core_threads = <int64_t *>_nf_carve(&cursor, n_sib_ids, sizeof(int64_t))
+            self.core_lens = <int64_t *>_nf_carve(&cursor, self.sib_lens.n, sizeof(int64_t))
+            self._attach(&w)
+            _nf_prepare_hosts(&w)
+
+    cdef void _attach(self, _NfWork *w) noexcept nogil:
+        w.hosts = self.hosts
+        w.n_hosts = self.n_hosts
+        w.ids = self.ids.data
+        w.sib_lens = self.sib_lens.data
+        w.pools = self.pools.data
+        w.words = self.words
+        w.bits = self.bits
+        w.core_threads = self.core_threads
+        w.core_lens = self.core_lens
+
+    def __len__(self):
+        return self.n_hosts
+
+    def __dealloc__(self):
+        _nf_free(self.hosts)
+        _nf_free(self.derived)
+        _nf_buf_free(&self.ids)
+        _nf_buf_free(&self.sib_lens)
+        _nf_buf_free(&self.pools)
+
+
+cdef int _nf_heap_init(_NfBuf *b, Py_ssize_t cap) except -1:
+    b.data = <int64_t *>_nf_malloc(<size_t>cap * sizeof(int64_t))
+    if b.data is NULL:
+        raise MemoryError()
+    b.n = 0
+    b.cap = cap
+    b.heap = True
+    return 0
+
+
+def numa_fit(host, dict request, limits=None):
+    """Nova 34's numa_fit_instance_to_host on the corpus's JSON shapes: the placement
+    ``{"cells": [{host_cell, pinning, cpuset_reserved, pagesize}, ...]}`` or None.
+
+    ``host`` is the host dict or a NumaHost built from it (cheaper when fitting many
+    requests to the same host state)."""
+    cdef NumaHost nh = host if isinstance(host, NumaHost) else NumaHost(host)
+    cdef list guest_cells = <list?>request["cells"]
+    cdef Py_ssize_t n_hosts = nh.n_hosts, n_guests = len(guest_cells)
+    if n_guests == 0 or n_hosts < n_guests:
+        return None
+    cdef _NfWork w
+    cdef _NfBuf gids
+    cdef int64_t gids_stack[512]
+    cdef char *work_mem = NULL
+    cdef char *cursor
+    cdef size_t total
+    cdef Py_ssize_t h, gi, i, k, pin_total = 0, pairs
+    cdef dict cell
+    cdef object pagesize
+    cdef bint ok
+    cdef list out_cells, pinning
+    cdef _NfGuestCell *g
+    cdef int64_t *pins
+    _nf_memset(&w, 0, sizeof(w))
+    _nf_buf_init(&gids, gids_stack, 512)
+    nh._attach(&w)
+    w.n_guests = n_guests
+    try:
+        pairs = n_guests * n_hosts
+        work_mem = <char *>_nf_malloc(
+            _nf_span(n_guests, sizeof(_NfGuestCell))
+            + _nf_span(nh.words, sizeof(uint64_t))
+            + _nf_span(n_hosts, sizeof(int)) * 2
+            + _nf_span(pairs, 1)
+            + _nf_span(pairs, sizeof(int64_t)) * 2
+            + _nf_span(n_guests, sizeof(Py_ssize_t))
+            + _nf_span(n_guests, sizeof(int))
+            + _nf_span(n_hosts, 1) * 2)
+        if work_mem is NULL:
+            raise MemoryError()
+        cursor = work_mem
+        w.guests = <_NfGuestCell *>_nf_carve(&cursor, n_guests, sizeof(_NfGuestCell))
+        w.used = <uint64_t *>_nf_carve(&cursor, nh.words, sizeof(uint64_t))
+        w.order = <int *>_nf_carve(&cursor, n_hosts, sizeof(int))
+        w.owner = <int *>_nf_carve(&cursor, n_hosts, sizeof(int))
+        w.fits = _nf_carve(&cursor, pairs, 1)
+        w.pagesizes = <int64_t *>_nf_carve(&cursor, pairs, sizeof(int64_t))
+        w.reserved = <int64_t *>_nf_carve(&cursor, pairs, sizeof(int64_t))
+        w.pin_base = <Py_ssize_t *>_nf_carve(&cursor, n_guests, sizeof(Py_ssize_t))
+        w.chosen = <int *>_nf_carve(&cursor, n_guests, sizeof(int))
+        w.taken = _nf_carve(&cursor, n_hosts, 1)
+        w.seen = _nf_carve(&cursor, n_hosts, 1)
         for gi in range(n_guests):
             cell = <dict?>guest_cells[gi]
             g = &w.guests[gi]
@@ -618,58 +714,25 @@ def numa_fit(dict host, dict request, limits=None):
             g.policy = _nf_policy(cell.get("cpu_policy"))
             g.thread_policy = _nf_thread_policy(cell.get("cpu_thread_policy"))
             g.n_shared = len(<list?>cell["cpuset"])
-            g.vcpu_off = ids.n
+            g.vcpu_off = gids.n
             if _nf_pinned(g.policy):
-                _nf_push_list(&ids, cell["pcpuset"], &g.vcpu_n)
+                _nf_push_list(&gids, cell["pcpuset"], &g.vcpu_n)
             else:
                 g.vcpu_n = 0
+            w.pin_base[gi] = pin_total
             pin_total += g.vcpu_n * n_hosts
+        # The pinning found for every pair goes after the guests' vCPUs.
+        _nf_reserve(&gids, pin_total)
+        w.gids = gids.data
+        w.pins = gids.data + gids.n
         w.reserve = 1 if request.get("emulator_threads_policy") == "isolate" else 0
         w.has_limits = bool(limits)
         if w.has_limits:
             w.cpu_ratio = limits["cpu_allocation_ratio"]
             w.ram_ratio = limits["ram_allocation_ratio"]
-        w.ids = ids.data
-        w.sib_lens = sib_lens.data
-        w.pools = pools.data
-        w.words = (top >> 6) + 1
-        pairs = n_guests * n_hosts
-        total = (_nf_span(3 * n_hosts * w.words + w.words, sizeof(uint64_t))
-                 + _nf_span(n_sib_ids, sizeof(int64_t))
-                 + _nf_span(sib_lens.n, sizeof(int64_t))
-                 + _nf_span(n_hosts, sizeof(int)) * 2
-                 + _nf_span(pairs, 1)
-                 + _nf_span(pairs, sizeof(int64_t)) * 2
-                 + _nf_span(pin_total, sizeof(int64_t))
-                 + _nf_span(n_guests, sizeof(Py_ssize_t))
-                 + _nf_span(n_guests, sizeof(int))
-                 + _nf_span(n_hosts, 1) * 2)
-        work_mem = <char *>_nf_malloc(total)
-        if work_mem is NULL:
-            raise MemoryError()
         with nogil:
-            cursor = work_mem
-            w.bits = <uint64_t *>_nf_carve(&cursor, 3 * n_hosts * w.words + w.words,
-                                           sizeof(uint64_t))
-            w.used = w.bits + 3 * n_hosts * w.words
-            w.core_threads = <int64_t *>_nf_carve(&cursor, n_sib_ids, sizeof(int64_t))
-            w.core_lens = <int64_t *>_nf_carve(&cursor, sib_lens.n, sizeof(int64_t))
-            w.order = <int *>_nf_carve(&cursor, n_hosts, sizeof(int))
-            w.owner = <int *>_nf_carve(&cursor, n_hosts, sizeof(int))
-            w.fits = _nf_carve(&cursor, pairs, 1)
-            w.pagesizes = <int64_t *>_nf_carve(&cursor, pairs, sizeof(int64_t))
-            w.reserved = <int64_t *>_nf_carve(&cursor, pairs, sizeof(int64_t))
-            w.pins = <int64_t *>_nf_carve(&cursor, pin_total, sizeof(int64_t))
-            w.pin_base = <Py_ssize_t *>_nf_carve(&cursor, n_guests, sizeof(Py_ssize_t))
-            w.chosen = <int *>_nf_carve(&cursor, n_guests, sizeof(int))
-            w.taken = _nf_carve(&cursor, n_hosts, 1)
-            w.seen = _nf_carve(&cursor, n_hosts, 1)
-            pin_total = 0
             for gi in range(n_guests):
-                _nf_sort(w.ids + w.guests[gi].vcpu_off, w.guests[gi].vcpu_n)
-                w.pin_base[gi] = pin_total
-                pin_total += w.guests[gi].vcpu_n * n_hosts
-            _nf_prepare_hosts(&w)
+                _nf_sort(w.gids + w.guests[gi].vcpu_off, w.guests[gi].vcpu_n)
             _nf_order_hosts(&w)
             ok = _nf_search(&w)
         if not ok:
@@ -682,7 +745,7 @@ def numa_fit(dict host, dict request, limits=None):
             pins = w.pins + w.pin_base[gi] + h * g.vcpu_n
             pinning = []
             for k in range(g.vcpu_n):
-                pinning.append([w.ids[g.vcpu_off + k], pins[k]])
+                pinning.append([w.gids[g.vcpu_off + k], pins[k]])
             out_cells.append({
                 "host_cell": w.hosts[w.order[h]].id,
                 "pinning": pinning,
@@ -692,7 +755,4 @@ def numa_fit(dict host, dict request, limits=None):
         return {"cells": out_cells}
     finally:
         _nf_free(work_mem)
-        _nf_free(cells_mem)
-        _nf_buf_free(&ids)
-        _nf_buf_free(&sib_lens)
-        _nf_buf_free(&pools)
+        _nf_buf_free(&gids)
