@@ -22,13 +22,13 @@ from typing import Any
 
 import msgspec
 
-from . import protocol
+from . import numa, protocol
 from .config import Config
 from .errors import AgentError, BadRequest, Conflict, HypervisorError, NotFound
 from .hypervisor import Driver, PowerEvent
-from .hypervisor.xml import DiskSpec, DomainSpec, build
+from .hypervisor.xml import DiskSpec, DomainSpec, GuestCell, build
 from .images import ImageCache, ImageSpec
-from .protocol import Fault, InstanceRecord, SpawnArgs
+from .protocol import Fault, Flavor, InstanceRecord, NumaCell, SpawnArgs
 from .resources import Claim, Tracker
 from .store import Store
 
@@ -56,11 +56,6 @@ _VM_STATE_OF_POWER = {
     "crashed": "stopped",
 }
 
-_KNOWN_HW_KEYS = frozenset({
-    "hw:cpu_policy", "hw:cpu_thread_policy", "hw:numa_nodes", "hw:mem_page_size",
-    "hw:cpu_dedicated_mask", "hw:emulator_threads_policy",
-})
-_KNOWN_HW_PREFIXES = ("hw:numa_cpus.", "hw:numa_mem.")
 _QUOTA_KEYS = frozenset({
     "quota:cpu_shares", "quota:cpu_quota", "quota:cpu_period", "quota:disk_read_bytes_sec",
     "quota:disk_write_bytes_sec", "quota:disk_read_iops_sec", "quota:disk_write_iops_sec",
@@ -81,22 +76,40 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
-def validate_extra_specs(specs: dict[str, str]) -> None:
-    """Reject unknown ``hw:`` keys and malformed ``quota:`` values (BAD_REQUEST)."""
-    for key, value in specs.items():
-        field = f"args.flavor.extra_specs.{key}"
-        if key.startswith("hw:") and key not in _KNOWN_HW_KEYS and not key.startswith(_KNOWN_HW_PREFIXES):
-            raise BadRequest(f"unknown extra spec {key!r}", {"field": field, "reason": "unknown hw: key"})
+def flavor_request(flavor: Flavor) -> dict[str, Any] | None:
+    """Validate a flavor's extra specs; return its NUMA request (None for a floating guest).
+
+    ``hw:`` keys are Nova's and checked by ``numa.constraints``; ``quota:`` keys must be known
+    and non-negative integers. Errors are BAD_REQUEST naming the key.
+    """
+    prefix = "args.flavor.extra_specs."
+    for key, value in flavor.extra_specs.items():
         if key.startswith("quota:"):
             if key not in _QUOTA_KEYS:
-                raise BadRequest(f"unknown extra spec {key!r}", {"field": field, "reason": "unknown quota: key"})
+                raise BadRequest(f"unknown extra spec {key!r}", {"field": prefix + key, "reason": "unknown quota: key"})
             if not value.isdigit():
                 raise BadRequest(f"{key} must be a non-negative integer, not {value!r}",
-                                 {"field": field, "reason": "not a non-negative integer"})
-    policy = specs.get("hw:cpu_policy")
-    if policy is not None and policy not in ("shared", "dedicated", "mixed"):
-        raise BadRequest(f"hw:cpu_policy must be shared, dedicated or mixed, not {policy!r}",
-                         {"field": "args.flavor.extra_specs.hw:cpu_policy", "reason": "invalid value"})
+                                 {"field": prefix + key, "reason": "not a non-negative integer"})
+    try:
+        return numa.constraints(
+            {"vcpus": flavor.vcpus, "memory_mb": flavor.memory_mb, "extra_specs": flavor.extra_specs})
+    except BadRequest as exc:
+        field = str((exc.details or {}).get("field", ""))
+        field = prefix + field if field.startswith("hw:") else "args.flavor." + field
+        details = {**(exc.details or {}), "field": field}
+        raise BadRequest(exc.message, details) from None
+
+
+def numa_cells(request: dict[str, Any] | None, placement: dict[str, Any] | None) -> list[NumaCell] | None:
+    """The record's ``numa`` field: one entry per guest cell, with its pinning if dedicated."""
+    if request is None or placement is None:
+        return None
+    cells = []
+    for i, (want, got) in enumerate(zip(request["cells"], placement["cells"], strict=True)):
+        pinning = {int(v): int(p) for v, p in got["pinning"]} or None
+        cells.append(NumaCell(cell=i, host_cell=got["host_cell"], cpus=sorted(want["cpuset"] + want["pcpuset"]),
+                              memory_mb=want["memory"], pagesize_kb=got.get("pagesize"), pinning=pinning))
+    return cells
 
 
 class Manager:
@@ -234,7 +247,35 @@ class Manager:
             disk=DiskSpec(str(disk_path), self.images.disk_format()),
             console_path=str(self.instance_dir(uuid) / "console.log"),
             domain_type=domain_type,
+            **self._placement_xml(uuid),
         ))
+
+    def _placement_xml(self, uuid: str) -> dict[str, Any]:
+        """Pinning, NUMA cells and limits of an instance, for its domain XML."""
+        specs = self.instances[uuid].record.flavor.extra_specs
+        out: dict[str, Any] = {
+            "cputune": {k[6:]: int(v) for k, v in specs.items() if k in _QUOTA_KEYS and k.startswith("quota:cpu_")},
+            "iotune": {k[11:]: int(v) for k, v in specs.items() if k in _QUOTA_KEYS and k.startswith("quota:disk_")},
+        }
+        claim = self.tracker.claims.get(uuid) if self.tracker is not None else None
+        if claim is None or claim.numa_request is None or claim.numa_placement is None:
+            return out
+        host_cells = {c["id"]: c for c in self.tracker.numa_host["cells"]} if self.tracker else {}
+        cells: list[GuestCell] = []
+        vcpupin: dict[int, list[int]] = {}
+        for i, (want, got) in enumerate(zip(claim.numa_request["cells"], claim.numa_placement["cells"], strict=True)):
+            cells.append(GuestCell(i, sorted(want["cpuset"] + want["pcpuset"]), want["memory"], got["host_cell"],
+                                   got.get("pagesize")))
+            for vcpu, pcpu in got["pinning"]:
+                vcpupin[vcpu] = [pcpu]
+            for vcpu in want["cpuset"]:
+                vcpupin[vcpu] = list(host_cells[got["host_cell"]]["cpuset"])
+        # Emulator threads go to the pCPUs reserved for them (emulator_threads_policy=isolate),
+        # else they share the guest's own CPUs, as Nova places them.
+        reserved = [p for got in claim.numa_placement["cells"] for p in (got.get("cpuset_reserved") or [])]
+        out.update(numa=cells, vcpupin=vcpupin,
+                   emulatorpin=reserved or sorted({p for pins in vcpupin.values() for p in pins}))
+        return out
 
     async def _commit(self, uuid: str, *, extra: list[Any] | None = None, **changes: Any) -> InstanceRecord:
         """Apply state changes, make them durable, then publish the event."""
@@ -317,7 +358,7 @@ class Manager:
         uuid = protocol.normalise_uuid(args.uuid) if args.uuid else str(uuid_mod.uuid4())
         if args.image.id is None and args.image.url is None:
             raise BadRequest("image needs an id or a url", {"field": "args.image", "reason": "empty"})
-        validate_extra_specs(args.flavor.extra_specs)
+        numa_request = flavor_request(args.flavor)
         digest = hashlib.sha1(
             self._digest_encoder.encode(msgspec.structs.replace(args, uuid=uuid, wait=False))
         ).hexdigest()
@@ -327,12 +368,13 @@ class Manager:
                 raise Conflict(f"instance {uuid} exists with other arguments", {"uuid": uuid})
             return await self._after_spawn(uuid, args.wait)
         claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb,
-                              args.flavor.disk_gb, args.flavor.extra_specs)
+                              args.flavor.disk_gb, numa_request)
         ts = now()
         rec = InstanceRecord(
             uuid=uuid, name=args.name, project_id=args.project_id, vm_state="building",
             task_state="spawning", power_state="nostate", flavor=args.flavor, image=args.image,
-            host=self.hostname, numa=None, created_at=ts, updated_at=ts, metadata=args.metadata,
+            host=self.hostname, numa=numa_cells(numa_request, claim.numa_placement), created_at=ts,
+            updated_at=ts, metadata=args.metadata,
         )
         stored = Stored(record=rec, digest=digest, request_id=request_id)
         self.instances[uuid] = stored

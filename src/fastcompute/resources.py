@@ -14,8 +14,9 @@ from typing import Any
 
 import msgspec
 
+from . import numa
 from .config import QuotaConfig, ResourcesConfig
-from .errors import BadRequest, NoCapacity, QuotaExceeded
+from .errors import NoCapacity, QuotaExceeded
 
 RESOURCE_CLASSES = ("VCPU", "PCPU", "MEMORY_MB", "DISK_GB")
 
@@ -38,12 +39,14 @@ class HostCell(msgspec.Struct):
 
 
 class Claim(msgspec.Struct, kw_only=True):
-    """What one instance holds of the host: amounts per resource class (and, later, placement)."""
+    """What one instance holds of the host: amounts per resource class and its NUMA placement."""
 
     project_id: str
     resources: dict[str, int]
     vcpus: int
     memory_mb: int
+    numa_request: dict[str, Any] | None = None
+    numa_placement: dict[str, Any] | None = None
 
 
 def parse_cpuset(spec: str) -> set[int]:
@@ -110,6 +113,26 @@ def topology_from_libvirt(capabilities_xml: str, info: list[Any]) -> list[HostCe
     return out
 
 
+def _numa_host(cells: list[HostCell], shared: set[int], dedicated: set[int]) -> dict[str, Any]:
+    """The host in the NUMA fitter's shape (``numa.fit``), with nothing used yet."""
+    return {"cells": [
+        {
+            "id": c.id,
+            "cpuset": sorted(shared.intersection(c.cpus)),
+            "pcpuset": sorted(dedicated.intersection(c.cpus)),
+            "siblings": c.siblings,
+            "memory": c.memory_mb,
+            "memory_usage": 0,
+            "cpu_usage": 0,
+            "pinned_cpus": [],
+            "socket": c.id,
+            "mempages": [{"size_kb": p.size_kb, "total": p.total, "used": 0, "reserved": 0}
+                         for p in sorted(c.pages, key=lambda p: p.size_kb)],
+        }
+        for c in cells
+    ]}
+
+
 def _to_kib(value: int, unit: str) -> int:
     factors = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib": 1024,
                "g": 1024**2, "gib": 1024**2}
@@ -154,6 +177,7 @@ class Tracker:
         self._add("PCPU", len(dedicated), 0, 1.0)
         self._add("MEMORY_MB", memory_mb, cfg.reserved_host_memory_mb, cfg.ram_allocation_ratio)
         self._add("DISK_GB", disk_gb, math.ceil(cfg.reserved_host_disk_mb / 1024), cfg.disk_allocation_ratio)
+        self.numa_host = _numa_host(cells, shared, dedicated)
         self.usage: dict[str, int] = dict.fromkeys(RESOURCE_CLASSES, 0)
         self.claims: dict[str, Claim] = {}
         # per project: (instances, vcpus, memory_mb) held, kept up to date for quota checks
@@ -175,27 +199,14 @@ class Tracker:
         inv = self.inventory[rc]
         return int((inv["total"] - inv["reserved"]) * inv["allocation_ratio"])
 
-    def request_of(self, vcpus: int, memory_mb: int, disk_gb: int, extra_specs: dict[str, str]) -> dict[str, int]:
-        """The resource amounts a flavor asks for."""
-        policy = extra_specs.get("hw:cpu_policy", "shared")
-        if policy == "dedicated":
-            cpu = {"PCPU": vcpus}
-        elif policy == "mixed":
-            mask = extra_specs.get("hw:cpu_dedicated_mask")
-            if not mask:
-                raise BadRequest(
-                    "hw:cpu_policy=mixed needs hw:cpu_dedicated_mask",
-                    {"field": "flavor.extra_specs.hw:cpu_dedicated_mask", "reason": "missing"},
-                )
-            try:
-                pinned = len(parse_cpuset(mask))
-            except ValueError as exc:
-                raise BadRequest(str(exc), {"field": "flavor.extra_specs.hw:cpu_dedicated_mask",
-                                            "reason": str(exc)}) from None
-            cpu = {"PCPU": pinned, "VCPU": vcpus - pinned}
-        else:
-            cpu = {"VCPU": vcpus}
-        return {**cpu, "MEMORY_MB": memory_mb, "DISK_GB": disk_gb}
+    @staticmethod
+    def request_of(vcpus: int, memory_mb: int, disk_gb: int, numa_request: dict[str, Any] | None
+                   ) -> dict[str, int]:
+        """The amounts per resource class a flavor asks for: pinned vCPUs are PCPU."""
+        pinned = sum(len(c["pcpuset"]) for c in numa_request["cells"]) if numa_request else 0
+        # An isolated emulator thread takes one more dedicated pCPU, as Nova reports to Placement.
+        emulator = 1 if numa_request and numa_request.get("emulator_threads_policy") == "isolate" else 0
+        return {"VCPU": vcpus - pinned, "PCPU": pinned + emulator, "MEMORY_MB": memory_mb, "DISK_GB": disk_gb}
 
     def check_quota(self, project_id: str, vcpus: int, memory_mb: int) -> None:
         """Raise QuotaExceeded when one more such instance would exceed the project's quota."""
@@ -213,9 +224,13 @@ class Tracker:
                 )
 
     def claim(self, uuid: str, project_id: str, vcpus: int, memory_mb: int, disk_gb: int,
-              extra_specs: dict[str, str]) -> Claim:
-        """Reserve everything an instance needs, or nothing (NoCapacity / QuotaExceeded)."""
-        wanted = self.request_of(vcpus, memory_mb, disk_gb, extra_specs)
+              numa_request: dict[str, Any] | None = None) -> Claim:
+        """Reserve everything an instance needs, or nothing (NoCapacity / QuotaExceeded).
+
+        ``numa_request`` (from ``numa.constraints``) asks for a NUMA placement: host cells,
+        pinned pCPUs and huge pages are then taken together with the amounts, atomically.
+        """
+        wanted = self.request_of(vcpus, memory_mb, disk_gb, numa_request)
         self.check_quota(project_id, vcpus, memory_mb)
         for rc, amount in wanted.items():
             if amount and self.usage[rc] + amount > self.capacity(rc):
@@ -224,13 +239,29 @@ class Tracker:
                     f"not enough {rc} on this host: {amount} requested, {free} free",
                     {"resource_class": rc, "requested": amount, "free": free},
                 )
+        placement = None
+        if numa_request is not None:
+            limits = {"cpu_allocation_ratio": self.cfg.cpu_allocation_ratio,
+                      "ram_allocation_ratio": self.cfg.ram_allocation_ratio}
+            placement = numa.fit(self.numa_host, numa_request, limits)
+            if placement is None:
+                raise NoCapacity(
+                    "no NUMA placement on this host fits the flavor's topology, pinning or page size",
+                    {"resource_class": "NUMA", "numa_nodes": numa_request["numa_nodes"]},
+                )
         claim = Claim(project_id=project_id, resources={k: v for k, v in wanted.items() if v},
-                      vcpus=vcpus, memory_mb=memory_mb)
+                      vcpus=vcpus, memory_mb=memory_mb, numa_request=numa_request,
+                      numa_placement=placement)
         self.restore(uuid, claim)
         return claim
 
     def restore(self, uuid: str, claim: Claim) -> None:
-        """Take a claim as it is (from the store at start-up, or a fresh one)."""
+        """Take a claim as it is (from the store at start-up, or a fresh one).
+
+        Raises Conflict when its NUMA placement no longer fits (a pCPU already pinned).
+        """
+        if claim.numa_request is not None and claim.numa_placement is not None:
+            self.numa_host = numa.claim(self.numa_host, claim.numa_request, claim.numa_placement)
         self.claims[uuid] = claim
         for rc, amount in claim.resources.items():
             self.usage[rc] = self.usage.get(rc, 0) + amount
@@ -242,6 +273,8 @@ class Tracker:
         claim = self.claims.pop(uuid, None)
         if claim is None:
             return
+        if claim.numa_request is not None and claim.numa_placement is not None:
+            self.numa_host = numa.release(self.numa_host, claim.numa_request, claim.numa_placement)
         for rc, amount in claim.resources.items():
             self.usage[rc] -= amount
         self._account(claim, -1)

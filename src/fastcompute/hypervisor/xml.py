@@ -17,6 +17,16 @@ class DiskSpec(msgspec.Struct, frozen=True):
     format: str = "raw"
 
 
+class GuestCell(msgspec.Struct, frozen=True):
+    """A guest NUMA cell and where it lives on the host."""
+
+    id: int
+    cpus: list[int]
+    memory_mb: int
+    host_cell: int
+    pagesize_kb: int | None = None
+
+
 class DomainSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything the XML needs about one instance."""
 
@@ -30,6 +40,25 @@ class DomainSpec(msgspec.Struct, frozen=True, kw_only=True):
     console_path: str
     domain_type: str = "test"
     arch: str = "x86_64"
+    numa: list[GuestCell] = []
+    vcpupin: dict[int, list[int]] = {}
+    emulatorpin: list[int] = []
+    cputune: dict[str, int] = {}
+    iotune: dict[str, int] = {}
+
+
+def cpulist(cpus: list[int]) -> str:
+    """A CPU list as libvirt writes it (``0-3,8``)."""
+    out: list[str] = []
+    ordered = sorted(set(cpus))
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(out)
 
 
 def domain_name(uuid: str) -> str:
@@ -59,6 +88,7 @@ def build(spec: DomainSpec) -> str:
         f"<{PREFIX}:project>{_a(spec.project_id)}</{PREFIX}:project>"
         f"</{PREFIX}:instance></metadata>",
         f"<memory unit='MiB'>{int(spec.memory_mb)}</memory><vcpu>{int(spec.vcpus)}</vcpu>",
+        *_tuning(spec),
         f"<os><type arch='{_a(spec.arch)}'>hvm</type><boot dev='hd'/></os>",
         "<features><acpi/></features>",
         # The power-state logic reads a powered-off or crashed guest from its domain state, so
@@ -69,7 +99,8 @@ def build(spec: DomainSpec) -> str:
     if spec.disk is not None:
         parts.append(
             f"<disk type='file' device='disk'><driver name='qemu' type='{_a(spec.disk.format)}'/>"
-            f"<source file='{_a(spec.disk.path)}'/><target dev='vda' bus='virtio'/></disk>"
+            f"<source file='{_a(spec.disk.path)}'/><target dev='vda' bus='virtio'/>"
+            + _iotune(spec.iotune) + "</disk>"
         )
     console = _a(spec.console_path)
     parts.append(
@@ -78,3 +109,39 @@ def build(spec: DomainSpec) -> str:
         "</devices></domain>"
     )
     return "".join(parts)
+
+
+# quota:* extra specs -> the cputune and iotune elements they set (Nova's libvirt driver does
+# the same mapping).
+_CPUTUNE = (("cpu_shares", "shares"), ("cpu_period", "period"), ("cpu_quota", "quota"))
+_IOTUNE = ("read_bytes_sec", "write_bytes_sec", "read_iops_sec", "write_iops_sec")
+
+
+def _tuning(spec: DomainSpec) -> list[str]:
+    parts: list[str] = []
+    pagesizes = [(c.id, c.pagesize_kb) for c in spec.numa if c.pagesize_kb and c.pagesize_kb > 4]
+    if pagesizes:
+        parts.append("<memoryBacking><hugepages>" + "".join(
+            f"<page size='{int(size)}' unit='KiB' nodeset='{int(cell)}'/>" for cell, size in pagesizes
+        ) + "</hugepages></memoryBacking>")
+    tune = [f"<{tag}>{int(spec.cputune[key])}</{tag}>" for key, tag in _CPUTUNE if key in spec.cputune]
+    pins = [f"<vcpupin vcpu='{int(v)}' cpuset='{cpulist(p)}'/>" for v, p in sorted(spec.vcpupin.items())]
+    if spec.emulatorpin:
+        pins.append(f"<emulatorpin cpuset='{cpulist(spec.emulatorpin)}'/>")
+    if tune or pins:
+        parts.append("<cputune>" + "".join(tune + pins) + "</cputune>")
+    if spec.numa:
+        nodes = cpulist([c.host_cell for c in spec.numa])
+        parts.append(f"<numatune><memory mode='strict' nodeset='{nodes}'/>" + "".join(
+            f"<memnode cellid='{c.id}' mode='strict' nodeset='{c.host_cell}'/>" for c in spec.numa
+        ) + "</numatune>")
+        parts.append("<cpu><numa>" + "".join(
+            f"<cell id='{c.id}' cpus='{cpulist(c.cpus)}' memory='{int(c.memory_mb)}' unit='MiB'/>"
+            for c in spec.numa
+        ) + "</numa></cpu>")
+    return parts
+
+
+def _iotune(limits: dict[str, int]) -> str:
+    inner = "".join(f"<{k}>{int(limits[k])}</{k}>" for k in _IOTUNE if k in limits)
+    return f"<iotune>{inner}</iotune>" if inner else ""
