@@ -256,7 +256,7 @@ def test_reconcile_removes_strays_remakes_missing_and_is_idempotent(lab: Lab) ->
     damaged_chain = sg_chain(first.security_groups, "ingress")[0]
     sh("ip", "link", "del", kept[1].tap)
     sh("nft", "flush", "chain", "inet", lab.owner, damaged_chain)
-    sh("nft", "delete", "element", "bridge", lab.owner, "mac", f"{{ {kept[0].tap} . {kept[0].mac} }}")
+    sh("nft", "delete", "element", "bridge", lab.owner, "port_mac", f"{{ {kept[0].tap} . {kept[0].mac} }}")
     lab.net.close()
 
     restarted = Network(lab.cfg)

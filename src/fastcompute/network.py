@@ -36,6 +36,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import hashlib
 import ipaddress
 import re
@@ -283,10 +284,10 @@ Elem = Any
 SetKey = tuple[str, str]  # (family, set or map name)
 
 _SETS: Final[dict[SetKey, dict[str, Any]]] = {
-    ("bridge", "secured"): {"type": "ifname"},
-    ("bridge", "mac"): {"type": ["ifname", "ether_addr"]},
-    ("bridge", "ip4"): {"type": ["ifname", "ipv4_addr"]},
-    ("bridge", "ip6"): {"type": ["ifname", "ipv6_addr"]},
+    ("bridge", "ports"): {"type": "ifname"},
+    ("bridge", "port_mac"): {"type": ["ifname", "ether_addr"]},
+    ("bridge", "port_ipv4"): {"type": ["ifname", "ipv4_addr"]},
+    ("bridge", "port_ipv6"): {"type": ["ifname", "ipv6_addr"]},
     ("bridge", "from_mark"): {"type": "ifname", "map": "mark"},
     ("bridge", "to_mark"): {"type": "ifname", "map": "mark"},
     ("inet", "egress"): {"type": "mark", "map": "verdict"},
@@ -354,6 +355,12 @@ def sg_chain(groups: Sequence[SecurityGroup], direction: str) -> tuple[str, list
     The chain accepts what any of the groups allows in that direction and drops the rest;
     ports whose groups give the same rules share one chain.
     """
+    return _sg_chain(msgspec.msgpack.encode(groups), direction)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sg_chain(packed_groups: bytes, direction: str) -> tuple[str, list[list[dict[str, Any]]]]:
+    groups = msgspec.msgpack.decode(packed_groups, type=list[SecurityGroup])
     rules: list[list[dict[str, Any]]] = []
     seen: set[bytes] = set()
     for group in groups:
@@ -408,10 +415,10 @@ def port_nft(port: Port, tap: str, number: int) -> _PortNft:
     ingress, ingress_rules = sg_chain(port.security_groups, "ingress")
     return _PortNft(
         elements={
-            ("bridge", "secured"): frozenset({tap}),
-            ("bridge", "mac"): frozenset({(tap, mac)}),
-            ("bridge", "ip4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
-            ("bridge", "ip6"): frozenset({(tap, _link_local(mac))} | {(tap, str(a)) for a in addrs if a.version == 6}),
+            ("bridge", "ports"): frozenset({tap}),
+            ("bridge", "port_mac"): frozenset({(tap, mac)}),
+            ("bridge", "port_ipv4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
+            ("bridge", "port_ipv6"): frozenset({(tap, _link_local(mac))} | {(tap, str(a)) for a in addrs if a.version == 6}),
             ("bridge", "from_mark"): frozenset({("map", tap, _MARK_FROM | number)}),
             ("bridge", "to_mark"): frozenset({("map", tap, _MARK_TO | number)}),
             ("inet", "egress"): frozenset({("map", _MARK_FROM | number, ("jump", egress))}),
@@ -421,7 +428,29 @@ def port_nft(port: Port, tap: str, number: int) -> _PortNft:
     )
 
 
-class _Renderer:
+def ruleset(table: str, ports: Iterable[tuple[Port, str, int]]) -> list[dict[str, Any]]:
+    """One transaction that replaces both tables with the rules of ``(port, tap, number)``.
+
+    What the agent sends when it finds its tables missing or of another layout, e.g. at the
+    first start-up with instances to restore.
+    """
+    render = Renderer(table)
+    elements: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+    chains: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
+    for port, tap, number in ports:
+        nft = port_nft(port, tap, number)
+        for key, elems in nft.elements.items():
+            elements[key] |= elems
+        chains.update(nft.chains)
+    cmds = render.rebuild()
+    for key, rules in chains.items():
+        cmds += render.chain(*key, rules, exists=False)
+    for key, members in elements.items():
+        cmds += render.elements("add", key, members)
+    return cmds
+
+
+class Renderer:
     """Builds the JSON commands of the two tables named ``table``."""
 
     def __init__(self, table: str) -> None:
@@ -474,17 +503,17 @@ class _Renderer:
             chain("bridge", "spoof"),
             chain("bridge", "prerouting", "prerouting", -200),
             chain("bridge", "forward", "forward", -200),
-            self._rule("bridge", "prerouting", [_match(iif, "@secured"), {"jump": {"target": "spoof"}}], tag),
+            self._rule("bridge", "prerouting", [_match(iif, "@ports"), {"jump": {"target": "spoof"}}], tag),
             # The sender's egress is judged in inet prerouting before this runs; from here on
             # the mark names the receiver. Packets to other interfaces keep the sender's mark.
             self._rule("bridge", "forward", [mark_from(oif, "@to_mark")], tag),
             self._rule("bridge", "spoof", [mark_from(iif, "@from_mark")], tag),
-            spoof(not_in(_payload("ether", "saddr"), "mac"), drop),
+            spoof(not_in(_payload("ether", "saddr"), "port_mac"), drop),
             spoof(_match(ether_type, {"set": [0x8100, 0x88A8]}), drop),
-            spoof(is_arp, not_in(_payload("arp", "saddr ether"), "mac"), drop),
+            spoof(is_arp, not_in(_payload("arp", "saddr ether"), "port_mac"), drop),
             # ARP probes (RFC 5227) carry sender address 0.0.0.0.
             spoof(is_arp, _match(_payload("arp", "saddr ip"), "0.0.0.0"), accept),
-            spoof(is_arp, not_in(_payload("arp", "saddr ip"), "ip4"), drop),
+            spoof(is_arp, not_in(_payload("arp", "saddr ip"), "port_ipv4"), drop),
             # A guest may not answer DHCP or advertise itself as a router.
             spoof(is_ip, _match(l4, 17), _match(sport, 67), drop),
             spoof(is_ip6, _match(l4, 17), _match(sport, 547), drop),
@@ -493,8 +522,8 @@ class _Renderer:
             spoof(is_ip, _match(_payload("ip", "saddr"), "0.0.0.0"), _match(l4, 17), _match(sport, 68),
                   _match(dport, 67), accept),
             spoof(is_ip6, _match(_payload("ip6", "saddr"), "::"), _match(l4, 58), accept),
-            spoof(is_ip, not_in(_payload("ip", "saddr"), "ip4"), drop),
-            spoof(is_ip6, not_in(_payload("ip6", "saddr"), "ip6"), drop),
+            spoof(is_ip, not_in(_payload("ip", "saddr"), "port_ipv4"), drop),
+            spoof(is_ip6, not_in(_payload("ip6", "saddr"), "port_ipv6"), drop),
         ]  # fmt: skip
         # Neighbour discovery, MLD and DHCP pass whatever the groups say, as in Neutron.
         nd_out = [130, 131, 132, 133, 135, 136, 143]
@@ -637,7 +666,7 @@ class Network:
         self._executor = executor
         self._lock = asyncio.Lock()
         self._sync_lock = threading.Lock()
-        self._render = _Renderer(cfg.owner)
+        self._render = Renderer(cfg.owner)
         self._ports: dict[str, _Plugged] = {}
         self._numbers: set[int] = set()
         self._next_number = 1
@@ -1039,10 +1068,14 @@ class Network:
         state = self._read_tables()
         cmds: list[dict[str, Any]] = []
         if not state.base_ok:
-            cmds += self._render.rebuild()
-            state = _NftState(base_ok=True, elements={k: set() for k in _SETS})
+            secured = [p for p in ports if p.number]
+            self._transact(ruleset(self.cfg.owner, [(p.port, p.tap, p.number) for p in secured]))
+            self._chain_refs = Counter(key for p in secured for key in port_nft(p.port, p.tap, p.number).chains)
+            self._base_ready = True
             if report is not None:
                 report.rebuilt_tables = True
+                report.made_ports = [p.port.id for p in secured]
+            return
         want_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
         want_chains: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
         refs: Counter[tuple[str, str]] = Counter()
@@ -1074,7 +1107,7 @@ class Network:
             have = state.elements.get(key, set())
             extra = have - want_elems[key] if prune else (have & forgotten[key]) - want_elems[key]
             kept_elems[key] = have - extra
-            if key == ("bridge", "secured"):
+            if key == ("bridge", "ports"):
                 stray_taps = {t for t in extra if isinstance(t, str)}
             cmds += self._render.elements("delete", key, extra)
         for key in _SETS:
