@@ -418,7 +418,9 @@ def port_nft(port: Port, tap: str, number: int) -> _PortNft:
             ("bridge", "ports"): frozenset({tap}),
             ("bridge", "port_mac"): frozenset({(tap, mac)}),
             ("bridge", "port_ipv4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
-            ("bridge", "port_ipv6"): frozenset({(tap, _link_local(mac))} | {(tap, str(a)) for a in addrs if a.version == 6}),
+            ("bridge", "port_ipv6"): frozenset(
+                [(tap, _link_local(mac))] + [(tap, str(a)) for a in addrs if a.version == 6]
+            ),
             ("bridge", "from_mark"): frozenset({("map", tap, _MARK_FROM | number)}),
             ("bridge", "to_mark"): frozenset({("map", tap, _MARK_TO | number)}),
             ("inet", "egress"): frozenset({("map", _MARK_FROM | number, ("jump", egress))}),
