@@ -66,7 +66,7 @@ cdef inline int cs_next(const uint64_t *s, Py_ssize_t words, int start) noexcept
 
 
 def cpuset_to_list(bytes bitmap):
-    """The CPU ids of a bitmap (little-endian 64-bit words), ascending."""
+    """The CPU ids of a bitmap (native-endian 64-bit words), ascending."""
     cdef Py_ssize_t words = len(bitmap) // 8
     cdef const uint64_t *s = <const uint64_t *><const char *>bitmap
     cdef int cpu = cs_next(s, words, 0)
@@ -78,7 +78,7 @@ def cpuset_to_list(bytes bitmap):
 
 
 def cpuset_from_list(cpus):
-    """The bitmap (little-endian 64-bit words) of an iterable of non-negative CPU ids."""
+    """The bitmap (native-endian 64-bit words) of an iterable of non-negative CPU ids."""
     cdef list ids = [int(c) for c in cpus]
     cdef int cpu
     cdef int top = -1
