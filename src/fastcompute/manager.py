@@ -449,9 +449,11 @@ class Manager:
             await self._commit(uuid, task_state=task)
             try:
                 power = await self._drive(name, uuid, **kw)
-            except HypervisorError as exc:
+            except AgentError as exc:
                 await self._commit(uuid, task_state=None)
-                raise HypervisorError(f"{op} of {uuid} failed: {exc.message}") from None
+                if isinstance(exc, HypervisorError):
+                    raise HypervisorError(f"{op} of {uuid} failed: {exc.message}") from None
+                raise
             return await self._commit(uuid, vm_state=target, task_state=None, power_state=power,
                                       fault=rec.fault if target != "active" else None)
 
@@ -486,11 +488,35 @@ class Manager:
         return await actions[name]()
 
     async def _hard_reboot(self, uuid: str) -> str:
-        if await self.driver.info(uuid) is None:
-            # Nova's hard reboot re-creates the domain from the record: it also repairs an
-            # instance whose domain was lost.
+        if await self.driver.info(uuid) is not None:
+            return await self.driver.reboot(uuid, True)
+        # Nova's hard reboot re-creates the domain from the record, which also recovers an
+        # instance whose domain was lost or whose build failed; a failed build gave back its
+        # claim and its disk, so it takes them again first (or fails with nothing held).
+        tracker = self.tracker
+        assert tracker is not None
+        rec = self.instances[uuid].record
+        reclaimed = uuid not in tracker.claims
+        if reclaimed:
+            claim = tracker.claim(uuid, rec.project_id, rec.flavor.vcpus, rec.flavor.memory_mb,
+                                  rec.flavor.disk_gb, flavor_request(rec.flavor))
+            await self.store.write([self.store.put_claim(uuid, rec.project_id, claim)])
+            rec.numa = numa_cells(claim.numa_request, claim.numa_placement)
+            self._mark_resources_changed()
+        try:
+            if not (self.instance_dir(uuid) / "disk").exists():
+                await self.images.prepare_disk(
+                    uuid, ImageSpec(id=rec.image.id, url=rec.image.url, checksum=rec.image.checksum),
+                    rec.flavor.disk_gb)
             return await self.driver.launch(self._domain_xml(uuid), start=True)
-        return await self.driver.reboot(uuid, True)
+        except AgentError:
+            if reclaimed:
+                await self.images.remove_disk(uuid)
+                tracker.release(uuid)
+                rec.numa = None
+                await self.store.write([Store.delete_claim(uuid)])
+                self._mark_resources_changed()
+            raise
 
     async def delete(self, uuid: str) -> dict[str, Any]:
         """``instance.delete``: allowed from every state; releases disk, network and claim."""

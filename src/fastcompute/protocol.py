@@ -239,8 +239,10 @@ def _validation_details(exc: msgspec.MsgspecError, prefix: str) -> tuple[str, di
     reason = m.group("reason") if m else str(exc)
     path = (m.group("path") or "") if m else ""
     field = (prefix + path).lstrip(".") or prefix.rstrip(".") or "<frame>"
-    if reason.startswith("Object contains unknown field"):
-        field = field + "." + reason.split("`")[1] if "`" in reason else field
+    named = reason.startswith(("Object contains unknown field", "Object missing required field"))
+    if named and "`" in reason:
+        # msgspec points at the map; the field a person must fix is the one it names.
+        field = ((prefix + path).lstrip(".") + "." + reason.split("`")[1]).lstrip(".")
     return f"invalid request: {field}: {reason}", {"field": field, "reason": reason}
 
 
@@ -248,7 +250,7 @@ def request_id_of(frame: bytes) -> str:
     """The request id of a frame, if one can be read at all; ``""`` otherwise."""
     try:
         rid = _id_decoder.decode(frame).id
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, UnicodeDecodeError):
         return ""
     return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else ""
 
@@ -257,14 +259,14 @@ def decode_envelope(frame: bytes) -> Envelope:
     """Decode a request frame's envelope; raises BadRequest with the offending field."""
     try:
         env = _envelope_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except msgspec.ValidationError as exc:
+        message, details = _validation_details(exc, "")
+        raise BadRequest(message, details) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(
             "the frame is not a MessagePack map: send {v, id, op, args}",
             {"field": "<frame>", "reason": str(exc)},
         ) from None
-    except msgspec.ValidationError as exc:
-        message, details = _validation_details(exc, "")
-        raise BadRequest(message, details) from None
     if env.v != VERSION:
         raise BadRequest(
             f"unsupported protocol version {env.v}; this agent speaks version {VERSION}",
@@ -280,6 +282,8 @@ def decode_args(op: str, raw: Raw) -> _Args:
         raise UnknownOp(f"unknown op {op!r}; known ops: {', '.join(OP_ARGS)}", {"op": op})
     try:
         return decoder.decode(raw)
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"invalid request: args: {exc}", {"field": "args", "reason": "invalid UTF-8"}) from None
     except msgspec.MsgspecError as exc:
         message, details = _validation_details(exc, "args")
         raise BadRequest(message, details) from None

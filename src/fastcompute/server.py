@@ -98,6 +98,7 @@ class Server:
         self._auth: AsyncioAuthenticator | None = None
         self._replies: dict[str, tuple[float, bytes | asyncio.Future[bytes]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight = 0
         self._accepting = True
         self._receiver: asyncio.Task[None] | None = None
         self.endpoints: dict[str, str] = {}
@@ -218,9 +219,13 @@ class Server:
                 return value if isinstance(value, bytes) else await asyncio.shield(value)
             if not self._accepting:
                 raise Busy("the agent is shutting down; retry on its successor")
-            if len(self._tasks) > self.cfg.max_inflight_requests:
-                raise Busy(f"over {self.cfg.max_inflight_requests} requests in flight; retry later")
-            return await self._execute(rid, op, env.args)
+            if self._inflight >= self.cfg.max_inflight_requests:
+                raise Busy(f"{self._inflight} requests are in flight, the most this agent takes; retry later")
+            self._inflight += 1
+            try:
+                return await self._execute(rid, op, env.args)
+            finally:
+                self._inflight -= 1
         except AgentError as exc:
             code = exc.code
             return protocol.encode_error(rid, exc)
