@@ -15,17 +15,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastcompute.errors import NotFound
 from fastcompute.stats import (
+    CgroupLayout,
     CgroupPaths,
     InstanceSample,
     Rates,
     Sampler,
+    detect_layout,
     domain_stats_flags,
     from_domain_stats,
 )
 from fastcompute.stats_reference import read_cgroup
 
 MiB = 1 << 20
+V2_NAMES = ("cpu.stat", "memory.current", "memory.peak", "memory.swap.current", "io.stat")
 
 
 def _sample_files(paths: CgroupPaths) -> tuple[tuple[int | None, ...], list[int]]:
@@ -186,4 +190,58 @@ def test_rates() -> None:
     rates.update({})
     assert rates.update({"a": InstanceSample(at=106.0, source="cgroup", cpu_ns=20)})["a"][
         "cpu_pct"] is None
+
+
+
+MOUNTINFO_V2 = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+30 27 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate
+"""
+
+MOUNTINFO_V1 = """\
+31 25 0:27 / /sys/fs/cgroup/systemd rw shared:9 - cgroup cgroup rw,xattr,name=systemd
+34 25 0:30 / /sys/fs/cgroup/cpu,cpuacct rw shared:12 - cgroup cgroup rw,cpu,cpuacct
+35 25 0:31 / /sys/fs/cgroup/memory rw shared:13 - cgroup cgroup rw,memory
+37 25 0:31 /nested /mnt/memory-bind rw - cgroup cgroup rw,memory
+36 25 0:32 / /sys/fs/cgroup/blk\\040io rw shared:14 - cgroup cgroup rw,blkio
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "version", "v1", "unified"),
+    [
+        (MOUNTINFO_V2, "v2", {}, "/sys/fs/cgroup"),
+        (
+            MOUNTINFO_V1,
+            "v1",
+            {
+                "name=systemd": "/sys/fs/cgroup/systemd",
+                "cpu": "/sys/fs/cgroup/cpu,cpuacct",
+                "cpuacct": "/sys/fs/cgroup/cpu,cpuacct",
+                "memory": "/sys/fs/cgroup/memory",
+                "blkio": "/sys/fs/cgroup/blk io",
+            },
+            None,
+        ),
+    ],
+)
+def test_layouts_of_other_hosts(
+    tmp_path: Path, text: str, version: str, v1: dict[str, str], unified: str | None
+) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(text)
+    layout = detect_layout(str(mountinfo))
+    assert layout.version == version
+    assert dict(layout.v1) == v1 and layout.unified == unified
+
+
+def test_from_dir_on_a_pure_v2_layout(tmp_path: Path) -> None:
+    layout = CgroupLayout(unified=str(tmp_path))
+    (tmp_path / "machine.slice" / "vm.scope").mkdir(parents=True)
+    by_dir = CgroupPaths.from_dir(str(tmp_path / "machine.slice" / "vm.scope"), layout)
+    by_cgroup_path = CgroupPaths.from_dir("/machine.slice/vm.scope", layout)
+    assert by_dir == by_cgroup_path == CgroupPaths(unified=str(tmp_path / "machine.slice" / "vm.scope"))
+    assert [n for n, _ in by_dir.stat_files()] == list(V2_NAMES)
+    with pytest.raises(NotFound):
+        CgroupPaths.from_dir("/machine.slice/gone.scope", layout)
 
