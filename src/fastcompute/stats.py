@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -88,9 +89,12 @@ class CgroupLayout:
             yield self.unified
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(path: str) -> str:
     # mountinfo escapes blanks, tabs, newlines and backslashes as \ooo
-    return path.encode().decode("unicode_escape") if "\\" in path else path
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), path)
 
 
 _V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "blkio")
