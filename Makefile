@@ -12,7 +12,13 @@ setup:
 	@bash scripts/bootstrap.sh
 
 run: setup
-	$(VENV)/bin/fastcompute agent --state-dir $(STATE_DIR) --hypervisor test:///default $(if $(CONFIG),--config $(CONFIG))
+	@echo "fastcompute agent on libvirt's embedded test hypervisor, state in ./$(STATE_DIR)"
+	@echo "  requests: tcp://127.0.0.1:7780   events: tcp://127.0.0.1:7781   metrics: http://127.0.0.1:7782/metrics"
+	@echo "  try, in another shell:  .venv/bin/fastcompute ping; .venv/bin/fastcompute host;"
+	@echo "    .venv/bin/fastcompute boot demo --count 5 --image /etc/hostname --wait; .venv/bin/fastcompute list"
+	@echo "  stop with Ctrl-C (SIGINT) or SIGTERM"
+	$(VENV)/bin/fastcompute agent --state-dir $(STATE_DIR) --hypervisor test:///default \
+		--metrics 127.0.0.1:7782 $(if $(CONFIG),--config $(CONFIG))
 
 test: setup
 	$(PY) -m pytest -q tests

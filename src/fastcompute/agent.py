@@ -17,11 +17,15 @@ from typing import Any
 
 from . import protocol
 from .config import Config
+from .errors import NotFound
 from .hypervisor import LibvirtDriver
+from .hypervisor.xml import domain_name
 from .images import ImageCache
 from .manager import Manager
+from .metrics import Metrics, MetricsServer, loop_lag_probe, parse_endpoint, start_http_server
 from .resources import Tracker, cpu_traits, topology_from_libvirt
 from .server import Handler, Server
+from .stats import Source, StatsCollector, guest_source
 from .store import Store
 
 log = logging.getLogger("fastcompute.agent")
@@ -40,6 +44,11 @@ class Agent:
         self.images: ImageCache | None = None
         self.manager: Manager | None = None
         self.server: Server | None = None
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
+        self._stat_sources: dict[str, Source] = {}
+        self.stats = StatsCollector(lambda: self._stat_sources, self.io_pool,
+                                    connection=lambda: self.driver.connection, metrics=self.metrics)
         self._stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
 
@@ -76,6 +85,13 @@ class Agent:
         async def console(a: protocol.ConsoleArgs, _rid: str) -> Any:
             return await m.console(protocol.normalise_uuid(a.uuid), a.tail_bytes)
 
+        async def stats(a: protocol.StatsArgs, _rid: str) -> Any:
+            if a.uuid is None:
+                return self.stats.last()
+            uuid = protocol.normalise_uuid(a.uuid)
+            m.get(uuid)
+            return self.stats.last(uuid)
+
         handlers: dict[str, Handler] = {
             "ping": ping,
             "host.info": host_info,
@@ -84,6 +100,7 @@ class Agent:
             "instance.get": get,
             "instance.list": list_,
             "instance.console": console,
+            "instance.stats": stats,
         }
         for op in ("start", "stop", "pause", "unpause", "suspend", "resume", "reboot"):
             handlers["instance." + op] = lifecycle(op)
@@ -95,7 +112,7 @@ class Agent:
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
-        server = Server(cfg.agent, cfg.security, self.store, {})
+        server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request)
         self.server = server
         self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
         manager = Manager(cfg, self.store, self.driver, self.images, server.publish)
@@ -108,6 +125,9 @@ class Agent:
         server.handlers = self._handlers(manager)
         server.remember(replies)
         server.bind()
+        if cfg.stats.metrics:
+            host, port = parse_endpoint(cfg.stats.metrics)
+            self.metrics_server = start_http_server(self.metrics, host, port)
         server.start()
         loop = asyncio.get_running_loop()
         self._background = [
@@ -115,9 +135,15 @@ class Agent:
             loop.create_task(self._resources_loop()),
             loop.create_task(self._every(60.0, self._expire)),
         ]
+        if cfg.stats.interval_s > 0:
+            self._background.append(loop.create_task(self._every(cfg.stats.interval_s, self._publish_stats)))
+        if cfg.stats.loop_lag_interval_s > 0:
+            self._background.append(loop.create_task(loop_lag_probe(self.metrics, cfg.stats.loop_lag_interval_s)))
         log.info("agent %s serving %s, events on %s, hypervisor %s, state in %s",
                  manager.hostname, server.endpoints["control"], server.endpoints["events"],
                  cfg.hypervisor.uri, self.state_dir)
+        if self.metrics_server is not None:
+            log.info("metrics at %s", self.metrics_server.url)
 
     async def _every(self, period: float, fn: Any) -> None:
         while True:
@@ -132,6 +158,34 @@ class Agent:
         self.server.expire()
         await self.store.write([Store.expire_replies(time.time())])
 
+    async def _publish_stats(self) -> None:
+        """Sample every running guest and publish ``host.stats``."""
+        m, s = self.manager, self.server
+        assert m is not None and s is not None
+        running = [u for u, st in m.instances.items() if st.record.power_state == "running"]
+        for gone in self.stats.vanished:
+            self._stat_sources.pop(gone, None)  # a new QEMU process: find its cgroup again
+        unknown = [u for u in running if u not in self._stat_sources]
+        if unknown:
+            mode = "libvirt" if self.cfg.hypervisor.uri.startswith("test:") else self.cfg.stats.source
+            run_dir = self.cfg.stats.qemu_run_dir
+
+            def resolve() -> dict[str, Source]:
+                found: dict[str, Source] = {}
+                for u in unknown:
+                    try:
+                        found[u] = guest_source(domain_name(u), mode, run_dir)
+                    except NotFound:
+                        continue
+                return found
+
+            resolved = await asyncio.get_running_loop().run_in_executor(self.io_pool, resolve)
+            self._stat_sources.update(resolved)
+        keep = set(running)
+        self._stat_sources = {u: src for u, src in self._stat_sources.items() if u in keep}
+        records = await self.stats.collect()
+        s.publish("host.stats", {"host": m.hostname, "at": time.time(), "instances": records})
+
     async def _resources_loop(self) -> None:
         """host.resources: soon after a change (coalesced), and at least every interval."""
         m, s = self.manager, self.server
@@ -141,8 +195,20 @@ class Agent:
             await asyncio.sleep(0.1)
             due = time.monotonic() - last >= self.cfg.agent.resources_interval_s
             if m.take_resources_dirty() or due:
-                s.publish("host.resources", m.host_info())
+                info = m.host_info()
+                s.publish("host.resources", info)
+                self._update_gauges(info)
                 last = time.monotonic()
+
+    def _update_gauges(self, info: dict[str, Any]) -> None:
+        m, t = self.manager, self.manager.tracker if self.manager else None
+        assert m is not None and t is not None
+        by_state: dict[str, int] = {}
+        for st in m.instances.values():
+            by_state[st.record.vm_state] = by_state.get(st.record.vm_state, 0) + 1
+        self.metrics.set_instances(by_state)
+        claims = {rc: sum(1 for c in t.claims.values() if c.resources.get(rc)) for rc in info["usage"]}
+        self.metrics.set_resources({rc: (t.capacity(rc), used, claims[rc]) for rc, used in info["usage"].items()})
 
     def request_stop(self) -> None:
         """Ask the agent to shut down (signal handlers call this)."""
@@ -169,6 +235,9 @@ class Agent:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.server is not None:
             await self.server.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        self.stats.close()
         if self.images is not None:
             await self.images.close()
         await self.store.close()

@@ -140,6 +140,12 @@ class ConsoleArgs(_Args):
     tail_bytes: Annotated[int, Meta(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
 
 
+class StatsArgs(_Args):
+    """``instance.stats`` (extension): one instance, or all when ``uuid`` is left out."""
+
+    uuid: UuidStr | None = None
+
+
 class NumaCell(Struct, kw_only=True):
     """One guest NUMA cell's placement in the instance record."""
 
@@ -218,13 +224,14 @@ OP_ARGS: Final[dict[str, type[_Args]]] = {
     "instance.get": UuidArgs,
     "instance.list": ListArgs,
     "instance.console": ConsoleArgs,
+    "instance.stats": StatsArgs,
 }
 
 # Ops whose replies are persisted for idempotent retries across restarts; read-only ops are
 # answered again from memory within the window but need no durable log.
 MUTATING_OPS: Final = frozenset(
     op for op in OP_ARGS if op.startswith("instance.") and op not in
-    ("instance.get", "instance.list", "instance.console")
+    ("instance.get", "instance.list", "instance.console", "instance.stats")
 )
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)

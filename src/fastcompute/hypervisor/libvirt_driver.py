@@ -110,6 +110,11 @@ class LibvirtDriver:
                 await self._call(conn.close)
         self._pool.shutdown()
 
+    @property
+    def connection(self) -> Any:
+        """The live libvirt connection (None while reconnecting), for bulk reads in a worker."""
+        return self._conn
+
     def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         state = {
             libvirt.VIR_DOMAIN_EVENT_STARTED: "running",
