@@ -12,10 +12,11 @@ setup:
 	@bash scripts/bootstrap.sh
 
 run: setup
+	@mkdir -p $(STATE_DIR) && [ -f $(STATE_DIR)/demo.raw ] || truncate -s 64M $(STATE_DIR)/demo.raw
 	@echo "fastcompute agent on libvirt's embedded test hypervisor, state in ./$(STATE_DIR)"
 	@echo "  requests: tcp://127.0.0.1:7780   events: tcp://127.0.0.1:7781   metrics: http://127.0.0.1:7782/metrics"
 	@echo "  try, in another shell:  .venv/bin/fastcompute ping; .venv/bin/fastcompute host;"
-	@echo "    .venv/bin/fastcompute boot demo --count 5 --image /etc/hostname --wait; .venv/bin/fastcompute list"
+	@echo "    .venv/bin/fastcompute boot demo --count 5 --image $(STATE_DIR)/demo.raw --wait; .venv/bin/fastcompute list"
 	@echo "  stop with Ctrl-C (SIGINT) or SIGTERM"
 	$(VENV)/bin/fastcompute agent --state-dir $(STATE_DIR) --hypervisor test:///default \
 		--metrics 127.0.0.1:7782 $(if $(CONFIG),--config $(CONFIG))
