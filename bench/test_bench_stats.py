@@ -165,3 +165,25 @@ def test_sample_vs_psutil(thousand: list[str]) -> None:
         f"memory_info+io_counters {med['psutil'] * 1e6 / n:.2f} us/process, "
         f"psutil/sample = {med['psutil/sample']:.1f}x (reported, not gated)"
     )
+
+
+def test_add_and_remove_cost(thousand: list[str]) -> None:
+    """Following the instance set: the cost of one add() and one remove(), reported."""
+    adds, removes = [], []
+    with Sampler() as sampler:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for d in thousand:
+                sampler.add(d)
+            adds.append(time.perf_counter() - t0)
+            sampler.sample()
+            t0 = time.perf_counter()
+            for d in thousand:
+                sampler.remove(d)
+            removes.append(time.perf_counter() - t0)
+    add, remove = statistics.median(adds), statistics.median(removes)
+    print(
+        f"\nadd() {add * 1e6 / N:.1f} us/cgroup (resolve the directories, open its files), "
+        f"remove() {remove * 1e6 / N:.1f} us/cgroup (close them)"
+    )
+    assert len(sampler) == 0
