@@ -722,3 +722,61 @@ def test_copier_refuses_to_copy_a_file_onto_itself(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         copy(src, tmp_path / "alias")
     assert src.read_bytes() == before
+
+
+def test_copier_falls_back_across_file_systems(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary directory")
+    src = shm / f"fastcompute-test-{os.getpid()}"
+    try:
+        _make(src, "odd")
+        copied, method = copy(src, tmp_path / "dst")
+        assert (tmp_path / "dst").read_bytes() == src.read_bytes()
+        assert method in ("copy_file_range", "sendfile", "readwrite") and copied > 0
+    finally:
+        src.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def https_server(tmp_path: Path) -> Iterator[tuple[str, Path, Route]]:
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server = ImageServer(port=httpd.server_address[1])
+    httpd.RequestHandlerClass = _handler(server)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    route = Route(image_bytes())
+    server.routes["/img.raw"] = route
+    yield f"https://127.0.0.1:{server.port}/img.raw", cert, route
+    httpd.shutdown()
+    httpd.server_close()
+
+
+async def test_https_source_is_verified_against_the_ca_file(
+    https_server: tuple[str, Path, Route], tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    url, cert, route = https_server
+    untrusting = ImageCache(tmp_path / "a", ImagesConfig(), executor)
+    try:
+        with pytest.raises(ImageError, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.prepare_disk("vm", ImageSpec(url=url), 1)
+    finally:
+        await untrusting.close()
+    trusting = ImageCache(tmp_path / "b", ImagesConfig(ca_file=str(cert)), executor)
+    try:
+        disk = await trusting.prepare_disk("vm", ImageSpec(url=url, checksum=sha256(route.body)), 1)
+    finally:
+        await trusting.close()
+    qemu_check(disk)

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import secrets
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -596,7 +597,7 @@ class ImageCache:
                     connect=c.connect_timeout_s, read=c.read_timeout_s,
                     write=c.read_timeout_s, pool=None,
                 ),
-                verify=c.ca_file or True,
+                verify=ssl.create_default_context(cafile=c.ca_file or None),
                 follow_redirects=True,
                 limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
             )
