@@ -23,6 +23,7 @@ from .hypervisor.xml import domain_name
 from .images import ImageCache
 from .manager import Manager
 from .metrics import Metrics, MetricsServer, loop_lag_probe, parse_endpoint, start_http_server
+from .network import Network
 from .resources import Tracker, cpu_traits, topology_from_libvirt
 from .server import Handler, Server
 from .stats import Source, StatsCollector, guest_source
@@ -42,6 +43,7 @@ class Agent:
         # Blocking file work (image fetches, copies, disk creation) runs here, never on the loop.
         self.io_pool = ThreadPoolExecutor(max_workers=cfg.agent.worker_threads, thread_name_prefix="io")
         self.images: ImageCache | None = None
+        self.network: Network | None = None
         self.manager: Manager | None = None
         self.server: Server | None = None
         self.metrics = Metrics()
@@ -80,10 +82,19 @@ class Agent:
             return m.get(protocol.normalise_uuid(a.uuid))
 
         async def list_(a: protocol.ListArgs, _rid: str) -> Any:
-            return m.list(a.project_id, a.vm_state)
+            return m.list_instances(a.project_id, a.vm_state)
 
         async def console(a: protocol.ConsoleArgs, _rid: str) -> Any:
             return await m.console(protocol.normalise_uuid(a.uuid), a.tail_bytes)
+
+        async def attach_port(a: protocol.AttachPortArgs, _rid: str) -> Any:
+            return await m.attach_port(protocol.normalise_uuid(a.uuid), a.port)
+
+        async def detach_port(a: protocol.DetachPortArgs, _rid: str) -> Any:
+            return await m.detach_port(protocol.normalise_uuid(a.uuid), a.port_id)
+
+        async def set_groups(a: protocol.SecurityGroupsArgs, _rid: str) -> Any:
+            return await m.set_security_groups(protocol.normalise_uuid(a.uuid), a.port_id, a.security_groups)
 
         async def stats(a: protocol.StatsArgs, _rid: str) -> Any:
             if a.uuid is None:
@@ -101,6 +112,9 @@ class Agent:
             "instance.list": list_,
             "instance.console": console,
             "instance.stats": stats,
+            "instance.attach_port": attach_port,
+            "instance.detach_port": detach_port,
+            "instance.set_security_groups": set_groups,
         }
         for op in ("start", "stop", "pause", "unpause", "suspend", "resume", "reboot"):
             handlers["instance." + op] = lifecycle(op)
@@ -115,7 +129,8 @@ class Agent:
         server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request)
         self.server = server
         self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
-        manager = Manager(cfg, self.store, self.driver, self.images, server.publish)
+        self.network = Network(cfg.network, self.io_pool)
+        manager = Manager(cfg, self.store, self.driver, self.images, self.network, server.publish)
         self.manager = manager
         await self.driver.connect(manager.on_power_event)
         caps, info, facts = await self.driver.host_facts()
@@ -240,6 +255,8 @@ class Agent:
         self.stats.close()
         if self.images is not None:
             await self.images.close()
+        if self.network is not None:
+            self.network.close()
         await self.store.close()
         await self.driver.close()
         self.io_pool.shutdown(wait=True)

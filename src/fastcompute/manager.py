@@ -26,8 +26,9 @@ from . import numa, protocol
 from .config import Config
 from .errors import AgentError, BadRequest, Conflict, HypervisorError, NotFound
 from .hypervisor import Driver, PowerEvent
-from .hypervisor.xml import DiskSpec, DomainSpec, GuestCell, build
+from .hypervisor.xml import DiskSpec, DomainSpec, GuestCell, Interface, build, interface_xml
 from .images import ImageCache, ImageSpec
+from .network import Network, Port, SecurityGroup
 from .protocol import Fault, Flavor, InstanceRecord, NumaCell, SpawnArgs
 from .resources import Claim, Tracker
 from .store import Store
@@ -68,6 +69,7 @@ class Stored(msgspec.Struct, kw_only=True):
     record: InstanceRecord
     digest: str
     request_id: str | None = None
+    ports: list[Port] = []
 
 
 def now() -> str:
@@ -112,6 +114,15 @@ def numa_cells(request: dict[str, Any] | None, placement: dict[str, Any] | None)
     return cells
 
 
+_PORT_STATES = frozenset({"active", "stopped", "paused", "suspended"})
+
+
+def _prefixed(details: dict[str, Any] | None, prefix: str) -> dict[str, Any] | None:
+    if not details or "field" not in details:
+        return details
+    return {**details, "field": prefix + str(details["field"])}
+
+
 class Manager:
     """Owns the instances of this host and every change to them."""
 
@@ -121,12 +132,14 @@ class Manager:
         store: Store,
         driver: Driver,
         images: ImageCache,
+        network: Network,
         publish: Publish,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.driver = driver
         self.images = images
+        self.network = network
         self.publish = publish
         self.state_dir = Path(cfg.agent.state_dir)
         self.hostname = cfg.agent.host or socket.gethostname()
@@ -167,6 +180,14 @@ class Manager:
 
     async def reconcile(self) -> None:
         """Bring the store and the hypervisor into agreement after a (re)start."""
+        wanted = {u: s.ports for u, s in self.instances.items()
+                  if s.ports and s.record.vm_state not in ("error", "deleted")}
+        if wanted:
+            # Only instances with ports can have left taps, bridges or rules behind: every
+            # delete unplugs before it forgets the instance.
+            report = await self.network.reconcile(wanted)
+            if report.changed:
+                log.info("network reconciled: %s", report)
         domains = {d.uuid: d for d in await self.driver.list_domains()}
         for d in domains.values():
             if d.ours and d.uuid not in self.instances:
@@ -233,7 +254,7 @@ class Manager:
         """Where an instance's files (disk, console log) live."""
         return self.state_dir / "instances" / uuid
 
-    def _domain_xml(self, uuid: str) -> str:
+    def _domain_xml(self, uuid: str, skip_taps: frozenset[str] = frozenset()) -> str:
         rec = self.instances[uuid].record
         disk_path = self.instance_dir(uuid) / "disk"
         domain_type = "test" if self.driver.uri.startswith("test:") else self.cfg.hypervisor.domain_type
@@ -247,6 +268,7 @@ class Manager:
             disk=DiskSpec(str(disk_path), self.images.disk_format()),
             console_path=str(self.instance_dir(uuid) / "console.log"),
             domain_type=domain_type,
+            interfaces=[Interface(p.tap, p.mac, p.mtu) for p in self.network.plugged(uuid) if p.tap not in skip_taps],
             **self._placement_xml(uuid),
         ))
 
@@ -325,7 +347,7 @@ class Manager:
         """``instance.get``."""
         return self._get(uuid).record
 
-    def list(self, project_id: str | None, vm_state: str | None) -> list[InstanceRecord]:
+    def list_instances(self, project_id: str | None, vm_state: str | None) -> list[InstanceRecord]:
         """``instance.list``."""
         return [
             s.record for s in self.instances.values()
@@ -359,6 +381,7 @@ class Manager:
         if args.image.id is None and args.image.url is None:
             raise BadRequest("image needs an id or a url", {"field": "args.image", "reason": "empty"})
         numa_request = flavor_request(args.flavor)
+        ports = await self._validate_ports(args.networks, uuid)
         digest = hashlib.sha1(
             self._digest_encoder.encode(msgspec.structs.replace(args, uuid=uuid, wait=False))
         ).hexdigest()
@@ -376,7 +399,7 @@ class Manager:
             host=self.hostname, numa=numa_cells(numa_request, claim.numa_placement), created_at=ts,
             updated_at=ts, metadata=args.metadata,
         )
-        stored = Stored(record=rec, digest=digest, request_id=request_id)
+        stored = Stored(record=rec, digest=digest, request_id=request_id, ports=ports)
         self.instances[uuid] = stored
         self._locks[uuid] = asyncio.Lock()
         try:
@@ -413,6 +436,8 @@ class Manager:
                     uuid, ImageSpec(id=rec.image.id, url=rec.image.url, checksum=rec.image.checksum),
                     rec.flavor.disk_gb,
                 )
+                if self.instances[uuid].ports:
+                    await self.network.plug(uuid, self.instances[uuid].ports)
                 power = await self.driver.launch(self._domain_xml(uuid), start=True)
             except AgentError as exc:
                 await self._fail_build(uuid, exc)
@@ -432,6 +457,7 @@ class Manager:
         except HypervisorError as cleanup:
             log.error("could not remove the domain of failed build %s: %s", uuid, cleanup.message)
         await self.images.remove_disk(uuid)
+        await self.network.unplug(uuid)
         tracker.release(uuid)
         self._mark_resources_changed()
         await self._commit(uuid, vm_state="error", task_state=None, power_state="nostate",
@@ -508,15 +534,81 @@ class Manager:
                 await self.images.prepare_disk(
                     uuid, ImageSpec(id=rec.image.id, url=rec.image.url, checksum=rec.image.checksum),
                     rec.flavor.disk_gb)
+            if self.instances[uuid].ports:
+                await self.network.plug(uuid, self.instances[uuid].ports)
             return await self.driver.launch(self._domain_xml(uuid), start=True)
         except AgentError:
             if reclaimed:
                 await self.images.remove_disk(uuid)
+                await self.network.unplug(uuid)
                 tracker.release(uuid)
                 rec.numa = None
                 await self.store.write([Store.delete_claim(uuid)])
                 self._mark_resources_changed()
             raise
+
+    async def _validate_ports(self, raw: list[dict[str, Any]], uuid: str) -> list[Port]:
+        if not raw:
+            return []
+        try:
+            ports = await self.network.validate(raw, instance_uuid=uuid)
+        except AgentError as exc:
+            raise type(exc)(exc.message, _prefixed(exc.details, "args.")) from None
+        taken = {p.id for s in self.instances.values() if s.record.uuid != uuid for p in s.ports}
+        for p in ports:
+            if p.id in taken:
+                raise Conflict(f"port {p.id} belongs to another instance on this host", {"port_id": p.id})
+        return ports
+
+    async def attach_port(self, uuid: str, raw: dict[str, Any]) -> InstanceRecord:
+        """``instance.attach_port`` (extension): plug a port and add it to the domain."""
+        self._check(uuid, "attach a port to", _PORT_STATES)
+        async with self._locks[uuid]:
+            stored = self._check(uuid, "attach a port to", _PORT_STATES)
+            port = (await self._validate_ports([raw], uuid))[0]
+            if any(p.id == port.id for p in stored.ports):
+                raise Conflict(f"port {port.id} is already attached to {uuid}", {"port_id": port.id})
+            plugged = await self.network.plug(uuid, [*stored.ports, port])
+            tap = next(p for p in plugged if p.port_id == port.id)
+            try:
+                await self.driver.attach_interface(uuid, interface_xml(Interface(tap.tap, tap.mac, tap.mtu)),
+                                                   self._domain_xml(uuid))
+            except AgentError:
+                await self.network.unplug(uuid, [port.id])
+                raise
+            stored.ports = [*stored.ports, port]
+            return await self._commit(uuid)
+
+    async def detach_port(self, uuid: str, port_id: str) -> InstanceRecord:
+        """``instance.detach_port`` (extension): remove a port from the domain and unplug it."""
+        self._check(uuid, "detach a port from", _PORT_STATES)
+        async with self._locks[uuid]:
+            stored = self._check(uuid, "detach a port from", _PORT_STATES)
+            plugged = next((p for p in self.network.plugged(uuid) if p.port_id == port_id), None)
+            if plugged is None or not any(p.id == port_id for p in stored.ports):
+                raise NotFound(f"instance {uuid} has no port {port_id}", {"port_id": port_id})
+            stored.ports = [p for p in stored.ports if p.id != port_id]
+            await self.driver.detach_interface(
+                uuid, interface_xml(Interface(plugged.tap, plugged.mac, plugged.mtu)),
+                self._domain_xml(uuid, skip_taps=frozenset({plugged.tap})))
+            await self.network.unplug(uuid, [port_id])
+            return await self._commit(uuid)
+
+    async def set_security_groups(self, uuid: str, port_id: str, groups: list[dict[str, Any]]) -> InstanceRecord:
+        """``instance.set_security_groups`` (extension): Neutron's port update, in one transaction."""
+        stored = self._get(uuid)
+        async with self._locks[uuid]:
+            port = next((p for p in stored.ports if p.id == port_id), None)
+            if port is None:
+                raise NotFound(f"instance {uuid} has no port {port_id}", {"port_id": port_id})
+            try:
+                await self.network.set_security_groups(port_id, groups)
+            except AgentError as exc:
+                raise type(exc)(exc.message, _prefixed(exc.details, "args.")) from None
+            new_groups = [msgspec.convert(g, SecurityGroup) for g in groups]
+            stored.ports = [msgspec.structs.replace(p, security_groups=new_groups) if p.id == port_id else p
+                            for p in stored.ports]
+            return await self._commit(uuid)
 
     async def delete(self, uuid: str) -> dict[str, Any]:
         """``instance.delete``: allowed from every state; releases disk, network and claim."""
@@ -533,6 +625,7 @@ class Manager:
         assert tracker is not None
         await self.driver.destroy(uuid)
         await self.images.remove_disk(uuid)
+        await self.network.unplug(uuid)
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: shutil.rmtree(self.instance_dir(uuid), ignore_errors=True)
         )

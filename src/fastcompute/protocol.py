@@ -140,6 +140,28 @@ class ConsoleArgs(_Args):
     tail_bytes: Annotated[int, Meta(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
 
 
+class AttachPortArgs(_Args):
+    """``instance.attach_port`` (extension)."""
+
+    uuid: UuidStr
+    port: dict[str, Any]
+
+
+class DetachPortArgs(_Args):
+    """``instance.detach_port`` (extension)."""
+
+    uuid: UuidStr
+    port_id: Annotated[str, Meta(min_length=1, max_length=255)]
+
+
+class SecurityGroupsArgs(_Args):
+    """``instance.set_security_groups`` (extension): Neutron's port update."""
+
+    uuid: UuidStr
+    port_id: Annotated[str, Meta(min_length=1, max_length=255)]
+    security_groups: list[dict[str, Any]]
+
+
 class StatsArgs(_Args):
     """``instance.stats`` (extension): one instance, or all when ``uuid`` is left out."""
 
@@ -225,6 +247,9 @@ OP_ARGS: Final[dict[str, type[_Args]]] = {
     "instance.list": ListArgs,
     "instance.console": ConsoleArgs,
     "instance.stats": StatsArgs,
+    "instance.attach_port": AttachPortArgs,
+    "instance.detach_port": DetachPortArgs,
+    "instance.set_security_groups": SecurityGroupsArgs,
 }
 
 # Ops whose replies are persisted for idempotent retries across restarts; read-only ops are

@@ -265,6 +265,32 @@ class LibvirtDriver:
 
         return await self._call(run)
 
+    async def attach_interface(self, uuid: str, device_xml: str, domain_xml: str) -> None:
+        """Add an interface to a domain: live and persistent where the driver can hot-plug,
+        else (libvirt's test driver) in the persistent definition, taking effect at next start."""
+        await self._change_device(uuid, device_xml, domain_xml, attach=True)
+
+    async def detach_interface(self, uuid: str, device_xml: str, domain_xml: str) -> None:
+        """Remove an interface from a domain (see ``attach_interface``)."""
+        await self._change_device(uuid, device_xml, domain_xml, attach=False)
+
+    async def _change_device(self, uuid: str, device_xml: str, domain_xml: str, attach: bool) -> None:
+        conn = await self._ready()
+
+        def run() -> None:
+            dom = self._lookup(conn, uuid)
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            if dom.isActive():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+            try:
+                (dom.attachDeviceFlags if attach else dom.detachDeviceFlags)(device_xml, flags)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+                conn.defineXML(domain_xml)
+
+        await self._call(run)
+
     async def destroy(self, uuid: str) -> None:
         """Stop and undefine a domain, with its managed save; absent domains are fine."""
         conn = await self._ready()

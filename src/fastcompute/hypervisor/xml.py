@@ -17,6 +17,14 @@ class DiskSpec(msgspec.Struct, frozen=True):
     format: str = "raw"
 
 
+class Interface(msgspec.Struct, frozen=True):
+    """A port's tap, made and plugged by the network module before the domain starts."""
+
+    tap: str
+    mac: str
+    mtu: int
+
+
 class GuestCell(msgspec.Struct, frozen=True):
     """A guest NUMA cell and where it lives on the host."""
 
@@ -40,6 +48,7 @@ class DomainSpec(msgspec.Struct, frozen=True, kw_only=True):
     console_path: str
     domain_type: str = "test"
     arch: str = "x86_64"
+    interfaces: list[Interface] = []
     numa: list[GuestCell] = []
     vcpupin: dict[int, list[int]] = {}
     emulatorpin: list[int] = []
@@ -102,6 +111,7 @@ def build(spec: DomainSpec) -> str:
             f"<source file='{_a(spec.disk.path)}'/><target dev='vda' bus='virtio'/>"
             + _iotune(spec.iotune) + "</disk>"
         )
+    parts.extend(interface_xml(i) for i in spec.interfaces)
     console = _a(spec.console_path)
     parts.append(
         f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
@@ -145,3 +155,12 @@ def _tuning(spec: DomainSpec) -> list[str]:
 def _iotune(limits: dict[str, int]) -> str:
     inner = "".join(f"<{k}>{int(limits[k])}</{k}>" for k in _IOTUNE if k in limits)
     return f"<iotune>{inner}</iotune>" if inner else ""
+
+
+def interface_xml(iface: Interface) -> str:
+    """An ``<interface type='ethernet'>`` on a tap the agent made (libvirt must not manage it)."""
+    return (
+        f"<interface type='ethernet'><mac address='{_a(iface.mac)}'/>"
+        f"<target dev='{_a(iface.tap)}' managed='no'/><model type='virtio'/>"
+        f"<mtu size='{int(iface.mtu)}'/></interface>"
+    )
