@@ -30,15 +30,23 @@ PYTHON="${GLANCE_PYTHON:-$(python3 -c 'import sys; print(sys.executable)')}"
 UV="$(command -v uv || true)"
 if [[ -z "$UV" ]]; then
     if [[ ! -x "$UV_HOME/bin/uv" ]]; then
+        rm -rf "$UV_HOME"
         "$PYTHON" -m venv "$UV_HOME" >&2
-        "$UV_HOME/bin/pip" install --quiet --disable-pip-version-check uv >&2
+        "$UV_HOME/bin/pip" install --quiet --disable-pip-version-check uv >&2 || true
     fi
-    UV="$UV_HOME/bin/uv"
+    [[ -x "$UV_HOME/bin/uv" ]] && UV="$UV_HOME/bin/uv"
 fi
 
 rm -rf "$VENV"
-"$UV" venv --quiet --python "$PYTHON" "$VENV" >&2
-"$UV" pip install --quiet --python "$VENV/bin/python" --compile-bytecode \
-    "$GLANCE_SPEC" gunicorn >&2
+if [[ -n "$UV" ]]; then
+    "$UV" venv --quiet --python "$PYTHON" "$VENV" >&2
+    "$UV" pip install --quiet --python "$VENV/bin/python" --compile-bytecode \
+        "$GLANCE_SPEC" gunicorn >&2
+else
+    # Without uv (it could not be installed): pip, then compile explicitly.
+    "$PYTHON" -m venv "$VENV" >&2
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$GLANCE_SPEC" gunicorn >&2
+    "$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" >&2 || true
+fi
 echo "$GLANCE_SPEC" > "$STAMP"
 echo "$VENV"
