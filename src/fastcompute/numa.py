@@ -17,7 +17,6 @@ in KiB, CPU ids as sorted lists.
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
@@ -333,12 +332,14 @@ def fit(
 def claim(
     host: dict[str, Any], request: dict[str, Any], placement: dict[str, Any]
 ) -> dict[str, Any]:
-    """A copy of ``host`` with ``placement`` of ``request`` counted as usage (Nova's
+    """A new host with ``placement`` of ``request`` counted as usage (Nova's
     ``numa_usage_from_instance_numa``): memory, shared vCPUs, pinned and emulator pCPUs
     (whole cores for the isolate thread policy's vCPUs) and the huge pages of the chosen
     size.
 
-    Raises ``Conflict`` if a pCPU to pin is already pinned: the placement is stale.
+    ``host`` is left as it was; the new host shares its unchanged lists (cpuset, pcpuset,
+    siblings), so treat both as read-only. Raises ``Conflict`` if a pCPU to pin is already
+    pinned (the placement is stale) or a host cell or page pool is missing.
     """
     return _account(host, request, placement, sign=1)
 
@@ -346,7 +347,7 @@ def claim(
 def release(
     host: dict[str, Any], request: dict[str, Any], placement: dict[str, Any]
 ) -> dict[str, Any]:
-    """A copy of ``host`` with the usage ``claim`` added for ``placement`` taken away again.
+    """A new host with the usage ``claim`` added for ``placement`` taken away again.
 
     Raises ``Conflict`` if a pCPU to unpin is not pinned: the placement was never claimed.
     """
@@ -356,7 +357,10 @@ def release(
 def _account(
     host: dict[str, Any], request: dict[str, Any], placement: dict[str, Any], sign: int
 ) -> dict[str, Any]:
-    new = copy.deepcopy(host)
+    # Copy what changes (each cell, its page pools); the CPU lists that never change are
+    # shared with the old host, and pinned_cpus is replaced, never mutated.
+    new = {**host, "cells": [{**cell, "mempages": [dict(p) for p in cell["mempages"]]}
+                             for cell in host["cells"]]}
     cells = {cell["id"]: cell for cell in new["cells"]}
     guest_cells = request["cells"]
     if len(placement["cells"]) != len(guest_cells):

@@ -1,0 +1,107 @@
+"""Claims and releases of placements on a host model (``numa.claim`` / ``numa.release``)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from fastcompute import numa
+from fastcompute.errors import Conflict
+
+
+def host() -> dict[str, Any]:
+    """Two legacy (vcpu_pin_set) cells of 4 SMT2 cores, 2 MiB pages on cell 1."""
+    cells = []
+    for cell_id in range(2):
+        base = cell_id * 8
+        cpus = list(range(base, base + 8))
+        pools = [{"size_kb": 4, "total": 1048576, "used": 0, "reserved": 0}]
+        if cell_id == 1:
+            pools.append({"size_kb": 2048, "total": 1024, "used": 0, "reserved": 0})
+        cells.append(
+            {
+                "id": cell_id,
+                "cpuset": cpus,
+                "pcpuset": cpus,
+                "siblings": [[base + 2 * i, base + 2 * i + 1] for i in range(4)],
+                "memory": 4096,
+                "memory_usage": 0,
+                "cpu_usage": 0,
+                "pinned_cpus": [],
+                "socket": cell_id,
+                "mempages": pools,
+            }
+        )
+    return {"cells": cells}
+
+
+def flavor(vcpus: int, memory_mb: int, **specs: str) -> dict[str, Any]:
+    request = numa.constraints(
+        {"vcpus": vcpus, "memory_mb": memory_mb,
+         "extra_specs": {k.replace("__", ":"): v for k, v in specs.items()}}
+    )
+    assert request is not None
+    return request
+
+
+def test_claim_counts_memory_pins_and_pages_and_release_undoes_it() -> None:
+    before = host()
+    pristine = copy.deepcopy(before)
+    request = flavor(2, 1024, hw__cpu_policy="dedicated", hw__mem_page_size="2MB")
+    placement = numa.fit(before, request)
+    assert placement is not None
+    (cell,) = placement["cells"]
+    assert cell["host_cell"] == 1
+    after = numa.claim(before, request, placement)
+    assert before == pristine
+    claimed = after["cells"][1]
+    assert claimed["memory_usage"] == 1024
+    assert claimed["pinned_cpus"] == sorted(p for _, p in cell["pinning"])
+    assert claimed["mempages"][1]["used"] == 512
+    assert numa.release(after, request, placement) == pristine
+
+
+def test_isolate_claims_whole_cores_and_the_emulator_pcpu_alone() -> None:
+    request = flavor(
+        2, 1024, hw__cpu_policy="dedicated", hw__cpu_thread_policy="isolate",
+        hw__emulator_threads_policy="isolate",
+    )
+    placement = numa.fit(host(), request)
+    assert placement is not None
+    (cell,) = placement["cells"]
+    assert cell["pinning"] == [[0, 0], [1, 2]]
+    assert cell["cpuset_reserved"] == [4]
+    after = numa.claim(host(), request, placement)
+    assert after["cells"][0]["pinned_cpus"] == [0, 1, 2, 3, 4]
+
+
+def test_shared_guests_count_vcpus_not_pins() -> None:
+    request = flavor(3, 512, hw__numa_nodes="1")
+    placement = numa.fit(host(), request)
+    assert placement is not None
+    after = numa.claim(host(), request, placement)
+    used = after["cells"][placement["cells"][0]["host_cell"]]
+    assert (used["cpu_usage"], used["pinned_cpus"]) == (3, [])
+
+
+def test_claims_fill_a_host_and_a_stale_placement_conflicts() -> None:
+    request = flavor(4, 512, hw__cpu_policy="dedicated")
+    current = host()
+    placements = []
+    while (placement := numa.fit(current, request)) is not None:
+        current = numa.claim(current, request, placement)
+        placements.append(placement)
+    assert len(placements) == 4
+    assert all(len(c["pinned_cpus"]) == 8 for c in current["cells"])
+    with pytest.raises(Conflict):
+        numa.claim(current, request, placements[0])
+
+
+def test_releasing_what_was_never_claimed_conflicts() -> None:
+    request = flavor(2, 512, hw__cpu_policy="dedicated")
+    placement = numa.fit(host(), request)
+    assert placement is not None
+    with pytest.raises(Conflict):
+        numa.release(host(), request, placement)
