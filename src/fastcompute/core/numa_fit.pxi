@@ -1,15 +1,15 @@
 # The NUMA fitter: Nova 34's numa_fit_instance_to_host over plain data, in polynomial time.
 #
-# numa_fit(host, request, limits) takes and returns the corpus's JSON shapes (dicts, lists,
-# ints). It copies the input into C arrays with the GIL held, then, without the GIL:
-#   1. builds per host cell bitmaps (cpuset.pxi) of the shared, dedicated, pinned and free
-#      CPUs, and each core's free threads in ascending order;
-#   2. orders the host cells as Nova does (free memory descending, then shared CPU usage
+# NumaHost reads a host (the corpus's JSON shape: dicts, lists, ints) into C arrays once and,
+# without the GIL, builds each cell's bitmaps (cpuset.pxi) of shared, dedicated, pinned and
+# free CPUs and each core's free threads in ascending order. numa_fit(host, request, limits)
+# reads the request with the GIL held, then, without it:
+#   1. orders the host cells as Nova does (free memory descending, then shared CPU usage
 #      ascending or free pCPUs descending; stable);
-#   3. checks every (guest cell, host cell) pair once (memory and page size, CPU counts,
+#   2. checks every (guest cell, host cell) pair once (memory and page size, CPU counts,
 #      pinning, allocation ratios), keeping the pinning found; a pair's answer does not
 #      depend on the other pairs, so this matrix is all Nova's permutation walk ever looks at;
-#   4. picks, guest cell by guest cell, the first host cell in order whose pair fits and that
+#   3. picks, guest cell by guest cell, the first host cell in order whose pair fits and that
 #      leaves a perfect matching (augmenting paths) for the guest cells after it. That is the
 #      first permutation Nova's itertools.permutations would accept, found in
 #      O(k^3 * n^2) steps for k guest cells and n host cells instead of n!/(n-k)! walks.
@@ -310,6 +310,8 @@ cdef int64_t _nf_pick_pagesize(_NfWork *w, _NfHostCell *c, int64_t memory_mb,
         for i in range(c.pool_n):
             if pools[4 * i] == smallest:
                 return smallest if _nf_pool_fits(pools + 4 * i, memory_kb, True) else 0
+        return 0
+    if request != _NF_PAGE_LARGE and request != _NF_PAGE_ANY:
         return 0
     # large / any: candidates from the largest size down; large never takes the smallest.
     bound = -1
