@@ -1,6 +1,7 @@
 """Typing stub of the compiled core; one section per include file under core/."""
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 # --- core/copy.pxi: the image copier ---
 def copy_file(
@@ -26,8 +27,6 @@ class CgroupSampler:
     def sample(self) -> tuple[array.array[int], array.array[int], list[tuple[int, int]]]: ...
 
 # --- core/cpuset.pxi + core/numa_fit.pxi: CPU set bitmaps and the NUMA fitter ---
-from typing import Any
-
 def cpuset_to_list(bitmap: bytes) -> list[int]: ...
 def cpuset_from_list(cpus: Iterable[int]) -> bytes: ...
 
