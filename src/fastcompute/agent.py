@@ -96,6 +96,9 @@ class Agent:
         async def set_groups(a: protocol.SecurityGroupsArgs, _rid: str) -> Any:
             return await m.set_security_groups(protocol.normalise_uuid(a.uuid), a.port_id, a.security_groups)
 
+        async def set_enabled(a: protocol.SetEnabledArgs, _rid: str) -> Any:
+            return await m.set_enabled(a.enabled, a.reason)
+
         async def stats(a: protocol.StatsArgs, _rid: str) -> Any:
             if a.uuid is None:
                 return self.stats.last()
@@ -112,6 +115,7 @@ class Agent:
             "instance.list": list_,
             "instance.console": console,
             "instance.stats": stats,
+            "host.set_enabled": set_enabled,
             "instance.attach_port": attach_port,
             "instance.detach_port": detach_port,
             "instance.set_security_groups": set_groups,
@@ -136,9 +140,8 @@ class Agent:
         caps, info, facts = await self.driver.host_facts()
         tracker = Tracker(topology_from_libvirt(caps, info), cfg.resources, cfg.quota, self.state_dir)
         await manager.start(tracker, facts, cpu_traits(caps))
-        _, _, replies = await self.store.load()
         server.handlers = self._handlers(manager)
-        server.remember(replies)
+        server.remember((await self.store.load()).replies)
         server.bind()
         if cfg.stats.metrics:
             host, port = parse_endpoint(cfg.stats.metrics)

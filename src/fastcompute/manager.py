@@ -147,6 +147,8 @@ class Manager:
         self.tracker: Tracker | None = None
         self.hypervisor_facts: dict[str, Any] = {}
         self.traits: list[str] = []
+        self.enabled = True
+        self.disabled_reason: str | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._builds: dict[str, asyncio.Task[None]] = {}
         self._build_slots = asyncio.Semaphore(cfg.agent.max_concurrent_builds)
@@ -161,12 +163,15 @@ class Manager:
         self.tracker = tracker
         self.hypervisor_facts = facts
         self.traits = traits
-        rows, claim_rows, _replies = await self.store.load()
+        loaded = await self.store.load()
+        status = loaded.settings.get("host_status") or {}
+        self.enabled = bool(status.get("enabled", True))
+        self.disabled_reason = status.get("reason")
         dec = msgspec.msgpack.Decoder(Stored)
-        for uuid, _rid, body in rows:
+        for uuid, _rid, body in loaded.instances:
             self.instances[uuid] = dec.decode(body)
             self._locks[uuid] = asyncio.Lock()
-        claims = Store.decode_rows(claim_rows, Claim)
+        claims = Store.decode_rows(loaded.claims, Claim)
         stale = []
         for uuid, claim in claims.items():
             if uuid in self.instances:
@@ -214,8 +219,10 @@ class Manager:
             return
         if rec.vm_state == "building":
             log.info("resuming the interrupted build of %s", uuid)
+            # Start the build over: whatever it had made before the crash may be half-made.
             if dom is not None:
                 await self.driver.destroy(uuid)
+            await self.images.remove_disk(uuid)
             self._start_build(uuid)
             return
         if rec.vm_state in ("error", "deleted"):
@@ -338,10 +345,28 @@ class Manager:
             "topology": t.topology(),
             "inventory": t.inventory,
             "usage": dict(t.usage),
-            "traits": self.traits,
+            "traits": self.traits + ([] if self.enabled else ["COMPUTE_STATUS_DISABLED"]),
             "generation": t.generation,
             "instances": len(self.instances),
+            "enabled": self.enabled,
+            "disabled_reason": self.disabled_reason,
+            "numa_host": t.numa_host,
         }
+
+    async def set_enabled(self, enabled: bool, reason: str | None) -> dict[str, Any]:
+        """``host.set_enabled`` (extension): an operator takes the host out of scheduling or back.
+
+        Schedulers see the ``COMPUTE_STATUS_DISABLED`` trait; spawns sent here directly still run.
+        """
+        tracker = self.tracker
+        assert tracker is not None
+        await self.store.write([self.store.put_setting("host_status", {"enabled": enabled, "reason": reason})])
+        self.enabled, self.disabled_reason = enabled, (None if enabled else reason)
+        tracker.generation += 1
+        self._mark_resources_changed()
+        log.warning("host %s by the operator%s", "enabled" if enabled else "disabled",
+                    f": {reason}" if reason else "")
+        return self.host_info()
 
     def get(self, uuid: str) -> InstanceRecord:
         """``instance.get``."""

@@ -162,6 +162,13 @@ class SecurityGroupsArgs(_Args):
     security_groups: list[dict[str, Any]]
 
 
+class SetEnabledArgs(_Args):
+    """``host.set_enabled`` (extension): take the host out of scheduling, or back in."""
+
+    enabled: bool
+    reason: Annotated[str, Meta(max_length=255)] | None = None
+
+
 class StatsArgs(_Args):
     """``instance.stats`` (extension): one instance, or all when ``uuid`` is left out."""
 
@@ -234,6 +241,7 @@ class ErrorReply(Struct):
 OP_ARGS: Final[dict[str, type[_Args]]] = {
     "ping": NoArgs,
     "host.info": NoArgs,
+    "host.set_enabled": SetEnabledArgs,
     "instance.spawn": SpawnArgs,
     "instance.start": UuidArgs,
     "instance.stop": StopArgs,
@@ -255,8 +263,8 @@ OP_ARGS: Final[dict[str, type[_Args]]] = {
 # Ops whose replies are persisted for idempotent retries across restarts; read-only ops are
 # answered again from memory within the window but need no durable log.
 MUTATING_OPS: Final = frozenset(
-    op for op in OP_ARGS if op.startswith("instance.") and op not in
-    ("instance.get", "instance.list", "instance.console", "instance.stats")
+    op for op in OP_ARGS if op not in
+    ("ping", "host.info", "instance.get", "instance.list", "instance.console", "instance.stats")
 )
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)

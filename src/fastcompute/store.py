@@ -38,9 +38,22 @@ CREATE TABLE IF NOT EXISTS requests (
     expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_expires ON requests (expires);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
 
 Statement = tuple[str, Sequence[Any]]
+
+
+class Loaded(msgspec.Struct):
+    """Everything the store holds, as read at start-up."""
+
+    instances: list[tuple[str, str | None, bytes]]
+    claims: list[tuple[str, bytes]]
+    replies: dict[str, bytes]
+    settings: dict[str, Any]
 
 
 class Store:
@@ -158,6 +171,10 @@ class Store:
             (request_id, reply, time.time() + ttl_s),
         )
 
+    def put_setting(self, key: str, value: Any) -> Statement:
+        """Remember a host-wide setting (e.g. whether the operator disabled the host)."""
+        return ("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, self._encoder.encode(value)))
+
     @staticmethod
     def expire_replies(now: float) -> Statement:
         """Forget replies past their retention window."""
@@ -165,11 +182,11 @@ class Store:
 
     # -- reads (start-up only; the manager keeps the live state in memory) ------------------
 
-    async def load(self) -> tuple[list[tuple[str, str | None, bytes]], list[tuple[str, bytes]], dict[str, bytes]]:
-        """Instances (uuid, request_id, body), claims (uuid, body) and unexpired replies."""
+    async def load(self) -> Loaded:
+        """Instances (uuid, request_id, body), claims (uuid, body), unexpired replies, settings."""
         return await self._thread.run(self._load)
 
-    def _load(self) -> tuple[list[tuple[str, str | None, bytes]], list[tuple[str, bytes]], dict[str, bytes]]:
+    def _load(self) -> Loaded:
         conn = self._conn
         assert conn is not None
         instances = list(conn.execute("SELECT uuid, request_id, body FROM instances"))
@@ -177,7 +194,8 @@ class Store:
         replies = dict(
             conn.execute("SELECT id, reply FROM requests WHERE expires >= ?", (time.time(),))
         )
-        return instances, claims, replies
+        settings = {k: msgspec.msgpack.decode(v) for k, v in conn.execute("SELECT key, value FROM settings")}
+        return Loaded(instances, claims, replies, settings)
 
     @staticmethod
     def decode_rows(rows: Iterable[tuple[str, bytes]], type_: type[Any]) -> dict[str, Any]:
