@@ -6,7 +6,8 @@
   ``.cache/nova-venv``, installed here with uv when missing; skipped with the reason when
   it cannot be): at the corpus median and on the 8-cell, 128-pCPU cases;
 - a sweep over 1, 2, 4, 8 and 16 host cells with guests of 1..8 nodes, where the number of
-  permutations Nova may walk explodes: the compiled fitter's time must grow polynomially.
+  permutations Nova may walk explodes: the compiled fitter's time must grow polynomially;
+  Nova's own time on the no-fit sweep cases it can finish is printed beside it.
 """
 
 from __future__ import annotations
@@ -191,21 +192,23 @@ def test_compiled_vs_nova(benchmark: Any) -> None:
     assert hard_ratio >= 100, f"only {hard_ratio:.0f}x Nova on {HARD}"
 
 
-def sweep_host(n_cells: int) -> dict[str, Any]:
-    """n cells of 8 SMT2 cores (16 pCPUs), 16 GiB each, partly used so the order matters."""
+def sweep_host(n_cells: int, free_cells: int) -> dict[str, Any]:
+    """n cells of 8 SMT2 cores (16 pCPUs), 16 GiB each, partly used so the order matters;
+    the cells from ``free_cells`` on have every pCPU pinned."""
     cells = []
     for cell_id in range(n_cells):
         base = cell_id * 16
+        pcpus = list(range(base, base + 16))
         cells.append(
             {
                 "id": cell_id,
                 "cpuset": [],
-                "pcpuset": list(range(base, base + 16)),
+                "pcpuset": pcpus,
                 "siblings": [[base + 2 * i, base + 2 * i + 1] for i in range(8)],
                 "memory": 16384,
                 "memory_usage": (cell_id * 1024) % 8192,
                 "cpu_usage": 0,
-                "pinned_cpus": [base] if cell_id % 3 == 0 else [],
+                "pinned_cpus": pcpus if cell_id >= free_cells else [base] if cell_id % 3 == 0 else [],
                 "socket": cell_id,
                 "mempages": [{"size_kb": 4, "total": 4194304, "used": 0, "reserved": 0}],
             }
@@ -213,47 +216,50 @@ def sweep_host(n_cells: int) -> dict[str, Any]:
     return {"cells": cells}
 
 
-def sweep_request(nodes: int, last_fits: bool) -> dict[str, Any]:
-    """A pinned guest of ``nodes`` nodes, 4 vCPUs each; unless ``last_fits``, the last node
-    asks for more pCPUs than any cell has: Nova then walks every permutation of the others
-    before giving up."""
-    cells = []
-    for node in range(nodes):
-        width = 4 if last_fits or node < nodes - 1 else 20
-        first = node * 4
-        cells.append(
-            {
-                "id": node,
-                "cpuset": [],
-                "pcpuset": list(range(first, first + width)),
-                "memory": 1024,
-                "pagesize": None,
-                "cpu_policy": "dedicated",
-                "cpu_thread_policy": "prefer",
-            }
-        )
+def sweep_request(nodes: int) -> dict[str, Any]:
+    """A pinned guest of ``nodes`` nodes of 4 vCPUs each, with an isolated emulator thread."""
+    cells = [
+        {
+            "id": node,
+            "cpuset": [],
+            "pcpuset": list(range(node * 4, node * 4 + 4)),
+            "memory": 1024,
+            "pagesize": None,
+            "cpu_policy": "dedicated",
+            "cpu_thread_policy": "prefer",
+        }
+        for node in range(nodes)
+    ]
     return {"numa_nodes": nodes, "emulator_threads_policy": "isolate", "cells": cells}
 
 
+def sweep_case(n_cells: int, nodes: int, fits: bool) -> dict[str, Any]:
+    """Either every cell has room, or one cell too few does: then Nova walks every
+    permutation of the host cells before giving up (its worst case)."""
+    free_cells = n_cells if fits else nodes - 1
+    return {"host": sweep_host(n_cells, free_cells), "request": sweep_request(nodes),
+            "limits": None, "id": f"{n_cells}-{nodes}-{fits}"}
+
+
 SWEEP_CELLS = (1, 2, 4, 8, 16)
+# No-fit cases small enough for Nova's permutation walk to finish in about a second.
+NOVA_SWEEP = ((4, 4), (8, 4), (8, 6), (16, 3), (16, 4))
 
 
-def test_cell_sweep_grows_polynomially(benchmark: Any) -> None:
+def test_cell_sweep_grows_polynomially(benchmark: Any, tmp_path: Path) -> None:
     rows = []
     totals: dict[int, dict[str, float]] = {}
     for n_cells in SWEEP_CELLS:
-        host = sweep_host(n_cells)
         totals[n_cells] = {"compiled": 0.0, "reference": 0.0}
         for nodes in range(1, min(8, n_cells) + 1):
-            for last_fits in (True, False):
-                case = {"host": host, "request": sweep_request(nodes, last_fits), "limits": None}
-                c = best_per_call(numa.fit, host, case, 20, 5)
-                r = best_per_call(numa_reference.fit, host, case, 2, 3)
+            for fits in (True, False):
+                case = sweep_case(n_cells, nodes, fits)
+                c = best_per_call(numa.fit, case["host"], case, 20, 5)
+                r = best_per_call(numa_reference.fit, case["host"], case, 2, 3)
                 totals[n_cells]["compiled"] += c
                 totals[n_cells]["reference"] += r
-                walks = math.perm(n_cells, nodes)
-                rows.append((n_cells, nodes, last_fits, c, r, walks))
-    big = {"host": sweep_host(16), "request": sweep_request(8, False), "limits": None}
+                rows.append((n_cells, nodes, fits, c, r, math.perm(n_cells, nodes)))
+    big = sweep_case(16, 8, False)
     benchmark.pedantic(numa.fit, args=(big["host"], big["request"]), rounds=20)
     print("\ncells nodes fits  compiled_us reference_us  nova_permutations")
     for n_cells, nodes, fits, c, r, walks in rows:
@@ -267,5 +273,22 @@ def test_cell_sweep_grows_polynomially(benchmark: Any) -> None:
         f" permutations Nova may walk for 8 nodes grow {perms:.0f}x); compiled vs reference at"
         f" 16 cells: {ref_ratio:.1f}x"
     )
+    python = nova_python()
+    if python is not None:
+        cases = [sweep_case(n, k, False) for n, k in NOVA_SWEEP]
+        path = tmp_path / "sweep.jsonl"
+        path.write_text("".join(json.dumps(c) + "\n" for c in cases))
+        proc = subprocess.run(
+            [str(python), str(Path(__file__).parent / "nova_numa_driver.py"), str(path), "1"],
+            capture_output=True, text=True, check=True, timeout=600,
+        )
+        nova = json.loads(proc.stdout)
+        for case, (n, k) in zip(cases, NOVA_SWEEP, strict=True):
+            ours = best_per_call(numa.fit, case["host"], case, 20, 5)
+            seconds, nova_fits = nova[case["id"]]
+            assert not nova_fits
+            print(f"no fit, {n} cells, {k} nodes: Nova {seconds * 1e3:.1f} ms"
+                  f" ({math.perm(n, k)} permutations), compiled {ours * 1e6:.2f} us"
+                  f" ({seconds / ours:.0f}x)")
     assert growth <= 16, f"time grew {growth:.1f}x from 8 to 16 cells: not polynomial"
     assert ref_ratio >= 30, f"compiled fitter only {ref_ratio:.1f}x the reference at 16 cells"
