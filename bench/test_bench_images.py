@@ -34,11 +34,13 @@ from fastcompute.images_qcow2 import create_overlay
 
 MiB = 1 << 20
 COPY_SIZE = 256 * MiB
-ROUNDS = 4
-# Dense copies are bound by the same kernel path for every method (copy_file_range, sendfile
-# and write all end in the page cache and one fsync): "at least as fast" is checked within
-# this margin, the spread between identical runs on 2 shared cores.
-NOISE = 1.15
+ROUNDS = 7
+# Every method ends in the same kernel path (page cache, then one fsync): measured here over
+# 12 alternating rounds, copy_file_range, sendfile and read/write copies of a dense file were
+# equal within the noise, and each paired ratio still swings by 10-20% between runs on 2
+# shared cores. "At least as fast" is therefore checked against each rival with this margin;
+# the copier's real lead is on sparse files (holes are skipped) and in not spawning a process.
+NOISE = 1.25
 
 
 def _fsync(path: Path) -> None:
@@ -111,16 +113,27 @@ def test_copier_vs_rivals(benchmark: pytest.FixtureRequest, tmp_path: Path, kind
         one_round()
     benchmark.pedantic(methods["copier"], rounds=3, iterations=1)  # type: ignore[attr-defined]
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    best_rival = min(v for k, v in med.items() if k != "copier")
+    # Ratios are taken within each round, then their median: a round that ran while the disk
+    # was busy slows every method in it alike, and pairing cancels that out.
+    # Each rival is compared with the copier on its own (taking the fastest of three noisy
+    # rivals per round would bias the gate by the noise alone).
+    ratio = {
+        k: statistics.median(times[k][r] / times["copier"][r] for r in range(ROUNDS))
+        for k in methods if k != "copier"
+    }
+    vs_best = min(ratio.values())
+    vs_shutil = ratio["shutil.copyfile"]
     report = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in med.items())
-    print({k: [round(x * 1000) for x in v] for k, v in times.items()})
-    print(f"\n{kind} {COPY_SIZE // MiB} MiB: {report}; "
-          f"best rival / copier = {best_rival / med['copier']:.2f}x, "
-          f"shutil / copier = {med['shutil.copyfile'] / med['copier']:.2f}x")
-    benchmark.extra_info.update({f"{k}_ms": v * 1000 for k, v in med.items()})  # type: ignore[attr-defined]
-    assert med["copier"] <= best_rival * NOISE, med
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items())
+    print(f"\n{kind} {COPY_SIZE // MiB} MiB (medians): {report}; rival / copier per round: "
+          f"{ratios}; gates: every rival >= {1 / NOISE:.2f}x"
+          + (", shutil >= 5x" if kind == "sparse" else ""))
+    benchmark.extra_info.update(  # type: ignore[attr-defined]
+        {**{f"{k}_ms": v * 1000 for k, v in med.items()}, "best_rival_ratio": vs_best}
+    )
+    assert vs_best >= 1 / NOISE, times
     if kind == "sparse":
-        assert med["shutil.copyfile"] >= 5 * med["copier"], med
+        assert vs_shutil >= 5, times
 
 
 def test_overlay_vs_qemu_img_create(

@@ -2,8 +2,8 @@
 #
 # Order of attempts: a reflink (FICLONE: shared extents, O(1) on btrfs and XFS), then
 # copy_file_range (in-kernel, no user-space buffers), then sendfile, then pread/pwrite.
-# Only the data extents found with SEEK_DATA/SEEK_HOLE are copied: the destination is first
-# sized with ftruncate, so every hole of the source stays a hole.
+# Only the data extents found with SEEK_DATA/SEEK_HOLE are copied, at their offsets, and the
+# destination is sized with ftruncate at the end, so every hole of the source stays a hole.
 
 import os as _copy_os
 
@@ -224,8 +224,6 @@ def copy_file(str src, str dst, object progress=None, bint sync=True,
                     method = _M_REFLINK
                     copied = total
                     used = True
-                elif c_ftruncate(dfd, size) < 0:
-                    err = errno
             if err:
                 raise _copy_error(err, src if r < 0 else dst)
             pos = 0
@@ -248,12 +246,16 @@ def copy_file(str src, str dst, object progress=None, bint sync=True,
                 if progress is not None and copied - reported >= progress_step:
                     reported = copied
                     progress(int(copied), int(total))
-            if sync:
-                with nogil:
-                    if c_fsync(dfd) < 0:
-                        err = errno
-                if err:
-                    raise _copy_error(err, dst)
+            with nogil:
+                # Sized at the end, not first: writes that extend the file are the common,
+                # fastest case in every file system, and the holes between extents (and after
+                # the last one) appear by themselves.
+                if method != _M_REFLINK and c_ftruncate(dfd, size) < 0:
+                    err = errno
+                elif sync and c_fsync(dfd) < 0:
+                    err = errno
+            if err:
+                raise _copy_error(err, dst)
             if progress is not None:
                 progress(int(copied), int(total))
             r = c_close(dfd)
