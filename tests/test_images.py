@@ -780,3 +780,31 @@ async def test_https_source_is_verified_against_the_ca_file(
     finally:
         await trusting.close()
     qemu_check(disk)
+
+
+async def test_file_sources_are_confined_to_file_roots(
+    tmp_path: Path, executor: concurrent.futures.Executor
+) -> None:
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "ok.raw").write_bytes(image_bytes())
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret\n" * 1000)
+    (allowed / "link.raw").symlink_to(secret)
+    state = tmp_path / "state"
+    cache = ImageCache(state, ImagesConfig(file_roots=[str(allowed)]), executor)
+    try:
+        await cache.prepare_disk("ok", ImageSpec(url=(allowed / "ok.raw").as_uri()), 1)
+        await cache.remove_disk("ok")
+        await cache.prune(0)
+        for url in (secret.as_uri(), (allowed / "link.raw").as_uri()):
+            await _refused(cache, ImageSpec(url=url), "outside the directories", state)
+    finally:
+        await cache.close()
+    # Whatever the roots, only regular files are images: not a device, not a directory.
+    cache = ImageCache(state, ImagesConfig(), executor)
+    try:
+        await _refused(cache, ImageSpec(url="file:///dev/zero"), "not a regular file", state)
+        await _refused(cache, ImageSpec(url=allowed.as_uri()), "not a regular file", state)
+    finally:
+        await cache.close()

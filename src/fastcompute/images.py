@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import ssl
+import stat
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -565,12 +566,10 @@ class ImageCache:
         parts = urllib.parse.urlsplit(source)
         if parts.netloc not in ("", "localhost"):
             raise ImageError(f"image url {source} names a remote host; file:// must be local")
-        path = Path(urllib.parse.unquote(parts.path))
         loop = asyncio.get_running_loop()
-        try:
-            size = (await loop.run_in_executor(self._executor, os.stat, path)).st_size
-        except OSError as exc:
-            raise ImageError(f"image {source} cannot be read: {exc.strerror}") from exc
+        path, size = await loop.run_in_executor(
+            self._executor, self._local_source, source, Path(urllib.parse.unquote(parts.path))
+        )
         if size > self.cfg.max_image_bytes:
             raise ImageError(
                 f"image {source} is {_human(size)}, above the limit of "
@@ -588,6 +587,27 @@ class ImageCache:
             return await loop.run_in_executor(self._executor, work), size
         except OSError as exc:
             raise ImageError(f"image {source} cannot be read: {exc.strerror or exc}") from exc
+
+    def _local_source(self, source: str, path: Path) -> tuple[Path, int]:
+        """The real path and size of a file:// image, if it may be used as one."""
+        # A file:// URL turns a host file into a guest's disk: only regular files, and only
+        # under the configured roots once every symlink is resolved (/etc/shadow or /dev/sda
+        # must not become an image because a request named them).
+        try:
+            real = path.resolve(strict=True)
+            st = real.stat()
+        except (OSError, RuntimeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise ImageError(f"image {source} cannot be read: {reason}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"image {source} is not a regular file")
+        roots = [Path(r).resolve() for r in self.cfg.file_roots]
+        if not any(real.is_relative_to(r) for r in roots):
+            raise ImageError(
+                f"image {source} is outside the directories file:// images may come from "
+                f"([images] file_roots = {self.cfg.file_roots})"
+            )
+        return real, st.st_size
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
