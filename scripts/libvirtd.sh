@@ -3,8 +3,9 @@
 #
 #   scripts/libvirtd.sh start [HOLDER]   install what is missing, start virtlogd and libvirtd if
 #                                        they are not running, wait until qemu:///system answers
-#   scripts/libvirtd.sh stop [HOLDER]    drop HOLDER; when no live holder is left, stop the
-#                                        daemons this script started (never one it found running)
+#   scripts/libvirtd.sh stop [HOLDER]    drop HOLDER; when no live holder is left and no domain
+#                                        runs, stop the daemons this script started (never one it
+#                                        found running)
 #   scripts/libvirtd.sh restart-libvirtd restart libvirtd only (for tests of an agent that must
 #                                        reconnect); records it as started by us
 #   scripts/libvirtd.sh status           what runs, what we started, who holds it
@@ -141,10 +142,14 @@ case "$cmd" in
     ;;
   stop)
     rm -f "$STATE/holder.$holder"
-    if [ -z "$(live_holders)" ]; then
-      stop_started
-    else
+    active="$(virsh -q -c "$URI" list --name 2>/dev/null | grep . || true)"
+    if [ -n "$(live_holders)" ]; then
       log "still held by: $(live_holders | tr '\n' ' ')"
+    elif [ -n "$active" ]; then
+      # QEMU outlives libvirtd: stopping it now would orphan these guests, whoever owns them.
+      log "not stopping: domains still running: $(echo "$active" | tr '\n' ' ')"
+    else
+      stop_started
     fi
     ;;
   restart-libvirtd)

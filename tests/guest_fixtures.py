@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 GUEST_IMAGE_SCRIPT = REPO / "scripts" / "guest-image.sh"
 LIBVIRTD_SCRIPT = REPO / "scripts" / "libvirtd.sh"
 SYSTEM_URI = "qemu:///system"
+QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 
 MARKER = "FASTCOMPUTE-GUEST-UP"
 READY = "FASTCOMPUTE-GUEST-READY"
@@ -162,6 +163,8 @@ def direct_domain_xml(name: str, uuid: str, disk: Path, console: Path, *, memory
     console_el = ET.SubElement(devices, "console", type="file")
     ET.SubElement(console_el, "source", path=str(console))
     ET.SubElement(console_el, "target", type="serial", port="0")
+    # libvirt adds a USB controller and a balloon by default; the guest uses neither.
+    ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
     return ET.tostring(dom, encoding="unicode")
 
@@ -202,6 +205,12 @@ def destroy_direct_guest(conn: Any, guest: DirectGuest) -> None:
             raise
     guest.overlay.unlink(missing_ok=True)
     guest.console.unlink(missing_ok=True)
+    qemu_log(guest.name).unlink(missing_ok=True)
+
+
+def qemu_log(name: str) -> Path:
+    """The QEMU log virtlogd keeps per domain name; it outlives the domain unless removed."""
+    return QEMU_LOG_DIR / f"{name}.log"
 
 
 def remove_leftover_direct_guests(conn: Any) -> list[str]:
@@ -219,4 +228,5 @@ def remove_leftover_direct_guests(conn: Any) -> list[str]:
         if dom.isPersistent():
             dom.undefine()
         gone.append(dom.name())
+        qemu_log(dom.name()).unlink(missing_ok=True)
     return gone

@@ -1,0 +1,47 @@
+"""Measures (no gate): a storm of 2 real guests started directly with libvirt-python, the
+baseline that the agent's boot storm is compared with. Prints the seconds to the last console
+marker and the guests per minute."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guest_direct import DirectStorm, storm_direct
+from guest_fixtures import guest_image, libvirtd, remove_leftover_direct_guests
+
+libvirt = pytest.importorskip("libvirt")
+
+pytestmark = pytest.mark.guest
+__all__ = ["guest_image", "libvirtd"]
+
+
+def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr; the code looks at the exceptions instead."""
+
+
+@pytest.fixture
+def conn(libvirtd: str) -> Iterator[Any]:
+    """A connection to the real hypervisor, with no direct guest left over from earlier runs."""
+    libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+    c = libvirt.open(libvirtd)
+    remove_leftover_direct_guests(c)
+    yield c
+    c.close()
+
+
+def test_direct_storm_of_two(benchmark: Any, conn: Any, guest_image: Path, tmp_path: Path) -> None:
+    storms: list[DirectStorm] = []
+
+    def run() -> None:
+        storms.append(storm_direct(conn, 2, guest_image, tmp_path / "storm"))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    s = storms[0]
+    print(f"\ndirect storm N=2: last marker {s.total_s:.2f}s, per guest "
+          f"{', '.join(f'{t:.2f}' for t in s.per_guest_s)}s (guest uptime "
+          f"{', '.join(f'{u:.2f}' for u in s.uptimes_s)}s), {s.guests_per_minute:.1f} guests/min")
+    assert not any((tmp_path / "storm").iterdir())
+    assert not [d for d in conn.listAllDomains(0) if d.name().startswith("fcdirect-")]
