@@ -116,6 +116,19 @@ class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     loop_lag_interval_s: Annotated[float, _doc("Period of the event-loop lag probe behind the event_loop_lag metric; 0 = off")] = 0.5
 
 
+class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[placement]: OpenStack Placement, kept in step with this host (empty url = off)."""
+
+    url: Annotated[str, _doc("Placement endpoint, e.g. http://placement:8778; empty = no Placement")] = ""
+    token: Annotated[str, _doc("X-Auth-Token sent to Placement (noauth2 takes any; Keystone needs a real token)")] = "admin"
+    microversion: Annotated[str, _doc("OpenStack-API-Version sent to Placement; 1.39 or later")] = "1.39"
+    user_id: Annotated[str, _doc("user_id written with every allocation (the agent knows projects, not users)")] = "fastcompute"
+    connect_timeout_s: Annotated[float, _doc("Connecting to Placement gives up after this")] = 5.0
+    timeout_s: Annotated[float, _doc("A Placement request that takes longer is abandoned and retried")] = 30.0
+    retry_max_s: Annotated[float, _doc("Longest wait between retries while Placement is unreachable (backoff doubles up to it)")] = 5.0
+    batch_size: Annotated[int, _doc("Allocations written in one POST /allocations")] = 200
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration file."""
 
@@ -127,6 +140,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
+    placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
 
 
 class ConfigError(ValueError):
