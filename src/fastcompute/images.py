@@ -6,7 +6,9 @@ under ``state_dir/_base``; each is fetched once (concurrent callers wait on the 
 flight), verified against the checksums that came with it, inspected from its bytes, stored
 raw, and only then renamed into place, so a crash never leaves a half image that looks whole.
 Instance disks live at ``state_dir/instances/<uuid>/disk``: a qcow2 overlay written by the
-agent itself (``cow``), or a private sparse copy made by the Cython copier (``flat``).
+agent itself (``cow``), or a private sparse copy made by the Cython copier (``flat``). Fetching
+lives in :mod:`fastcompute.images_sources`, formats and overlays in
+:mod:`fastcompute.images_qcow2`.
 
 Layout of the cache, per base ``<key>`` (a digest of its source)::
 
@@ -28,22 +30,20 @@ import hashlib
 import logging
 import os
 import secrets
-import ssl
-import stat
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 
 from . import _core
 from .config import ImagesConfig
 from .errors import BadRequest, Conflict, ImageError
-from .images_qcow2 import QCOW2_MAGIC, FormatError, create_overlay, inspect
+from .images_qcow2 import FormatError, create_overlay, inspect
+from .images_sources import Sources, glance_expectations, hash_file, human
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ GiB = 1 << 30
 Progress = Callable[[str, int, int | None], None]
 """``progress(stage, done_bytes, total_bytes_or_None)``; stages: download, convert, copy."""
 
-_DIGESTS = ("sha256", "sha512")
-_WRITE_CHUNK = 8 << 20
-_ZERO_BLOCK = 64 << 10
-_ZEROS = bytes(_ZERO_BLOCK)
 _TMP_PREFIX = ".tmp-"
 
 
@@ -138,7 +134,6 @@ class _Flight:
 
     task: asyncio.Task[_Meta] | None = None
     listeners: list[Progress] = field(default_factory=list)
-    last_log: float = 0.0
 
     def report(self, stage: str, done: int, total: int | None) -> None:
         for listener in list(self.listeners):
@@ -146,62 +141,6 @@ class _Flight:
                 listener(stage, done, total)
             except Exception:  # a broken listener must not fail everybody's download
                 log.exception("image progress listener failed")
-
-
-def _digests_for(head: bytes, algos: set[str]) -> dict[str, Any]:
-    """Hashers for the fetched bytes: those needed now, and every one for a qcow2 image.
-
-    Hashing costs more than the network on loopback (sha256 ~300 MB/s here), so a raw image
-    is hashed only as far as a check needs; a later request for another digest hashes the
-    cached base then. A qcow2 image is stored converted, its fetched bytes gone: it gets every
-    digest a request may name while they still pass by.
-    """
-    if head[:4] == QCOW2_MAGIC:
-        algos = algos | set(_DIGESTS)
-    return {a: hashlib.new(a) for a in sorted(algos)}
-
-
-class _Sink:
-    """A temporary file fed in chunks from a worker thread: hashed, zero blocks left as holes."""
-
-    def __init__(self, path: Path, algos: set[str]) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self.algos = algos
-        self.hashes: dict[str, Any] | None = None
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        if self.hashes is None:
-            self.hashes = _digests_for(data, self.algos)
-        for h in self.hashes.values():
-            h.update(data)
-        # Skipping all-zero blocks keeps a raw image sparse in the cache, which is what makes
-        # later flat copies cheap (the copier skips holes). Runs of data go in one write.
-        view = memoryview(data)
-        start = 0
-        for off in range(0, len(data), _ZERO_BLOCK):
-            if data[off : off + _ZERO_BLOCK] == _ZEROS:
-                if off > start:
-                    _pwrite_all(self.fd, view[start:off], self.size + start)
-                start = off + _ZERO_BLOCK
-        if start < len(data):
-            _pwrite_all(self.fd, view[start:], self.size + start)
-        self.size += len(data)
-
-    def finish(self) -> dict[str, str]:
-        os.ftruncate(self.fd, self.size)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
-        return {a: h.hexdigest() for a, h in (self.hashes or {}).items()}
-
-    def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
 
 
 class ImageCache:
@@ -224,7 +163,7 @@ class ImageCache:
         self._uses: dict[str, int] = {}
         self._pruning: dict[str, asyncio.Future[None]] = {}
         self._digest_locks: dict[str, asyncio.Lock] = {}
-        self._client: httpx.AsyncClient | None = None
+        self._sources = Sources(cfg, executor)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.instances_dir.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
@@ -267,7 +206,7 @@ class ImageCache:
             size = disk_gb * GiB if disk_gb > 0 else -(-meta.virtual_size // 512) * 512
             if meta.virtual_size > size:
                 raise ImageError(
-                    f"image {source} has a virtual size of {_human(meta.virtual_size)}, larger "
+                    f"image {source} has a virtual size of {human(meta.virtual_size)}, larger "
                     f"than the flavor's {disk_gb} GiB disk: choose a flavor with at least "
                     f"{-(-meta.virtual_size // GiB)} GiB",
                     {"virtual_size": meta.virtual_size, "disk_gb": disk_gb},
@@ -388,9 +327,7 @@ class ImageCache:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._sources.close()
 
     # ---- the base: single flight ------------------------------------------------------
 
@@ -465,22 +402,26 @@ class ImageCache:
         try:
             if source.startswith("glance:"):
                 assert image.id is not None
-                info = await self._glance_meta(image.id)
-                expected, claimed = _glance_expectations(info, self.cfg.max_image_bytes)
+                info = await self._sources.glance_meta(image.id)
+                expected, claimed = glance_expectations(info, self.cfg.max_image_bytes)
                 if image.disk_format is not None and image.disk_format != claimed:
                     raise _RequestRefused(
                         image,
                         f"image {image.id} is {claimed} in the Image service but the request "
                         f"says {image.disk_format}",
                     )
-                url = self._glance_url(image.id, "/file")
-                digests, fetched = await self._download(
-                    url, self._glance_headers(), tmp, expected, wanted, flight
+                url = self._sources.glance_url(image.id, "/file")
+                digests, fetched = await self._sources.download(
+                    url, self._sources.glance_headers(), tmp, expected, wanted, flight.report
                 )
             elif source.startswith("file:"):
-                digests, fetched = await self._fetch_file(source, tmp, wanted, flight)
+                digests, fetched = await self._sources.fetch_file(
+                    source, tmp, wanted, flight.report
+                )
             else:
-                digests, fetched = await self._download(source, {}, tmp, expected, wanted, flight)
+                digests, fetched = await self._sources.download(
+                    source, {}, tmp, expected, wanted, flight.report
+                )
             for algo, value in expected.items():
                 if digests.get(algo) != value:
                     raise ImageError(
@@ -511,8 +452,8 @@ class ImageCache:
                 raise _RequestRefused(image, err.message, err.details)
             if fmt.virtual_size > self.cfg.max_image_bytes:
                 raise ImageError(
-                    f"image {source} has a virtual size of {_human(fmt.virtual_size)}, above the "
-                    f"limit of {_human(self.cfg.max_image_bytes)} ([images] max_image_bytes)"
+                    f"image {source} has a virtual size of {human(fmt.virtual_size)}, above the "
+                    f"limit of {human(self.cfg.max_image_bytes)} ([images] max_image_bytes)"
                 )
             if fmt.format == "qcow2":
                 await self._convert_to_raw(tmp, source, fmt.virtual_size, flight)
@@ -531,7 +472,7 @@ class ImageCache:
             raise
         log.info(
             "image cache: %s ready as %s (%s fetched in %.1f s)",
-            source, key, _human(fetched), time.monotonic() - started,
+            source, key, human(fetched), time.monotonic() - started,
         )
         return meta
 
@@ -549,7 +490,7 @@ class ImageCache:
                     "checksum against; prune it (fastcompute images --prune) to fetch it again"
                 )
             digest = await loop.run_in_executor(
-                self._executor, _hash_file, self.base_dir / key, {algo}
+                self._executor, hash_file, self.base_dir / key, {algo}
             )
             meta = msgspec.structs.replace(meta, digests={**meta.digests, **digest})
             await loop.run_in_executor(
@@ -557,209 +498,6 @@ class ImageCache:
                 msgspec.json.encode(meta),
             )
             return meta
-
-    # ---- sources ----------------------------------------------------------------------
-
-    async def _fetch_file(
-        self, source: str, tmp: Path, algos: set[str], flight: _Flight
-    ) -> tuple[dict[str, str], int]:
-        parts = urllib.parse.urlsplit(source)
-        if parts.netloc not in ("", "localhost"):
-            raise ImageError(f"image url {source} names a remote host; file:// must be local")
-        loop = asyncio.get_running_loop()
-        path, size = await loop.run_in_executor(
-            self._executor, self._local_source, source, Path(urllib.parse.unquote(parts.path))
-        )
-        if size > self.cfg.max_image_bytes:
-            raise ImageError(
-                f"image {source} is {_human(size)}, above the limit of "
-                f"{_human(self.cfg.max_image_bytes)} ([images] max_image_bytes)"
-            )
-
-        def on_copy(done: int, total: int) -> None:
-            loop.call_soon_threadsafe(flight.report, "download", done, total)
-
-        def work() -> dict[str, str]:
-            _core.copy_file(str(path), str(tmp), on_copy)
-            return _hash_file(tmp, algos)
-
-        try:
-            return await loop.run_in_executor(self._executor, work), size
-        except OSError as exc:
-            raise ImageError(f"image {source} cannot be read: {exc.strerror or exc}") from exc
-
-    def _local_source(self, source: str, path: Path) -> tuple[Path, int]:
-        """The real path and size of a file:// image, if it may be used as one."""
-        # A file:// URL turns a host file into a guest's disk: only regular files, and only
-        # under the configured roots once every symlink is resolved (/etc/shadow or /dev/sda
-        # must not become an image because a request named them).
-        try:
-            real = path.resolve(strict=True)
-            st = real.stat()
-        except (OSError, RuntimeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise ImageError(f"image {source} cannot be read: {reason}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(f"image {source} is not a regular file")
-        roots = [Path(r).resolve() for r in self.cfg.file_roots]
-        if not any(real.is_relative_to(r) for r in roots):
-            raise ImageError(
-                f"image {source} is outside the directories file:// images may come from "
-                f"([images] file_roots = {self.cfg.file_roots})"
-            )
-        return real, st.st_size
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            c = self.cfg
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(
-                    connect=c.connect_timeout_s, read=c.read_timeout_s,
-                    write=c.read_timeout_s, pool=None,
-                ),
-                verify=ssl.create_default_context(cafile=c.ca_file or None),
-                follow_redirects=True,
-                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-            )
-        return self._client
-
-    async def _download(
-        self,
-        url: str,
-        headers: dict[str, str],
-        tmp: Path,
-        expected: dict[str, str],
-        wanted: set[str],
-        flight: _Flight,
-    ) -> tuple[dict[str, str], int]:
-        loop = asyncio.get_running_loop()
-        limit = self.cfg.max_image_bytes
-        algos = {*expected, *wanted}
-        sink = await loop.run_in_executor(self._executor, _Sink, tmp, algos)
-        writing: asyncio.Future[None] | None = None
-        try:
-            async with self._stream(url, headers) as resp:
-                length = resp.headers.get("content-length")
-                total = int(length) if length and length.isdigit() else None
-                if total is not None and total > limit:
-                    raise ImageError(
-                        f"image {url} is {_human(total)}, above the limit of {_human(limit)} "
-                        "([images] max_image_bytes)"
-                    )
-                buf = bytearray()
-                received = 0
-                # One write in flight while the next chunk arrives: network and disk overlap.
-                flight.report("download", 0, total)
-                async for chunk in resp.aiter_raw():
-                    received += len(chunk)
-                    if received > limit:
-                        raise ImageError(
-                            f"image {url} is larger than the limit of {_human(limit)} "
-                            "([images] max_image_bytes); the download was abandoned"
-                        )
-                    buf += chunk
-                    if len(buf) >= _WRITE_CHUNK:
-                        data = bytes(buf)
-                        buf.clear()
-                        if writing is not None:
-                            await writing
-                        writing = loop.run_in_executor(self._executor, sink.write, data)
-                        self._report_download(flight, url, received, total)
-                if writing is not None:
-                    await writing
-                if buf:
-                    await loop.run_in_executor(self._executor, sink.write, bytes(buf))
-                if total is not None and received != total:
-                    raise ImageError(
-                        f"image {url} download was truncated: {received} of {total} bytes"
-                    )
-                flight.report("download", received, total)
-            digests = await loop.run_in_executor(self._executor, sink.finish)
-            return digests, received
-        except BaseException:
-            if writing is not None:
-                # The worker may still be writing: abort only after it let go of the file.
-                await asyncio.wait([writing])
-            await loop.run_in_executor(self._executor, sink.abort)
-            raise
-
-    @contextlib.asynccontextmanager
-    async def _stream(self, url: str, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
-        """GET ``url`` streamed; network failures become ImageError with the reason."""
-        try:
-            async with self._http().stream(
-                "GET", url, headers={"Accept-Encoding": "identity", **headers}
-            ) as resp:
-                if resp.status_code != 200:
-                    raise ImageError(
-                        f"image {url} cannot be fetched: the server answered "
-                        f"{resp.status_code} {resp.reason_phrase}",
-                        {"status": resp.status_code},
-                    )
-                yield resp
-        except httpx.TimeoutException as exc:
-            raise ImageError(
-                f"image {url}: the server stalled ({type(exc).__name__}; [images] "
-                f"read_timeout_s is {self.cfg.read_timeout_s} s); the download was abandoned"
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise ImageError(f"image {url} download failed: {exc or type(exc).__name__}") from exc
-
-    def _report_download(self, flight: _Flight, url: str, done: int, total: int | None) -> None:
-        flight.report("download", done, total)
-        now = time.monotonic()
-        if now - flight.last_log >= 5.0:
-            flight.last_log = now
-            pct = f" ({100 * done // total}%)" if total else ""
-            log.info("image cache: %s: %s received%s", url, _human(done), pct)
-
-    def _glance_url(self, image_id: str, suffix: str = "") -> str:
-        quoted = urllib.parse.quote(image_id, safe="")
-        return f"{self.cfg.glance_endpoint.rstrip('/')}/v2/images/{quoted}{suffix}"
-
-    def _glance_headers(self) -> dict[str, str]:
-        headers = {}
-        if self.cfg.glance_token:
-            headers["X-Auth-Token"] = self.cfg.glance_token
-        for line in self.cfg.glance_headers:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip()] = value.strip()
-        return headers
-
-    async def _glance_meta(self, image_id: str) -> dict[str, Any]:
-        url = self._glance_url(image_id)
-        try:
-            resp = await self._http().get(url, headers=self._glance_headers())
-        except httpx.HTTPError as exc:
-            raise ImageError(
-                f"the Image service at {self.cfg.glance_endpoint} cannot be reached: "
-                f"{exc or type(exc).__name__}"
-            ) from exc
-        if resp.status_code == 404:
-            raise ImageError(
-                f"image {image_id} not found in the Image service (or not visible to this "
-                "agent's project)",
-                {"image_id": image_id},
-            )
-        if resp.status_code in (401, 403):
-            raise ImageError(
-                f"the Image service refused access to image {image_id} ({resp.status_code}): "
-                "check [images] glance_token",
-                {"image_id": image_id},
-            )
-        if resp.status_code != 200:
-            raise ImageError(
-                f"the Image service answered {resp.status_code} for image {image_id}",
-                {"image_id": image_id},
-            )
-        try:
-            info = resp.json()
-        except ValueError as exc:
-            raise ImageError(f"the Image service sent invalid JSON for image {image_id}") from exc
-        if not isinstance(info, dict):
-            raise ImageError(f"the Image service sent invalid metadata for image {image_id}")
-        return info
 
     # ---- conversion, commit, disks (worker threads) -----------------------------------
 
@@ -911,74 +649,12 @@ def _expectations(image: ImageSpec) -> tuple[tuple[str, str] | None, str | None]
     return (parse_checksum(image.checksum) if image.checksum else None), image.disk_format
 
 
-def _glance_expectations(info: dict[str, Any], limit: int) -> tuple[dict[str, str], str]:
-    """Check Glance's image record; return the digests to verify and the claimed format."""
-    image_id = info.get("id", "?")
-    status = info.get("status")
-    if status != "active":
-        raise ImageError(f"image {image_id} is {status}, not active, in the Image service")
-    fmt = info.get("disk_format")
-    if fmt not in ("raw", "qcow2"):
-        raise ImageError(
-            f"image {image_id} has disk_format {fmt!r} in the Image service; only raw and "
-            "qcow2 are supported"
-        )
-    container = info.get("container_format")
-    if container not in (None, "bare"):
-        raise ImageError(
-            f"image {image_id} has container_format {container!r}; only bare is supported"
-        )
-    size = info.get("size")
-    if isinstance(size, int) and size > limit:
-        raise ImageError(
-            f"image {image_id} is {_human(size)}, above the limit of {_human(limit)} "
-            "([images] max_image_bytes)"
-        )
-    expected: dict[str, str] = {}
-    algo, value = info.get("os_hash_algo"), info.get("os_hash_value")
-    if isinstance(algo, str) and isinstance(value, str) and algo and value:
-        if algo.lower() not in hashlib.algorithms_available:
-            raise ImageError(
-                f"image {image_id} is hashed with {algo}, which this host cannot check"
-            )
-        expected[algo.lower()] = value.lower()
-    elif isinstance(info.get("checksum"), str) and info["checksum"]:
-        expected["md5"] = info["checksum"].lower()
-    else:
-        raise ImageError(
-            f"image {image_id} has no hash in the Image service (os_hash_value, checksum): "
-            "it cannot be verified"
-        )
-    return expected, str(fmt)
-
-
 def _claim_error(source: str, claimed: str, actual: str) -> ImageError:
     return ImageError(
         f"image {source} claims to be {claimed} but its bytes are {actual}; it was refused "
         f"(a {actual} image served as {claimed} could expose host files or corrupt the guest)",
         {"source": source, "claimed": claimed, "detected": actual},
     )
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
-
-
-def _hash_file(path: Path, algos: set[str]) -> dict[str, str]:
-    with open(path, "rb", buffering=0) as f:
-        hashes = _digests_for(f.read(4), algos)
-        if not hashes:
-            return {}
-        f.seek(0)
-        buf = bytearray(_WRITE_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            for h in hashes.values():
-                h.update(view[:n])
-    return {a: h.hexdigest() for a, h in hashes.items()}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -1017,15 +693,6 @@ def _unlink_quietly(path: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
             raise
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 __all__ = ["BaseInfo", "ImageCache", "ImageSpec", "copy", "parse_checksum"]

@@ -1,0 +1,393 @@
+"""Image sources: file://, http(s):// and Glance v2, streamed into a temporary file.
+
+Everything here fetches bytes and says what they are worth: the digests asked for, the bytes
+received, or an :class:`~fastcompute.errors.ImageError` saying what went wrong (unreachable,
+refused, stalled, truncated, too large). Deciding what to do with them (verification, the
+cache, single flight) is :mod:`fastcompute.images`' business. Blocking work (writes, hashing,
+copies) runs in the executor; the network runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import ssl
+import stat
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import _core
+from .config import ImagesConfig
+from .errors import ImageError
+from .images_qcow2 import QCOW2_MAGIC
+
+log = logging.getLogger("fastcompute.images")
+
+Report = Callable[[str, int, int | None], None]
+"""``report(stage, done_bytes, total_bytes_or_None)``, called on the event loop."""
+
+DIGESTS = ("sha256", "sha512")
+WRITE_CHUNK = 8 << 20
+ZERO_BLOCK = 64 << 10
+ZEROS = bytes(ZERO_BLOCK)
+
+
+class Sources:
+    """Fetches images for one cache: an HTTP client with the configured timeouts and CAs."""
+
+    def __init__(self, cfg: ImagesConfig, executor: concurrent.futures.Executor) -> None:
+        self.cfg = cfg
+        self._executor = executor
+        self._client: httpx.AsyncClient | None = None
+
+    async def close(self) -> None:
+        """Close the HTTP client."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def fetch_file(
+        self, source: str, tmp: Path, algos: set[str], report: Report
+    ) -> tuple[dict[str, str], int]:
+        """Copy a file:// image to ``tmp``; return the digests asked for and its size."""
+        parts = urllib.parse.urlsplit(source)
+        if parts.netloc not in ("", "localhost"):
+            raise ImageError(f"image url {source} names a remote host; file:// must be local")
+        loop = asyncio.get_running_loop()
+        path, size = await loop.run_in_executor(
+            self._executor, self._local_source, source, Path(urllib.parse.unquote(parts.path))
+        )
+        if size > self.cfg.max_image_bytes:
+            raise ImageError(
+                f"image {source} is {human(size)}, above the limit of "
+                f"{human(self.cfg.max_image_bytes)} ([images] max_image_bytes)"
+            )
+
+        def on_copy(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(report, "download", done, total)
+
+        def work() -> dict[str, str]:
+            _core.copy_file(str(path), str(tmp), on_copy)
+            return hash_file(tmp, algos)
+
+        try:
+            return await loop.run_in_executor(self._executor, work), size
+        except OSError as exc:
+            raise ImageError(f"image {source} cannot be read: {exc.strerror or exc}") from exc
+
+    def _local_source(self, source: str, path: Path) -> tuple[Path, int]:
+        """The real path and size of a file:// image, if it may be used as one."""
+        # A file:// URL turns a host file into a guest's disk: only regular files, and only
+        # under the configured roots once every symlink is resolved (/etc/shadow or /dev/sda
+        # must not become an image because a request named them).
+        try:
+            real = path.resolve(strict=True)
+            st = real.stat()
+        except (OSError, RuntimeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise ImageError(f"image {source} cannot be read: {reason}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"image {source} is not a regular file")
+        roots = [Path(r).resolve() for r in self.cfg.file_roots]
+        if not any(real.is_relative_to(r) for r in roots):
+            raise ImageError(
+                f"image {source} is outside the directories file:// images may come from "
+                f"([images] file_roots = {self.cfg.file_roots})"
+            )
+        return real, st.st_size
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            c = self.cfg
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(
+                    connect=c.connect_timeout_s, read=c.read_timeout_s,
+                    write=c.read_timeout_s, pool=None,
+                ),
+                verify=ssl.create_default_context(cafile=c.ca_file or None),
+                follow_redirects=True,
+                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            )
+        return self._client
+
+    async def download(
+        self,
+        url: str,
+        headers: dict[str, str],
+        tmp: Path,
+        expected: dict[str, str],
+        wanted: set[str],
+        report: Report,
+    ) -> tuple[dict[str, str], int]:
+        """Stream ``url`` into ``tmp``; return the digests of ``expected`` and ``wanted`` and
+        the bytes received. Truncation, stalls, the size limit and HTTP errors are ImageError."""
+        loop = asyncio.get_running_loop()
+        limit = self.cfg.max_image_bytes
+        algos = {*expected, *wanted}
+        sink = await loop.run_in_executor(self._executor, Sink, tmp, algos)
+        writing: asyncio.Future[None] | None = None
+        try:
+            async with self._stream(url, headers) as resp:
+                length = resp.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                if total is not None and total > limit:
+                    raise ImageError(
+                        f"image {url} is {human(total)}, above the limit of {human(limit)} "
+                        "([images] max_image_bytes)"
+                    )
+                buf = bytearray()
+                received = 0
+                # One write in flight while the next chunk arrives: network and disk overlap.
+                report("download", 0, total)
+                last_log = time.monotonic()
+                async for chunk in resp.aiter_raw():
+                    received += len(chunk)
+                    if received > limit:
+                        raise ImageError(
+                            f"image {url} is larger than the limit of {human(limit)} "
+                            "([images] max_image_bytes); the download was abandoned"
+                        )
+                    buf += chunk
+                    if len(buf) >= WRITE_CHUNK:
+                        data = bytes(buf)
+                        buf.clear()
+                        if writing is not None:
+                            await writing
+                        writing = loop.run_in_executor(self._executor, sink.write, data)
+                        report("download", received, total)
+                        if time.monotonic() - last_log >= 5.0:
+                            last_log = time.monotonic()
+                            pct = f" ({100 * received // total}%)" if total else ""
+                            log.info("image %s: %s received%s", url, human(received), pct)
+                if writing is not None:
+                    await writing
+                if buf:
+                    await loop.run_in_executor(self._executor, sink.write, bytes(buf))
+                if total is not None and received != total:
+                    raise ImageError(
+                        f"image {url} download was truncated: {received} of {total} bytes"
+                    )
+                report("download", received, total)
+            digests = await loop.run_in_executor(self._executor, sink.finish)
+            return digests, received
+        except BaseException:
+            if writing is not None:
+                # The worker may still be writing: abort only after it let go of the file.
+                await asyncio.wait([writing])
+            await loop.run_in_executor(self._executor, sink.abort)
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, url: str, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+        """GET ``url`` streamed; network failures become ImageError with the reason."""
+        try:
+            async with self._http().stream(
+                "GET", url, headers={"Accept-Encoding": "identity", **headers}
+            ) as resp:
+                if resp.status_code != 200:
+                    raise ImageError(
+                        f"image {url} cannot be fetched: the server answered "
+                        f"{resp.status_code} {resp.reason_phrase}",
+                        {"status": resp.status_code},
+                    )
+                yield resp
+        except httpx.TimeoutException as exc:
+            raise ImageError(
+                f"image {url}: the server stalled ({type(exc).__name__}; [images] "
+                f"read_timeout_s is {self.cfg.read_timeout_s} s); the download was abandoned"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise ImageError(f"image {url} download failed: {exc or type(exc).__name__}") from exc
+
+    def glance_url(self, image_id: str, suffix: str = "") -> str:
+        """The Glance v2 URL of an image, or of its data with suffix ``/file``."""
+        quoted = urllib.parse.quote(image_id, safe="")
+        return f"{self.cfg.glance_endpoint.rstrip('/')}/v2/images/{quoted}{suffix}"
+
+    def glance_headers(self) -> dict[str, str]:
+        """The token and the configured extra headers for Glance."""
+        headers = {}
+        if self.cfg.glance_token:
+            headers["X-Auth-Token"] = self.cfg.glance_token
+        for line in self.cfg.glance_headers:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip()] = value.strip()
+        return headers
+
+    async def glance_meta(self, image_id: str) -> dict[str, Any]:
+        """Glance's record of an image (GET /v2/images/{id}); errors are ImageError."""
+        url = self.glance_url(image_id)
+        try:
+            resp = await self._http().get(url, headers=self.glance_headers())
+        except httpx.HTTPError as exc:
+            raise ImageError(
+                f"the Image service at {self.cfg.glance_endpoint} cannot be reached: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        if resp.status_code == 404:
+            raise ImageError(
+                f"image {image_id} not found in the Image service (or not visible to this "
+                "agent's project)",
+                {"image_id": image_id},
+            )
+        if resp.status_code in (401, 403):
+            raise ImageError(
+                f"the Image service refused access to image {image_id} ({resp.status_code}): "
+                "check [images] glance_token",
+                {"image_id": image_id},
+            )
+        if resp.status_code != 200:
+            raise ImageError(
+                f"the Image service answered {resp.status_code} for image {image_id}",
+                {"image_id": image_id},
+            )
+        try:
+            info = resp.json()
+        except ValueError as exc:
+            raise ImageError(f"the Image service sent invalid JSON for image {image_id}") from exc
+        if not isinstance(info, dict):
+            raise ImageError(f"the Image service sent invalid metadata for image {image_id}")
+        return info
+
+
+def glance_expectations(info: dict[str, Any], limit: int) -> tuple[dict[str, str], str]:
+    """Check Glance's image record; return the digests to verify and the claimed format."""
+    image_id = info.get("id", "?")
+    status = info.get("status")
+    if status != "active":
+        raise ImageError(f"image {image_id} is {status}, not active, in the Image service")
+    fmt = info.get("disk_format")
+    if fmt not in ("raw", "qcow2"):
+        raise ImageError(
+            f"image {image_id} has disk_format {fmt!r} in the Image service; only raw and "
+            "qcow2 are supported"
+        )
+    container = info.get("container_format")
+    if container not in (None, "bare"):
+        raise ImageError(
+            f"image {image_id} has container_format {container!r}; only bare is supported"
+        )
+    size = info.get("size")
+    if isinstance(size, int) and size > limit:
+        raise ImageError(
+            f"image {image_id} is {human(size)}, above the limit of {human(limit)} "
+            "([images] max_image_bytes)"
+        )
+    expected: dict[str, str] = {}
+    algo, value = info.get("os_hash_algo"), info.get("os_hash_value")
+    if isinstance(algo, str) and isinstance(value, str) and algo and value:
+        if algo.lower() not in hashlib.algorithms_available:
+            raise ImageError(
+                f"image {image_id} is hashed with {algo}, which this host cannot check"
+            )
+        expected[algo.lower()] = value.lower()
+    elif isinstance(info.get("checksum"), str) and info["checksum"]:
+        expected["md5"] = info["checksum"].lower()
+    else:
+        raise ImageError(
+            f"image {image_id} has no hash in the Image service (os_hash_value, checksum): "
+            "it cannot be verified"
+        )
+    return expected, str(fmt)
+
+
+def digests_for(head: bytes, algos: set[str]) -> dict[str, Any]:
+    """Hashers for the fetched bytes: those needed now, and every one for a qcow2 image.
+
+    Hashing costs more than the network on loopback (sha256 ~300 MB/s here), so a raw image
+    is hashed only as far as a check needs; a later request for another digest hashes the
+    cached base then. A qcow2 image is stored converted, its fetched bytes gone: it gets every
+    digest a request may name while they still pass by.
+    """
+    if head[:4] == QCOW2_MAGIC:
+        algos = algos | set(DIGESTS)
+    return {a: hashlib.new(a) for a in sorted(algos)}
+
+
+class Sink:
+    """A temporary file fed in chunks from a worker thread: hashed, zero blocks left as holes."""
+
+    def __init__(self, path: Path, algos: set[str]) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.algos = algos
+        self.hashes: dict[str, Any] | None = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        """Hash ``data`` and write it after what came before, leaving zero blocks as holes."""
+        if self.hashes is None:
+            self.hashes = digests_for(data, self.algos)
+        for h in self.hashes.values():
+            h.update(data)
+        # Skipping all-zero blocks keeps a raw image sparse in the cache, which is what makes
+        # later flat copies cheap (the copier skips holes). Runs of data go in one write.
+        view = memoryview(data)
+        start = 0
+        for off in range(0, len(data), ZERO_BLOCK):
+            if data[off : off + ZERO_BLOCK] == ZEROS:
+                if off > start:
+                    pwrite_all(self.fd, view[start:off], self.size + start)
+                start = off + ZERO_BLOCK
+        if start < len(data):
+            pwrite_all(self.fd, view[start:], self.size + start)
+        self.size += len(data)
+
+    def finish(self) -> dict[str, str]:
+        """Size, fsync and close the file; return the hex digests."""
+        os.ftruncate(self.fd, self.size)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        return {a: h.hexdigest() for a, h in (self.hashes or {}).items()}
+
+    def abort(self) -> None:
+        """Close and remove the file."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite all of ``data`` at ``offset`` (a regular file may take less per call)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def hash_file(path: Path, algos: set[str]) -> dict[str, str]:
+    """Digests of a file (every one for a qcow2, see :func:`digests_for`)."""
+    with open(path, "rb", buffering=0) as f:
+        hashes = digests_for(f.read(4), algos)
+        if not hashes:
+            return {}
+        f.seek(0)
+        buf = bytearray(WRITE_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            for h in hashes.values():
+                h.update(view[:n])
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def human(n: int) -> str:
+    """A byte count for people: 12.5 MiB."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
