@@ -235,7 +235,9 @@ class Server:
             return protocol.encode_error(rid, AgentError(f"internal error; see the agent log for request {rid!r}"))
         finally:
             if self.observe is not None:
-                self.observe(op, time.perf_counter() - started, code)
+                # Unknown ops are one label: a client must not grow the metrics without bound.
+                label = op if op in protocol.OP_ARGS or op == "<invalid>" else "<unknown>"
+                self.observe(label, time.perf_counter() - started, code)
 
     async def _execute(self, rid: str, op: str, raw: Any) -> bytes:
         args = protocol.decode_args(op, raw)
