@@ -56,6 +56,10 @@ mount -t devtmpfs devtmpfs /dev
 # The initramfs has no /dev/console node, so PID 1 starts without output: talk to the serial port.
 exec </dev/ttyS0 >/dev/ttyS0 2>&1
 for m in $(cat /etc/modules); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
+# acpid turns the power button (an input event from the button driver) into /etc/acpi/PWRF/*.
+# It starts before the marker, so that a host which saw the marker can rely on ACPI power-off
+# and reboot; a press before this point is lost.
+acpid -c /etc/acpi -l /dev/null
 
 uuid=$(cat /sys/class/dmi/id/product_uuid 2>/dev/null || echo unknown)
 read -r up _ </proc/uptime
@@ -95,8 +99,6 @@ if [ -n "$ip" ]; then
   echo "FASTCOMPUTE-NET ip=$ip gw=${gw:-none}"
 fi
 
-# acpid turns the power button (an input event from the button driver) into /etc/acpi/PWRF/*.
-acpid -c /etc/acpi -l /dev/null
 echo "FASTCOMPUTE-GUEST-READY"
 while :; do sleep 3600; done
 INIT

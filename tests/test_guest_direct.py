@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from guest_fixtures import (
+    LIBVIRTD_SCRIPT,
     MARKER,
     POWEROFF,
     READY,
@@ -82,18 +83,18 @@ def test_image_boots_reads_its_disk_reboots_and_powers_off(conn: Any, guest: Dir
     assert first[0].uuid == guest.uuid
     assert 0.0 < first[0].uptime_s < BOOT_TIMEOUT_S
 
-    wait_for_console(guest.console, READY, timeout_s=BOOT_TIMEOUT_S)
-    # What the guest read from its virtio disk through the overlay is the image's first MiB.
-    assert disk_read(guest.console) == ("vda", 1 << 20, first_mib_md5(guest_image))
-
     # libvirt's reboot of a QEMU guest is an ACPI request plus a reset once the guest has shut
-    # down: the same domain boots the image a second time and says so.
+    # down: the same domain boots the image a second time and says so. The init listens for ACPI
+    # before it prints the marker, so the request is not lost however soon it comes.
     guest.domain.reboot(0)
     wait_for_console(guest.console, MARKER, count=2, timeout_s=BOOT_TIMEOUT_S)
     assert [b.uuid for b in boots(guest.console)] == [guest.uuid, guest.uuid]
     assert guest.domain.isActive()
 
-    wait_for_console(guest.console, READY, count=2, timeout_s=BOOT_TIMEOUT_S)
+    # What the guest read from its virtio disk through the overlay is the image's first MiB.
+    wait_for_console(guest.console, READY, timeout_s=BOOT_TIMEOUT_S)
+    assert disk_read(guest.console) == ("vda", 1 << 20, first_mib_md5(guest_image))
+
     guest.domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
     wait_for_console(guest.console, POWEROFF, timeout_s=BOOT_TIMEOUT_S)
     # on_poweroff=destroy on a transient domain: powering off makes it vanish.
@@ -109,3 +110,32 @@ def wait_until(predicate: Any, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout_s}s")
         time.sleep(0.05)
+
+
+def _status() -> dict[str, str]:
+    out = subprocess.run(["bash", str(LIBVIRTD_SCRIPT), "status"], capture_output=True, text=True,
+                         check=True).stdout
+    return {line.split()[0]: line for line in out.splitlines()}
+
+
+def test_libvirtd_script_is_idempotent_and_waits_for_every_holder(libvirtd: str) -> None:
+    before = _status()
+    # Another user of the daemons: a process that is alive for the length of the test.
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            started = subprocess.run(["bash", str(LIBVIRTD_SCRIPT), "start", str(other.pid)],
+                                     capture_output=True, text=True, check=True)
+            assert started.stdout.strip() == libvirtd
+            # Already running: nothing new started, the same daemons answer.
+            assert _status()["libvirtd"] == before["libvirtd"]
+            assert _status()["virtlogd"] == before["virtlogd"]
+            assert str(other.pid) in _status()["holders:"]
+
+            # That user leaving does not stop the daemons this session still holds.
+            subprocess.run(["bash", str(LIBVIRTD_SCRIPT), "stop", str(other.pid)], check=True,
+                           capture_output=True)
+            assert str(other.pid) not in _status()["holders:"]
+            assert _status()["libvirtd"] == before["libvirtd"]
+            libvirt.open(libvirtd).close()
+        finally:
+            other.kill()
