@@ -10,10 +10,11 @@ Security groups live in two nftables tables named ``<owner>`` (families ``bridge
 ``inet``), changed by one atomic transaction per change through the in-process libnftables
 binding. The kernel has no bridge-family conntrack here, so the work is split in two:
 
-* The bridge table sees bridge ports. ``prerouting`` sends packets from secured ports to the
-  ``spoof`` chain, which drops any whose (port, MAC), (port, IPv4), (port, IPv6) or ARP sender
-  is not in the port sets, VLAN-tagged frames, and DHCP-server and router-advertisement
-  packets, then writes the sender's number into the packet mark. ``forward`` overwrites the
+* The bridge table sees bridge ports. ``prerouting`` sends the packets of secured ports
+  to the ``spoof`` chain, which writes the sender's number into the packet mark (a map keyed
+  by input interface) and drops any packet whose (port, MAC), (port, IPv4), (port, IPv6) or
+  ARP sender is not in the port sets, VLAN-tagged frames, and DHCP-server and
+  router-advertisement packets. ``forward`` overwrites the
   mark with the receiver's number, after the sender's egress has been judged.
 * br_netfilter hands bridged IP packets to the ``inet`` hooks, where conntrack runs. inet
   ``prerouting`` accepts established and related packets, drops invalid ones and looks the
@@ -36,10 +37,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import ipaddress
+import os
 import re
+import socket
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -58,10 +63,12 @@ IFNAMSIZ: Final = 15
 _IFF_UP: Final = 1
 _MAC_RE: Final = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # Packet marks: the two top bits say whether the mark names the sender (10) or the receiver
-# (01) port, the low 16 bits the port's number. Other marks never hit a port map.
-_MARK_KIND: Final = 0xC0000000
+# (01) port, the next 14 bits are a hash of the tables' name (so that two sets of tables on
+# one host, say an agent's and a test's, never judge each other's packets), the low 16 bits
+# the port's number. Other marks never hit a port map.
 _MARK_FROM: Final = 0x80000000
 _MARK_TO: Final = 0x40000000
+_MARK_PORT_BITS: Final = 0xFFFF0000
 _MAX_PORT_NUMBER: Final = 0xFFFF
 
 # Neutron's protocol names (neutron_lib.constants.IP_PROTOCOL_MAP) and their numbers.
@@ -407,29 +414,6 @@ class _PortNft:
     chains: dict[tuple[str, str], list[list[dict[str, Any]]]]
 
 
-def port_nft(port: Port, tap: str, number: int) -> _PortNft:
-    """The elements and chains of a port with port security, given its tap and number."""
-    mac = _normal_mac(port.mac) or port.mac
-    addrs = [ipaddress.ip_address(f.ip) for f in port.fixed_ips]
-    egress, egress_rules = sg_chain(port.security_groups, "egress")
-    ingress, ingress_rules = sg_chain(port.security_groups, "ingress")
-    return _PortNft(
-        elements={
-            ("bridge", "ports"): frozenset({tap}),
-            ("bridge", "port_mac"): frozenset({(tap, mac)}),
-            ("bridge", "port_ipv4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
-            ("bridge", "port_ipv6"): frozenset(
-                [(tap, _link_local(mac))] + [(tap, str(a)) for a in addrs if a.version == 6]
-            ),
-            ("bridge", "from_mark"): frozenset({("map", tap, _MARK_FROM | number)}),
-            ("bridge", "to_mark"): frozenset({("map", tap, _MARK_TO | number)}),
-            ("inet", "egress"): frozenset({("map", _MARK_FROM | number, ("jump", egress))}),
-            ("inet", "ingress"): frozenset({("map", _MARK_TO | number, ("jump", ingress))}),
-        },
-        chains={("inet", egress): egress_rules, ("inet", ingress): ingress_rules},
-    )
-
-
 def ruleset(table: str, ports: Iterable[tuple[Port, str, int]]) -> list[dict[str, Any]]:
     """One transaction that replaces both tables with the rules of ``(port, tap, number)``.
 
@@ -440,7 +424,7 @@ def ruleset(table: str, ports: Iterable[tuple[Port, str, int]]) -> list[dict[str
     elements: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
     chains: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
     for port, tap, number in ports:
-        nft = port_nft(port, tap, number)
+        nft = render.port(port, tap, number)
         for key, elems in nft.elements.items():
             elements[key] |= elems
         chains.update(nft.chains)
@@ -457,7 +441,32 @@ class Renderer:
 
     def __init__(self, table: str) -> None:
         self.table = table
+        owner_bits = int.from_bytes(hashlib.blake2b(table.encode(), digest_size=2).digest()) & 0x3FFF
+        self.mark_from = _MARK_FROM | owner_bits << 16
+        self.mark_to = _MARK_TO | owner_bits << 16
         self.base_tag = "fc-base:" + _digest(self._base(""))
+
+    def port(self, port: Port, tap: str, number: int) -> _PortNft:
+        """The elements and chains of a port with port security, given its tap and number."""
+        mac = _normal_mac(port.mac) or port.mac
+        addrs = [ipaddress.ip_address(f.ip) for f in port.fixed_ips]
+        egress, egress_rules = sg_chain(port.security_groups, "egress")
+        ingress, ingress_rules = sg_chain(port.security_groups, "ingress")
+        return _PortNft(
+            elements={
+                ("bridge", "ports"): frozenset({tap}),
+                ("bridge", "port_mac"): frozenset({(tap, mac)}),
+                ("bridge", "port_ipv4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
+                ("bridge", "port_ipv6"): frozenset(
+                    [(tap, _link_local(mac))] + [(tap, str(a)) for a in addrs if a.version == 6]
+                ),
+                ("bridge", "from_mark"): frozenset({("map", tap, self.mark_from | number)}),
+                ("bridge", "to_mark"): frozenset({("map", tap, self.mark_to | number)}),
+                ("inet", "egress"): frozenset({("map", self.mark_from | number, ("jump", egress))}),
+                ("inet", "ingress"): frozenset({("map", self.mark_to | number, ("jump", ingress))}),
+            },
+            chains={("inet", egress): egress_rules, ("inet", ingress): ingress_rules},
+        )
 
     def _obj(self, family: str, kind: str, **body: Any) -> dict[str, Any]:
         return {kind: {"family": family, "table": self.table, **body}}
@@ -489,7 +498,7 @@ class Renderer:
         sets = [
             {"add": self._obj(f, "map" if "map" in spec else "set", name=n, **spec)} for (f, n), spec in _SETS.items()
         ]
-        drop, accept = {"drop": None}, {"accept": None}
+        drop, accept, jump_spoof = {"drop": None}, {"accept": None}, {"jump": {"target": "spoof"}}
         is_arp, is_ip, is_ip6 = _match(ether_type, 0x0806), _match(ether_type, 0x0800), _match(ether_type, 0x86DD)
 
         def spoof(*exprs: dict[str, Any]) -> dict[str, Any]:
@@ -505,7 +514,7 @@ class Renderer:
             chain("bridge", "spoof"),
             chain("bridge", "prerouting", "prerouting", -200),
             chain("bridge", "forward", "forward", -200),
-            self._rule("bridge", "prerouting", [_match(iif, "@ports"), {"jump": {"target": "spoof"}}], tag),
+            self._rule("bridge", "prerouting", [_match(iif, "@ports"), jump_spoof], tag),
             # The sender's egress is judged in inet prerouting before this runs; from here on
             # the mark names the receiver. Packets to other interfaces keep the sender's mark.
             self._rule("bridge", "forward", [mark_from(oif, "@to_mark")], tag),
@@ -548,7 +557,7 @@ class Renderer:
                 chain("inet", hook, hook, prio),
                 # Packets that do not come from (prerouting) or go to (forward) a secured port
                 # are not ours to judge.
-                self._rule("inet", hook, [_match({"&": [mark, _MARK_KIND]}, kind, "!="), accept], tag),
+                self._rule("inet", hook, [_match({"&": [mark, _MARK_PORT_BITS]}, kind, "!="), accept], tag),
                 rule(_match(ct_state, ["established", "related"], "in"), accept),
                 rule(_match(ct_state, "invalid", "in"), drop),
                 rule(_match(l4, 58), _match(_payload("icmpv6", "type"), {"set": nd}), accept),
@@ -558,8 +567,8 @@ class Renderer:
             ]
 
         inet = [
-            *judge("prerouting", -150, _MARK_FROM, nd_out, (68, 67), (546, 547), "egress"),
-            *judge("forward", 0, _MARK_TO, nd_in, (67, 68), (547, 546), "ingress"),
+            *judge("prerouting", -150, self.mark_from, nd_out, (68, 67), (546, 547), "egress"),
+            *judge("forward", 0, self.mark_to, nd_in, (67, 68), (547, 546), "ingress"),
         ]
         tables = [
             {"add": {"table": {"family": "bridge", "name": self.table}}},
@@ -641,6 +650,100 @@ def _parse_listing(listing: Iterable[dict[str, Any]], base_tag: str) -> _NftStat
 
 
 # ---------------------------------------------------------------------------------------
+# Links on the hot path.
+
+_TUNSETIFF: Final = 0x400454CA
+_TUNSETPERSIST: Final = 0x400454CB
+_IFF_TAP: Final = 0x0002
+_IFF_NO_PI: Final = 0x1000
+_RTM_NEWLINK: Final = 16
+_RTM_DELLINK: Final = 17
+_NLMSG_ERROR: Final = 2
+_NLM_F_REQUEST: Final = 0x1
+_NLM_F_ACK: Final = 0x4
+
+
+_IFLA_ADDRESS: Final = 1
+_IFLA_MTU: Final = 4
+_IFLA_MASTER: Final = 10
+_IFLA_IFALIAS: Final = 20
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _ifindex(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
+def _create_tap(name: str) -> None:
+    """A persistent tap (no owner, no packet info). Taps are made with the tun device's
+    ioctls; the kernel refuses to make them over rtnetlink, and pyroute2 does the same."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
+        fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
+
+
+class _RawLinks:
+    """Link changes on the plug path, over a plain rtnetlink socket.
+
+    A plug needs one RTM_NEWLINK whose reply is a bare acknowledgement. pyroute2's generic
+    attribute machinery spends more time encoding that request and decoding replies than the
+    kernel spends on the change, so this small request is packed here with ``struct``;
+    everything else (bridges, VLANs, listings) goes through pyroute2's IPRoute.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def _request(self, msg_type: int, index: int, flags: int, attrs: bytes) -> None:
+        self._seq += 1
+        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, _IFF_UP if flags else 0) + attrs
+        self._sock.send(
+            struct.pack("=LHHLL", 16 + len(body), msg_type, _NLM_F_REQUEST | _NLM_F_ACK, self._seq, 0) + body
+        )
+        while True:
+            data = self._sock.recv(65536)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _, seq, _ = struct.unpack_from("=LHHLL", data, offset)
+                if kind == _NLMSG_ERROR and seq == self._seq:
+                    (error,) = struct.unpack_from("=i", data, offset + 16)
+                    if error:
+                        raise OSError(-error, f"netlink: {os.strerror(-error)}")
+                    return
+                offset += max(length, 16)
+
+    def set_up(self, index: int, *, master: int, mtu: int, address: str, alias: str) -> None:
+        """Give a link its master, MTU, MAC and alias and bring it up, in one request."""
+        attrs = (
+            _nla(_IFLA_MASTER, struct.pack("=I", master))
+            + _nla(_IFLA_MTU, struct.pack("=I", mtu))
+            + _nla(_IFLA_ADDRESS, bytes.fromhex(address.replace(":", "")))
+            + _nla(_IFLA_IFALIAS, alias.encode() + b"\0")
+        )
+        self._request(_RTM_NEWLINK, index, _IFF_UP, attrs)
+
+    def delete(self, index: int) -> None:
+        """Delete a link."""
+        self._request(_RTM_DELLINK, index, 0, b"")
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+
+# ---------------------------------------------------------------------------------------
 # The record of what is plugged, and the Network service.
 
 
@@ -675,6 +778,9 @@ class Network:
         self._chain_refs: Counter[tuple[str, str]] = Counter()
         self._nft: Nft | None = None
         self._ipr: Any = None
+        self._raw: _RawLinks | None = None
+        self._bridges: dict[str, int] = {}  # bridges (with their VLAN link) checked, by name
+        self._rules_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nftables")
         self._base_ready = False
 
     # -- names --------------------------------------------------------------------------
@@ -795,9 +901,13 @@ class Network:
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
+            if self._raw is not None:
+                self._raw.close()
+                self._raw = None
             if self._nft is not None:
                 self._nft.close()
                 self._nft = None
+        self._rules_thread.shutdown(wait=True)
 
     # -- blocking internals (run in the executor, one at a time) -------------------------
 
@@ -817,6 +927,12 @@ class Network:
 
             self._ipr = IPRoute()
         return self._ipr
+
+    @property
+    def _links(self) -> _RawLinks:
+        if self._raw is None:
+            self._raw = _RawLinks()
+        return self._raw
 
     @property
     def _nftables(self) -> Nft:
@@ -864,8 +980,11 @@ class Network:
         return links[0] if links else None
 
     def _ensure_bridge(self, network: PortNetwork, mtu: int, made: list[str]) -> int:
-        ipr = self._netlink
         name = self.bridge_name(network)
+        index = _ifindex(name)
+        if index is not None and self._bridges.get(name) == index:
+            return index
+        ipr = self._netlink
         link = self._link(name)
         if link is None:
             ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
@@ -892,48 +1011,48 @@ class Network:
                 vlink = self._link(vname)
                 assert vlink is not None
                 made.append(vname)
-                ipr.link(
-                    "set",
-                    index=vlink["index"],
-                    ifalias=self._alias("vlan", network.id),
-                    master=bridge_index,
-                    state="up",
-                )
+                alias = self._alias("vlan", network.id)
+                ipr.link("set", index=vlink["index"], ifalias=alias, master=bridge_index, state="up")
             elif vlink.get("master") != bridge_index:
                 ipr.link("set", index=vlink["index"], master=bridge_index, state="up")
+        self._bridges[name] = bridge_index
         return bridge_index
 
     def _ensure_tap(self, instance_uuid: str, port: Port, bridge_index: int, mtu: int, made: list[str]) -> str:
-        ipr = self._netlink
         tap = self.tap_name(port.id)
         alias = self._alias("tap", instance_uuid, port.id)
-        link = self._link(tap)
-        if link is not None and link.get("ifalias") != alias:
-            raise Conflict(f"{tap} exists and is not this port's tap", {"field": "id", "reason": "tap name in use"})
-        if link is None:
-            ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
-            link = self._link(tap)
-            assert link is not None
-            made.append(tap)
         mac = _normal_mac(port.mac) or port.mac
         # The host end must not carry the guest's MAC, or the bridge would learn it on the
         # wrong side; libvirt and os-vif use fe: in the first octet for the same reason.
-        wanted = {"ifalias": alias, "address": "fe" + mac[2:], "mtu": mtu, "master": bridge_index}
+        address = "fe" + mac[2:]
+        if _ifindex(tap) is None:
+            _create_tap(tap)
+            made.append(tap)
+            index = _ifindex(tap)
+            assert index is not None
+            self._links.set_up(index, master=bridge_index, mtu=mtu, address=address, alias=alias)
+            return tap
+        link = self._link(tap)
+        assert link is not None
+        if link.get("ifalias") != alias:
+            raise Conflict(f"{tap} exists and is not this port's tap", {"field": "id", "reason": "tap name in use"})
+        wanted = {"ifalias": alias, "address": address, "mtu": mtu, "master": bridge_index}
         if any(link.get(k) != v for k, v in wanted.items()) or not link["flags"] & _IFF_UP:
-            ipr.link("set", index=link["index"], state="up", **wanted)
+            self._links.set_up(link["index"], master=bridge_index, mtu=mtu, address=address, alias=alias)
         return tap
 
     def _delete_links(self, names: Iterable[str]) -> None:
+        """Delete links this agent made (the record or this call says so)."""
         for name in names:
-            link = self._link(name)
-            if link is not None and (link.get("ifalias") or "").startswith(self.cfg.owner + ":"):
-                with contextlib.suppress(Exception):
-                    self._netlink.link("del", index=link["index"])
+            index = _ifindex(name)
+            if index is not None:
+                with contextlib.suppress(OSError):
+                    self._links.delete(index)
 
     def _port_cmds(self, adds: Iterable[_Plugged], removes: Iterable[_Plugged]) -> list[dict[str, Any]]:
         """Commands for ports leaving and joining the tables; updates the chain counts."""
-        gone = [port_nft(p.port, p.tap, p.number) for p in removes if p.number]
-        new = [port_nft(p.port, p.tap, p.number) for p in adds if p.number]
+        gone = [self._render.port(p.port, p.tap, p.number) for p in removes if p.number]
+        new = [self._render.port(p.port, p.tap, p.number) for p in adds if p.number]
         made: list[dict[str, Any]] = []
         dropped: list[dict[str, Any]] = []
         for nft in new:
@@ -971,20 +1090,32 @@ class Network:
         made: list[str] = []
         new: list[_Plugged] = []
         refs_before = Counter(self._chain_refs)
-        try:
-            for port in ports:
-                if port.id in self._ports:
-                    continue
+        for port in ports:
+            if port.id not in self._ports:
                 mtu = port.network.mtu or self.cfg.default_mtu
                 number = self._take_number() if port.port_security_enabled else 0
-                p = _Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu, number)
-                new.append(p)
-                self._ensure_link_of_port(p, made)
-            if self._base_ready:
-                self._transact(self._port_cmds(new, ()))
-            else:
+                new.append(
+                    _Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu, number)
+                )
+        # The rules and the links do not depend on each other (the sets are keyed by name), so
+        # the nftables transaction runs in its own thread while the links are made here.
+        rules: concurrent.futures.Future[None] | None = None
+        if new and self._base_ready:
+            rules = self._rules_thread.submit(self._transact, self._port_cmds(new, ()))
+        try:
+            try:
+                for p in new:
+                    self._ensure_link_of_port(p, made)
+            finally:
+                if rules is not None:
+                    rules.result()
+            if new and not self._base_ready:
                 self._sync_tables([*self._ports.values(), *new])
         except BaseException:
+            if rules is not None and rules.exception() is None:
+                # Take the rules out again; should that fail, reconciliation removes them.
+                with contextlib.suppress(NftError):
+                    self._transact(self._port_cmds((), new))
             self._chain_refs = refs_before
             for p in new:
                 self._numbers.discard(p.number)
@@ -1033,6 +1164,7 @@ class Network:
         for link in members:
             self._netlink.link("del", index=link["index"])
         self._netlink.link("del", index=bridge["index"])
+        self._bridges.pop(name, None)
 
     def _set_groups_sync(self, plugged: _Plugged, groups: list[SecurityGroup]) -> None:
         updated = _Plugged(
@@ -1072,7 +1204,9 @@ class Network:
         if not state.base_ok:
             secured = [p for p in ports if p.number]
             self._transact(ruleset(self.cfg.owner, [(p.port, p.tap, p.number) for p in secured]))
-            self._chain_refs = Counter(key for p in secured for key in port_nft(p.port, p.tap, p.number).chains)
+            self._chain_refs = Counter(
+                key for p in secured for key in self._render.port(p.port, p.tap, p.number).chains
+            )
             self._base_ready = True
             if report is not None:
                 report.rebuilt_tables = True
@@ -1084,7 +1218,7 @@ class Network:
         for p in ports:
             if not p.number:
                 continue
-            nft = port_nft(p.port, p.tap, p.number)
+            nft = self._render.port(p.port, p.tap, p.number)
             broken = False
             for key, elems in nft.elements.items():
                 want_elems[key] |= elems
@@ -1101,7 +1235,7 @@ class Network:
         forgotten: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
         for p in forget:
             if p.number:
-                for key, elems in port_nft(p.port, p.tap, p.number).elements.items():
+                for key, elems in self._render.port(p.port, p.tap, p.number).elements.items():
                     forgotten[key] |= elems
         stray_taps: set[str] = set()
         kept_elems: dict[SetKey, set[Elem]] = {}
@@ -1126,6 +1260,7 @@ class Network:
 
     def _reconcile_sync(self, wanted: dict[str, tuple[str, Port]]) -> ReconcileReport:
         report = ReconcileReport()
+        self._bridges.clear()
         owner_prefix = self.cfg.owner + ":"
         ours = {
             link.get("ifname"): link
