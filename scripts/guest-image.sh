@@ -105,15 +105,26 @@ INIT
   chmod 755 "$1"
 }
 
+# Downloads (into ./deb) the kernel package the cloud-kernel metapackage currently names.
+download_kernel() {
+  local kpkg
+  kpkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')"
+  [ -n "$kpkg" ] || return 1
+  log "downloading $kpkg"
+  # apt would drop to the _apt user, who cannot write into our private build directory.
+  (cd deb && apt-get download -q -o APT::Sandbox::User=root "$kpkg" >/dev/null)
+}
+
 build() {
   local work="$1" kver deb mod
   cd "$work"
-  kpkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')"
-  [ -n "$kpkg" ] || { log "cannot resolve linux-image-cloud-amd64 (run apt-get update?)"; exit 1; }
-  log "downloading $kpkg"
-  # apt would drop to the _apt user, who cannot write into our private build directory.
   mkdir -p deb
-  (cd deb && apt-get download -q -o APT::Sandbox::User=root "$kpkg" >/dev/null)
+  if ! download_kernel; then
+    # No package lists yet, or stale ones naming a kernel the archive has replaced since.
+    log "refreshing the package lists"
+    apt-get update -qq
+    download_kernel
+  fi
   deb="$(ls deb/*.deb)"
   dpkg -x "$deb" kernel
   kver="$(ls kernel/lib/modules)"
