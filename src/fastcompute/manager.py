@@ -149,6 +149,7 @@ class Manager:
         self.traits: list[str] = []
         self.enabled = True
         self.disabled_reason: str | None = None
+        self.domain_type = "test"
         self._locks: dict[str, asyncio.Lock] = {}
         self._builds: dict[str, asyncio.Task[None]] = {}
         self._build_slots = asyncio.Semaphore(cfg.agent.max_concurrent_builds)
@@ -163,6 +164,13 @@ class Manager:
         self.tracker = tracker
         self.hypervisor_facts = facts
         self.traits = traits
+        if self.driver.uri.startswith("test:"):
+            self.domain_type = "test"
+        elif self.cfg.hypervisor.domain_type == "kvm" and not await self.driver.supports_kvm():
+            log.warning("domain_type kvm asked for, but this host offers no KVM; falling back to qemu (TCG)")
+            self.domain_type = "qemu"
+        else:
+            self.domain_type = self.cfg.hypervisor.domain_type
         loaded = await self.store.load()
         status = loaded.settings.get("host_status") or {}
         self.enabled = bool(status.get("enabled", True))
@@ -264,7 +272,7 @@ class Manager:
     def _domain_xml(self, uuid: str, skip_taps: frozenset[str] = frozenset()) -> str:
         rec = self.instances[uuid].record
         disk_path = self.instance_dir(uuid) / "disk"
-        domain_type = "test" if self.driver.uri.startswith("test:") else self.cfg.hypervisor.domain_type
+        domain_type = self.domain_type
         return build(DomainSpec(
             uuid=uuid,
             name=rec.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import logging
 import time
 from collections.abc import Callable
@@ -155,6 +156,21 @@ class LibvirtDriver:
 
         return await self._call(facts)
 
+    async def supports_kvm(self) -> bool:
+        """Whether /dev/kvm is there and libvirt offers KVM domains on this host.
+
+        It cannot tell whether a KVM guest will actually run (on some nested hosts KVM guests
+        stop with an emulation failure), which is why ``kvm`` is an operator's choice.
+        """
+        if not os.path.exists("/dev/kvm"):
+            return False
+        conn = await self._ready()
+        try:
+            await self._call(conn.getDomainCapabilities, None, None, None, "kvm")
+        except HypervisorError:
+            return False
+        return True
+
     # -- domains -------------------------------------------------------------------------------
 
     def _lookup(self, conn: Any, uuid: str) -> Any:
@@ -302,11 +318,16 @@ class LibvirtDriver:
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     return
                 raise
+            name = dom.name()
             if dom.isActive():
                 dom.destroy()
             if dom.hasManagedSaveImage():
                 dom.managedSaveRemove()
             dom.undefine()
+            if self.uri.startswith("qemu:"):
+                # libvirt keeps the QEMU log of a domain forever; a deleted instance leaves nothing.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"/var/log/libvirt/qemu/{name}.log")
 
         await self._call(run)
 

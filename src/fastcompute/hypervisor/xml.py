@@ -113,11 +113,16 @@ def build(spec: DomainSpec) -> str:
         )
     parts.extend(interface_xml(i) for i in spec.interfaces)
     console = _a(spec.console_path)
+    # append: a new QEMU process (start after stop, restore after suspend) must not wipe the
+    # console history that instance.console returns.
     parts.append(
-        f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
-        f"<console type='file'><source path='{console}'/><target type='serial' port='0'/></console>"
-        "</devices></domain>"
+        f"<serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>"
+        f"<console type='file'><source path='{console}' append='on'/><target type='serial' port='0'/></console>"
     )
+    if spec.domain_type in ("qemu", "kvm"):
+        # No USB bus and no balloon: nothing in a cloud guest uses them, and they cost boot time.
+        parts.append("<controller type='usb' model='none'/><memballoon model='none'/>")
+    parts.append("</devices></domain>")
     return "".join(parts)
 
 
