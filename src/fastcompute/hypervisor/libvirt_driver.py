@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
