@@ -62,12 +62,10 @@ _T = TypeVar("_T")
 IFNAMSIZ: Final = 15
 _IFF_UP: Final = 1
 _MAC_RE: Final = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-# Packet marks: the two top bits say whether the mark names the sender (10) or the receiver
-# (01) port, the next 14 bits are a hash of the tables' name (so that two sets of tables on
-# one host, say an agent's and a test's, never judge each other's packets), the low 16 bits
-# the port's number. Other marks never hit a port map.
-_MARK_FROM: Final = 0x80000000
-_MARK_TO: Final = 0x40000000
+# Packet marks: bit 31 says "ours", bits 30-16 are a hash of the tables' name (so that two
+# sets of tables on one host, say an agent's and a test's, never judge each other's packets),
+# bits 15-0 the port's number. Other marks never hit a port map.
+_MARK_OURS: Final = 0x80000000
 _MARK_PORT_BITS: Final = 0xFFFF0000
 _MAX_PORT_NUMBER: Final = 0xFFFF
 
@@ -291,12 +289,10 @@ Elem = Any
 SetKey = tuple[str, str]  # (family, set or map name)
 
 _SETS: Final[dict[SetKey, dict[str, Any]]] = {
-    ("bridge", "ports"): {"type": "ifname"},
     ("bridge", "port_mac"): {"type": ["ifname", "ether_addr"]},
     ("bridge", "port_ipv4"): {"type": ["ifname", "ipv4_addr"]},
     ("bridge", "port_ipv6"): {"type": ["ifname", "ipv6_addr"]},
-    ("bridge", "from_mark"): {"type": "ifname", "map": "mark"},
-    ("bridge", "to_mark"): {"type": "ifname", "map": "mark"},
+    ("bridge", "port_mark"): {"type": "ifname", "map": "mark"},
     ("inet", "egress"): {"type": "mark", "map": "verdict"},
     ("inet", "ingress"): {"type": "mark", "map": "verdict"},
 }
@@ -441,9 +437,8 @@ class Renderer:
 
     def __init__(self, table: str) -> None:
         self.table = table
-        owner_bits = int.from_bytes(hashlib.blake2b(table.encode(), digest_size=2).digest()) & 0x3FFF
-        self.mark_from = _MARK_FROM | owner_bits << 16
-        self.mark_to = _MARK_TO | owner_bits << 16
+        owner_bits = int.from_bytes(hashlib.blake2b(table.encode(), digest_size=2).digest()) & 0x7FFF
+        self.mark = _MARK_OURS | owner_bits << 16
         self.base_tag = "fc-base:" + _digest(self._base(""))
 
     def port(self, port: Port, tap: str, number: int) -> _PortNft:
@@ -454,16 +449,14 @@ class Renderer:
         ingress, ingress_rules = sg_chain(port.security_groups, "ingress")
         return _PortNft(
             elements={
-                ("bridge", "ports"): frozenset({tap}),
                 ("bridge", "port_mac"): frozenset({(tap, mac)}),
                 ("bridge", "port_ipv4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
                 ("bridge", "port_ipv6"): frozenset(
                     [(tap, _link_local(mac))] + [(tap, str(a)) for a in addrs if a.version == 6]
                 ),
-                ("bridge", "from_mark"): frozenset({("map", tap, self.mark_from | number)}),
-                ("bridge", "to_mark"): frozenset({("map", tap, self.mark_to | number)}),
-                ("inet", "egress"): frozenset({("map", self.mark_from | number, ("jump", egress))}),
-                ("inet", "ingress"): frozenset({("map", self.mark_to | number, ("jump", ingress))}),
+                ("bridge", "port_mark"): frozenset({("map", tap, self.mark | number)}),
+                ("inet", "egress"): frozenset({("map", self.mark | number, ("jump", egress))}),
+                ("inet", "ingress"): frozenset({("map", self.mark | number, ("jump", ingress))}),
             },
             chains={("inet", egress): egress_rules, ("inet", ingress): ingress_rules},
         )
@@ -504,8 +497,10 @@ class Renderer:
         def spoof(*exprs: dict[str, Any]) -> dict[str, Any]:
             return self._rule("bridge", "spoof", list(exprs))
 
-        def mark_from(key: dict[str, Any], map_name: str) -> dict[str, Any]:
-            return {"mangle": {"key": mark, "value": {"map": {"key": key, "data": map_name}}}}
+        def mark_set(key: dict[str, Any]) -> dict[str, Any]:
+            return {"mangle": {"key": mark, "value": {"map": {"key": key, "data": "@port_mark"}}}}
+
+        ours = _match({"&": [mark, _MARK_PORT_BITS]}, self.mark)
 
         def not_in(left: dict[str, Any], set_name: str) -> dict[str, Any]:
             return _match(_concat(iif, left), "@" + set_name, "!=")
@@ -514,12 +509,14 @@ class Renderer:
             chain("bridge", "spoof"),
             chain("bridge", "prerouting", "prerouting", -200),
             chain("bridge", "forward", "forward", -200),
-            self._rule("bridge", "prerouting", [_match(iif, "@ports"), jump_spoof], tag),
-            # The sender's egress is judged in inet prerouting before this runs; from here on
-            # the mark names the receiver. Packets to other interfaces keep the sender's mark.
-            self._rule("bridge", "forward", [mark_from(oif, "@to_mark")], tag),
-            self._rule("bridge", "spoof", [mark_from(iif, "@from_mark")], tag),
-            spoof(not_in(_payload("ether", "saddr"), "port_mac"), drop),
+            # Frames from the wire carry mark 0: only frames from our ports get our mark.
+            self._rule("bridge", "prerouting", [mark_set(iif)], tag),
+            self._rule("bridge", "prerouting", [ours, jump_spoof]),
+            # The sender's egress is judged in inet prerouting before this hook; from here on
+            # the mark names the receiver, or nobody when the receiver is not our port.
+            self._rule("bridge", "forward", [ours, {"mangle": {"key": mark, "value": 0}}], tag),
+            self._rule("bridge", "forward", [mark_set(oif)]),
+            self._rule("bridge", "spoof", [not_in(_payload("ether", "saddr"), "port_mac"), drop], tag),
             spoof(_match(ether_type, {"set": [0x8100, 0x88A8]}), drop),
             spoof(is_arp, not_in(_payload("arp", "saddr ether"), "port_mac"), drop),
             # ARP probes (RFC 5227) carry sender address 0.0.0.0.
@@ -543,7 +540,6 @@ class Renderer:
         def judge(
             hook: str,
             prio: int,
-            kind: int,
             nd: list[int],
             dhcp: tuple[int, int],
             dhcp6: tuple[int, int],
@@ -557,7 +553,7 @@ class Renderer:
                 chain("inet", hook, hook, prio),
                 # Packets that do not come from (prerouting) or go to (forward) a secured port
                 # are not ours to judge.
-                self._rule("inet", hook, [_match({"&": [mark, _MARK_PORT_BITS]}, kind, "!="), accept], tag),
+                self._rule("inet", hook, [_match({"&": [mark, _MARK_PORT_BITS]}, self.mark, "!="), accept], tag),
                 rule(_match(ct_state, ["established", "related"], "in"), accept),
                 rule(_match(ct_state, "invalid", "in"), drop),
                 rule(_match(l4, 58), _match(_payload("icmpv6", "type"), {"set": nd}), accept),
@@ -567,8 +563,8 @@ class Renderer:
             ]
 
         inet = [
-            *judge("prerouting", -150, self.mark_from, nd_out, (68, 67), (546, 547), "egress"),
-            *judge("forward", 0, self.mark_to, nd_in, (67, 68), (547, 546), "ingress"),
+            *judge("prerouting", -150, nd_out, (68, 67), (546, 547), "egress"),
+            *judge("forward", 0, nd_in, (67, 68), (547, 546), "ingress"),
         ]
         tables = [
             {"add": {"table": {"family": "bridge", "name": self.table}}},
@@ -780,7 +776,6 @@ class Network:
         self._ipr: Any = None
         self._raw: _RawLinks | None = None
         self._bridges: dict[str, int] = {}  # bridges (with their VLAN link) checked, by name
-        self._rules_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nftables")
         self._base_ready = False
 
     # -- names --------------------------------------------------------------------------
@@ -907,7 +902,6 @@ class Network:
             if self._nft is not None:
                 self._nft.close()
                 self._nft = None
-        self._rules_thread.shutdown(wait=True)
 
     # -- blocking internals (run in the executor, one at a time) -------------------------
 
@@ -1049,38 +1043,50 @@ class Network:
                 with contextlib.suppress(OSError):
                     self._links.delete(index)
 
-    def _port_cmds(self, adds: Iterable[_Plugged], removes: Iterable[_Plugged]) -> list[dict[str, Any]]:
-        """Commands for ports leaving and joining the tables; updates the chain counts."""
+    def _port_cmds(
+        self, adds: Iterable[_Plugged], removes: Iterable[_Plugged]
+    ) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]]]:
+        """Commands for ports leaving and joining the tables, and the change in chain users
+        (to apply with :meth:`_count_chains` once the transaction has committed)."""
         gone = [self._render.port(p.port, p.tap, p.number) for p in removes if p.number]
         new = [self._render.port(p.port, p.tap, p.number) for p in adds if p.number]
-        made: list[dict[str, Any]] = []
+        delta: Counter[tuple[str, str]] = Counter()
+        rules_of: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
+        for nft in new:
+            delta.update(nft.chains.keys())
+            rules_of.update(nft.chains)
+        for nft in gone:
+            delta.subtract(nft.chains.keys())
+        cmds: list[dict[str, Any]] = []
         dropped: list[dict[str, Any]] = []
-        for nft in new:
-            for key, rules in nft.chains.items():
-                if self._chain_refs[key] == 0:
-                    # "exists" adds a flush, harmless on a new chain, so a leftover is rewritten.
-                    made += self._render.chain(*key, rules, exists=True)
-                self._chain_refs[key] += 1
-        for nft in gone:
-            for key in nft.chains:
-                self._chain_refs[key] -= 1
-                if self._chain_refs[key] <= 0:
-                    del self._chain_refs[key]
-                    dropped += self._render.drop_chain(*key)
-        old_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
-        new_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+        for key, change in delta.items():
+            before = self._chain_refs[key]
+            if before <= 0 < before + change:
+                # "exists" adds a flush, harmless on a new chain, so a leftover is rewritten.
+                cmds += self._render.chain(*key, rules_of[key], exists=True)
+            elif before + change <= 0 < before:
+                dropped += self._render.drop_chain(*key)
+        old_elems: dict[SetKey, set[Elem]] = {}
+        new_elems: dict[SetKey, set[Elem]] = {}
         for nft in gone:
             for key, elems in nft.elements.items():
-                old_elems[key] |= elems
+                old_elems.setdefault(key, set()).update(elems)
         for nft in new:
             for key, elems in nft.elements.items():
-                new_elems[key] |= elems
-        cmds = made
-        for key in _SETS:
-            cmds += self._render.elements("delete", key, old_elems[key] - new_elems[key])
-        for key in _SETS:
-            cmds += self._render.elements("add", key, new_elems[key] - old_elems[key])
-        return cmds + dropped
+                new_elems.setdefault(key, set()).update(elems)
+        for key, leaving in old_elems.items():
+            cmds += self._render.elements("delete", key, leaving - new_elems.get(key, set()))
+        for key, joining in new_elems.items():
+            cmds += self._render.elements("add", key, joining - old_elems.get(key, set()))
+        return cmds + dropped, delta
+
+    def _count_chains(self, delta: Counter[tuple[str, str]]) -> None:
+        for key, change in delta.items():
+            users = self._chain_refs[key] + change
+            if users > 0:
+                self._chain_refs[key] = users
+            else:
+                self._chain_refs.pop(key, None)
 
     def _ensure_link_of_port(self, p: _Plugged, made: list[str]) -> None:
         bridge_index = self._ensure_bridge(p.port.network, p.mtu, made)
@@ -1089,34 +1095,22 @@ class Network:
     def _plug_sync(self, instance_uuid: str, ports: list[Port]) -> list[PluggedPort]:
         made: list[str] = []
         new: list[_Plugged] = []
-        refs_before = Counter(self._chain_refs)
-        for port in ports:
-            if port.id not in self._ports:
+        try:
+            for port in ports:
+                if port.id in self._ports:
+                    continue
                 mtu = port.network.mtu or self.cfg.default_mtu
                 number = self._take_number() if port.port_security_enabled else 0
-                new.append(
-                    _Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu, number)
-                )
-        # The rules and the links do not depend on each other (the sets are keyed by name), so
-        # the nftables transaction runs in its own thread while the links are made here.
-        rules: concurrent.futures.Future[None] | None = None
-        if new and self._base_ready:
-            rules = self._rules_thread.submit(self._transact, self._port_cmds(new, ()))
-        try:
-            try:
-                for p in new:
-                    self._ensure_link_of_port(p, made)
-            finally:
-                if rules is not None:
-                    rules.result()
-            if new and not self._base_ready:
+                p = _Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu, number)
+                new.append(p)
+                self._ensure_link_of_port(p, made)
+            if new and self._base_ready:
+                cmds, delta = self._port_cmds(new, ())
+                self._transact(cmds)
+                self._count_chains(delta)
+            elif new:
                 self._sync_tables([*self._ports.values(), *new])
         except BaseException:
-            if rules is not None and rules.exception() is None:
-                # Take the rules out again; should that fail, reconciliation removes them.
-                with contextlib.suppress(NftError):
-                    self._transact(self._port_cmds((), new))
-            self._chain_refs = refs_before
             for p in new:
                 self._numbers.discard(p.number)
             self._delete_links(reversed(made))
@@ -1132,7 +1126,9 @@ class Network:
         try:
             if not self._base_ready:
                 raise NftError("tables not checked yet")
-            self._transact(self._port_cmds((), gone))
+            cmds, delta = self._port_cmds((), gone)
+            self._transact(cmds)
+            self._count_chains(delta)
         except NftError:
             # The tables do not match the record (changed behind our back, or not read since
             # start-up): bring them to what the remaining ports need.
@@ -1175,15 +1171,12 @@ class Network:
             plugged.mtu,
             plugged.number,
         )
-        refs_before = Counter(self._chain_refs)
-        try:
-            if self._base_ready:
-                self._transact(self._port_cmds([updated], [plugged]))
-            else:
-                self._sync_tables([updated if p is plugged else p for p in self._ports.values()])
-        except BaseException:
-            self._chain_refs = refs_before
-            raise
+        if self._base_ready:
+            cmds, delta = self._port_cmds([updated], [plugged])
+            self._transact(cmds)
+            self._count_chains(delta)
+        else:
+            self._sync_tables([updated if p is plugged else p for p in self._ports.values()])
         self._ports[plugged.port.id] = updated
 
     def _sync_tables(
@@ -1243,8 +1236,8 @@ class Network:
             have = state.elements.get(key, set())
             extra = have - want_elems[key] if prune else (have & forgotten[key]) - want_elems[key]
             kept_elems[key] = have - extra
-            if key == ("bridge", "ports"):
-                stray_taps = {t for t in extra if isinstance(t, str)}
+            if key == ("bridge", "port_mark"):
+                stray_taps = {e[1] for e in extra if isinstance(e, tuple)}
             cmds += self._render.elements("delete", key, extra)
         for key in _SETS:
             cmds += self._render.elements("add", key, want_elems[key] - state.elements.get(key, set()))
@@ -1288,7 +1281,7 @@ class Network:
         state = self._read_tables()
         old_numbers = {
             e[1]: e[2] & _MAX_PORT_NUMBER
-            for e in state.elements.get(("bridge", "from_mark"), set())
+            for e in state.elements.get(("bridge", "port_mark"), set())
             if isinstance(e, tuple) and len(e) == 3 and isinstance(e[2], int)
         }
         self._ports = {}
