@@ -304,7 +304,11 @@ def test_agent_storm_of_one_uncached_image(
         rounds=1, iterations=1,
     )
     t_storm, t_dl, t_cached = (statistics.median(x) for x in (storms, downloads, cached))
-    print(f"\nagent storm of {spawns} on one uncached 64 MiB image: {t_storm * 1000:.0f} ms; "
+    # Paired per round, then the median: the machine's load drifts between rounds.
+    ratio = statistics.median(s / (d + c) for s, d, c in zip(storms, downloads, cached, strict=True))
+    print("\nrounds (ms): storm", [round(x * 1000) for x in storms], "download",
+          [round(x * 1000) for x in downloads], "cached", [round(x * 1000) for x in cached])
+    print(f"agent storm of {spawns} on one uncached 64 MiB image: {t_storm * 1000:.0f} ms; "
           f"one download+spawn {t_dl * 1000:.0f} ms + {spawns} spawns of a cached image "
-          f"{t_cached * 1000:.0f} ms; ratio {t_storm / (t_dl + t_cached):.2f} (gate <= 1.2)")
-    assert t_storm <= 1.2 * (t_dl + t_cached)
+          f"{t_cached * 1000:.0f} ms; paired ratio {ratio:.2f} (gate <= 1.2)")
+    assert ratio <= 1.2
