@@ -3,8 +3,9 @@
 Everything here fetches bytes and says what they are worth: the digests asked for, the bytes
 received, or an :class:`~fastcompute.errors.ImageError` saying what went wrong (unreachable,
 refused, stalled, truncated, too large). Deciding what to do with them (verification, the
-cache, single flight) is :mod:`fastcompute.images`' business. Blocking work (writes, hashing,
-copies) runs in the executor; the network runs on the event loop.
+cache, single flight) is :mod:`fastcompute.images`' business. Downloads run in threads of
+their own pool (reads, hashing and writes together, off the event loop); file:// copies run in
+the shared executor; Glance's small metadata requests run on the loop.
 """
 
 from __future__ import annotations
