@@ -32,7 +32,7 @@ from network_fixtures import (
     udp_frame,
 )
 
-from fastcompute.errors import AgentError, BadRequest, Conflict
+from fastcompute.errors import AgentError, BadRequest, Conflict, NotFound
 from fastcompute.network import Network, decode_ports, sg_chain
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bridges, namespaces and nftables need root")
@@ -335,3 +335,30 @@ def test_mac_or_ip_in_use_on_the_hosts_network_is_a_conflict(lab: Lab) -> None:
         with pytest.raises(Conflict):
             run(lab.net.plug("cccccccc-cccc-cccc-cccc-cccccccccccc", [clash]))
     run(lab.net.validate([port("10.0.0.1", network="net2")]))
+
+
+def test_another_agents_tables_on_the_host_do_not_judge_our_ports(lab: Lab) -> None:
+    a, b = two_guests(lab, [group(EGRESS_ALL, rule("ingress", "icmp"))], [group(EGRESS_ALL)])
+    with make_lab() as other:
+        # Another owner's tables with a deny-all port of their own, on their own bridge.
+        run(other.net.plug("dddddddd-dddd-dddd-dddd-dddddddddddd", [port("10.0.0.1", groups=[])]))
+        assert b.ping(a.ip), "our rules still decide for our ports"
+        assert not a.ping(b.ip)
+
+
+def test_security_groups_of_an_unknown_port_are_not_found(lab: Lab) -> None:
+    with pytest.raises(NotFound):
+        run(lab.net.set_security_groups("no-such-port", [group(EGRESS_ALL)]))
+
+
+def test_a_tap_name_taken_by_a_foreign_link_is_a_conflict_and_leaves_nothing(lab: Lab) -> None:
+    p = port("10.0.0.1", groups=[group(EGRESS_ALL)])
+    foreign = lab.net.tap_name(p["id"])
+    sh("ip", "link", "add", foreign, "type", "bridge")  # someone else's link, no alias
+    lab.extra_links.append(foreign)
+    before = link_names()
+    with pytest.raises(Conflict):
+        run(lab.net.plug("eeeeeeee-eeee-eeee-eeee-eeeeeeeeeeee", [p]))
+    assert link_names() == before, "the bridge made for the port is rolled back, the foreign link kept"
+    assert not mentions(lab.owner, foreign)
+    assert lab.net.plugged() == []
