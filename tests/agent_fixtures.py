@@ -186,7 +186,7 @@ def wait_for_state(agent: AgentProcess, uuid: str, vm_state: str, timeout_s: flo
     pytest.fail(f"instance {uuid} did not reach {vm_state} within {timeout_s}s; last: {rec}")
 
 
-def spawn_in_state(agent: AgentProcess, image: Path, state: str, **over: Any) -> dict[str, Any]:
+def spawn_in_state(agent: AgentProcess, image: Path, state: str, /, **over: Any) -> dict[str, Any]:
     """A new instance brought to ``state`` (active, stopped, paused, suspended or error)."""
     args = spawn_args(image, name=f"vm-{state}", wait=True)
     if state == "error":

@@ -75,14 +75,25 @@ def test_spawn_uppercase_uuid_is_normalised(agent: AgentProcess, image_file: Pat
     assert agent.call("instance.get", {"uuid": chosen.upper()})["uuid"] == chosen
 
 
+def failed_build(agent: AgentProcess, directory: Path) -> tuple[dict[str, Any], Path]:
+    """An instance in error because its image file was missing; returns it and that path."""
+    missing = directory / f"later-{uuid_mod.uuid4().hex}.raw"
+    return spawn_in_state(agent, missing, "error", image={"url": missing.as_uri()}), missing
+
+
 @pytest.mark.parametrize("state", STATES)
-def test_transitions_from(agent: AgentProcess, image_file: Path, state: str) -> None:
+def test_transitions_from(agent: AgentProcess, image_file: Path, tmp_path: Path, state: str) -> None:
     """From ``state``: every legal op reaches its target; every other op is CONFLICT naming it."""
     probe = spawn_in_state(agent, image_file, state)
     assert probe["power_state"] == POWER_OF[state] and probe["task_state"] is None
     for name, (op, extra, allowed, target) in OPS.items():
         if state in allowed:
-            rec = spawn_in_state(agent, image_file, state)
+            if state == "error":
+                # The image shows up after the failed build: a hard reboot can now rebuild it.
+                rec, missing = failed_build(agent, tmp_path)
+                missing.write_bytes(image_file.read_bytes())
+            else:
+                rec = spawn_in_state(agent, image_file, state)
             got = agent.call(op, {"uuid": rec["uuid"], **extra})
             assert (got["vm_state"], got["task_state"], got["power_state"]) == (
                 target, None, POWER_OF[target]), f"{name} from {state}: {got}"
@@ -120,13 +131,19 @@ def test_full_cycle_on_one_instance(agent: AgentProcess, image_file: Path) -> No
         assert (rec["vm_state"], rec["task_state"], rec["power_state"]) == (target, None, POWER_OF[target]), op
 
 
-@pytest.mark.xfail(strict=True, reason="hard reboot of a failed build makes it active without a claim or a disk "
-                   "(manager.py _fail_build releases both; _hard_reboot re-launches anyway)")
-def test_hard_reboot_of_failed_build_accounts_for_it(agent: AgentProcess, image_file: Path) -> None:
-    rec = spawn_in_state(agent, image_file, "error")
+def test_hard_reboot_of_failed_build_accounts_for_it(agent: AgentProcess, image_file: Path, tmp_path: Path) -> None:
+    rec, missing = failed_build(agent, tmp_path)
     assert rec["fault"]["code"] == "IMAGE_ERROR"
+    assert agent.call("host.info")["usage"]["VCPU"] == 0
+    # While the image is still missing the hard reboot fails and the instance stays in error.
+    exc = call_error(agent, "instance.reboot", {"uuid": rec["uuid"], "hard": True})
+    assert exc.code == "IMAGE_ERROR"
+    still = agent.call("instance.get", {"uuid": rec["uuid"]})
+    assert (still["vm_state"], still["task_state"]) == ("error", None)
+    assert agent.call("host.info")["usage"]["VCPU"] == 0
+    missing.write_bytes(image_file.read_bytes())
     got = agent.call("instance.reboot", {"uuid": rec["uuid"], "hard": True})
-    assert got["vm_state"] == "active"
+    assert (got["vm_state"], got["power_state"], got["fault"]) == ("active", "running", None)
     usage = agent.call("host.info")["usage"]
     # An active guest must be counted in the host's usage and must have its disk.
     assert usage["VCPU"] == 1 and usage["MEMORY_MB"] == 64

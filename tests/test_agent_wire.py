@@ -177,9 +177,6 @@ def test_bad_envelopes_get_bad_request_with_their_id(agent: AgentProcess) -> Non
     assert_alive(agent)
 
 
-@pytest.mark.xfail(strict=True, reason="protocol.py decode_envelope: msgspec.ValidationError subclasses "
-                   "DecodeError, so the first except names every envelope field '<frame>' and says "
-                   "'not a MessagePack map'; missing fields name the parent, unknown keys '<frame>.x'")
 def test_bad_envelopes_name_the_field(agent: AgentProcess) -> None:
     wrong = []
     with PlainClient(agent.control) as c:
@@ -195,12 +192,10 @@ def test_unknown_envelope_key_is_bad_request(agent: AgentProcess) -> None:
     with PlainClient(agent.control) as c:
         reply = c.request({"v": 1, "id": "u2", "op": "ping", "extra": True})
     assert_error(reply, "BAD_REQUEST", "u2")
-    assert "extra" in str(reply["error"]["details"])
+    assert reply["error"]["details"]["field"] == "extra"
     assert_alive(agent)
 
 
-@pytest.mark.xfail(strict=True, reason="protocol.py decode_envelope/decode_args only catch msgspec errors; "
-                   "msgspec raises UnicodeDecodeError for invalid UTF-8 in a str, which becomes INTERNAL")
 def test_invalid_utf8_is_bad_request(agent: AgentProcess) -> None:
     frames = [
         b"\x81\xa2\xff\xfe\x01",                                       # a key
@@ -264,9 +259,6 @@ def _bad_args(image_uri: str) -> list[tuple[str, str, dict[str, Any], str]]:
     ]
 
 
-MISSING = ("get missing uuid", "spawn missing name", "spawn missing flavor", "spawn missing disk_gb")
-
-
 def test_bad_args_name_the_field(agent: AgentProcess, image_file: Path) -> None:
     cases = _bad_args(image_file.as_uri())
     with PlainClient(agent.control) as c:
@@ -274,28 +266,11 @@ def test_bad_args_name_the_field(agent: AgentProcess, image_file: Path) -> None:
             reply = c.call(op, args)
             assert reply["ok"] is False, name
             assert reply["error"]["code"] == "BAD_REQUEST", (name, reply["error"])
-            if name not in MISSING:
-                assert reply["error"]["details"]["field"] == field, (name, reply["error"])
-            else:
-                assert field.startswith(reply["error"]["details"]["field"]), (name, reply["error"])
-                assert field.rsplit(".", 1)[1] in reply["error"]["message"], (name, reply["error"])
+            assert reply["error"]["details"]["field"] == field, (name, reply["error"])
     # Nothing was created or claimed by any of them.
     assert agent.call("instance.list") == []
     assert set(agent.call("host.info")["usage"].values()) == {0}
     assert_alive(agent)
-
-
-@pytest.mark.xfail(strict=True, reason="protocol.py _validation_details: for 'Object missing required field' "
-                   "details.field names the parent map (args, args.flavor), not the missing field")
-def test_missing_args_name_the_missing_field(agent: AgentProcess, image_file: Path) -> None:
-    wrong = []
-    with PlainClient(agent.control) as c:
-        for name, op, args, field in _bad_args(image_file.as_uri()):
-            if name in MISSING:
-                got = c.call(op, args)["error"]["details"]["field"]
-                if got != field:
-                    wrong.append((name, got, field))
-    assert wrong == []
 
 
 def test_unknown_op(agent: AgentProcess) -> None:
@@ -346,7 +321,5 @@ def test_bad_input_flood_leaves_the_agent_serving(agent: AgentProcess) -> None:
         replies = [c.recv() for _ in range(200)]
     oks = [r for r in replies if r["ok"]]
     assert len(oks) == expected_ok and all(r["id"].startswith("good-") for r in oks)
-    # Every frame was answered with a contract error (random bytes that happen to hold invalid
-    # UTF-8 are covered by test_invalid_utf8_is_bad_request).
-    assert all(r["error"]["code"] in ("BAD_REQUEST", "UNKNOWN_OP", "INTERNAL") for r in replies if not r["ok"])
+    assert all(r["error"]["code"] in ("BAD_REQUEST", "UNKNOWN_OP") for r in replies if not r["ok"])
     assert_alive(agent)
