@@ -1,0 +1,793 @@
+"""Placing spawns across a fleet of agents: a live view, Nova's filters and weighers, retries.
+
+The agents are the truth: each claims atomically, and a spawn it cannot fit is ``NO_CAPACITY``.
+The scheduler only keeps a *view* of the fleet, from every agent's ``host.info`` at start and
+its ``host.resources`` events after, adjusted for the spawns it has in flight and from their
+replies and refusals, to send each spawn where it will most likely fit and best by the
+configured weights. A refusal or a dead host moves the spawn to the next host, up to
+``max_attempts`` hosts. With Placement, ``GET /allocation_candidates`` replaces the view's
+capacity and trait filters.
+
+Filters (in order): host alive, not disabled (``COMPUTE_STATUS_DISABLED``), not tried yet for
+this spawn, capacity per resource class (``(total - reserved) * allocation_ratio - used``),
+required and forbidden traits, server group (affinity: the group's host; anti-affinity: a host
+without a member), and the NUMA fitter's pre-check for flavors with a NUMA topology when the
+agent publishes ``numa_host``. Weighers: Nova's RAM, CPU and disk weighers (free amounts,
+min-max normalised over the hosts that passed, times a multiplier); ``pack`` negates them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+import uuid as uuid_mod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from . import numa
+from .client import ClientTimeout, error_from_reply
+from .errors import AgentError, Busy, HypervisorError, NoCapacity, QuotaExceeded
+from .placement import PlacementClient, Unavailable
+from .resources import Tracker
+
+log = logging.getLogger("fastcompute.scheduler")
+
+DISABLED = "COMPUTE_STATUS_DISABLED"
+GROUP_KEY = "fastcompute:server_group"
+POLICY_KEY = "fastcompute:server_group_policy"
+POLICIES = ("affinity", "anti-affinity")
+# A confirmed spawn that no host.resources event has taken in after this long (the agent
+# publishes within 100 ms of a change) is assumed counted: deletes by others hid it.
+UNREPORTED_TTL_S = 2.0
+# Errors that say something about the host rather than the request: try the next host.
+_HOST_ERRORS = (NoCapacity, Busy, QuotaExceeded, HypervisorError)
+
+
+class NoValidHost(NoCapacity):
+    """No host of the fleet passes the filters (or every attempt was refused)."""
+
+
+class HostDown(ConnectionError):
+    """The agent's connection dropped while a request was in flight."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Nova's weigher multipliers; positive spreads, and ``pack`` negates them all."""
+
+    ram: float = 1.0
+    cpu: float = 1.0
+    disk: float = 0.0
+    strategy: str = "spread"
+
+    def multipliers(self) -> tuple[float, float, float]:
+        """(ram, cpu, disk) with the strategy's sign."""
+        sign = -1.0 if self.strategy == "pack" else 1.0
+        return sign * self.ram, sign * self.cpu, sign * self.disk
+
+
+@dataclass(frozen=True)
+class Group:
+    """A server group: its members are placed together (affinity) or apart (anti-affinity)."""
+
+    name: str
+    policy: str
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"server group policy must be one of {POLICIES}, not {self.policy!r}")
+
+
+@dataclass
+class Placed:
+    """A spawn the scheduler placed: the agent's record, where, and after how many attempts."""
+
+    host: str
+    record: dict[str, Any]
+    attempts: int
+    refused_by: list[str] = field(default_factory=list)
+
+
+# Requests are 4-tuples (VCPU, PCPU, MEMORY_MB, DISK_GB): indexes into HostView.free.
+_RCS = ("VCPU", "PCPU", "MEMORY_MB", "DISK_GB")
+
+
+class HostView:
+    """What the scheduler believes of one agent."""
+
+    __slots__ = (
+        "_numa_compiled",
+        "alive",
+        "capacity",
+        "control",
+        "credit",
+        "disabled",
+        "events",
+        "free",
+        "generation",
+        "inflight",
+        "instances",
+        "limits",
+        "members",
+        "name",
+        "numa_host",
+        "traits",
+        "unreported",
+        "usage",
+    )
+
+    def __init__(self, name: str, control: str = "", events: str = "") -> None:
+        self.name = name
+        self.control = control
+        self.events = events
+        self.alive = False
+        self.traits: frozenset[str] = frozenset()
+        self.disabled = False
+        self.capacity = [0, 0, 0, 0]
+        self.usage = [0, 0, 0, 0]
+        # Spawns sent and not answered: counted as used so that concurrent decisions spread.
+        self.inflight: dict[str, tuple[int, int, int, int]] = {}
+        # Spawns the agent confirmed that its last host.resources did not count yet, oldest
+        # first, with when they were confirmed; and how many claims its events counted whose
+        # replies are still on the way (they are the oldest in flight). Events carry the
+        # agent's instance count: its growth says how many of ours they took in.
+        self.unreported: collections.deque[tuple[float, tuple[int, int, int, int]]] = collections.deque()
+        self.credit = 0
+        self.instances = -1
+        self.free = [0, 0, 0, 0]
+        self.numa_host: dict[str, Any] | None = None
+        self._numa_compiled: Any = None
+        self.limits: dict[str, float] = {}
+        self.generation = -1
+        self.members: dict[str, set[str]] = {}  # group -> instance uuids on this host
+
+    def update(self, info: dict[str, Any]) -> None:
+        """Take an agent's ``host.info`` / ``host.resources`` body."""
+        inv = info.get("inventory", {})
+        usage = info.get("usage", {})
+        cap = []
+        for rc in _RCS:
+            i = inv.get(rc)
+            cap.append(int((i["total"] - i["reserved"]) * i["allocation_ratio"]) if i and i.get("total") else 0)
+        self.capacity = cap
+        self.usage = [int(usage.get(rc, 0)) for rc in _RCS]
+        traits = info.get("traits", [])
+        self.traits = frozenset(traits)
+        self.disabled = DISABLED in self.traits or info.get("enabled") is False
+        self.numa_host = info.get("numa_host")
+        self._numa_compiled = None
+        self.limits = {
+            "cpu_allocation_ratio": float(inv.get("VCPU", {}).get("allocation_ratio", 1.0)),
+            "ram_allocation_ratio": float(inv.get("MEMORY_MB", {}).get("allocation_ratio", 1.0)),
+        }
+        self.generation = int(info.get("generation", self.generation))
+        count = int(info.get("instances", 0))
+        grown = max(0, count - self.instances) if self.instances >= 0 else 0
+        self.instances = count
+        horizon = time.monotonic() - UNREPORTED_TTL_S
+        while self.unreported and (grown > 0 or self.unreported[0][0] < horizon):
+            self.unreported.popleft()
+            grown -= 1
+        self.credit = min(self.credit + max(0, grown), len(self.inflight))
+        self.recompute()
+
+    def reset(self) -> None:
+        """Forget what the last events said (the agent restarted or reconnected)."""
+        self.unreported.clear()
+        self.credit = 0
+        self.instances = -1
+        self.generation = -1
+
+    def confirmed(self, instance: str) -> None:
+        """The agent answered a spawn we sent with its record: it holds the claim."""
+        req = self.inflight.pop(instance)
+        if self.credit > 0:
+            self.credit -= 1
+        else:
+            self.unreported.append((time.monotonic(), req))
+        self.recompute()
+
+    def abandoned(self, instance: str) -> None:
+        """A spawn we sent was refused or lost: it holds nothing here (as far as we know)."""
+        self.inflight.pop(instance, None)
+        self.credit = min(self.credit, len(self.inflight))
+        self.recompute()
+
+    def recompute(self) -> None:
+        """Free amounts from capacity, usage and the spawns in flight."""
+        free = [c - u for c, u in zip(self.capacity, self.usage, strict=True)]
+        for _, req in self.unreported:
+            for i in range(4):
+                free[i] -= req[i]
+        for req in itertools.islice(self.inflight.values(), self.credit, None):
+            for i in range(4):
+                free[i] -= req[i]
+        self.free = free
+
+    def numa_fits(self, request: dict[str, Any]) -> bool:
+        """The NUMA fitter's answer on this host's last published NUMA usage (True if unknown)."""
+        if self.numa_host is None:
+            return True
+        if self._numa_compiled is None:
+            self._numa_compiled = numa.compile_host(self.numa_host)
+        return numa.fit(self._numa_compiled, request, self.limits) is not None
+
+
+def request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], dict[str, Any] | None]:
+    """A flavor's amounts per class (pinned vCPUs as PCPU) and its NUMA request (or None).
+
+    Raises BadRequest for invalid extra specs, before any host is asked.
+    """
+    numa_request = numa.constraints({"vcpus": flavor["vcpus"], "memory_mb": flavor["memory_mb"],
+                                     "extra_specs": flavor.get("extra_specs", {})})
+    amounts = Tracker.request_of(flavor["vcpus"], flavor["memory_mb"], flavor["disk_gb"], numa_request)
+    return (amounts["VCPU"], amounts["PCPU"], amounts["MEMORY_MB"], amounts["DISK_GB"]), numa_request
+
+
+def select(hosts: Iterable[HostView], req: tuple[int, int, int, int], weights: Weights, *,
+           numa_request: dict[str, Any] | None = None, required: frozenset[str] = frozenset(),
+           forbidden: frozenset[str] = frozenset(), group: Group | None = None,
+           exclude: frozenset[str] | set[str] = frozenset(), only: dict[str, list[int]] | None = None,
+           ) -> tuple[HostView | None, dict[str, int]]:
+    """The best host for ``req`` by the filters and weighers, and why hosts were filtered out.
+
+    ``only`` restricts the choice to those hosts and takes their free amounts from it (the
+    Placement candidates). Returns ``(None, reasons)`` when no host passes.
+    """
+    v, p, m, d = req
+    passed: list[tuple[HostView, list[int]]] = []
+    reasons = {"down": 0, "disabled": 0, "tried": 0, "capacity": 0, "traits": 0, "group": 0, "numa": 0}
+    group_hosts: bool | None = None
+    if group is not None:
+        group_hosts = any(group.name in h.members and h.members[group.name] for h in hosts)
+    for h in hosts:
+        if not h.alive:
+            reasons["down"] += 1
+            continue
+        if h.disabled:
+            reasons["disabled"] += 1
+            continue
+        if h.name in exclude:
+            reasons["tried"] += 1
+            continue
+        if only is not None:
+            free = only.get(h.name)
+            if free is None:
+                reasons["capacity"] += 1
+                continue
+        else:
+            free = h.free
+            if free[0] < v or free[1] < p or free[2] < m or free[3] < d:
+                reasons["capacity"] += 1
+                continue
+        if (required and not required <= h.traits) or (forbidden and not forbidden.isdisjoint(h.traits)):
+            reasons["traits"] += 1
+            continue
+        if group is not None:
+            here = bool(h.members.get(group.name))
+            if (group.policy == "anti-affinity" and here) or (
+                    group.policy == "affinity" and group_hosts and not here):
+                reasons["group"] += 1
+                continue
+        if numa_request is not None and not h.numa_fits(numa_request):
+            reasons["numa"] += 1
+            continue
+        passed.append((h, free))
+    if not passed:
+        return None, {k: n for k, n in reasons.items() if n}
+    if len(passed) == 1:
+        return passed[0][0], {}
+    mr, mc, md = weights.multipliers()
+    scales = []
+    for idx, mult in ((2, mr), (0, mc), (3, md)):
+        if not mult:
+            continue
+        lo = min(f[idx] for _, f in passed)
+        hi = max(f[idx] for _, f in passed)
+        if hi > lo:
+            scales.append((idx, mult / (hi - lo), lo))
+    best, best_score = passed[0][0], float("-inf")
+    for h, f in passed:
+        score = 0.0
+        for idx, k, lo in scales:
+            score += (f[idx] - lo) * k
+        if score > best_score:
+            best, best_score = h, score
+    return best, {}
+
+
+class _Agent:
+    """One agent's control connection (a DEALER that queues nothing for a dead peer) and its
+    event subscription, feeding a HostView."""
+
+    def __init__(self, sched: Scheduler, view: HostView, ctx: zmq.asyncio.Context) -> None:
+        self.sched = sched
+        self.view = view
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        # Only completed connections get messages: a spawn is never queued for an agent that
+        # is down, to run there later after it was placed elsewhere.
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.sock.connect(view.control)
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, "host.resources")
+        self.sub.connect(view.events)
+        self._prefix = os.urandom(6).hex() + "-"
+        self._ids = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._enc = msgspec.msgpack.Encoder()
+        self._dec = msgspec.msgpack.Decoder()
+        self.down = asyncio.get_running_loop().create_future()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._read()), loop.create_task(self._events()),
+                      loop.create_task(self._watch())]
+
+    async def _read(self) -> None:
+        while True:
+            frame = await self.sock.recv()
+            try:
+                reply = self._dec.decode(frame)
+                fut = self._waiting.pop(reply.get("id", ""), None)
+            except (msgspec.DecodeError, AttributeError):
+                continue
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    async def _events(self) -> None:
+        while True:
+            _topic, body = await self.sub.recv_multipart()
+            try:
+                info = self._dec.decode(body)
+            except msgspec.DecodeError:
+                continue
+            self.sched._on_resources(self.view, info)
+
+    async def _watch(self) -> None:
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.mark_down(f"connection to {self.view.control} lost")
+            elif event["event"] == zmq.EVENT_CONNECTED and not self.view.alive:
+                # Back (or first up): its usage may have changed while it was away.
+                asyncio.get_running_loop().create_task(self.sched._refresh(self))
+
+    def mark_down(self, why: str) -> None:
+        if self.view.alive:
+            log.warning("host %s is down: %s", self.view.name, why)
+        self.view.alive = False
+        if not self.down.done():
+            self.down.set_result(None)
+        self.sched._changed()
+
+    def mark_up(self) -> None:
+        if self.down.done():
+            self.down = asyncio.get_running_loop().create_future()
+        self.view.alive = True
+
+    async def call(self, op: str, args: dict[str, Any] | None, timeout_s: float, *,
+                   while_down: bool = False) -> Any:
+        """One request; its result, its typed error, ClientTimeout or HostDown.
+
+        ``while_down`` sends even to a host marked down (to see whether it is back)."""
+        rid = self._prefix + str(next(self._ids))
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        msg: dict[str, Any] = {"v": 1, "id": rid, "op": op}
+        if args:
+            msg["args"] = args
+        down = asyncio.get_running_loop().create_future() if while_down else self.down
+        try:
+            send = asyncio.ensure_future(self.sock.send(self._enc.encode(msg)))
+            done, _ = await asyncio.wait({send, down}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if send not in done:
+                send.cancel()
+                if down in done:
+                    raise HostDown(f"{self.view.name} is down")
+                raise ClientTimeout(f"{self.view.name} did not take {op} within {timeout_s:.0f}s")
+            done, _ = await asyncio.wait({fut, down}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if fut not in done:
+                if down in done:
+                    raise HostDown(f"{self.view.name} went down with {op} in flight")
+                raise ClientTimeout(f"no reply to {op} from {self.view.name} within {timeout_s:.0f}s")
+            reply = fut.result()
+        finally:
+            self._waiting.pop(rid, None)
+        if reply.get("ok"):
+            return reply.get("result")
+        raise error_from_reply(reply.get("error") or {})
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+        self.sub.close(linger=0)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An agent's control and event endpoints."""
+
+    control: str
+    events: str
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """``CONTROL,EVENTS``, e.g. ``tcp://10.0.0.5:7780,tcp://10.0.0.5:7781``."""
+        control, sep, events = text.partition(",")
+        if not sep or not control or not events:
+            raise ValueError(f"an agent is CONTROL,EVENTS, not {text!r}")
+        return cls(control.strip(), events.strip())
+
+
+class Scheduler:
+    """Places spawns on a fleet of agents. Use as ``async with Scheduler(endpoints) as s:``."""
+
+    def __init__(self, endpoints: Iterable[Endpoint], *, weights: Weights | None = None,
+                 max_attempts: int = 3, timeout_s: float = 30.0, placement: PlacementClient | None = None
+                 ) -> None:
+        self.endpoints = list(endpoints)
+        self.weights = weights or Weights()
+        self.max_attempts = max_attempts
+        self.timeout_s = timeout_s
+        self.placement = placement
+        self.hosts: dict[str, HostView] = {}
+        self._agents: list[_Agent] = []
+        self._ctx = zmq.asyncio.Context()
+        self._change = asyncio.Event()
+        self._rp_names: dict[str, str] = {}  # Placement provider uuid -> host name
+        # Spawns sent to a host that died or timed out before answering: it may have claimed
+        # them. When it is back, they are deleted there (instance uuid -> host name).
+        self.orphans: dict[str, str] = {}
+        self.inflight = 0
+
+    async def __aenter__(self) -> Scheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect to every agent and read its host.info and instances (server groups).
+
+        An agent that does not answer is kept as down; its events or a reconnection bring it in.
+        """
+        for i, ep in enumerate(self.endpoints):
+            view = HostView(f"?{i}:{ep.control}", ep.control, ep.events)
+            agent = _Agent(self, view, self._ctx)
+            agent.start()
+            self._agents.append(agent)
+        await asyncio.gather(*(self._refresh(a) for a in self._agents))
+
+    async def _refresh(self, agent: _Agent) -> None:
+        try:
+            info = await agent.call("host.info", None, min(self.timeout_s, 10.0), while_down=True)
+            records = await agent.call("instance.list", None, self.timeout_s, while_down=True)
+        except (ClientTimeout, HostDown, AgentError) as exc:
+            log.warning("agent %s does not answer: %s", agent.view.control, exc)
+            return
+        view = agent.view
+        name = str(info.get("hostname") or view.name)
+        if view.name != name:
+            self.hosts.pop(view.name, None)
+            view.name = name
+        if name in self.hosts and self.hosts[name] is not view:
+            raise ValueError(f"two agents report the host name {name!r}: give each its own [agent] host")
+        self.hosts[name] = view
+        view.members = {}
+        held = {r["uuid"] for r in records}
+        orphans = [u for u, h in self.orphans.items() if h == name and u in held]
+        for u in [u for u, h in self.orphans.items() if h == name and u not in held]:
+            del self.orphans[u]  # it never claimed it
+        records = [r for r in records if r["uuid"] not in orphans]
+        for rec in records:
+            group = (rec.get("metadata") or {}).get(GROUP_KEY)
+            if group and rec.get("vm_state") != "deleted":
+                view.members.setdefault(group, set()).add(rec["uuid"])
+        view.reset()
+        view.update(info)
+        agent.mark_up()
+        self._changed()
+        for instance in orphans:
+            await self._delete_orphan(agent, instance)
+
+    async def _delete_orphan(self, agent: _Agent, instance: str) -> None:
+        """Delete a spawn that reached a host which went down before answering, and that was
+        since placed elsewhere or reported failed: the caller knows it only from there."""
+        try:
+            await agent.call("instance.delete", {"uuid": instance}, self.timeout_s)
+        except (ClientTimeout, HostDown, AgentError) as exc:
+            log.warning("could not delete orphan %s on %s: %s", instance, agent.view.name, exc)
+            return
+        log.info("deleted orphan %s on %s (placed elsewhere while it was down)", instance, agent.view.name)
+        self.orphans.pop(instance, None)
+
+    def _on_resources(self, view: HostView, info: dict[str, Any]) -> None:
+        if view.name not in self.hosts:
+            return
+        gen = int(info.get("generation", -1))
+        # A smaller generation is either an older event or a restarted agent; the latter
+        # comes with a reconnection, which refreshes the view from host.info.
+        if gen < view.generation:
+            return
+        view.update(info)
+        if not view.alive:
+            for a in self._agents:
+                if a.view is view:
+                    a.mark_up()
+        self._changed()
+
+    def _changed(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def _candidates(self, req: tuple[int, int, int, int], required: frozenset[str],
+                          forbidden: frozenset[str]) -> dict[str, list[int]]:
+        """Hosts Placement offers for ``req``, with their free amounts by Placement's count."""
+        assert self.placement is not None
+        resources = dict(zip(_RCS, req, strict=True))
+        doc = await self.placement.allocation_candidates(resources, sorted(required), sorted(forbidden))
+        if any(u not in self._rp_names for u in doc.get("provider_summaries", {})):
+            rps = (await self.placement.get("/resource_providers"))["resource_providers"]
+            self._rp_names = {rp["uuid"]: rp["name"] for rp in rps}
+        out: dict[str, list[int]] = {}
+        for rp_uuid, summary in doc.get("provider_summaries", {}).items():
+            name = self._rp_names.get(rp_uuid)
+            if name is None:
+                continue
+            res = summary.get("resources", {})
+            free = [int(res[rc]["capacity"] - res[rc]["used"]) if rc in res else 0 for rc in _RCS]
+            view = self.hosts.get(name)
+            if view is not None:
+                for r in view.inflight.values():
+                    for i in range(4):
+                        free[i] -= r[i]
+            out[name] = free
+        return out
+
+    async def spawn(self, args: dict[str, Any], *, group: Group | None = None,
+                    required: Iterable[str] = (), forbidden: Iterable[str] = ()) -> Placed:
+        """Place one ``instance.spawn`` (its wire args) and send it; the placed record.
+
+        Raises NoValidHost when no host passes or every attempt was refused, and the agent's
+        error for failures that are not the host's (BAD_REQUEST, IMAGE_ERROR, CONFLICT...).
+        """
+        args = dict(args)
+        instance = str(args.get("uuid") or uuid_mod.uuid4())
+        args["uuid"] = instance
+        req, numa_request = request_tuple(args["flavor"])
+        if group is not None:
+            args["metadata"] = {**args.get("metadata", {}), GROUP_KEY: group.name, POLICY_KEY: group.policy}
+        need, avoid = frozenset(required), frozenset(forbidden)
+        tried: list[str] = []
+        refusals: list[str] = []
+        while len(tried) < self.max_attempts:
+            only = None
+            if self.placement is not None:
+                try:
+                    only = await self._candidates(req, need, avoid)
+                except Unavailable as exc:
+                    log.warning("Placement unavailable (%s): using the fleet view", exc)
+            host, reasons = select(self.hosts.values(), req, self.weights, numa_request=numa_request,
+                                   required=need, forbidden=avoid, group=group, exclude=set(tried), only=only)
+            if host is None:
+                if self.inflight and set(reasons) <= {"capacity", "numa", "group", "down"}:
+                    # Spawns in flight hold capacity in the view until they are answered:
+                    # wait for one to finish before saying that nothing fits.
+                    await self._change.wait()
+                    continue
+                raise NoValidHost(self._why(reasons, refusals),
+                                  {"filtered": reasons, "refusals": refusals, "uuid": instance})
+            tried.append(host.name)
+            try:
+                rec = await self._send(host, instance, req, args, group)
+            except (ClientTimeout, HostDown) as exc:
+                refusals.append(f"{host.name}: {exc}")
+                self.orphans[instance] = host.name
+                for a in self._agents:
+                    if a.view is host and isinstance(exc, ClientTimeout):
+                        a.mark_down(str(exc))
+                continue
+            except _HOST_ERRORS as exc:
+                refusals.append(f"{host.name}: {exc.code}: {exc.message}")
+                if isinstance(exc, NoCapacity):
+                    self._learn_refusal(host, exc.details or {})
+                continue
+            return Placed(host=host.name, record=rec, attempts=len(tried), refused_by=refusals)
+        raise NoValidHost(f"{len(tried)} hosts refused the spawn: " + "; ".join(refusals),
+                          {"refusals": refusals, "uuid": instance})
+
+    async def _send(self, host: HostView, instance: str, req: tuple[int, int, int, int],
+                    args: dict[str, Any], group: Group | None) -> dict[str, Any]:
+        agent = next(a for a in self._agents if a.view is host)
+        host.inflight[instance] = req
+        host.recompute()
+        if group is not None:
+            host.members.setdefault(group.name, set()).add(instance)
+        self.inflight += 1
+        ok = False
+        try:
+            rec = await agent.call("instance.spawn", args, self.timeout_s)
+            ok = True
+            return rec  # type: ignore[no-any-return]
+        finally:
+            self.inflight -= 1
+            if ok:
+                host.confirmed(instance)
+            else:
+                host.abandoned(instance)
+                if group is not None:
+                    host.members.get(group.name, set()).discard(instance)
+            self._changed()
+
+    @staticmethod
+    def _learn_refusal(host: HostView, details: dict[str, Any]) -> None:
+        rc, free = details.get("resource_class"), details.get("free")
+        if rc in _RCS and isinstance(free, int):
+            i = _RCS.index(rc)
+            host.usage[i] = host.capacity[i] - free
+            host.recompute()
+
+    def _why(self, reasons: dict[str, int], refusals: list[str]) -> str:
+        parts = ", ".join(f"{n} {k}" for k, n in reasons.items())
+        text = f"no host fits ({parts or 'no hosts'})"
+        if refusals:
+            text += "; refused by " + "; ".join(refusals)
+        return text
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await asyncio.gather(*(a.close() for a in self._agents))
+        if self.placement is not None:
+            await self.placement.close()
+        self._ctx.term()
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """``fastcompute schedule``'s options."""
+    p = argparse.ArgumentParser(prog="fastcompute schedule",
+                                description="place spawns across agents (filters, weighers, retries)")
+    p.add_argument("--agent", action="append", required=True, metavar="CONTROL,EVENTS",
+                   help="an agent's control and event endpoints; repeat for each agent")
+    p.add_argument("--name", default="vm", help="instance name (with -N appended when --count > 1)")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--memory", type=int, default=512, help="MiB")
+    p.add_argument("--disk", type=int, default=1, help="GiB")
+    p.add_argument("--spec", action="append", metavar="KEY=VALUE", help="flavor extra spec (Nova's keys)")
+    p.add_argument("--image", help="image path or URL")
+    p.add_argument("--image-id", help="image id (Glance)")
+    p.add_argument("--project", default="default")
+    p.add_argument("--group", help="server group name")
+    p.add_argument("--policy", choices=POLICIES, default="anti-affinity", help="the group's policy")
+    p.add_argument("--require", action="append", default=[], metavar="TRAIT")
+    p.add_argument("--forbid", action="append", default=[], metavar="TRAIT")
+    p.add_argument("--strategy", choices=("spread", "pack"), default="spread")
+    p.add_argument("--ram-weight", type=float, default=1.0)
+    p.add_argument("--cpu-weight", type=float, default=1.0)
+    p.add_argument("--disk-weight", type=float, default=0.0)
+    p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=64, help="spawns in flight at once")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds an agent has to answer")
+    p.add_argument("--placement", metavar="URL", help="use Placement's allocation candidates")
+    p.add_argument("--placement-token", default="admin")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+async def run_storm(sched: Scheduler, spawns: list[dict[str, Any]], *, concurrency: int = 64,
+                    group: Group | None = None, required: Iterable[str] = (), forbidden: Iterable[str] = (),
+                    on_done: Any = None) -> tuple[list[Placed], list[tuple[dict[str, Any], AgentError]]]:
+    """Place many spawns with at most ``concurrency`` in flight; (placed, failed)."""
+    placed: list[Placed] = []
+    failed: list[tuple[dict[str, Any], AgentError]] = []
+    slots = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(args: dict[str, Any]) -> None:
+        async with slots:
+            try:
+                placed.append(await sched.spawn(args, group=group, required=required, forbidden=forbidden))
+            except AgentError as exc:
+                failed.append((args, exc))
+        if on_done is not None:
+            on_done()
+
+    await asyncio.gather(*(one(a) for a in spawns))
+    return placed, failed
+
+
+async def _main_async(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    image: dict[str, Any] = {}
+    if a.image:
+        image["url"] = a.image if "://" in a.image else Path(a.image).resolve().as_uri()
+    if a.image_id:
+        image["id"] = a.image_id
+    specs = dict(s.split("=", 1) for s in a.spec or [] if "=" in s)
+    flavor = {"vcpus": a.vcpus, "memory_mb": a.memory, "disk_gb": a.disk, "extra_specs": specs}
+    names = [a.name] if a.count == 1 else [f"{a.name}-{i}" for i in range(1, a.count + 1)]
+    spawns = [{"name": n, "flavor": flavor, "image": image, "project_id": a.project} for n in names]
+    placement = PlacementClient(a.placement, token=a.placement_token) if a.placement else None
+    weights = Weights(a.ram_weight, a.cpu_weight, a.disk_weight, a.strategy)
+    group = Group(a.group, a.policy) if a.group else None
+    started = time.monotonic()
+    async with Scheduler([Endpoint.parse(e) for e in a.agent], weights=weights, max_attempts=a.max_attempts,
+                         timeout_s=a.timeout, placement=placement) as sched:
+        columns = (TextColumn("scheduling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, disable=a.json or a.count < 2) as bar:
+            task = bar.add_task("scheduling", total=len(spawns))
+            placed, failed = await run_storm(sched, spawns, concurrency=a.concurrency, group=group,
+                                             required=a.require, forbidden=a.forbid,
+                                             on_done=lambda: bar.advance(task))
+    elapsed = time.monotonic() - started
+    per_host: dict[str, int] = {}
+    for p in placed:
+        per_host[p.host] = per_host.get(p.host, 0) + 1
+    if a.json:
+        print(json.dumps({
+            "placed": [{"uuid": p.record["uuid"], "name": p.record["name"], "host": p.host,
+                        "attempts": p.attempts, "refused_by": p.refused_by} for p in placed],
+            "failed": [{"name": s["name"], "code": e.code, "message": e.message} for s, e in failed],
+            "per_host": per_host, "elapsed_s": round(elapsed, 3),
+        }))
+    else:
+        from rich.table import Table
+
+        table = Table("host", "instances")
+        for h, n in sorted(per_host.items()):
+            table.add_row(h, str(n))
+        Console().print(table)
+        err.print(f"{len(placed)} placed, {len(failed)} failed in {elapsed:.2f}s")
+        for s, e in failed:
+            err.print(f"[red]failed[/] {s['name']}: {e.code}: {e.message}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fastcompute schedule ...``: place ``--count`` spawns across the ``--agent``s."""
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        endpoints = [Endpoint.parse(e) for e in a.agent]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    del endpoints
+    try:
+        return asyncio.run(_main_async(a))
+    except AgentError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

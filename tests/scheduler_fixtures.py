@@ -1,0 +1,69 @@
+"""A fleet of three real agents on loopback ports, each on a test host of its own size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent_fixtures import AgentProcess
+from hosts import write_test_host
+
+from fastcompute.scheduler import Endpoint
+
+# name -> write_test_host arguments. VCPU capacity at the default 16x ratio: 64, 128, 512.
+SIZES: dict[str, dict[str, int]] = {
+    "small": {"cells": 1, "sockets": 1, "cores": 2, "threads": 2, "memory_gib": 16},
+    "medium": {"cells": 2, "sockets": 1, "cores": 4, "threads": 2, "memory_gib": 32},
+    "large": {"cells": 2, "sockets": 2, "cores": 8, "threads": 2, "memory_gib": 64},
+}
+FLAVOR = {"vcpus": 1, "memory_mb": 128, "disk_gb": 1}
+
+
+def agent_config(name: str, extra: str = "") -> str:
+    """An agent config: its host name, disk large enough never to be the limit, no stats."""
+    return (f'[agent]\nhost = "{name}"\n{extra}\n[resources]\ndisk_gb = 100000\n'
+            "[stats]\ninterval_s = 0\n")
+
+
+@dataclass
+class Fleet:
+    """Three agents by name."""
+
+    agents: dict[str, AgentProcess]
+
+    def endpoints(self, names: list[str] | None = None) -> list[Endpoint]:
+        """The scheduler's view of the agents."""
+        return [Endpoint(a.control, a.events) for n, a in self.agents.items() if names is None or n in names]
+
+    def info(self, name: str) -> dict[str, Any]:
+        """``host.info`` of one agent."""
+        return self.agents[name].call("host.info")  # type: ignore[no-any-return]
+
+    def capacity(self, name: str, rc: str = "VCPU") -> int:
+        """How much of ``rc`` the agent may hand out."""
+        inv = self.info(name)["inventory"][rc]
+        return int((inv["total"] - inv["reserved"]) * inv["allocation_ratio"])
+
+    def instances(self, name: str) -> set[str]:
+        """The uuids the agent holds."""
+        return {r["uuid"] for r in self.agents[name].call("instance.list")}
+
+
+def start_fleet(make_agent: Any, base: Path, extra_config: str = "") -> Fleet:
+    """Start the three agents (in parallel) and wait for them."""
+    agents: dict[str, AgentProcess] = {}
+    for name, size in SIZES.items():
+        uri = write_test_host(base / f"{name}.xml", **size)
+        agents[name] = make_agent(config=agent_config(name, extra_config), hypervisor=uri, start=False)
+    for a in agents.values():
+        a.start(wait=False)
+    for a in agents.values():
+        a.wait_ready()
+    return Fleet(agents)
+
+
+def spawns(image: Path, count: int, prefix: str = "vm", **flavor: Any) -> list[dict[str, Any]]:
+    """``count`` spawn arguments of the small flavor (overridden by ``flavor``)."""
+    return [{"name": f"{prefix}-{i}", "flavor": {**FLAVOR, **flavor}, "image": {"url": image.as_uri()}}
+            for i in range(count)]
