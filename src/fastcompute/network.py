@@ -64,10 +64,10 @@ _IFF_UP: Final = 1
 _MAC_RE: Final = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # Packet marks: bit 31 says "ours", bits 30-16 are a hash of the tables' name (so that two
 # sets of tables on one host, say an agent's and a test's, never judge each other's packets),
-# bits 15-0 the port's number. Other marks never hit a port map.
+# bits 15-0 the number of a rule chain. Other marks never hit our maps.
 _MARK_OURS: Final = 0x80000000
 _MARK_PORT_BITS: Final = 0xFFFF0000
-_MAX_PORT_NUMBER: Final = 0xFFFF
+_MAX_CHAIN_ID: Final = 0xFFFF
 
 # Neutron's protocol names (neutron_lib.constants.IP_PROTOCOL_MAP) and their numbers.
 PROTOCOLS: Final[dict[str, int]] = {
@@ -292,7 +292,8 @@ _SETS: Final[dict[SetKey, dict[str, Any]]] = {
     ("bridge", "port_mac"): {"type": ["ifname", "ether_addr"]},
     ("bridge", "port_ipv4"): {"type": ["ifname", "ipv4_addr"]},
     ("bridge", "port_ipv6"): {"type": ["ifname", "ipv6_addr"]},
-    ("bridge", "port_mark"): {"type": "ifname", "map": "mark"},
+    ("bridge", "egress_mark"): {"type": "ifname", "map": "mark"},
+    ("bridge", "ingress_mark"): {"type": "ifname", "map": "mark"},
     ("inet", "egress"): {"type": "mark", "map": "verdict"},
     ("inet", "ingress"): {"type": "mark", "map": "verdict"},
 }
@@ -402,31 +403,36 @@ def _elem_from_json(obj: Any) -> Elem:
     return obj
 
 
-@dataclass(frozen=True)
-class _PortNft:
-    """What one port puts into the tables: its set elements and the rule chains it uses."""
+def number_chains(ports: Iterable[Port]) -> dict[tuple[str, str], int]:
+    """Numbers for the rule chains of ports with port security, in order of first use."""
+    ids: dict[tuple[str, str], int] = {}
+    for port in ports:
+        if port.port_security_enabled:
+            for key in Renderer.chains(port):
+                ids.setdefault(key, len(ids) + 1)
+    return ids
 
-    elements: dict[SetKey, frozenset[Elem]]
-    chains: dict[tuple[str, str], list[list[dict[str, Any]]]]
 
-
-def ruleset(table: str, ports: Iterable[tuple[Port, str, int]]) -> list[dict[str, Any]]:
-    """One transaction that replaces both tables with the rules of ``(port, tap, number)``.
+def ruleset(table: str, ports: Iterable[tuple[Port, str]]) -> list[dict[str, Any]]:
+    """One transaction that replaces both tables with the rules of ``(port, tap)`` pairs.
 
     What the agent sends when it finds its tables missing or of another layout, e.g. at the
     first start-up with instances to restore.
     """
     render = Renderer(table)
+    pairs = list(ports)
+    ids = number_chains(port for port, _ in pairs)
     elements: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
     chains: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
-    for port, tap, number in ports:
-        nft = render.port(port, tap, number)
-        for key, elems in nft.elements.items():
+    for port, tap in pairs:
+        chains.update(render.chains(port))
+        for key, elems in render.elements_of(port, tap, ids).items():
             elements[key] |= elems
-        chains.update(nft.chains)
     cmds = render.rebuild()
     for key, rules in chains.items():
-        cmds += render.chain(*key, rules, exists=False)
+        # The chain without its map entry: the entries go in one command per map below.
+        cmds += render.chain(*key, rules, ids[key], exists=False)[:-1]
+        elements[render.verdict_map(key[1])].add(render.verdict(key[1], ids[key]))
     for key, members in elements.items():
         cmds += render.elements("add", key, members)
     return cmds
@@ -441,25 +447,27 @@ class Renderer:
         self.mark = _MARK_OURS | owner_bits << 16
         self.base_tag = "fc-base:" + _digest(self._base(""))
 
-    def port(self, port: Port, tap: str, number: int) -> _PortNft:
-        """The elements and chains of a port with port security, given its tap and number."""
-        mac = _normal_mac(port.mac) or port.mac
-        addrs = [ipaddress.ip_address(f.ip) for f in port.fixed_ips]
+    @staticmethod
+    def chains(port: Port) -> dict[tuple[str, str], list[list[dict[str, Any]]]]:
+        """The port's egress and ingress rule chains: {(family, name): rules}."""
         egress, egress_rules = sg_chain(port.security_groups, "egress")
         ingress, ingress_rules = sg_chain(port.security_groups, "ingress")
-        return _PortNft(
-            elements={
-                ("bridge", "port_mac"): frozenset({(tap, mac)}),
-                ("bridge", "port_ipv4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
-                ("bridge", "port_ipv6"): frozenset(
-                    [(tap, _link_local(mac))] + [(tap, str(a)) for a in addrs if a.version == 6]
-                ),
-                ("bridge", "port_mark"): frozenset({("map", tap, self.mark | number)}),
-                ("inet", "egress"): frozenset({("map", self.mark | number, ("jump", egress))}),
-                ("inet", "ingress"): frozenset({("map", self.mark | number, ("jump", ingress))}),
-            },
-            chains={("inet", egress): egress_rules, ("inet", ingress): ingress_rules},
-        )
+        return {("inet", egress): egress_rules, ("inet", ingress): ingress_rules}
+
+    def elements_of(self, port: Port, tap: str, ids: Mapping[tuple[str, str], int]) -> dict[SetKey, frozenset[Elem]]:
+        """The set elements of a port with port security; ``ids`` numbers its rule chains."""
+        mac = _normal_mac(port.mac) or port.mac
+        addrs = [ipaddress.ip_address(f.ip) for f in port.fixed_ips]
+        egress, ingress = self.chains(port)
+        return {
+            ("bridge", "port_mac"): frozenset({(tap, mac)}),
+            ("bridge", "port_ipv4"): frozenset((tap, str(a)) for a in addrs if a.version == 4),
+            ("bridge", "port_ipv6"): frozenset(
+                [(tap, _link_local(mac))] + [(tap, str(a)) for a in addrs if a.version == 6]
+            ),
+            ("bridge", "egress_mark"): frozenset({("map", tap, self.mark | ids[egress])}),
+            ("bridge", "ingress_mark"): frozenset({("map", tap, self.mark | ids[ingress])}),
+        }
 
     def _obj(self, family: str, kind: str, **body: Any) -> dict[str, Any]:
         return {kind: {"family": family, "table": self.table, **body}}
@@ -497,8 +505,8 @@ class Renderer:
         def spoof(*exprs: dict[str, Any]) -> dict[str, Any]:
             return self._rule("bridge", "spoof", list(exprs))
 
-        def mark_set(key: dict[str, Any]) -> dict[str, Any]:
-            return {"mangle": {"key": mark, "value": {"map": {"key": key, "data": "@port_mark"}}}}
+        def mark_set(key: dict[str, Any], map_name: str) -> dict[str, Any]:
+            return {"mangle": {"key": mark, "value": {"map": {"key": key, "data": map_name}}}}
 
         ours = _match({"&": [mark, _MARK_PORT_BITS]}, self.mark)
 
@@ -509,13 +517,14 @@ class Renderer:
             chain("bridge", "spoof"),
             chain("bridge", "prerouting", "prerouting", -200),
             chain("bridge", "forward", "forward", -200),
-            # Frames from the wire carry mark 0: only frames from our ports get our mark.
-            self._rule("bridge", "prerouting", [mark_set(iif)], tag),
+            # Frames from the wire carry mark 0: only frames from our ports get our mark, which
+            # names the rule chain of the sender's egress.
+            self._rule("bridge", "prerouting", [mark_set(iif, "@egress_mark")], tag),
             self._rule("bridge", "prerouting", [ours, jump_spoof]),
             # The sender's egress is judged in inet prerouting before this hook; from here on
-            # the mark names the receiver, or nobody when the receiver is not our port.
+            # the mark names the receiver's ingress chain, or none when it is not our port.
             self._rule("bridge", "forward", [ours, {"mangle": {"key": mark, "value": 0}}], tag),
-            self._rule("bridge", "forward", [mark_set(oif)]),
+            self._rule("bridge", "forward", [mark_set(oif, "@ingress_mark")]),
             self._rule("bridge", "spoof", [not_in(_payload("ether", "saddr"), "port_mac"), drop], tag),
             spoof(_match(ether_type, {"set": [0x8100, 0x88A8]}), drop),
             spoof(is_arp, not_in(_payload("arp", "saddr ether"), "port_mac"), drop),
@@ -582,19 +591,35 @@ class Renderer:
             ]
         return cmds + self.base()
 
-    def chain(self, family: str, name: str, rules: list[list[dict[str, Any]]], exists: bool) -> list[dict[str, Any]]:
-        """Commands that write one rule chain; the first rule carries the chain's digest."""
+    def chain(
+        self, family: str, name: str, rules: list[list[dict[str, Any]]], chain_id: int, exists: bool
+    ) -> list[dict[str, Any]]:
+        """Commands that write one rule chain and its verdict-map entry; the first rule
+        carries the chain's digest."""
         cmds: list[dict[str, Any]] = [{"add": self._obj(family, "chain", name=name)}]
         if exists:
             cmds.append({"flush": self._obj(family, "chain", name=name)})
         tag = "fc:" + _digest(rules)
         for i, exprs in enumerate(rules):
             cmds.append(self._rule(family, name, exprs, tag if i == 0 else None))
-        return cmds
+        return cmds + self.elements("add", self.verdict_map(name), [self.verdict(name, chain_id)])
 
-    def drop_chain(self, family: str, name: str) -> list[dict[str, Any]]:
-        """Commands that delete a chain and its rules."""
-        return [{"flush": self._obj(family, "chain", name=name)}, {"delete": self._obj(family, "chain", name=name)}]
+    def drop_chain(self, family: str, name: str, chain_id: int | None) -> list[dict[str, Any]]:
+        """Commands that delete a chain, its rules and (when it has one) its map entry."""
+        cmds = (
+            [] if chain_id is None else self.elements("delete", self.verdict_map(name), [self.verdict(name, chain_id)])
+        )
+        chain = self._obj(family, "chain", name=name)
+        return [*cmds, {"flush": chain}, {"delete": chain}]
+
+    @staticmethod
+    def verdict_map(chain_name: str) -> SetKey:
+        """The verdict map that jumps to a rule chain."""
+        return ("inet", "egress" if chain_name.startswith("e-") else "ingress")
+
+    def verdict(self, chain_name: str, chain_id: int) -> Elem:
+        """The verdict-map element of a rule chain."""
+        return ("map", self.mark | chain_id, ("jump", chain_name))
 
     def elements(self, verb: str, key: SetKey, elems: Iterable[Elem]) -> list[dict[str, Any]]:
         """Add or delete elements of one set or map (nothing when there are none)."""
@@ -750,7 +775,10 @@ class _Plugged:
     tap: str
     bridge: str
     mtu: int
-    number: int  # 0 when the port has no port security (no elements, no chains)
+
+    @property
+    def secured(self) -> bool:
+        return self.port.port_security_enabled
 
 
 class Network:
@@ -769,8 +797,8 @@ class Network:
         self._sync_lock = threading.Lock()
         self._render = Renderer(cfg.owner)
         self._ports: dict[str, _Plugged] = {}
-        self._numbers: set[int] = set()
-        self._next_number = 1
+        self._chain_ids: dict[tuple[str, str], int] = {}  # rule chain -> number in its mark
+        self._foreign_ids: set[int] = set()  # numbers of chains of ports we were not told about
         self._chain_refs: Counter[tuple[str, str]] = Counter()
         self._nft: Nft | None = None
         self._ipr: Any = None
@@ -942,14 +970,12 @@ class Network:
         mac = _normal_mac(p.port.mac) or p.port.mac
         return PluggedPort(port_id=p.port.id, tap=p.tap, mac=mac, mtu=p.mtu, bridge=p.bridge)
 
-    def _take_number(self) -> int:
-        for _ in range(_MAX_PORT_NUMBER):
-            n = self._next_number
-            self._next_number = n % _MAX_PORT_NUMBER + 1
-            if n not in self._numbers:
-                self._numbers.add(n)
+    def _take_id(self, taken: Iterable[int]) -> int:
+        used = set(taken)
+        for n in range(1, _MAX_CHAIN_ID + 1):
+            if n not in used:
                 return n
-        raise AgentError(f"more than {_MAX_PORT_NUMBER} ports with port security on this host")
+        raise AgentError(f"more than {_MAX_CHAIN_ID} distinct security-group rule sets on this host")
 
     def _read_tables(self) -> _NftState:
         listing: list[dict[str, Any]] = []
@@ -1045,48 +1071,58 @@ class Network:
 
     def _port_cmds(
         self, adds: Iterable[_Plugged], removes: Iterable[_Plugged]
-    ) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]]]:
-        """Commands for ports leaving and joining the tables, and the change in chain users
-        (to apply with :meth:`_count_chains` once the transaction has committed)."""
-        gone = [self._render.port(p.port, p.tap, p.number) for p in removes if p.number]
-        new = [self._render.port(p.port, p.tap, p.number) for p in adds if p.number]
+    ) -> tuple[list[dict[str, Any]], Counter[tuple[str, str]], dict[tuple[str, str], int]]:
+        """Commands for ports leaving and joining the tables, the change in chain users and
+        the numbers given to new chains (applied by :meth:`_commit` once committed)."""
+        render = self._render
+        gone = [p for p in removes if p.secured]
+        new = [p for p in adds if p.secured]
         delta: Counter[tuple[str, str]] = Counter()
         rules_of: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
-        for nft in new:
-            delta.update(nft.chains.keys())
-            rules_of.update(nft.chains)
-        for nft in gone:
-            delta.subtract(nft.chains.keys())
+        for p in new:
+            chains = render.chains(p.port)
+            delta.update(chains.keys())
+            rules_of.update(chains)
+        for p in gone:
+            delta.subtract(render.chains(p.port).keys())
+        ids = dict(self._chain_ids)
+        fresh: dict[tuple[str, str], int] = {}
         cmds: list[dict[str, Any]] = []
         dropped: list[dict[str, Any]] = []
         for key, change in delta.items():
             before = self._chain_refs[key]
             if before <= 0 < before + change:
+                fresh[key] = ids[key] = self._take_id({*ids.values(), *self._foreign_ids})
                 # "exists" adds a flush, harmless on a new chain, so a leftover is rewritten.
-                cmds += self._render.chain(*key, rules_of[key], exists=True)
+                cmds += render.chain(*key, rules_of[key], ids[key], exists=True)
             elif before + change <= 0 < before:
-                dropped += self._render.drop_chain(*key)
+                dropped += render.drop_chain(*key, ids.get(key))
         old_elems: dict[SetKey, set[Elem]] = {}
         new_elems: dict[SetKey, set[Elem]] = {}
-        for nft in gone:
-            for key, elems in nft.elements.items():
+        for p in gone:
+            for key, elems in render.elements_of(p.port, p.tap, self._chain_ids).items():
                 old_elems.setdefault(key, set()).update(elems)
-        for nft in new:
-            for key, elems in nft.elements.items():
+        for p in new:
+            for key, elems in render.elements_of(p.port, p.tap, ids).items():
                 new_elems.setdefault(key, set()).update(elems)
         for key, leaving in old_elems.items():
-            cmds += self._render.elements("delete", key, leaving - new_elems.get(key, set()))
+            cmds += render.elements("delete", key, leaving - new_elems.get(key, set()))
         for key, joining in new_elems.items():
-            cmds += self._render.elements("add", key, joining - old_elems.get(key, set()))
-        return cmds + dropped, delta
+            cmds += render.elements("add", key, joining - old_elems.get(key, set()))
+        return cmds + dropped, delta, fresh
 
-    def _count_chains(self, delta: Counter[tuple[str, str]]) -> None:
+    def _apply(self, adds: Iterable[_Plugged], removes: Iterable[_Plugged]) -> None:
+        """One transaction for ports joining and leaving; the record follows on success."""
+        cmds, delta, fresh = self._port_cmds(adds, removes)
+        self._transact(cmds)
+        self._chain_ids.update(fresh)
         for key, change in delta.items():
             users = self._chain_refs[key] + change
             if users > 0:
                 self._chain_refs[key] = users
             else:
                 self._chain_refs.pop(key, None)
+                self._chain_ids.pop(key, None)
 
     def _ensure_link_of_port(self, p: _Plugged, made: list[str]) -> None:
         bridge_index = self._ensure_bridge(p.port.network, p.mtu, made)
@@ -1100,19 +1136,14 @@ class Network:
                 if port.id in self._ports:
                     continue
                 mtu = port.network.mtu or self.cfg.default_mtu
-                number = self._take_number() if port.port_security_enabled else 0
-                p = _Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu, number)
+                p = _Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu)
                 new.append(p)
                 self._ensure_link_of_port(p, made)
             if new and self._base_ready:
-                cmds, delta = self._port_cmds(new, ())
-                self._transact(cmds)
-                self._count_chains(delta)
+                self._apply(new, ())
             elif new:
                 self._sync_tables([*self._ports.values(), *new])
         except BaseException:
-            for p in new:
-                self._numbers.discard(p.number)
             self._delete_links(reversed(made))
             raise
         for p in new:
@@ -1126,15 +1157,11 @@ class Network:
         try:
             if not self._base_ready:
                 raise NftError("tables not checked yet")
-            cmds, delta = self._port_cmds((), gone)
-            self._transact(cmds)
-            self._count_chains(delta)
+            self._apply((), gone)
         except NftError:
             # The tables do not match the record (changed behind our back, or not read since
             # start-up): bring them to what the remaining ports need.
             self._sync_tables(list(self._ports.values()), forget=gone)
-        for p in gone:
-            self._numbers.discard(p.number)
         self._delete_links(p.tap for p in gone)
         # Taps of unknown ports (a delete after a restart without reconcile) still go if ours.
         known = {p.port.id for p in gone}
@@ -1169,12 +1196,9 @@ class Network:
             plugged.tap,
             plugged.bridge,
             plugged.mtu,
-            plugged.number,
         )
         if self._base_ready:
-            cmds, delta = self._port_cmds([updated], [plugged])
-            self._transact(cmds)
-            self._count_chains(delta)
+            self._apply([updated], [plugged])
         else:
             self._sync_tables([updated if p is plugged else p for p in self._ports.values()])
         self._ports[plugged.port.id] = updated
@@ -1193,63 +1217,95 @@ class Network:
         partial record never strips the rules of ports it does not know about.
         """
         state = self._read_tables()
-        cmds: list[dict[str, Any]] = []
+        render = self._render
+        secured = [p for p in ports if p.secured]
         if not state.base_ok:
-            secured = [p for p in ports if p.number]
-            self._transact(ruleset(self.cfg.owner, [(p.port, p.tap, p.number) for p in secured]))
-            self._chain_refs = Counter(
-                key for p in secured for key in self._render.port(p.port, p.tap, p.number).chains
-            )
+            self._transact(ruleset(self.cfg.owner, [(p.port, p.tap) for p in secured]))
+            self._chain_refs = Counter(key for p in secured for key in render.chains(p.port))
+            self._chain_ids = number_chains(p.port for p in secured)
             self._base_ready = True
             if report is not None:
                 report.rebuilt_tables = True
                 report.made_ports = [p.port.id for p in secured]
             return
-        want_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+        # Chains keep the numbers the tables already give them, so intact ports stay as they are.
+        ids = self._ids_in(state)
+        present = set(ids.values())
         want_chains: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
         refs: Counter[tuple[str, str]] = Counter()
-        for p in ports:
-            if not p.number:
-                continue
-            nft = self._render.port(p.port, p.tap, p.number)
+        for p in secured:
+            chains = render.chains(p.port)
+            want_chains.update(chains)
+            refs.update(chains.keys())
+        ids = {k: v for k, v in ids.items() if k in want_chains}
+        if len(set(ids.values())) != len(ids):
+            ids = {}
+        for key in want_chains:
+            if key not in ids:
+                ids[key] = self._take_id(set(ids.values()) | present)
+        want_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+        for key in want_chains:
+            want_elems[render.verdict_map(key[1])].add(render.verdict(key[1], ids[key]))
+        for p in secured:
             broken = False
-            for key, elems in nft.elements.items():
+            for key, elems in render.elements_of(p.port, p.tap, ids).items():
                 want_elems[key] |= elems
                 broken = broken or not elems <= state.elements.get(key, set())
-            for key, rules in nft.chains.items():
-                want_chains[key] = rules
-                refs[key] += 1
-                broken = broken or state.chain_tags.get(key) != self._render.chain_tag(rules)
+            for key, rules in render.chains(p.port).items():
+                verdict = render.verdict(key[1], ids[key])
+                broken = broken or state.chain_tags.get(key) != render.chain_tag(rules)
+                broken = broken or verdict not in state.elements.get(render.verdict_map(key[1]), set())
             if broken and report is not None:
                 report.made_ports.append(p.port.id)
+        cmds: list[dict[str, Any]] = []
         for key, rules in want_chains.items():
-            if state.chain_tags.get(key) != self._render.chain_tag(rules):
-                cmds += self._render.chain(*key, rules, exists=key in state.chain_tags)
+            if state.chain_tags.get(key) != render.chain_tag(rules):
+                # Written without its map entry here: the element diff below adds that.
+                cmds += render.chain(*key, rules, ids[key], exists=key in state.chain_tags)[:-1]
         forgotten: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
         for p in forget:
-            if p.number:
-                for key, elems in self._render.port(p.port, p.tap, p.number).elements.items():
+            if p.secured and all(key in self._chain_ids for key in render.chains(p.port)):
+                for key, elems in render.elements_of(p.port, p.tap, self._chain_ids).items():
                     forgotten[key] |= elems
         stray_taps: set[str] = set()
-        kept_elems: dict[SetKey, set[Elem]] = {}
+        kept_marks: set[int] = set()
         for key in _SETS:
             have = state.elements.get(key, set())
-            extra = have - want_elems[key] if prune else (have & forgotten[key]) - want_elems[key]
-            kept_elems[key] = have - extra
-            if key == ("bridge", "port_mark"):
+            if prune:
+                extra = have - want_elems[key]
+            elif key[0] == "bridge":
+                extra = (have & forgotten[key]) - want_elems[key]
+            else:
+                # Rule chains that ports we do not know about still point to stay.
+                extra = {e for e in have - want_elems[key] if e[1] & _MAX_CHAIN_ID not in kept_marks}
+            if key in (("bridge", "egress_mark"), ("bridge", "ingress_mark")):
+                kept_marks |= {e[2] & _MAX_CHAIN_ID for e in have - extra if isinstance(e, tuple)}
+            if key == ("bridge", "egress_mark"):
                 stray_taps = {e[1] for e in extra if isinstance(e, tuple)}
-            cmds += self._render.elements("delete", key, extra)
+            cmds += render.elements("delete", key, extra)
         for key in _SETS:
-            cmds += self._render.elements("add", key, want_elems[key] - state.elements.get(key, set()))
-        used = {e[2][1] for k in (("inet", "egress"), ("inet", "ingress")) for e in kept_elems[k] | want_elems[k]}
+            cmds += render.elements("add", key, want_elems[key] - state.elements.get(key, set()))
+        foreign = {ids_key: n for ids_key, n in self._ids_in(state).items() if n in kept_marks} if not prune else {}
         for key in state.chain_tags:
-            if key not in want_chains and key not in _BASE_CHAINS and key[1] not in used:
-                cmds += self._render.drop_chain(*key)
+            if key in want_chains or key in _BASE_CHAINS or key in foreign:
+                continue
+            cmds += render.drop_chain(*key, None)
         self._transact(cmds)
         self._chain_refs = refs
+        self._chain_ids = ids
+        self._foreign_ids = {n for key, n in foreign.items() if key not in ids}
         self._base_ready = True
         if report is not None:
             report.removed_ports = sorted(stray_taps - {p.tap for p in ports})
+
+    @staticmethod
+    def _ids_in(state: _NftState) -> dict[tuple[str, str], int]:
+        ids: dict[tuple[str, str], int] = {}
+        for map_key in (("inet", "egress"), ("inet", "ingress")):
+            for elem in state.elements.get(map_key, set()):
+                if isinstance(elem, tuple) and elem[0] == "map" and isinstance(elem[1], int):
+                    ids.setdefault(("inet", elem[2][1]), elem[1] & _MAX_CHAIN_ID)
+        return ids
 
     def _reconcile_sync(self, wanted: dict[str, tuple[str, Port]]) -> ReconcileReport:
         report = ReconcileReport()
@@ -1277,27 +1333,10 @@ class Network:
                     self._netlink.link("del", index=link["index"])
                 report.removed_links.append(name)
 
-        # Keep each port's number, so that its elements stay as they are.
-        state = self._read_tables()
-        old_numbers = {
-            e[1]: e[2] & _MAX_PORT_NUMBER
-            for e in state.elements.get(("bridge", "port_mark"), set())
-            if isinstance(e, tuple) and len(e) == 3 and isinstance(e[2], int)
-        }
         self._ports = {}
-        self._numbers = set()
         for pid, (uuid, port) in wanted.items():
-            tap = self.tap_name(pid)
-            number = old_numbers.get(tap, 0) if port.port_security_enabled else 0
-            if number in self._numbers:
-                number = 0
-            self._numbers.add(number)
             mtu = port.network.mtu or self.cfg.default_mtu
-            self._ports[pid] = _Plugged(uuid, port, tap, self.bridge_name(port.network), mtu, number)
-        self._numbers.discard(0)
-        for p in self._ports.values():
-            if p.port.port_security_enabled and not p.number:
-                p.number = self._take_number()
+            self._ports[pid] = _Plugged(uuid, port, self.tap_name(pid), self.bridge_name(port.network), mtu)
 
         made: list[str] = []
         for p in self._ports.values():
