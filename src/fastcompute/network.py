@@ -10,24 +10,25 @@ Security groups live in two nftables tables named ``<owner>`` (families ``bridge
 ``inet``), changed by one atomic transaction per change through the in-process libnftables
 binding. The kernel has no bridge-family conntrack here, so the work is split in two:
 
-* The bridge table sees bridge ports. ``prerouting`` sends the packets of secured ports
-  to the ``spoof`` chain, which writes the sender's number into the packet mark (a map keyed
-  by input interface) and drops any packet whose (port, MAC), (port, IPv4), (port, IPv6) or
-  ARP sender is not in the port sets, VLAN-tagged frames, and DHCP-server and
-  router-advertisement packets. ``forward`` overwrites the
-  mark with the receiver's number, after the sender's egress has been judged.
+* The bridge table sees bridge ports. ``prerouting`` writes into the packet mark the number
+  of the sending port's egress rule chain (map ``egress_mark``, keyed by input interface) and
+  sends the packets of our ports to the ``spoof`` chain, which drops any packet whose (port,
+  MAC), (port, IPv4), (port, IPv6) or ARP sender is not in the port sets, VLAN-tagged frames,
+  and DHCP-server and router-advertisement packets. ``forward`` then rewrites the mark to the
+  number of the receiving port's ingress chain (map ``ingress_mark``), or clears it.
 * br_netfilter hands bridged IP packets to the ``inet`` hooks, where conntrack runs. inet
-  ``prerouting`` accepts established and related packets, drops invalid ones and looks the
-  sender's mark up in the ``egress`` verdict map; inet ``forward`` does the same with the
-  receiver's mark and the ``ingress`` map. The chains they jump to hold the allow rules of a
-  port's groups and end in drop.
+  ``prerouting`` accepts established and related packets, drops invalid ones and jumps, by
+  the mark, through the ``egress`` verdict map to the sender's rule chain; inet ``forward``
+  does the same with the ``ingress`` map and the receiver's chain. Rule chains hold the allow
+  rules of a set of groups and end in drop.
 
-Every per-port fact is a set or map element and every lookup a hash lookup, so a packet's
-path and the cost of adding a port do not grow with the number of ports. Rule chains are
-named by a digest of their rules and shared by every port with the same rules, so a port
-that joins existing groups costs a few element insertions. (libnftables 1.0.6 lists every
-chain before adding a rule, so new chains grow slower as chains accumulate; sharing keeps
-their number to the number of distinct rule sets.) Each rule chain's first rule carries its
+Every per-port fact is an element of a plain set or map and every lookup a hash lookup, so a
+packet's path and the cost of adding a port do not grow with the number of ports. Rule chains
+are named by a digest of their rules and shared by every port with the same rules; the
+verdict maps hold one element per chain, not per port, because the kernel re-validates every
+jump of a verdict map on each commit. A port that joins rule sets in use costs five element
+insertions. (libnftables 1.0.6 lists every chain before adding a rule or element, so a new
+rule set costs more as rule sets accumulate.) Each rule chain's first rule carries its
 digest, which is how reconciliation tells an intact chain from a damaged one.
 """
 
