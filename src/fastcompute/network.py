@@ -678,6 +678,7 @@ _TUNSETIFF: Final = 0x400454CA
 _TUNSETPERSIST: Final = 0x400454CB
 _IFF_TAP: Final = 0x0002
 _IFF_NO_PI: Final = 0x1000
+_IFF_TUN_EXCL: Final = 0x8000
 _RTM_NEWLINK: Final = 16
 _RTM_DELLINK: Final = 17
 _NLMSG_ERROR: Final = 2
@@ -703,13 +704,21 @@ def _ifindex(name: str) -> int | None:
         return None
 
 
-def _create_tap(name: str) -> None:
-    """A persistent tap (no owner, no packet info). Taps are made with the tun device's
-    ioctls; the kernel refuses to make them over rtnetlink, and pyroute2 does the same."""
+def _create_tap(name: str) -> bool:
+    """Make a persistent tap (no owner, no packet info); False when the name is taken.
+
+    Taps are made with the tun device's ioctls: the kernel refuses to make them over
+    rtnetlink, and pyroute2 does the same."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_TUN_EXCL))
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return False
+            raise
         fcntl.ioctl(fd, _TUNSETPERSIST, 1)
+        return True
     finally:
         os.close(fd)
 
@@ -830,18 +839,21 @@ class Network:
     async def validate(
         self,
         ports: Sequence[Port | Mapping[str, Any]],
-        existing: Iterable[Port] | None = None,
+        existing: Iterable[Port | Mapping[str, Any]] | None = None,
         instance_uuid: str | None = None,
     ) -> list[Port]:
-        """Decode and check ports; ``existing`` defaults to every port plugged here.
+        """Decode and check ports; ``existing`` (Ports or wire dicts) defaults to every port
+        plugged here.
 
         Ports already plugged for ``instance_uuid`` are not conflicts (a retried spawn).
         Returns the decoded ports; raises BadRequest or Conflict.
         """
         decoded = decode_ports(ports)
         if existing is None:
-            existing = [p.port for p in self._ports.values() if p.instance_uuid != instance_uuid]
-        check_ports(decoded, existing)
+            others = [p.port for p in self._ports.values() if p.instance_uuid != instance_uuid]
+        else:
+            others = decode_ports(existing, "existing")
+        check_ports(decoded, others)
         return decoded
 
     async def plug(self, instance_uuid: str, ports: Sequence[Port | Mapping[str, Any]]) -> list[PluggedPort]:
@@ -1046,8 +1058,7 @@ class Network:
         # The host end must not carry the guest's MAC, or the bridge would learn it on the
         # wrong side; libvirt and os-vif use fe: in the first octet for the same reason.
         address = "fe" + mac[2:]
-        if _ifindex(tap) is None:
-            _create_tap(tap)
+        if _create_tap(tap):
             made.append(tap)
             index = _ifindex(tap)
             assert index is not None
