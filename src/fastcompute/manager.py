@@ -195,12 +195,9 @@ class Manager:
         """Bring the store and the hypervisor into agreement after a (re)start."""
         wanted = {u: s.ports for u, s in self.instances.items()
                   if s.ports and s.record.vm_state not in ("error", "deleted")}
-        if wanted:
-            # Only instances with ports can have left taps, bridges or rules behind: every
-            # delete unplugs before it forgets the instance.
-            report = await self.network.reconcile(wanted)
-            if report.changed:
-                log.info("network reconciled: %s", report)
+        report = await self.network.reconcile(wanted)
+        if report.changed:
+            log.info("network reconciled: %s", report)
         domains = {d.uuid: d for d in await self.driver.list_domains()}
         for d in domains.values():
             if d.ours and d.uuid not in self.instances:

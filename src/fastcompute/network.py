@@ -1354,5 +1354,19 @@ class Network:
         for p in self._ports.values():
             self._ensure_link_of_port(p, made)
         report.made_links = made
+        if not self._ports:
+            # Nothing is wanted: tables a past run left go too, and none are made, so a host
+            # without ports keeps no rules of ours.
+            self._drop_tables(report)
+            return report
         self._sync_tables(list(self._ports.values()), report, prune=True)
         return report
+
+    def _drop_tables(self, report: ReconcileReport) -> None:
+        listing = self._nftables.json({"nftables": [{"list": {"tables": {}}}]}).get("nftables", [])
+        mine = [e["table"] for e in listing if "table" in e and e["table"].get("name") == self.cfg.owner]
+        self._transact([{"delete": {"table": {"family": t["family"], "name": t["name"]}}} for t in mine])
+        self._chain_refs = Counter()
+        self._chain_ids = {}
+        self._base_ready = False
+        report.rebuilt_tables = bool(mine)

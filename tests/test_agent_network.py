@@ -1,0 +1,105 @@
+"""Ports through the agent: spawn plugs them, ops change them, delete and restart clean up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid as uuid_mod
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fixtures import AgentProcess, spawn_args
+
+from fastcompute.errors import BadRequest, Conflict, NotFound
+
+
+def links() -> dict[str, dict[str, Any]]:
+    out = subprocess.run(["ip", "-j", "-d", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return {link["ifname"]: link for link in json.loads(out)}
+
+
+def nft_tables() -> set[tuple[str, str]]:
+    out = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    return {(e["table"]["family"], e["table"]["name"]) for e in json.loads(out)["nftables"] if "table" in e}
+
+
+def port(pid: str, mac: str, ip: str, net: str) -> dict[str, Any]:
+    return {
+        "id": pid, "mac": mac, "network": {"id": net, "mtu": 1400},
+        "fixed_ips": [{"ip": ip, "prefix": 24}],
+        "security_groups": [{"id": "ssh", "rules": [
+            {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
+             "port_range_min": 22, "port_range_max": 22, "remote_ip_prefix": "10.77.0.0/24"}]}],
+    }
+
+
+@pytest.fixture
+def net_agent(make_agent: Any) -> Any:
+    tag = uuid_mod.uuid4().hex[:6]
+    owner = f"fct{tag}"
+    config = f'[network]\nowner = "{owner}"\nbridge_prefix = "b{tag}"\ntap_prefix = "t{tag[:3]}"\n'
+    agent = make_agent(config=config)
+    yield agent, owner, f"b{tag}", f"t{tag[:3]}"
+    if agent.proc is not None and agent.proc.poll() is None:
+        agent.terminate()
+    for name, link in links().items():
+        if (link.get("ifalias") or "").startswith(owner + ":"):
+            subprocess.run(["ip", "link", "del", name], check=False)
+    for family, name in nft_tables():
+        if name == owner:
+            subprocess.run(["nft", "delete", "table", family, name], check=False)
+
+
+def test_spawn_plugs_ports_and_delete_removes_exactly_them(net_agent: Any, image_file: Path) -> None:
+    agent, owner, bprefix, tprefix = net_agent
+    p1 = port("aaaa1111-2222", "52:54:00:77:00:01", "10.77.0.11", "n1")
+    rec = agent.call("instance.spawn", spawn_args(image_file, wait=True, networks=[p1]))
+    assert rec["vm_state"] == "active"
+    have = links()
+    tap, bridge = f"{tprefix}aaaa1111-2222"[:15], f"{bprefix}n1"[:15]
+    assert tap in have and bridge in have
+    assert have[tap]["master"] == bridge and have[tap]["mtu"] == 1400 and have[bridge]["mtu"] == 1400
+    assert {("bridge", owner), ("inet", owner)} <= nft_tables()
+
+    with pytest.raises(Conflict):  # the same MAC on the same network
+        agent.call("instance.spawn", spawn_args(image_file, networks=[dict(p1, id="bbbb")]))
+    with pytest.raises(BadRequest) as bad:
+        agent.call("instance.spawn", spawn_args(image_file, networks=[dict(p1, id="cccc", mac="nope")]))
+    assert bad.value.details["field"].startswith("args.networks[0]")
+
+    p2 = port("dddd3333", "52:54:00:77:00:02", "10.77.0.12", "n1")
+    agent.call("instance.attach_port", {"uuid": rec["uuid"], "port": p2})
+    tap2 = f"{tprefix}dddd3333"[:15]
+    assert links()[tap2]["master"] == bridge
+    agent.call("instance.set_security_groups", {"uuid": rec["uuid"], "port_id": "dddd3333", "security_groups": []})
+    agent.call("instance.detach_port", {"uuid": rec["uuid"], "port_id": "dddd3333"})
+    assert tap2 not in links() and tap in links()
+    with pytest.raises(NotFound):
+        agent.call("instance.detach_port", {"uuid": rec["uuid"], "port_id": "dddd3333"})
+
+    agent.call("instance.delete", {"uuid": rec["uuid"]})
+    after = links()
+    assert tap not in after and bridge not in after
+    assert not any((link.get("ifalias") or "").startswith(owner + ":") for link in after.values())
+
+
+def test_restart_remakes_missing_taps_and_drops_strays(net_agent: Any, image_file: Path) -> None:
+    agent: AgentProcess
+    agent, owner, bprefix, tprefix = net_agent
+    p1 = port("eeee5555", "52:54:00:77:00:05", "10.77.0.15", "n2")
+    rec = agent.call("instance.spawn", spawn_args(image_file, wait=True, networks=[p1]))
+    tap = f"{tprefix}eeee5555"[:15]
+    agent.terminate()
+    subprocess.run(["ip", "link", "del", tap], check=True)
+    stray = f"{tprefix}stray"[:15]
+    subprocess.run(["ip", "tuntap", "add", "dev", stray, "mode", "tap"], check=True)
+    subprocess.run(["ip", "link", "set", stray, "alias", f"{owner}:tap:gone:stray"], check=True)
+    agent.start()
+    have = links()
+    assert tap in have and have[tap]["master"] == f"{bprefix}n2"[:15]
+    assert stray not in have
+    assert agent.call("instance.get", {"uuid": rec["uuid"]})["vm_state"] == "active"
+    agent.call("instance.delete", {"uuid": rec["uuid"]})
+    agent.restart()
+    assert (("bridge", owner) not in nft_tables()) and (("inet", owner) not in nft_tables())
