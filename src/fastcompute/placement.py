@@ -191,6 +191,11 @@ def placement_inventory(inventory: dict[str, dict[str, Any]]) -> dict[str, dict[
     return out
 
 
+def claims_of(tracker_claims: dict[str, Any]) -> dict[str, tuple[str, dict[str, int]]]:
+    """``Tracker.claims`` (uuid -> Claim) as ``PlacementSync`` takes allocations."""
+    return {u: (c.project_id, dict(c.resources)) for u, c in tracker_claims.items()}
+
+
 def load_or_create_uuid(path: Path) -> str:
     """The provider uuid kept in ``path``; a new one is written on first use."""
     try:
@@ -250,9 +255,23 @@ class PlacementSync:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def update_inventory(self, inventory: dict[str, dict[str, Any]], traits: list[str]) -> None:
-        """Queue the provider's new inventory and traits (the last call wins)."""
-        self._inventory = (placement_inventory(inventory), sorted(set(traits)))
+        """Queue the provider's new inventory and traits (the last call wins; no-op if unchanged)."""
+        wanted = (placement_inventory(inventory), sorted(set(traits)))
+        if wanted == self._inventory and self._generation is not None:
+            return
+        self._inventory = wanted
         self._queue(_INVENTORY, ("inventory", None))
+
+    def sync_claims(self, claims: dict[str, tuple[str, dict[str, int]]]) -> None:
+        """Queue whatever makes Placement's allocations equal ``claims`` (consumer ->
+        (project, amounts)), compared with what was queued before: the agent can call this
+        with all its claims whenever its usage changed, instead of hooking every claim."""
+        for consumer in [c for c in self.held if c not in claims]:
+            self.remove_allocation(consumer)
+        for consumer, (project_id, resources) in claims.items():
+            amounts = {rc: int(n) for rc, n in resources.items() if n}
+            if self.held.get(consumer) != (project_id, amounts):
+                self.set_allocation(consumer, project_id, amounts)
 
     def set_allocation(self, consumer: str, project_id: str, resources: dict[str, int]) -> None:
         """Queue the allocation of an instance the agent claimed."""
