@@ -312,11 +312,12 @@ def test_agent_restart_heals_placement(placed_fleet: Fleet, placement: Placement
     asyncio.run(storm())
     wait_in_step(placed_fleet, placement)
     # Someone removes allocations behind the agents' backs; a restart puts them back.
-    rp = placement.provider_view("medium")
+    rp = placement.provider_view("large")
+    assert len(rp["allocations"]) >= 5
     with httpx.Client(base_url=placement.url, headers=HEADERS) as c:
         for consumer in list(rp["allocations"])[:5]:
             assert c.delete(f"/allocations/{consumer}").status_code == 204
-    placed_fleet.agents["medium"].restart()
+    placed_fleet.agents["large"].restart()
     wait_in_step(placed_fleet, placement)
 
 

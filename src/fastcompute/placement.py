@@ -239,6 +239,7 @@ class PlacementSync:
         self._generation: int | None = None  # the provider's, None = unknown / not registered
         self._written: set[str] = set()  # consumers Placement knows (their generation is not null)
         self._known_traits: set[str] = set()
+        self._unknown_traits: set[str] = set()  # standard-looking names Placement does not know
         self.failures = 0  # consecutive failed rounds (for logs, tests and metrics)
         self.rejected: dict[str, str] = {}  # consumer -> why Placement refused its allocation
         self._heal_timer: asyncio.TimerHandle | None = None
@@ -499,7 +500,7 @@ class PlacementSync:
                 await self._refresh_generation()
 
     async def _ensure_traits(self, traits: list[str]) -> None:
-        missing = [t for t in traits if t not in self._known_traits]
+        missing = [t for t in traits if t not in self._known_traits and t not in self._unknown_traits]
         if not missing:
             return
         known = await self.client.known_traits(missing)
@@ -509,6 +510,7 @@ class PlacementSync:
                 known.add(t)
         for t in sorted(set(missing) - known):
             log.warning("trait %s is not a standard trait of this Placement: not reported", t)
+            self._unknown_traits.add(t)
         self._known_traits |= known
 
     async def _heal(self, batch: dict[str, tuple[str, Any]]) -> None:
