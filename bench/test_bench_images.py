@@ -235,11 +235,15 @@ def test_storm_of_one_uncached_image(
 
     storms: list[float] = []
     parts: list[tuple[float, float]] = []
-    for r in range(3):
+    for r in range(7):
         hits = handler.hits
-        storms.append(asyncio.run(storm(tmp_path / f"storm-{r}")))
-        assert handler.hits == hits + 1
-        parts.append(asyncio.run(separately(tmp_path / f"sep-{r}")))
+        # Alternate which goes first; pair within the round (the machine's load drifts).
+        for kind in ("storm", "separately") if r % 2 else ("separately", "storm"):
+            if kind == "storm":
+                storms.append(asyncio.run(storm(tmp_path / f"storm-{r}")))
+            else:
+                parts.append(asyncio.run(separately(tmp_path / f"sep-{r}")))
+        assert handler.hits == hits + 2  # one download each
         shutil.rmtree(tmp_path / f"storm-{r}")
         shutil.rmtree(tmp_path / f"sep-{r}")
     state = iter(range(100))
@@ -249,10 +253,11 @@ def test_storm_of_one_uncached_image(
     t_storm = statistics.median(storms)
     t_download = statistics.median(p[0] for p in parts)
     t_disks = statistics.median(p[1] for p in parts)
+    ratio = statistics.median(s / (d + k) for s, (d, k) in zip(storms, parts, strict=True))
     print(f"\nstorm of {spawns}: {t_storm * 1000:.0f} ms; download {t_download * 1000:.0f} ms + "
-          f"{spawns} disks {t_disks * 1000:.0f} ms = {(t_download + t_disks) * 1000:.0f} ms; "
-          f"ratio {t_storm / (t_download + t_disks):.2f}")
-    assert t_storm <= 1.2 * (t_download + t_disks)
+          f"{spawns} disks {t_disks * 1000:.0f} ms (medians); paired ratio {ratio:.2f} "
+          "(gate <= 1.2)")
+    assert ratio <= 1.2
 
 
 # ---- the storm through the whole agent ----------------------------------------------------

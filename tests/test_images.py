@@ -808,3 +808,16 @@ async def test_file_sources_are_confined_to_file_roots(
         await _refused(cache, ImageSpec(url=allowed.as_uri()), "not a regular file", state)
     finally:
         await cache.close()
+
+
+async def test_base_removed_behind_the_cache_is_fetched_again(
+    image_server: ImageServer, cache: ImageCache, tmp_path: Path
+) -> None:
+    body = image_bytes()
+    url = image_server.add("/vanishing.raw", body)
+    await cache.prepare_disk("first", ImageSpec(url=url), 1)
+    [base] = cache.list_bases()
+    (tmp_path / "state" / "_base" / base.key).unlink()
+    disk = await cache.prepare_disk("second", ImageSpec(url=url), 1)
+    assert image_server.routes["/vanishing.raw"].hits == 2
+    read_back(disk, tmp_path, body, GiB)

@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -163,6 +164,9 @@ class ImageCache:
         self._uses: dict[str, int] = {}
         self._pruning: dict[str, asyncio.Future[None]] = {}
         self._digest_locks: dict[str, asyncio.Lock] = {}
+        # Bases known to be in place: a spawn of a cached image then needs no disk look-up
+        # (_make_disk checks the base still exists, in the worker it runs in anyway).
+        self._known: dict[str, _Meta] = {}
         self._sources = Sources(cfg, executor)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.instances_dir.mkdir(parents=True, exist_ok=True)
@@ -189,54 +193,74 @@ class ImageCache:
         on failure no base and no instance disk is left behind.
         """
         key, source = self._source_key(image)
-        want = parse_checksum(image.checksum) if image.checksum else None
+        if image.checksum:
+            parse_checksum(image.checksum)  # malformed: BadRequest before any work
         self._pins[key] = self._pins.get(key, 0) + 1
         self._uses[key] = self._uses.get(key, 0) + 1
         try:
-            meta = await self._ensure_base(key, source, image, progress)
-            if want is not None and want[0] not in meta.digests:
-                meta = await self._add_digest(key, source, meta, want[0])
-            if want is not None and meta.digests.get(want[0]) != want[1]:
-                raise ImageError(
-                    f"image {source} does not match the requested checksum: {want[0]} is "
-                    f"{meta.digests.get(want[0])}, the request says {want[1]}",
-                    {"source": source},
-                )
-            # Whole sectors: a guest disk cannot end mid-sector (an odd-sized raw image can).
-            size = disk_gb * GiB if disk_gb > 0 else -(-meta.virtual_size // 512) * 512
-            if meta.virtual_size > size:
-                raise ImageError(
-                    f"image {source} has a virtual size of {human(meta.virtual_size)}, larger "
-                    f"than the flavor's {disk_gb} GiB disk: choose a flavor with at least "
-                    f"{-(-meta.virtual_size // GiB)} GiB",
-                    {"virtual_size": meta.virtual_size, "disk_gb": disk_gb},
-                )
-            loop = asyncio.get_running_loop()
-            copy_progress: Callable[[int, int], object] | None = None
-            if progress is not None:
-                cb = progress
-
-                def copy_progress(done: int, total: int) -> None:
-                    loop.call_soon_threadsafe(cb, "copy", done, total)
-
-            made = loop.run_in_executor(
-                self._executor, self._make_disk, instance_uuid, key, size, copy_progress
-            )
+            return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
+        except _BaseVanished:
+            # Removed behind the cache's back since it was last seen: fetch it again, once.
+            self._known.pop(key, None)
             try:
-                return await asyncio.shield(made)
-            except asyncio.CancelledError:
-                # The thread cannot be stopped mid-copy: let it finish, then take back the disk
-                # it made, so a cancelled spawn leaves nothing behind either.
-                with contextlib.suppress(Exception):
-                    await made
-                    await loop.run_in_executor(
-                        self._executor, self._remove_disk_files, self._instance_dir(instance_uuid)
-                    )
-                raise
+                return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
+            except _BaseVanished:
+                raise ImageError(f"the cached base of image {source} keeps disappearing") from None
         finally:
             self._pins[key] -= 1
             if not self._pins[key]:
                 del self._pins[key]
+
+    async def _prepare(
+        self,
+        instance_uuid: str,
+        key: str,
+        source: str,
+        image: ImageSpec,
+        disk_gb: int,
+        progress: Progress | None,
+    ) -> Path:
+        want = parse_checksum(image.checksum) if image.checksum else None
+        meta = await self._ensure_base(key, source, image, progress)
+        if want is not None and want[0] not in meta.digests:
+            meta = await self._add_digest(key, source, meta, want[0])
+        if want is not None and meta.digests.get(want[0]) != want[1]:
+            raise ImageError(
+                f"image {source} does not match the requested checksum: {want[0]} is "
+                f"{meta.digests.get(want[0])}, the request says {want[1]}",
+                {"source": source},
+            )
+        # Whole sectors: a guest disk cannot end mid-sector (an odd-sized raw image can).
+        size = disk_gb * GiB if disk_gb > 0 else -(-meta.virtual_size // 512) * 512
+        if meta.virtual_size > size:
+            raise ImageError(
+                f"image {source} has a virtual size of {human(meta.virtual_size)}, larger "
+                f"than the flavor's {disk_gb} GiB disk: choose a flavor with at least "
+                f"{-(-meta.virtual_size // GiB)} GiB",
+                {"virtual_size": meta.virtual_size, "disk_gb": disk_gb},
+            )
+        loop = asyncio.get_running_loop()
+        copy_progress: Callable[[int, int], object] | None = None
+        if progress is not None:
+            cb = progress
+
+            def copy_progress(done: int, total: int) -> None:
+                loop.call_soon_threadsafe(cb, "copy", done, total)
+
+        made = loop.run_in_executor(
+            self._executor, self._make_disk, instance_uuid, key, size, copy_progress
+        )
+        try:
+            return await asyncio.shield(made)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped mid-copy: let it finish, then take back the disk
+            # it made, so a cancelled spawn leaves nothing behind either.
+            with contextlib.suppress(Exception):
+                await made
+                await loop.run_in_executor(
+                    self._executor, self._remove_disk_files, self._instance_dir(instance_uuid)
+                )
+            raise
 
     async def remove_disk(self, instance_uuid: str) -> None:
         """Remove an instance's disk and its record; nothing happens if there is none."""
@@ -294,6 +318,7 @@ class ImageCache:
                 continue
             done: asyncio.Future[None] = loop.create_future()
             self._pruning[key] = done
+            self._known.pop(key, None)
             try:
                 await loop.run_in_executor(self._executor, self._delete_base, key)
                 removed.append(key)
@@ -360,19 +385,18 @@ class ImageCache:
         while True:
             while key in self._pruning:
                 await self._pruning[key]
+            known = self._known.get(key)
+            if known is not None:
+                meta = known
+                break
             flight = self._flights.get(key)
             if flight is None:
-                loop = asyncio.get_running_loop()
-                meta = await loop.run_in_executor(self._executor, self._read_meta, key)
-                if meta is not None:
-                    break
-                # Re-check: another caller may have started the fetch while we looked.
-                flight = self._flights.get(key)
-                if flight is None:
-                    flight = _Flight()
-                    self._flights[key] = flight
-                    flight.task = asyncio.create_task(self._fetch(key, source, image, flight))
-                    flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
+                # The flight covers looking on disk too: a hundred callers arriving together
+                # cost one look-up and at most one fetch.
+                flight = _Flight()
+                self._flights[key] = flight
+                flight.task = asyncio.create_task(self._load(key, source, image, flight))
+                flight.task.add_done_callback(functools.partial(self._landed, key, flight))
             if progress is not None:
                 flight.listeners.append(progress)
             assert flight.task is not None
@@ -389,6 +413,18 @@ class ImageCache:
                         flight.listeners.remove(progress)
         if image.disk_format is not None and image.disk_format != meta.format:
             raise _claim_error(source, image.disk_format, meta.format)
+        return meta
+
+    def _landed(self, key: str, flight: _Flight, _task: object) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+
+    async def _load(self, key: str, source: str, image: ImageSpec, flight: _Flight) -> _Meta:
+        loop = asyncio.get_running_loop()
+        meta = await loop.run_in_executor(self._executor, self._read_meta, key)
+        if meta is None:
+            meta = await self._fetch(key, source, image, flight)
+        self._known[key] = meta
         return meta
 
     async def _fetch(self, key: str, source: str, image: ImageSpec, flight: _Flight) -> _Meta:
@@ -497,6 +533,7 @@ class ImageCache:
                 self._executor, _write_atomic, self.base_dir / f"{key}.json",
                 msgspec.json.encode(meta),
             )
+            self._known[key] = meta
             return meta
 
     # ---- conversion, commit, disks (worker threads) -----------------------------------
@@ -563,6 +600,8 @@ class ImageCache:
         base = self.base_dir / key
         if disk.exists():
             raise Conflict(f"instance {instance_uuid} already has a disk at {disk}")
+        if not base.exists():
+            raise _BaseVanished(key)
         # The record goes first, so that the cleaner never sees a disk whose base looks unused.
         info.write_bytes(msgspec.json.encode(_DiskInfo(base=key, mode=self.cfg.disk_mode)))
         try:
@@ -633,6 +672,10 @@ class ImageCache:
                 _unlink_quietly(path)
             elif name.endswith(".json") and not (self.base_dir / name[: -len(".json")]).exists():
                 _unlink_quietly(path)
+
+
+class _BaseVanished(Exception):
+    """The base a disk was to be made from is no longer on disk."""
 
 
 class _RequestRefused(ImageError):
