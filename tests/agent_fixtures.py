@@ -224,7 +224,7 @@ def sub_socket(endpoint: str, topics: list[str], curve: tuple[bytes, bytes, byte
     ZeroMQ drops what a PUB sends before the subscription reaches it, so this waits
     ``settle_s`` after connecting.
     """
-    s = zmq.Context.instance().socket(zmq.SUB)
+    s: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.SUB)
     s.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         s.curve_serverkey, s.curve_publickey, s.curve_secretkey = curve

@@ -10,13 +10,12 @@ from typing import Any
 
 import msgpack
 import zmq
-
 from agent_fixtures import AgentProcess, call_error, spawn_args, wait_for_state
 
 
 def send_frames(endpoint: str, msgs: list[dict[str, Any]], timeout_ms: int = 30_000) -> list[bytes]:
     """Send all requests at once on one DEALER; return the raw reply frames in arrival order."""
-    s = zmq.Context.instance().socket(zmq.DEALER)
+    s: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(endpoint)
     try:

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import pytest
 import zmq
-
 from agent_fixtures import (
     AgentProcess,
     call_error,
@@ -77,7 +75,8 @@ def test_configured_ratios_and_reserves(make_agent: Any, tmp_path: Path, image_f
     assert (inv["DISK_GB"]["total"], inv["DISK_GB"]["reserved"]) == (40, 10)
     # (6 - 2) * 2 = 8 VCPUs may be given out: one instance of 8 fits, then nothing more.
     agent.call("instance.spawn", spawn_args(image_file, wait=True, flavor={"vcpus": 8, "memory_mb": 64, "disk_gb": 1}))
-    exc = call_error(agent, "instance.spawn", spawn_args(image_file, flavor={"vcpus": 1, "memory_mb": 64, "disk_gb": 1}))
+    one = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1}
+    exc = call_error(agent, "instance.spawn", spawn_args(image_file, flavor=one))
     assert exc.code == "NO_CAPACITY" and exc.details["resource_class"] == "VCPU"
 
 
@@ -171,7 +170,7 @@ def test_image_error_without_wait_shows_up_in_get(agent: AgentProcess, image_fil
 
 def _burst(agent: AgentProcess, image_file: Path, n: int) -> tuple[zmq.Socket[Any], dict[str, Any], dict[str, Any]]:
     """Send ``n`` spawns (with wait) at once on one DEALER; return the socket, requests and replies."""
-    s = zmq.Context.instance().socket(zmq.DEALER)
+    s: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(agent.control)
     msgs = {f"busy-{i}": {"v": 1, "id": f"busy-{i}", "op": "instance.spawn",

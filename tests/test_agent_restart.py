@@ -21,9 +21,10 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-
 from agent_fixtures import AgentProcess, disk_dirs, spawn_args, spawn_in_state, wait_for_state
+
 from fastcompute.client import AsyncClient
+
 
 class GatedImage:
     """An image served over HTTP on 127.0.0.1 that holds every request until ``release()``."""
@@ -42,11 +43,11 @@ class GatedImage:
                 if body:
                     self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 with contextlib.suppress(OSError):
                     self._send(True)
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 with contextlib.suppress(OSError):
                     self._send(False)
 
@@ -160,7 +161,7 @@ def test_restart_twice_keeps_paused_and_suspended(agent: AgentProcess, image_fil
 
 def test_sigterm_finishes_requests_in_flight(make_agent: Any, image_file: Path) -> None:
     agent = make_agent(config=STORM_CONFIG)
-    s = zmq.Context.instance().socket(zmq.DEALER)
+    s: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(agent.control)
     sent = {}
@@ -213,14 +214,13 @@ def test_kill_9_mid_storm_loses_and_leaks_nothing(make_agent: Any, image_file: P
                     killed.set()
 
             tasks = [asyncio.create_task(one(rid, a)) for rid, a in requests.items()]
-            everything = asyncio.gather(*tasks, return_exceptions=True)
-            waiter = asyncio.create_task(killed.wait())
+            everything: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(killed.wait())
             # Requests the dead agent never answered are abandoned, not waited for.
             await asyncio.wait([everything, waiter], timeout=60, return_when=asyncio.FIRST_COMPLETED)
             for t in [*tasks, waiter]:
                 t.cancel()
-            res = await asyncio.gather(everything, waiter, return_exceptions=True)
-            print("DEBUG", len(acked), [repr(x)[:300] for x in (res[0] if isinstance(res[0], list) else [res[0]]) if x is not None][:3])
+            await asyncio.gather(everything, waiter, return_exceptions=True)
 
     asyncio.run(storm())
     assert agent.proc is not None and agent.proc.returncode == -9

@@ -14,8 +14,8 @@ import msgpack
 import pytest
 import zmq
 import zmq.auth
-
 from agent_fixtures import AgentProcess, free_port, recv_events, spawn_args, sub_socket
+
 from fastcompute.client import Client, ClientTimeout, Curve
 
 
@@ -88,7 +88,7 @@ def test_allowed_clients_get_replies(curve_agent: dict[str, Any], image_file: Pa
 def plain_curve_request(endpoint: str, server_public: bytes, pair: tuple[bytes, bytes] | None,
                         timeout_ms: int) -> Any:
     """One ping with plain pyzmq, as a CURVE client (``pair``) or without CURVE; None if no reply."""
-    s = zmq.Context.instance().socket(zmq.DEALER)
+    s: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     if pair is not None:
         s.curve_serverkey = server_public
@@ -137,7 +137,7 @@ def test_events_require_curve(curve_agent: dict[str, Any], image_file: Path) -> 
             s.close()
 
 
-def exit_code(agent: AgentProcess, timeout_s: float = 15.0) -> int | None:
+def exit_code(agent: AgentProcess, timeout_s: float = 10.0) -> int | None:
     """The agent's exit code, or None (after killing it) if it is still running after ``timeout_s``."""
     assert agent.proc is not None
     try:

@@ -15,7 +15,6 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-
 from agent_fixtures import AgentProcess
 
 TIMEOUT_MS = 20_000
@@ -25,7 +24,7 @@ class PlainClient:
     """A contract client on one socket: DEALER (one frame) or REQ (ZeroMQ adds the delimiter)."""
 
     def __init__(self, endpoint: str, socket_type: int = zmq.DEALER) -> None:
-        self.sock = zmq.Context.instance().socket(socket_type)
+        self.sock: zmq.Socket[Any] = zmq.Context.instance().socket(socket_type)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.n = 0

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-
 from agent_fixtures import AgentProcess
+
 from fastcompute.config import Config
 
 
