@@ -230,3 +230,70 @@ def remove_leftover_direct_guests(conn: Any) -> list[str]:
         gone.append(dom.name())
         qemu_log(dom.name()).unlink(missing_ok=True)
     return gone
+
+
+# -- guests driven by an agent ----------------------------------------------------------------
+
+SAVE_DIR = Path("/var/lib/libvirt/qemu/save")
+
+
+def agent_domain_name(uuid: str) -> str:
+    """libvirt's name of the domain an agent made for instance ``uuid``."""
+    return f"fc-{uuid}"
+
+
+def managed_save_file(uuid: str) -> Path:
+    """Where libvirt keeps the managed save (Nova's suspend) of an agent's instance."""
+    return SAVE_DIR / f"{agent_domain_name(uuid)}.save"
+
+
+def domains_under(conn: Any, root: Path) -> dict[str, Any]:
+    """Domains (running or only defined) whose XML names a file under ``root``, by uuid: those
+    of an agent whose state dir is under ``root``, and no one else's."""
+    import libvirt
+
+    found = {}
+    needle = str(root.resolve())
+    for dom in conn.listAllDomains(0):
+        try:
+            if needle in dom.XMLDesc(0):
+                found[dom.UUIDString()] = dom
+        except libvirt.libvirtError:
+            continue  # vanished while we looked
+    return found
+
+
+def remove_domains_under(conn: Any, root: Path) -> list[str]:
+    """Destroy and undefine (with any managed save and QEMU log) every domain under ``root``;
+    their names. For the teardown of agent tests, whatever state the agent left."""
+    import libvirt
+
+    gone = []
+    for dom in domains_under(conn, root).values():
+        name = dom.name()
+        try:
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                if dom.hasManagedSaveImage():
+                    dom.managedSaveRemove()
+                dom.undefine()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+        qemu_log(name).unlink(missing_ok=True)
+        gone.append(name)
+    return gone
+
+
+def virsh_names() -> set[str]:
+    """Every domain name ``virsh list --all`` shows on the real hypervisor."""
+    out = subprocess.run(["virsh", "-c", SYSTEM_URI, "list", "--all", "--name"], capture_output=True,
+                         text=True, check=True).stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def virsh(*args: str) -> str:
+    """Run one virsh command on the real hypervisor, as an operator outside the agent would."""
+    return subprocess.run(["virsh", "-q", "-c", SYSTEM_URI, *args], capture_output=True, text=True,
+                          check=True).stdout
