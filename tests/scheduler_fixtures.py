@@ -28,9 +28,10 @@ def agent_config(name: str, extra: str = "") -> str:
 
 @dataclass
 class Fleet:
-    """Three agents by name."""
+    """Three agents by size name, and the host name each reports."""
 
     agents: dict[str, AgentProcess]
+    hostnames: dict[str, str]
 
     def endpoints(self, names: list[str] | None = None) -> list[Endpoint]:
         """The scheduler's view of the agents."""
@@ -50,17 +51,18 @@ class Fleet:
         return {r["uuid"] for r in self.agents[name].call("instance.list")}
 
 
-def start_fleet(make_agent: Any, base: Path, extra_config: str = "") -> Fleet:
-    """Start the three agents (in parallel) and wait for them."""
+def start_fleet(make_agent: Any, base: Path, extra_config: str = "", suffix: str = "") -> Fleet:
+    """Start the three agents (in parallel) and wait for them; host names are the size names
+    plus ``suffix`` (tests sharing one Placement give each fleet its own names)."""
     agents: dict[str, AgentProcess] = {}
     for name, size in SIZES.items():
         uri = write_test_host(base / f"{name}.xml", **size)
-        agents[name] = make_agent(config=agent_config(name, extra_config), hypervisor=uri, start=False)
+        agents[name] = make_agent(config=agent_config(name + suffix, extra_config), hypervisor=uri, start=False)
     for a in agents.values():
         a.start(wait=False)
     for a in agents.values():
         a.wait_ready()
-    return Fleet(agents)
+    return Fleet(agents, {name: name + suffix for name in agents})
 
 
 def spawns(image: Path, count: int, prefix: str = "vm", **flavor: Any) -> list[dict[str, Any]]:

@@ -215,10 +215,11 @@ def placed_fleet(make_agent: Any, tmp_path: Path, placement: PlacementServer) ->
     """The three agents, each with ``[placement] url`` set."""
     import time
 
-    fleet = start_fleet(make_agent, tmp_path,
+    fleet = start_fleet(make_agent, tmp_path, suffix="-" + uuid_mod.uuid4().hex[:6],
                         extra_config=f'[placement]\nurl = "{placement.url}"\nretry_max_s = 0.5\n')
     deadline = time.monotonic() + 15
-    while not all(placement.get(f"/resource_providers?name={n}")["resource_providers"] for n in fleet.agents):
+    while not all(placement.get(f"/resource_providers?name={n}")["resource_providers"]
+                  for n in fleet.hostnames.values()):
         if time.monotonic() > deadline:
             pytest.xfail("the agents do not register in Placement (agent wiring of PlacementSync missing)")
         time.sleep(0.2)
@@ -250,7 +251,7 @@ def wait_in_step(fleet: Fleet, placement: PlacementServer, timeout_s: float = 60
         diffs = {}
         for name in fleet.agents:
             try:
-                got = placement_view(placement, name)
+                got = placement_view(placement, fleet.hostnames[name])
             except AssertionError as exc:
                 got = {"error": str(exc)}
             want = agent_view(fleet, placement, name)
@@ -274,8 +275,9 @@ def test_agents_keep_placement_in_step_through_storm_and_deletes(
 
     placed = asyncio.run(storm())
     wait_in_step(placed_fleet, placement)
+    by_host = {h: n for n, h in placed_fleet.hostnames.items()}
     for p in placed[::2]:
-        placed_fleet.agents[p.host].call("instance.delete", {"uuid": p.record["uuid"]})
+        placed_fleet.agents[by_host[p.host]].call("instance.delete", {"uuid": p.record["uuid"]})
     wait_in_step(placed_fleet, placement)
 
 
@@ -312,7 +314,7 @@ def test_agent_restart_heals_placement(placed_fleet: Fleet, placement: Placement
     asyncio.run(storm())
     wait_in_step(placed_fleet, placement)
     # Someone removes allocations behind the agents' backs; a restart puts them back.
-    rp = placement.provider_view("large")
+    rp = placement.provider_view(placed_fleet.hostnames["large"])
     assert len(rp["allocations"]) >= 5
     with httpx.Client(base_url=placement.url, headers=HEADERS) as c:
         for consumer in list(rp["allocations"])[:5]:
@@ -336,5 +338,5 @@ def test_scheduler_with_placement_candidates(placed_fleet: Fleet, placement: Pla
             return placed
 
     placed = asyncio.run(storm())
-    assert {p.host for p in placed} == {"small", "medium"}
+    assert {p.host for p in placed} == {placed_fleet.hostnames["small"], placed_fleet.hostnames["medium"]}
     wait_in_step(placed_fleet, placement)

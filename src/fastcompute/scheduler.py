@@ -337,6 +337,8 @@ class _Agent:
         self._dec = msgspec.msgpack.Decoder()
         self.down = asyncio.get_running_loop().create_future()
         self.tasks: list[asyncio.Task[None]] = []
+        # A refresh rebuilds the view (group members too) from the agent: only one at a time.
+        self.refreshing = False
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -368,7 +370,7 @@ class _Agent:
             event = parse_monitor_message(await self.monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.mark_down(f"connection to {self.view.control} lost")
-            elif event["event"] == zmq.EVENT_CONNECTED and not self.view.alive:
+            elif event["event"] == zmq.EVENT_CONNECTED and not self.view.alive and not self.refreshing:
                 # Back (or first up): its usage may have changed while it was away.
                 asyncio.get_running_loop().create_task(self.sched._refresh(self))
 
@@ -479,17 +481,21 @@ class Scheduler:
         for i, ep in enumerate(self.endpoints):
             view = HostView(f"?{i}:{ep.control}", ep.control, ep.events)
             agent = _Agent(self, view, self._ctx)
+            agent.refreshing = True  # the refresh below; the monitor's first "connected" is not another
             agent.start()
             self._agents.append(agent)
         await asyncio.gather(*(self._refresh(a) for a in self._agents))
 
     async def _refresh(self, agent: _Agent) -> None:
+        agent.refreshing = True
         try:
             info = await agent.call("host.info", None, min(self.timeout_s, 10.0), while_down=True)
             records = await agent.call("instance.list", None, self.timeout_s, while_down=True)
         except (ClientTimeout, HostDown, AgentError) as exc:
             log.warning("agent %s does not answer: %s", agent.view.control, exc)
             return
+        finally:
+            agent.refreshing = False
         view = agent.view
         name = str(info.get("hostname") or view.name)
         if view.name != name:
