@@ -237,7 +237,13 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Whatever did start (worker threads, sockets, the store) must not keep a process
+            # that failed to start alive.
+            await self.stop()
+            raise
         await self._stop.wait()
         await self.stop()
 

@@ -22,14 +22,18 @@ _MAX_BATCH = 64
 
 
 class Workers:
-    """A fixed set of daemon-less threads serving blocking calls for one event loop."""
+    """A fixed set of threads serving blocking calls for one event loop.
+
+    Call ``shutdown()`` to finish and stop them; they are daemon threads so that a start-up
+    failure that never gets there cannot keep the process alive.
+    """
 
     def __init__(self, threads: int, name: str) -> None:
         self._queue: collections.deque[_Item] = collections.deque()
         self._ready = threading.Condition(threading.Lock())
         self._closing = False
         self._threads = [
-            threading.Thread(target=self._serve, name=f"{name}-{i}") for i in range(max(1, threads))
+            threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True) for i in range(max(1, threads))
         ]
         self._loop: asyncio.AbstractEventLoop | None = None
         for t in self._threads:
@@ -57,12 +61,13 @@ class Workers:
                 if not self._queue:
                     return
                 fn, args, fut = self._queue.popleft()
-                more = bool(self._queue)
             try:
                 done.append((fut, True, fn(*args)))
             except BaseException as exc:
                 done.append((fut, False, exc))
-            if not more or len(done) >= _MAX_BATCH:
+            # Deliver when nothing more is queued now (another worker may have emptied the
+            # queue while this call ran), so no result waits for a call that may never come.
+            if not self._queue or len(done) >= _MAX_BATCH:
                 batch, done = done, []
                 assert self._loop is not None
                 try:
