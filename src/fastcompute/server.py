@@ -167,24 +167,34 @@ class Server:
     # -- requests --------------------------------------------------------------------------
 
     async def _receive(self) -> None:
-        router, tx = self.router, self._tx
-        assert router is not None and tx is not None
-        loop = asyncio.get_running_loop()
+        router = self.router
+        assert router is not None
         while True:
             try:
-                batch = [await router.recv_multipart()]
-                # Take whatever else is already queued without a trip through the loop.
-                while len(batch) < 256:
-                    try:
-                        batch.append(tx.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                frames = await router.recv_multipart()
             except (asyncio.CancelledError, zmq.ContextTerminated):
                 return
-            for frames in batch:
-                task = loop.create_task(self._serve(frames))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            self._dispatch(frames)
+            self._drain()
+
+    def _drain(self) -> None:
+        """Serve every request already queued on the ROUTER.
+
+        ZeroMQ's socket descriptor signals edges, and any operation on the socket (our plain
+        sends included) may consume one; so after each, the queue is emptied here, or a
+        request could wait in it until some other frame arrives.
+        """
+        tx = self._tx
+        while tx is not None and int(tx.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                self._dispatch(tx.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(frames))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, frames: list[bytes]) -> None:
         envelope, body = frames[:-1], frames[-1]
@@ -194,6 +204,7 @@ class Server:
                 self._tx.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.info("could not deliver a reply: %s", exc)
+            self._drain()
 
     async def handle(self, body: bytes) -> bytes:
         """The reply to one request frame (never raises)."""
