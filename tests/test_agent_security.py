@@ -147,9 +147,6 @@ def exit_code(agent: AgentProcess, timeout_s: float = 10.0) -> int | None:
         return None
 
 
-@pytest.mark.xfail(strict=True, reason="agent.py Agent.run: when start() raises (server.bind refuses the "
-                   "endpoint) stop() is never called, so the non-daemon worker threads of workers.py (store, "
-                   "libvirt) keep the process alive: it logs the refusal and then hangs, ignoring SIGTERM")
 def test_non_loopback_bind_without_keys_is_refused(make_agent: Any) -> None:
     for which in ("control", "events"):
         agent: AgentProcess = make_agent(start=False)
