@@ -42,7 +42,7 @@ def anyio_backend() -> str:
 @dataclass
 class Route:
     body: bytes
-    mode: str = "ok"  # ok | truncate | stall | slow
+    mode: str = "ok"  # ok | truncate | stall | slow | redirect (body = Location)
     hits: int = 0
 
 
@@ -79,6 +79,12 @@ def _handler(server: ImageServer) -> type[http.server.BaseHTTPRequestHandler]:
                 return
             route.hits += 1
             body = route.body
+            if route.mode == "redirect":
+                self.send_response(302)
+                self.send_header("Location", body.decode())
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
@@ -821,3 +827,12 @@ async def test_base_removed_behind_the_cache_is_fetched_again(
     disk = await cache.prepare_disk("second", ImageSpec(url=url), 1)
     assert image_server.routes["/vanishing.raw"].hits == 2
     read_back(disk, tmp_path, body, GiB)
+
+
+async def test_redirects_are_followed(image_server: ImageServer, cache: ImageCache) -> None:
+    body = image_bytes()
+    image_server.add("/real.raw", body)
+    url = image_server.add("/moved.raw", b"/real.raw", mode="redirect")
+    await cache.prepare_disk("moved", ImageSpec(url=url, checksum=sha256(body)), 1)
+    assert image_server.routes["/moved.raw"].hits == 1
+    assert image_server.routes["/real.raw"].hits == 1
