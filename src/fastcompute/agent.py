@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from . import protocol
 from .config import Config
 from .errors import NotFound
@@ -99,6 +101,15 @@ class Agent:
         async def set_enabled(a: protocol.SetEnabledArgs, _rid: str) -> Any:
             return await m.set_enabled(a.enabled, a.reason)
 
+        async def images_list(_a: Any, _rid: str) -> Any:
+            assert self.images is not None
+            bases = await asyncio.get_running_loop().run_in_executor(self.io_pool, self.images.list_bases)
+            return msgspec.to_builtins(bases)
+
+        async def images_prune(a: protocol.PruneArgs, _rid: str) -> Any:
+            assert self.images is not None
+            return {"removed": await self.images.prune(a.max_age_s)}
+
         async def stats(a: protocol.StatsArgs, _rid: str) -> Any:
             if a.uuid is None:
                 return self.stats.last()
@@ -116,6 +127,8 @@ class Agent:
             "instance.console": console,
             "instance.stats": stats,
             "host.set_enabled": set_enabled,
+            "images.list": images_list,
+            "images.prune": images_prune,
             "instance.attach_port": attach_port,
             "instance.detach_port": detach_port,
             "instance.set_security_groups": set_groups,
@@ -133,6 +146,7 @@ class Agent:
         server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request)
         self.server = server
         self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
+        self.images.on_lookup = self.metrics.image_cache
         self.network = Network(cfg.network, self.io_pool)
         manager = Manager(cfg, self.store, self.driver, self.images, self.network, server.publish)
         self.manager = manager
@@ -152,6 +166,7 @@ class Agent:
             loop.create_task(self._every(cfg.agent.sync_power_state_interval_s, manager.sync_power_states)),
             loop.create_task(self._resources_loop()),
             loop.create_task(self._every(60.0, self._expire)),
+            loop.create_task(self.images.run_cleaner(self._stop)),
         ]
         if cfg.stats.interval_s > 0:
             self._background.append(loop.create_task(self._every(cfg.stats.interval_s, self._publish_stats)))

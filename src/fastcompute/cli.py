@@ -260,6 +260,38 @@ def _show_cmd(a: argparse.Namespace) -> int:
     return 0
 
 
+def _images(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        if a.prune:
+            args = {"max_age_s": a.max_age} if a.max_age is not None else {}
+            removed = c.call("images.prune", args)["removed"]
+            if not a.json:
+                out.print(f"pruned {len(removed)} unused base images")
+        bases = c.call("images.list")
+
+    def human(bases: list[dict[str, Any]]) -> None:
+        t = Table(show_edge=False, header_style="bold")
+        t.add_column("KEY")
+        t.add_column("SOURCE", overflow="fold")
+        for col in ("FORMAT", "SIZE MiB", "ON DISK MiB", "AGE", "USERS"):
+            t.add_column(col)
+        for b in sorted(bases, key=lambda b: -b["last_used"]):
+            t.add_row(b["key"][:12], b["source"], b["format"], f"{b['virtual_size'] / 2**20:.1f}",
+                      f"{b['allocated'] / 2**20:.1f}", _age(b["age_s"]), str(len(b["users"])))
+        out.print(t)
+        out.print(f"{len(bases)} base images, {sum(b['allocated'] for b in bases) / 2**20:.1f} MiB on disk")
+
+    _emit(a, bases, human)
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def _console(a: argparse.Namespace) -> int:
     with _client(a) as c:
         r = c.call("instance.console", {"uuid": a.uuid, "tail_bytes": a.tail})
@@ -341,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "delete":
             sp.add_argument("--all", action="store_true", help="delete every instance")
         sp.set_defaults(fn=_one("instance." + name))
+
+    im = sub.add_parser("images", parents=[common], help="the base image cache (size, age, users)")
+    im.add_argument("--prune", action="store_true", help="remove bases no instance uses")
+    im.add_argument("--max-age", type=float, help="with --prune: only bases unused this many seconds")
+    im.set_defaults(fn=_images)
 
     co = sub.add_parser("console", parents=[common], help="the serial console log")
     co.add_argument("uuid")

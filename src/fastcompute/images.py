@@ -167,6 +167,8 @@ class ImageCache:
         # Bases known to be in place: a spawn of a cached image then needs no disk look-up
         # (_make_disk checks the base still exists, in the worker it runs in anyway).
         self._known: dict[str, _Meta] = {}
+        self.on_lookup: Callable[[bool], object] | None = None
+        """Told of every base look-up: True when it needed no fetch of its own (a cache hit)."""
         self._sources = Sources(cfg, executor)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.instances_dir.mkdir(parents=True, exist_ok=True)
@@ -388,9 +390,12 @@ class ImageCache:
             known = self._known.get(key)
             if known is not None:
                 meta = known
+                self._count_lookup(True)
                 break
             flight = self._flights.get(key)
-            if flight is None:
+            if flight is not None:
+                self._count_lookup(True)
+            else:
                 # The flight covers looking on disk too: a hundred callers arriving together
                 # cost one look-up and at most one fetch.
                 flight = _Flight()
@@ -422,10 +427,15 @@ class ImageCache:
     async def _load(self, key: str, source: str, image: ImageSpec, flight: _Flight) -> _Meta:
         loop = asyncio.get_running_loop()
         meta = await loop.run_in_executor(self._executor, self._read_meta, key)
+        self._count_lookup(meta is not None)
         if meta is None:
             meta = await self._fetch(key, source, image, flight)
         self._known[key] = meta
         return meta
+
+    def _count_lookup(self, hit: bool) -> None:
+        if self.on_lookup is not None:
+            self.on_lookup(hit)
 
     async def _fetch(self, key: str, source: str, image: ImageSpec, flight: _Flight) -> _Meta:
         loop = asyncio.get_running_loop()

@@ -102,6 +102,11 @@ def flavor_request(flavor: Flavor) -> dict[str, Any] | None:
         raise BadRequest(exc.message, details) from None
 
 
+def _image_spec(rec: InstanceRecord) -> ImageSpec:
+    i = rec.image
+    return ImageSpec(id=i.id, url=i.url, checksum=i.checksum, disk_format=i.disk_format)
+
+
 def numa_cells(request: dict[str, Any] | None, placement: dict[str, Any] | None) -> list[NumaCell] | None:
     """The record's ``numa`` field: one entry per guest cell, with its pinning if dedicated."""
     if request is None or placement is None:
@@ -324,6 +329,22 @@ class Manager:
         self.publish("instance." + uuid, rec)
         return rec
 
+    def _progress(self, uuid: str) -> Callable[[str, int, int | None], None]:
+        """A progress callback for a build's image work: ``progress.<uuid>`` events, at most
+        two a second per stage (and always the last of a stage)."""
+        last_stage = [""]
+        last_at = [0.0]
+
+        def report(stage: str, done: int, total: int | None) -> None:
+            t = time.monotonic()
+            finished = total is not None and done >= total
+            if stage == last_stage[0] and t - last_at[0] < 0.5 and not finished:
+                return
+            last_stage[0], last_at[0] = stage, t
+            self.publish("progress." + uuid, {"uuid": uuid, "stage": stage, "done": done, "total": total})
+
+        return report
+
     def _mark_resources_changed(self) -> None:
         self._resources_dirty = True
 
@@ -462,10 +483,7 @@ class Manager:
         async with self._locks[uuid], self._build_slots:
             rec = self.instances[uuid].record
             try:
-                await self.images.prepare_disk(
-                    uuid, ImageSpec(id=rec.image.id, url=rec.image.url, checksum=rec.image.checksum),
-                    rec.flavor.disk_gb,
-                )
+                await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
                 if self.instances[uuid].ports:
                     await self.network.plug(uuid, self.instances[uuid].ports)
                 power = await self.driver.launch(self._domain_xml(uuid), start=True)
@@ -561,9 +579,7 @@ class Manager:
             self._mark_resources_changed()
         try:
             if not (self.instance_dir(uuid) / "disk").exists():
-                await self.images.prepare_disk(
-                    uuid, ImageSpec(id=rec.image.id, url=rec.image.url, checksum=rec.image.checksum),
-                    rec.flavor.disk_gb)
+                await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
             if self.instances[uuid].ports:
                 await self.network.plug(uuid, self.instances[uuid].ports)
             return await self.driver.launch(self._domain_xml(uuid), start=True)

@@ -91,6 +91,7 @@ class Image(_Args):
     id: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     url: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
     checksum: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    disk_format: Annotated[str, Meta(pattern="^(raw|qcow2)$")] | None = None
 
 
 class SpawnArgs(_Args):
@@ -169,6 +170,12 @@ class SetEnabledArgs(_Args):
     reason: Annotated[str, Meta(max_length=255)] | None = None
 
 
+class PruneArgs(_Args):
+    """``images.prune`` (extension)."""
+
+    max_age_s: Annotated[float, Meta(ge=0)] | None = None
+
+
 class StatsArgs(_Args):
     """``instance.stats`` (extension): one instance, or all when ``uuid`` is left out."""
 
@@ -242,6 +249,8 @@ OP_ARGS: Final[dict[str, type[_Args]]] = {
     "ping": NoArgs,
     "host.info": NoArgs,
     "host.set_enabled": SetEnabledArgs,
+    "images.list": NoArgs,
+    "images.prune": PruneArgs,
     "instance.spawn": SpawnArgs,
     "instance.start": UuidArgs,
     "instance.stop": StopArgs,
@@ -264,7 +273,7 @@ OP_ARGS: Final[dict[str, type[_Args]]] = {
 # answered again from memory within the window but need no durable log.
 MUTATING_OPS: Final = frozenset(
     op for op in OP_ARGS if op not in
-    ("ping", "host.info", "instance.get", "instance.list", "instance.console", "instance.stats")
+    ("ping", "host.info", "images.list", "instance.get", "instance.list", "instance.console", "instance.stats")
 )
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
