@@ -337,7 +337,7 @@ class _Agent:
         self._dec = msgspec.msgpack.Decoder()
         self.down = asyncio.get_running_loop().create_future()
         self.tasks: list[asyncio.Task[None]] = []
-        # A refresh rebuilds the view (group members too) from the agent: only one at a time.
+        # A refresh rebuilds the view (group members too) from the agent: one at a time.
         self.refreshing = False
 
     def start(self) -> None:
@@ -370,9 +370,9 @@ class _Agent:
             event = parse_monitor_message(await self.monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.mark_down(f"connection to {self.view.control} lost")
-            elif event["event"] == zmq.EVENT_CONNECTED and not self.view.alive and not self.refreshing:
+            elif event["event"] == zmq.EVENT_CONNECTED and not self.view.alive:
                 # Back (or first up): its usage may have changed while it was away.
-                asyncio.get_running_loop().create_task(self.sched._refresh(self))
+                self.sched._revive(self)
 
     def mark_down(self, why: str) -> None:
         if self.view.alive:
@@ -464,6 +464,7 @@ class Scheduler:
         # Spawns sent to a host that died or timed out before answering: it may have claimed
         # them. When it is back, they are deleted there (instance uuid -> host name).
         self.orphans: dict[str, str] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.inflight = 0
 
     async def __aenter__(self) -> Scheduler:
@@ -485,17 +486,37 @@ class Scheduler:
             agent.start()
             self._agents.append(agent)
         await asyncio.gather(*(self._refresh(a) for a in self._agents))
+        for a in self._agents:
+            a.refreshing = False
+            if not a.view.alive:
+                self._revive(a)
+
+    def _revive(self, agent: _Agent) -> None:
+        """Refresh a host that is down until it answers (in the background, once per host)."""
+        if agent.refreshing:
+            return
+        agent.refreshing = True
+
+        async def run() -> None:
+            try:
+                while not agent.view.alive:
+                    await self._refresh(agent)
+                    if not agent.view.alive:
+                        await asyncio.sleep(1.0)
+            finally:
+                agent.refreshing = False
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _refresh(self, agent: _Agent) -> None:
-        agent.refreshing = True
         try:
             info = await agent.call("host.info", None, min(self.timeout_s, 10.0), while_down=True)
             records = await agent.call("instance.list", None, self.timeout_s, while_down=True)
         except (ClientTimeout, HostDown, AgentError) as exc:
             log.warning("agent %s does not answer: %s", agent.view.control, exc)
             return
-        finally:
-            agent.refreshing = False
         view = agent.view
         name = str(info.get("hostname") or view.name)
         if view.name != name:
@@ -540,11 +561,13 @@ class Scheduler:
         # comes with a reconnection, which refreshes the view from host.info.
         if gen < view.generation:
             return
-        view.update(info)
         if not view.alive:
+            # Back from the dead: read it whole (usage, group members, orphans to delete).
             for a in self._agents:
                 if a.view is view:
-                    a.mark_up()
+                    self._revive(a)
+            return
+        view.update(info)
         self._changed()
 
     def _changed(self) -> None:
@@ -667,6 +690,9 @@ class Scheduler:
 
     async def close(self) -> None:
         """Close every connection."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(a.close() for a in self._agents))
         if self.placement is not None:
             await self.placement.close()
