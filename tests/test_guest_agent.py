@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixtures import AgentProcess, call_error
+from agent_fixtures import AgentProcess, call_error, recv_events, sub_socket
 from guest_fixtures import (
     LIBVIRTD_SCRIPT,
     MARKER,
@@ -215,6 +215,7 @@ def wait_stopped_by_libvirt(conn: Any, uuid: str, timeout_s: float = 60.0) -> No
 def test_one_guest_through_its_whole_life(guest_agent: Callable[..., AgentProcess], conn: Any,
                                           guest_image: Path) -> None:
     agent = guest_agent()
+    events = sub_socket(agent.events, ["instance."])
     rec = spawn_guest(agent, guest_image, "life")
     uuid = rec["uuid"]
     assert_state(agent, conn, uuid, "active", "running", rec)
@@ -260,6 +261,16 @@ def test_one_guest_through_its_whole_life(guest_agent: Callable[..., AgentProces
 
     assert agent.call("instance.delete", {"uuid": uuid}) == {"uuid": uuid, "deleted": True}
     assert_nothing_left(agent, conn, [uuid])
+
+    # The events told the same story, with no detour: the reboot (a shutdown and a reset in
+    # the same QEMU process, as libvirt does it) never showed the instance as stopped.
+    got = recv_events(events, 5.0, until=lambda _t, body: body["vm_state"] == "deleted")
+    events.close()
+    assert {t for t, _b in got} == {f"instance.{uuid}"}
+    states = [b["vm_state"] for _t, b in got]
+    story = [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]]
+    assert story == ["building", "active", "paused", "active", "stopped", "active", "suspended", "active",
+                     "deleted"]
 
 
 # -- 2. a storm of 8 ---------------------------------------------------------------------------
