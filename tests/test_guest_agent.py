@@ -275,13 +275,6 @@ def test_one_guest_through_its_whole_life(guest_agent: Callable[..., AgentProces
 
 # -- 2. a storm of 8 ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/fastcompute/workers.py Workers._serve: a worker that took a call while others were "
-    "queued (more=True) keeps the result in its local batch and goes back to wait() when the "
-    "other workers emptied the queue meanwhile; the result reaches the loop only when that "
-    "worker gets another call. With 8 launches on 4 libvirt workers, builds whose create() "
-    "returned long ago stay 'building'/'spawning' (their guests are at the marker) until some "
-    "later libvirt call. It should deliver its batch before waiting on an empty queue."))
 def test_storm_of_eight_guests_all_boot_and_all_vanish(guest_agent: Callable[..., AgentProcess], conn: Any,
                                                        guest_image: Path) -> None:
     agent = guest_agent()
