@@ -357,4 +357,17 @@ class LibvirtDriver:
     async def list_domains(self) -> list[DomainInfo]:
         """Every domain of the hypervisor, ours or not."""
         conn = await self._ready()
-        return await self._call(lambda: [self._describe(d) for d in conn.listAllDomains()])
+
+        def run() -> list[DomainInfo]:
+            found = []
+            for dom in conn.listAllDomains():
+                try:
+                    found.append(self._describe(dom))
+                except libvirt.libvirtError as exc:
+                    # Gone between the listing and the look: someone else's transient domain,
+                    # or one being deleted right now.
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            return found
+
+        return await self._call(run)
