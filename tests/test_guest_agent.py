@@ -49,9 +49,10 @@ __all__ = ["guest_image", "libvirtd"]
 # more when other work loads the host. Bounded so that a hang fails the run.
 BOOT_TIMEOUT_S = 240.0
 MEMORY_MB = 128
-# Nova's rule: a guest that powered itself off is stopped; the agent must see it this soon
-# through libvirt's lifecycle events.
-EVENT_DEADLINE_S = 1.0
+# Nova's rule: a guest that powered itself off is stopped. With the periodic sync 60 s away,
+# seeing it before this deadline proves the lifecycle event carried it. (It takes well under a
+# second here; the deadline leaves room for a loaded CI machine, since tests time nothing.)
+EVENT_DEADLINE_S = 5.0
 
 
 def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
@@ -60,7 +61,7 @@ def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
 
 def agent_config(*, sync_s: float = 60.0, shutdown_timeout_s: float = 30.0) -> str:
     """The agent's config for real guests. A long sync period by default, so that what a test
-    sees within a second came through events; stats off, they are not under test here."""
+    sees before the sync could run came through events; stats off, they are not under test here."""
     return (
         f"[agent]\nsync_power_state_interval_s = {sync_s}\n"
         f'[hypervisor]\ndomain_type = "qemu"\nshutdown_timeout_s = {shutdown_timeout_s}\n'
@@ -424,7 +425,7 @@ def test_changes_made_while_the_agent_was_away_are_synced(guest_agent: Callable[
     agent.kill()
     virsh("destroy", name)
     agent.start()
-    wait_record(agent, uuid, "stopped", "shutdown", sync_s + 1.0)
+    wait_record(agent, uuid, "stopped", "shutdown", sync_s + 5.0)
     assert_state(agent, conn, uuid, "stopped", "shutdown")
 
     # Frozen (SIGSTOP): the guest of a stopped instance is started behind its back. Nova's
@@ -436,7 +437,7 @@ def test_changes_made_while_the_agent_was_away_are_synced(guest_agent: Callable[
     finally:
         os.kill(agent.proc.pid, signal.SIGCONT)
     wait_stopped_by_libvirt(conn, uuid, timeout_s=sync_s + 5.0)
-    wait_record(agent, uuid, "stopped", "shutdown", sync_s + 1.0)
+    wait_record(agent, uuid, "stopped", "shutdown", sync_s + 5.0)
     assert_state(agent, conn, uuid, "stopped", "shutdown")
 
     agent.call("instance.delete", {"uuid": uuid})
