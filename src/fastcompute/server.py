@@ -89,18 +89,17 @@ class Server:
         self.handlers = handlers
         self.observe = observe
         self.ctx = zmq.asyncio.Context()
-        self.router: zmq.asyncio.Socket | None = None
-        # Plain (non-asyncio) views of the same sockets: sends never block here (no HWM on the
-        # ROUTER, NOBLOCK on the PUB), so they skip pyzmq's future machinery, which costs
-        # more than the send itself in a storm.
-        self._tx: zmq.Socket[bytes] | None = None
+        # Plain (non-asyncio) sockets: the ROUTER is read when the loop sees its descriptor
+        # change, and sends never block (no HWM on the ROUTER, NOBLOCK on the PUB). pyzmq's
+        # asyncio wrapper costs a future per message, more than the send or receive itself.
+        self.router: zmq.Socket[bytes] | None = None
         self.pub: zmq.Socket[bytes] | None = None
         self._auth: AsyncioAuthenticator | None = None
         self._replies: dict[str, tuple[float, bytes | asyncio.Future[bytes]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0
         self._accepting = True
-        self._receiver: asyncio.Task[None] | None = None
+        self._reading = False
         self.endpoints: dict[str, str] = {}
 
     # -- set-up ----------------------------------------------------------------------------
@@ -116,9 +115,9 @@ class Server:
                         f"refusing to bind {ep} without CURVE: configure [security] keys "
                         "(fastcompute keys) or bind to loopback or ipc://"
                     )
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self._tx = zmq.Socket.shadow(self.router.underlying)
-        self.pub = zmq.Context.shadow(self.ctx.underlying).socket(zmq.PUB)
+        plain: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)
+        self.router = plain.socket(zmq.ROUTER)
+        self.pub = plain.socket(zmq.PUB)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -151,7 +150,10 @@ class Server:
 
     def start(self) -> None:
         """Start receiving requests."""
-        self._receiver = asyncio.get_running_loop().create_task(self._receive())
+        assert self.router is not None
+        asyncio.get_running_loop().add_reader(self.router.FD, self._drain)
+        self._reading = True
+        self._drain()
 
     # -- events ----------------------------------------------------------------------------
 
@@ -166,28 +168,17 @@ class Server:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def _receive(self) -> None:
-        router = self.router
-        assert router is not None
-        while True:
-            try:
-                frames = await router.recv_multipart()
-            except (asyncio.CancelledError, zmq.ContextTerminated):
-                return
-            self._dispatch(frames)
-            self._drain()
-
     def _drain(self) -> None:
         """Serve every request already queued on the ROUTER.
 
-        ZeroMQ's socket descriptor signals edges, and any operation on the socket (our plain
-        sends included) may consume one; so after each, the queue is emptied here, or a
-        request could wait in it until some other frame arrives.
+        Called when the loop sees the socket's descriptor readable, and after every send:
+        ZeroMQ's descriptor signals edges, and any operation on the socket may consume one, so
+        the queue is emptied every time or a request could wait in it until another arrives.
         """
-        tx = self._tx
-        while tx is not None and int(tx.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        router = self.router
+        while router is not None and int(router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             try:
-                self._dispatch(tx.recv_multipart(zmq.NOBLOCK))
+                self._dispatch(router.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
 
@@ -199,9 +190,9 @@ class Server:
     async def _serve(self, frames: list[bytes]) -> None:
         envelope, body = frames[:-1], frames[-1]
         reply = await self.handle(body)
-        if self._tx is not None:
+        if self.router is not None:
             try:
-                self._tx.send_multipart([*envelope, reply], zmq.NOBLOCK)
+                self.router.send_multipart([*envelope, reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.info("could not deliver a reply: %s", exc)
             self._drain()
@@ -299,13 +290,13 @@ class Server:
 
     async def close(self) -> None:
         """Close the sockets."""
-        if self._receiver is not None:
-            self._receiver.cancel()
-            await asyncio.gather(self._receiver, return_exceptions=True)
+        if self._reading and self.router is not None:
+            asyncio.get_running_loop().remove_reader(self.router.FD)
+            self._reading = False
         for sock in (self.pub, self.router):
             if sock is not None:
                 sock.close(linger=500)
-        self.router = self.pub = self._tx = None
+        self.router = self.pub = None
         if self._auth is not None:
             self._auth.stop()
         self.ctx.term()
