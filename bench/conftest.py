@@ -5,6 +5,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from agent_fixtures import agent, image_file, make_agent  # noqa: E402
+from agent_fixtures import agent, image_file, make_agent
 
 __all__ = ["agent", "image_file", "make_agent"]
