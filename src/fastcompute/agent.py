@@ -26,6 +26,7 @@ from .images import ImageCache
 from .manager import Manager
 from .metrics import Metrics, MetricsServer, loop_lag_probe, parse_endpoint, start_http_server
 from .network import Network
+from .placement import PlacementSync, claims_of
 from .resources import Tracker, cpu_traits, topology_from_libvirt
 from .server import Handler, Server
 from .stats import Source, StatsCollector, guest_source
@@ -46,6 +47,7 @@ class Agent:
         self.io_pool = ThreadPoolExecutor(max_workers=cfg.agent.worker_threads, thread_name_prefix="io")
         self.images: ImageCache | None = None
         self.network: Network | None = None
+        self.placement: PlacementSync | None = None
         self.manager: Manager | None = None
         self.server: Server | None = None
         self.metrics = Metrics()
@@ -154,6 +156,11 @@ class Agent:
         caps, info, facts = await self.driver.host_facts()
         tracker = Tracker(topology_from_libvirt(caps, info), cfg.resources, cfg.quota, self.state_dir)
         await manager.start(tracker, facts, cpu_traits(caps))
+        if cfg.placement.url:
+            # Never waits for Placement: registration, inventory and healing run in the background.
+            self.placement = PlacementSync(cfg.placement, manager.hostname, self.state_dir)
+            now = manager.host_info()
+            await self.placement.start(now["inventory"], now["traits"], claims_of(tracker.claims))
         server.handlers = self._handlers(manager)
         server.remember((await self.store.load()).replies)
         server.bind()
@@ -231,6 +238,9 @@ class Agent:
                 info = m.host_info()
                 s.publish("host.resources", info)
                 self._update_gauges(info)
+                if self.placement is not None and m.tracker is not None:
+                    self.placement.update_inventory(info["inventory"], info["traits"])
+                    self.placement.sync_claims(claims_of(m.tracker.claims))
                 last = time.monotonic()
 
     def _update_gauges(self, info: dict[str, Any]) -> None:
@@ -277,6 +287,12 @@ class Agent:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.stats.close()
+        if self.placement is not None:
+            if self.manager is not None and self.manager.tracker is not None:
+                self.placement.sync_claims(claims_of(self.manager.tracker.claims))
+            if not await self.placement.drain(5.0):
+                log.warning("Placement did not take every update before shutdown; the next start heals it")
+            await self.placement.close()
         if self.images is not None:
             await self.images.close()
         if self.network is not None:

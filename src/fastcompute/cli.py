@@ -37,6 +37,7 @@ def _run_agent(a: argparse.Namespace) -> int:
                                         state_dir=a.state_dir, host=a.host, log_level=a.log_level)
         cfg = config_mod.with_overrides(cfg, "hypervisor", uri=a.hypervisor)
         cfg = config_mod.with_overrides(cfg, "stats", metrics=a.metrics)
+        cfg = config_mod.with_overrides(cfg, "placement", url=a.placement)
     except config_mod.ConfigError as exc:
         err.print(f"[red]error:[/] {exc}")
         return 2
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--hypervisor", help="libvirt URI (test:///default, qemu:///system)")
     ag.add_argument("--host", help="this host's name in host.info")
     ag.add_argument("--metrics", help="HOST:PORT for the Prometheus endpoint")
+    ag.add_argument("--placement", help="OpenStack Placement URL to keep in step with this host")
     ag.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     ag.set_defaults(fn=_run_agent)
 
