@@ -331,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="print the default config file with every key documented")
     cf.set_defaults(fn=_config)
 
+    # `schedule` has its own parser (fastcompute.scheduler); main() hands it the rest of the line.
+    sub.add_parser("schedule", add_help=False,
+                   help="place spawns across several agents (see `fastcompute schedule --help`)")
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint", default=os.environ.get("FASTCOMPUTE_ENDPOINT", DEFAULT_ENDPOINT),
                         help="the agent's control endpoint (env FASTCOMPUTE_ENDPOINT)")
@@ -390,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastcompute`` command."""
-    a = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["schedule"]:
+        from . import scheduler
+
+        return scheduler.main(args[1:])
+    a = build_parser().parse_args(args)
     try:
         return int(a.fn(a))
     except AgentError as exc:
