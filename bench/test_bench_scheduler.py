@@ -92,7 +92,7 @@ def test_storm_through_scheduler_vs_straight_to_one_agent(make_agent: Any, image
     }
     direct_s: list[float] = []
     sched_s: list[float] = []
-    for rnd in range(5):  # alternating, medians: this machine is shared and noisy
+    for rnd in range(3):  # alternating, medians: this machine is shared and noisy
         base = tmp_path / f"round{rnd}"
         base.mkdir()
         one = make_agent(config=agent_config("combined"),

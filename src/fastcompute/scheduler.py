@@ -31,7 +31,7 @@ import uuid as uuid_mod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import zmq
@@ -119,9 +119,11 @@ class HostView:
         "events",
         "free",
         "generation",
+        "held_back",
         "inflight",
         "instances",
         "limits",
+        "link",
         "members",
         "name",
         "numa_host",
@@ -148,6 +150,9 @@ class HostView:
         self.unreported: collections.deque[tuple[float, tuple[int, int, int, int]]] = collections.deque()
         self.credit = 0
         self.instances = -1
+        # What unreported and in-flight spawns add to the reported usage, kept as a sum.
+        self.held_back = [0, 0, 0, 0]
+        self.link: Any = None  # the scheduler's connection to this agent
         self.free = [0, 0, 0, 0]
         self.numa_host: dict[str, Any] | None = None
         self._numa_compiled: Any = None
@@ -180,7 +185,8 @@ class HostView:
         self.instances = count
         horizon = time.monotonic() - UNREPORTED_TTL_S
         while self.unreported and (grown > 0 or self.unreported[0][0] < horizon):
-            self.unreported.popleft()
+            _, req = self.unreported.popleft()
+            self._add(self.held_back, req, -1)
             grown -= 1
         self.credit = min(self.credit + max(0, grown), len(self.inflight))
         self.recompute()
@@ -188,6 +194,7 @@ class HostView:
     def reset(self) -> None:
         """Forget what the last events said (the agent restarted or reconnected)."""
         self.unreported.clear()
+        self.held_back = [0, 0, 0, 0]
         self.credit = 0
         self.instances = -1
         self.generation = -1
@@ -195,27 +202,43 @@ class HostView:
     def confirmed(self, instance: str) -> None:
         """The agent answered a spawn we sent with its record: it holds the claim."""
         req = self.inflight.pop(instance)
+        self._add(self.held_back, req, -1)
         if self.credit > 0:
             self.credit -= 1
         else:
             self.unreported.append((time.monotonic(), req))
+            self._add(self.held_back, req, 1)
         self.recompute()
+
+    def sent(self, instance: str, req: tuple[int, int, int, int]) -> None:
+        """A spawn is on its way to this host: count it as used."""
+        self.inflight[instance] = req
+        self._add(self.held_back, req, 1)
+        self.recompute()
+
+    @staticmethod
+    def _add(total: list[int], req: tuple[int, int, int, int], sign: int) -> None:
+        total[0] += sign * req[0]
+        total[1] += sign * req[1]
+        total[2] += sign * req[2]
+        total[3] += sign * req[3]
 
     def abandoned(self, instance: str) -> None:
         """A spawn we sent was refused or lost: it holds nothing here (as far as we know)."""
-        self.inflight.pop(instance, None)
+        req = self.inflight.pop(instance, None)
+        if req is not None:
+            self._add(self.held_back, req, -1)
         self.credit = min(self.credit, len(self.inflight))
         self.recompute()
 
     def recompute(self) -> None:
         """Free amounts from capacity, usage and the spawns in flight."""
-        free = [c - u for c, u in zip(self.capacity, self.usage, strict=True)]
-        for _, req in self.unreported:
-            for i in range(4):
-                free[i] -= req[i]
-        for req in itertools.islice(self.inflight.values(), self.credit, None):
-            for i in range(4):
-                free[i] -= req[i]
+        cap, used, back = self.capacity, self.usage, self.held_back
+        free = [cap[0] - used[0] - back[0], cap[1] - used[1] - back[1],
+                cap[2] - used[2] - back[2], cap[3] - used[3] - back[3]]
+        # The oldest spawns in flight that the events already counted (usually none).
+        for req in itertools.islice(self.inflight.values(), self.credit):
+            self._add(free, req, 1)
         self.free = free
 
     def numa_fits(self, request: dict[str, Any]) -> bool:
@@ -227,11 +250,26 @@ class HostView:
         return numa.fit(self._numa_compiled, request, self.limits) is not None
 
 
+_FLAVORS: dict[tuple[Any, ...], tuple[tuple[int, int, int, int], dict[str, Any] | None]] = {}
+
+
 def request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], dict[str, Any] | None]:
     """A flavor's amounts per class (pinned vCPUs as PCPU) and its NUMA request (or None).
 
-    Raises BadRequest for invalid extra specs, before any host is asked.
+    Raises BadRequest for invalid extra specs, before any host is asked. Storms repeat one
+    flavor: the answer is remembered (the request is only read, never changed).
     """
+    specs = flavor.get("extra_specs") or {}
+    key = (flavor["vcpus"], flavor["memory_mb"], flavor["disk_gb"], tuple(sorted(specs.items())))
+    known = _FLAVORS.get(key)
+    if known is None:
+        if len(_FLAVORS) > 4096:
+            _FLAVORS.clear()
+        known = _FLAVORS[key] = _request_tuple(flavor)
+    return known
+
+
+def _request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], dict[str, Any] | None]:
     numa_request = numa.constraints({"vcpus": flavor["vcpus"], "memory_mb": flavor["memory_mb"],
                                      "extra_specs": flavor.get("extra_specs", {})})
     amounts = Tracker.request_of(flavor["vcpus"], flavor["memory_mb"], flavor["disk_gb"], numa_request)
@@ -317,6 +355,7 @@ class _Agent:
     def __init__(self, sched: Scheduler, view: HostView, ctx: zmq.asyncio.Context) -> None:
         self.sched = sched
         self.view = view
+        view.link = self
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -324,7 +363,7 @@ class _Agent:
         # Only completed connections get messages: a spawn is never queued for an agent that
         # is down, to run there later after it was placed elsewhere.
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(view.control)
         self.sub = ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -335,8 +374,8 @@ class _Agent:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder()
-        self.down = asyncio.get_running_loop().create_future()
         self.tasks: list[asyncio.Task[None]] = []
+        self.connected = asyncio.Event()
         # A refresh rebuilds the view (group members too) from the agent: one at a time.
         self.refreshing = False
 
@@ -369,8 +408,12 @@ class _Agent:
         while True:
             event = parse_monitor_message(await self.monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.connected.clear()
                 self.mark_down(f"connection to {self.view.control} lost")
-            elif event["event"] == zmq.EVENT_CONNECTED and not self.view.alive:
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                # Only now does ZMQ_IMMEDIATE let requests through (not at the TCP connect).
+                self.connected.set()
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self.view.alive:
                 # Back (or first up): its usage may have changed while it was away.
                 self.sched._revive(self)
 
@@ -378,42 +421,37 @@ class _Agent:
         if self.view.alive:
             log.warning("host %s is down: %s", self.view.name, why)
         self.view.alive = False
-        if not self.down.done():
-            self.down.set_result(None)
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(HostDown(f"{self.view.name} went down with a request in flight"))
         self.sched._changed()
 
     def mark_up(self) -> None:
-        if self.down.done():
-            self.down = asyncio.get_running_loop().create_future()
         self.view.alive = True
 
-    async def call(self, op: str, args: dict[str, Any] | None, timeout_s: float, *,
-                   while_down: bool = False) -> Any:
-        """One request; its result, its typed error, ClientTimeout or HostDown.
-
-        ``while_down`` sends even to a host marked down (to see whether it is back)."""
+    async def call(self, op: str, args: dict[str, Any] | None, timeout_s: float) -> Any:
+        """One request; its result, its typed error, ClientTimeout or HostDown."""
+        loop = asyncio.get_running_loop()
         rid = self._prefix + str(next(self._ids))
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = fut
         msg: dict[str, Any] = {"v": 1, "id": rid, "op": op}
         if args:
             msg["args"] = args
-        down = asyncio.get_running_loop().create_future() if while_down else self.down
+        # NOBLOCK: pyzmq tries the send at once (no waiting future). With ZMQ_IMMEDIATE it
+        # only fails when no connection is up: the host is down.
+        sent = cast("asyncio.Future[Any]", self.sock.send(self._enc.encode(msg), zmq.NOBLOCK))
+        if sent.done() and sent.exception() is not None:
+            if isinstance(sent.exception(), zmq.Again):
+                raise HostDown(f"{self.view.name} is not connected")
+            sent.result()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._waiting[rid] = fut
+        timer = loop.call_later(timeout_s, _expire, fut, f"no reply to {op} from {self.view.name} "
+                                f"within {timeout_s:.0f}s")
         try:
-            send = asyncio.ensure_future(self.sock.send(self._enc.encode(msg)))
-            done, _ = await asyncio.wait({send, down}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if send not in done:
-                send.cancel()
-                if down in done:
-                    raise HostDown(f"{self.view.name} is down")
-                raise ClientTimeout(f"{self.view.name} did not take {op} within {timeout_s:.0f}s")
-            done, _ = await asyncio.wait({fut, down}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if fut not in done:
-                if down in done:
-                    raise HostDown(f"{self.view.name} went down with {op} in flight")
-                raise ClientTimeout(f"no reply to {op} from {self.view.name} within {timeout_s:.0f}s")
-            reply = fut.result()
+            reply = await fut
         finally:
+            timer.cancel()
             self._waiting.pop(rid, None)
         if reply.get("ok"):
             return reply.get("result")
@@ -427,6 +465,11 @@ class _Agent:
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
         self.sub.close(linger=0)
+
+
+def _expire(fut: asyncio.Future[Any], message: str) -> None:
+    if not fut.done():
+        fut.set_exception(ClientTimeout(message))
 
 
 @dataclass(frozen=True)
@@ -460,6 +503,7 @@ class Scheduler:
         self._agents: list[_Agent] = []
         self._ctx = zmq.asyncio.Context()
         self._change = asyncio.Event()
+        self._waiters = 0
         self._rp_names: dict[str, str] = {}  # Placement provider uuid -> host name
         # Spawns sent to a host that died or timed out before answering: it may have claimed
         # them. When it is back, they are deleted there (instance uuid -> host name).
@@ -512,8 +556,13 @@ class Scheduler:
 
     async def _refresh(self, agent: _Agent) -> None:
         try:
-            info = await agent.call("host.info", None, min(self.timeout_s, 10.0), while_down=True)
-            records = await agent.call("instance.list", None, self.timeout_s, while_down=True)
+            await asyncio.wait_for(agent.connected.wait(), min(self.timeout_s, 10.0))
+        except TimeoutError:
+            log.warning("agent %s: no connection", agent.view.control)
+            return
+        try:
+            info = await agent.call("host.info", None, min(self.timeout_s, 10.0))
+            records = await agent.call("instance.list", None, self.timeout_s)
         except (ClientTimeout, HostDown, AgentError) as exc:
             log.warning("agent %s does not answer: %s", agent.view.control, exc)
             return
@@ -571,8 +620,9 @@ class Scheduler:
         self._changed()
 
     def _changed(self) -> None:
-        self._change.set()
-        self._change = asyncio.Event()
+        if self._waiters:
+            self._change.set()
+            self._change = asyncio.Event()
 
     async def _candidates(self, req: tuple[int, int, int, int], required: frozenset[str],
                           forbidden: frozenset[str]) -> dict[str, list[int]]:
@@ -627,7 +677,11 @@ class Scheduler:
                 if self.inflight and set(reasons) <= {"capacity", "numa", "group", "down"}:
                     # Spawns in flight hold capacity in the view until they are answered:
                     # wait for one to finish before saying that nothing fits.
-                    await self._change.wait()
+                    self._waiters += 1
+                    try:
+                        await self._change.wait()
+                    finally:
+                        self._waiters -= 1
                     continue
                 raise NoValidHost(self._why(reasons, refusals),
                                   {"filtered": reasons, "refusals": refusals, "uuid": instance})
@@ -652,9 +706,8 @@ class Scheduler:
 
     async def _send(self, host: HostView, instance: str, req: tuple[int, int, int, int],
                     args: dict[str, Any], group: Group | None) -> dict[str, Any]:
-        agent = next(a for a in self._agents if a.view is host)
-        host.inflight[instance] = req
-        host.recompute()
+        agent: _Agent = host.link
+        host.sent(instance, req)
         if group is not None:
             host.members.setdefault(group.name, set()).add(instance)
         self.inflight += 1
