@@ -205,9 +205,7 @@ def test_placement_down_queues_and_catches_up(placement: PlacementServer, tmp_pa
     assert placement_view(placement, name) == expected_view(INVENTORY, [], held)
 
 
-# -- agents with [placement] url (the agent's wiring lands separately) -------------------------------
-
-pytestmark_agents = pytest.mark.xfail(strict=False, reason="waiting for agent wiring of PlacementSync")
+# -- agents with [placement] url ----------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -221,7 +219,7 @@ def placed_fleet(make_agent: Any, tmp_path: Path, placement: PlacementServer) ->
     while not all(placement.get(f"/resource_providers?name={n}")["resource_providers"]
                   for n in fleet.hostnames.values()):
         if time.monotonic() > deadline:
-            pytest.xfail("the agents do not register in Placement (agent wiring of PlacementSync missing)")
+            pytest.fail("the agents did not register in Placement within 15 s")
         time.sleep(0.2)
     return fleet
 
@@ -264,7 +262,6 @@ def wait_in_step(fleet: Fleet, placement: PlacementServer, timeout_s: float = 60
         time.sleep(0.25)
 
 
-@pytestmark_agents
 def test_agents_keep_placement_in_step_through_storm_and_deletes(
         placed_fleet: Fleet, placement: PlacementServer, image_file: Path) -> None:
     async def storm() -> list[Any]:
@@ -281,7 +278,6 @@ def test_agents_keep_placement_in_step_through_storm_and_deletes(
     wait_in_step(placed_fleet, placement)
 
 
-@pytestmark_agents
 def test_placement_down_during_storm_no_spawn_fails_and_it_heals(
         placed_fleet: Fleet, placement: PlacementServer, image_file: Path) -> None:
     async def storm() -> None:
@@ -304,7 +300,6 @@ def test_placement_down_during_storm_no_spawn_fails_and_it_heals(
     wait_in_step(placed_fleet, placement)
 
 
-@pytestmark_agents
 def test_agent_restart_heals_placement(placed_fleet: Fleet, placement: PlacementServer, image_file: Path) -> None:
     async def storm() -> None:
         async with Scheduler(placed_fleet.endpoints(), timeout_s=20) as s:
@@ -323,7 +318,6 @@ def test_agent_restart_heals_placement(placed_fleet: Fleet, placement: Placement
     wait_in_step(placed_fleet, placement)
 
 
-@pytestmark_agents
 def test_scheduler_with_placement_candidates(placed_fleet: Fleet, placement: PlacementServer,
                                              image_file: Path) -> None:
     from fastcompute.placement import PlacementClient

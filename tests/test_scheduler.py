@@ -205,7 +205,7 @@ def test_bad_flavor_is_refused_before_any_host_is_asked(fleet: Fleet, image_file
 
 
 def test_cli_schedules_with_json_output(fleet: Fleet, image_file: Path) -> None:
-    argv = [sys.executable, "-c", "import sys; from fastcompute.scheduler import main; sys.exit(main(sys.argv[1:]))"]
+    argv = [sys.executable, "-m", "fastcompute.cli", "schedule"]
     for a in fleet.agents.values():
         argv += ["--agent", f"{a.control},{a.events}"]
     argv += ["--count", "30", "--vcpus", "1", "--memory", "128", "--image", str(image_file),
