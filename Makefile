@@ -28,7 +28,7 @@ test-quick: setup
 	$(PY) -m pytest -q -m "not guest and not slow" tests
 
 bench: setup
-	$(PY) -m pytest -q bench --benchmark-columns=median,ops,rounds --benchmark-sort=name -p no:cacheprovider
+	$(PY) -m pytest -q -s bench --benchmark-columns=median,ops,rounds --benchmark-sort=name -p no:cacheprovider
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench
