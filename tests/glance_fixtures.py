@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from agent_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,12 +158,6 @@ class UploadRefused(Exception):
         self.status = status
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Glance]:
     """Install (cached), configure and start Glance; stop it at the end of the session."""
@@ -178,7 +172,7 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Glance]:
     conf_dir.mkdir()
     for sub in ("images", "staging", "tasks"):
         (state / sub).mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     (conf_dir / "glance-api.conf").write_text(
         _CONF.format(endpoint=endpoint, state=state, conf_dir=conf_dir)

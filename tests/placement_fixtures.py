@@ -10,7 +10,6 @@ operator's restart would.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from agent_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADERS = {"X-Auth-Token": "admin", "OpenStack-API-Version": "placement 1.39"}
@@ -38,12 +38,6 @@ sync_on_startup = true
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PlacementServer:
     """A Placement process: its endpoint, and stop/start for outage tests."""
 
@@ -55,7 +49,7 @@ class PlacementServer:
         state = base / "state"
         state.mkdir(exist_ok=True)
         (self.conf_dir / "placement.conf").write_text(_CONF.format(state=state))
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "placement.log"
         self.proc: subprocess.Popen[bytes] | None = None
