@@ -113,7 +113,25 @@ def topology_from_libvirt(capabilities_xml: str, info: list[Any]) -> list[HostCe
     return out
 
 
-def _numa_host(cells: list[HostCell], shared: set[int], dedicated: set[int]) -> dict[str, Any]:
+def parse_reserved_huge_pages(specs: list[str]) -> dict[tuple[int, int], int]:
+    """Nova's ``reserved_huge_pages`` entries as {(node, size_kb): count}."""
+    units = {"": 1, "k": 1, "kb": 1, "kib": 1, "m": 1024, "mb": 1024, "mib": 1024,
+             "g": 1024**2, "gb": 1024**2, "gib": 1024**2}
+    out: dict[tuple[int, int], int] = {}
+    for spec in specs:
+        try:
+            fields = dict(part.split(":", 1) for part in spec.replace(" ", "").split(","))
+            size = fields["size"].lower()
+            digits = size.rstrip("kmgib")
+            kib = int(digits) * units[size[len(digits):]]
+            out[(int(fields["node"]), kib)] = int(fields["count"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"[resources] reserved_huge_pages: {spec!r} is not 'node:N,size:S,count:C'") from exc
+    return out
+
+
+def _numa_host(cells: list[HostCell], shared: set[int], dedicated: set[int],
+               reserved_pages: dict[tuple[int, int], int]) -> dict[str, Any]:
     """The host in the NUMA fitter's shape (``numa.fit``), with nothing used yet."""
     return {"cells": [
         {
@@ -126,7 +144,8 @@ def _numa_host(cells: list[HostCell], shared: set[int], dedicated: set[int]) -> 
             "cpu_usage": 0,
             "pinned_cpus": [],
             "socket": c.id,
-            "mempages": [{"size_kb": p.size_kb, "total": p.total, "used": 0, "reserved": 0}
+            "mempages": [{"size_kb": p.size_kb, "total": p.total, "used": 0,
+                          "reserved": reserved_pages.get((c.id, p.size_kb), 0)}
                          for p in sorted(c.pages, key=lambda p: p.size_kb)],
         }
         for c in cells
@@ -177,7 +196,7 @@ class Tracker:
         self._add("PCPU", len(dedicated), 0, 1.0)
         self._add("MEMORY_MB", memory_mb, cfg.reserved_host_memory_mb, cfg.ram_allocation_ratio)
         self._add("DISK_GB", disk_gb, math.ceil(cfg.reserved_host_disk_mb / 1024), cfg.disk_allocation_ratio)
-        self.numa_host = _numa_host(cells, shared, dedicated)
+        self.numa_host = _numa_host(cells, shared, dedicated, parse_reserved_huge_pages(cfg.reserved_huge_pages))
         self.usage: dict[str, int] = dict.fromkeys(RESOURCE_CLASSES, 0)
         self.claims: dict[str, Claim] = {}
         # per project: (instances, vcpus, memory_mb) held, kept up to date for quota checks
