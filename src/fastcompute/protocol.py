@@ -18,33 +18,8 @@ from .errors import AgentError, BadRequest, UnknownOp
 
 VERSION: Final = 1
 
-ERROR_CODES: Final = (
-    "BAD_REQUEST",
-    "UNKNOWN_OP",
-    "NOT_FOUND",
-    "CONFLICT",
-    "NO_CAPACITY",
-    "QUOTA_EXCEEDED",
-    "IMAGE_ERROR",
-    "HYPERVISOR_ERROR",
-    "BUSY",
-    "INTERNAL",
-)
 
 VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "error", "deleted")
-TASK_STATES: Final = (
-    "spawning",
-    "powering-off",
-    "powering-on",
-    "pausing",
-    "unpausing",
-    "suspending",
-    "resuming",
-    "rebooting",
-    "rebooting-hard",
-    "deleting",
-)
-POWER_STATES: Final = ("nostate", "running", "paused", "shutdown", "crashed", "suspended")
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
 Name = Annotated[str, Meta(min_length=1, max_length=255)]
