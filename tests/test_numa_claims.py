@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 from typing import Any
 
 import pytest
@@ -105,3 +106,34 @@ def test_releasing_what_was_never_claimed_conflicts() -> None:
     assert placement is not None
     with pytest.raises(Conflict):
         numa.release(host(), request, placement)
+
+
+def test_a_snapshot_built_from_the_previous_one_answers_as_a_fresh_one() -> None:
+    # compile_host(h, previous) copies the CPU lists of the cells claim() left untouched; after
+    # every claim and release of a mixed sequence it must place exactly as the dict itself does,
+    # including once a cell's lists are replaced by new objects (then they are read again).
+    rnd = random.Random(3)
+    h = host()
+    compiled = numa.compile_host(h)
+    held: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    claims = 0
+    requests = [flavor(2, 512, **{"hw:cpu_policy": "dedicated"}), flavor(1, 256, hw__numa_nodes="1"),
+                flavor(2, 1024, **{"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "isolate"}),
+                flavor(2, 512, **{"hw:mem_page_size": "2MB"})]
+    for step in range(200):
+        if step == 100:
+            # The operator splits each cell: half shared, half dedicated (new list objects).
+            h = {**h, "cells": [{**c, "cpuset": c["cpuset"][:4], "pcpuset": c["pcpuset"][4:],
+                                 "siblings": [list(s) for s in c["siblings"]]} for c in h["cells"]]}
+        compiled = numa.compile_host(h, compiled)
+        request = rnd.choice(requests)
+        placement = numa.fit(compiled, request)
+        assert placement == numa.fit(h, request)
+        if placement is not None and rnd.random() < 0.6:
+            h = numa.claim(h, request, placement)
+            held.append((request, placement))
+            claims += 1
+        elif held:
+            request, placement = held.pop(rnd.randrange(len(held)))
+            h = numa.release(h, request, placement)
+    assert claims > 50, "the sequence hardly claimed anything: it tested nothing"

@@ -305,12 +305,13 @@ def _manual_split(
     return cpu_lists, mem_list
 
 
-def compile_host(host: dict[str, Any]) -> _core.NumaHost:
+def compile_host(host: dict[str, Any], previous: _core.NumaHost | None = None) -> _core.NumaHost:
     """``host`` read once into the compiled fitter's arrays: an immutable snapshot to pass
     to ``fit`` instead of the dict when fitting several requests to the same host state
     (it skips re-reading the dicts, most of a small fit's cost). Build a new one after a
-    ``claim`` or ``release``."""
-    return _core.NumaHost(host)
+    ``claim`` or ``release``, passing the old one as ``previous``: the cells ``claim`` left
+    untouched are then copied from it rather than read again."""
+    return _core.NumaHost(host, previous)
 
 
 def fit(
@@ -357,11 +358,13 @@ def release(
 def _account(
     host: dict[str, Any], request: dict[str, Any], placement: dict[str, Any], sign: int
 ) -> dict[str, Any]:
-    # Copy what changes (each cell, its page pools); the CPU lists that never change are
-    # shared with the old host, and pinned_cpus is replaced, never mutated.
+    # Copy only the cells the placement touches (and their page pools): the other cells, and
+    # the CPU lists that never change, are shared with the old host; pinned_cpus is replaced,
+    # never mutated. On a many-cell host this is most of a claim's cost.
+    touched = {placed["host_cell"] for placed in placement["cells"]}
     new = {**host, "cells": [{**cell, "mempages": [dict(p) for p in cell["mempages"]]}
-                             for cell in host["cells"]]}
-    cells = {cell["id"]: cell for cell in new["cells"]}
+                             if cell["id"] in touched else cell for cell in host["cells"]]}
+    cells = {cell["id"]: cell for cell in new["cells"] if cell["id"] in touched}
     guest_cells = request["cells"]
     if len(placement["cells"]) != len(guest_cells):
         raise Conflict("the placement does not match the request's cells")

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from . import numa
+from . import _core, numa
 from .config import QuotaConfig, ResourcesConfig
 from .errors import NoCapacity, QuotaExceeded
 
@@ -197,6 +197,9 @@ class Tracker:
         self._add("MEMORY_MB", memory_mb, cfg.reserved_host_memory_mb, cfg.ram_allocation_ratio)
         self._add("DISK_GB", disk_gb, math.ceil(cfg.reserved_host_disk_mb / 1024), cfg.disk_allocation_ratio)
         self.numa_host = _numa_host(cells, shared, dedicated, parse_reserved_huge_pages(cfg.reserved_huge_pages))
+        # The fitter's compiled copy of numa_host, rebuilt (from the last one) when it is stale.
+        self._compiled: _core.NumaHost | None = None
+        self._compiled_for: dict[str, Any] | None = None
         self.usage: dict[str, int] = dict.fromkeys(RESOURCE_CLASSES, 0)
         self.claims: dict[str, Claim] = {}
         # per project: (instances, vcpus, memory_mb) held, kept up to date for quota checks
@@ -262,7 +265,11 @@ class Tracker:
         if numa_request is not None:
             limits = {"cpu_allocation_ratio": self.cfg.cpu_allocation_ratio,
                       "ram_allocation_ratio": self.cfg.ram_allocation_ratio}
-            placement = numa.fit(self.numa_host, numa_request, limits)
+            if self._compiled_for is not self.numa_host:
+                self._compiled = numa.compile_host(self.numa_host, self._compiled)
+                self._compiled_for = self.numa_host
+            assert self._compiled is not None
+            placement = numa.fit(self._compiled, numa_request, limits)
             if placement is None:
                 raise NoCapacity(
                     "no NUMA placement on this host fits the flavor's topology, pinning or page size",

@@ -115,6 +115,13 @@ cdef int _nf_push_list(_NfBuf *b, object seq, Py_ssize_t *n_out) except -1:
     return 0
 
 
+cdef int _nf_push_copy(_NfBuf *b, const int64_t *src, Py_ssize_t n) except -1:
+    _nf_reserve(b, n)
+    memcpy(b.data + b.n, src, <size_t>n * sizeof(int64_t))
+    b.n += n
+    return 0
+
+
 cdef inline void _nf_buf_init(_NfBuf *b, int64_t *stack, Py_ssize_t cap) noexcept:
     b.data = stack
     b.n = 0
@@ -536,7 +543,10 @@ cdef class NumaHost:
     """A host's NUMA cells read once into C arrays (the corpus's host shape), with each
     cell's CPU bitmaps and per-core free threads worked out: an immutable snapshot that any
     number of numa_fit calls, in any threads, can share. Build a new one when the host's
-    usage changes."""
+    usage changes: given the one before as ``previous``, the CPU lists of every cell whose
+    ``cpuset``, ``pcpuset`` and ``siblings`` are the very same list objects as then are copied
+    from it instead of read again (only usage, pinned CPUs and pages are), which is most of the
+    work on a big host."""
 
     cdef _NfHostCell *hosts
     cdef Py_ssize_t n_hosts
@@ -548,14 +558,17 @@ cdef class NumaHost:
     cdef uint64_t *bits
     cdef int64_t *core_threads
     cdef int64_t *core_lens
+    cdef list sources        # per cell: (cpuset, pcpuset, siblings) as read, for ``previous``
 
-    def __cinit__(self, dict host):
+    def __cinit__(self, dict host, NumaHost previous=None):
         cdef list host_cells = <list?>host["cells"]
         cdef Py_ssize_t h, i, length, n_sib_ids = 0
         cdef int64_t top = 0, v
         cdef dict cell, pool
-        cdef object sib, entry
+        cdef object sib, entry, cpuset, pcpuset, siblings
+        cdef tuple old
         cdef _NfHostCell *c
+        cdef _NfHostCell *pc
         cdef _NfWork w
         cdef char *cursor
         self.n_hosts = len(host_cells)
@@ -565,6 +578,7 @@ cdef class NumaHost:
         self.hosts = <_NfHostCell *>_nf_malloc(_nf_span(self.n_hosts, sizeof(_NfHostCell)) or 8)
         if self.hosts is NULL:
             raise MemoryError()
+        self.sources = []
         for h in range(self.n_hosts):
             cell = <dict?>host_cells[h]
             c = &self.hosts[h]
@@ -572,20 +586,44 @@ cdef class NumaHost:
             c.memory = cell["memory"]
             c.memory_usage = cell["memory_usage"]
             c.cpu_usage = cell["cpu_usage"]
-            c.cpuset_off = self.ids.n
-            _nf_push_list(&self.ids, cell["cpuset"], &c.cpuset_n)
-            c.pcpuset_off = self.ids.n
-            _nf_push_list(&self.ids, cell["pcpuset"], &c.pcpuset_n)
+            cpuset, pcpuset, siblings = cell["cpuset"], cell["pcpuset"], cell["siblings"]
+            self.sources.append((cpuset, pcpuset, siblings))
+            old = None
+            if previous is not None and h < previous.n_hosts:
+                old = <tuple>previous.sources[h]
+                if not (old[0] is cpuset and old[1] is pcpuset and old[2] is siblings):
+                    old = None
             c.pinned_off = self.ids.n
             _nf_push_list(&self.ids, cell["pinned_cpus"], &c.pinned_n)
             c.sib_off = self.sib_lens.n
-            c.sib_ids_off = self.ids.n
-            c.sib_n = 0
-            for sib in <list?>cell["siblings"]:
-                _nf_push_list(&self.ids, sib, &length)
-                _nf_push(&self.sib_lens, length)
+            if old is not None:
+                pc = &previous.hosts[h]
+                c.cpuset_off = self.ids.n
+                c.cpuset_n = pc.cpuset_n
+                _nf_push_copy(&self.ids, previous.ids.data + pc.cpuset_off, pc.cpuset_n)
+                c.pcpuset_off = self.ids.n
+                c.pcpuset_n = pc.pcpuset_n
+                _nf_push_copy(&self.ids, previous.ids.data + pc.pcpuset_off, pc.pcpuset_n)
+                c.sib_ids_off = self.ids.n
+                c.sib_n = pc.sib_n
+                _nf_push_copy(&self.sib_lens, previous.sib_lens.data + pc.sib_off, pc.sib_n)
+                length = 0
+                for i in range(pc.sib_n):
+                    length += previous.sib_lens.data[pc.sib_off + i]
+                _nf_push_copy(&self.ids, previous.ids.data + pc.sib_ids_off, length)
                 n_sib_ids += length
-                c.sib_n += 1
+            else:
+                c.cpuset_off = self.ids.n
+                _nf_push_list(&self.ids, cpuset, &c.cpuset_n)
+                c.pcpuset_off = self.ids.n
+                _nf_push_list(&self.ids, pcpuset, &c.pcpuset_n)
+                c.sib_ids_off = self.ids.n
+                c.sib_n = 0
+                for sib in <list?>siblings:
+                    _nf_push_list(&self.ids, sib, &length)
+                    _nf_push(&self.sib_lens, length)
+                    n_sib_ids += length
+                    c.sib_n += 1
             c.pool_off = self.pools.n // 4
             c.pool_n = 0
             for entry in <list?>cell["mempages"]:
