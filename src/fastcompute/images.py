@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -45,6 +46,7 @@ from .config import ImagesConfig
 from .errors import BadRequest, Conflict, ImageError
 from .images_qcow2 import FormatError, create_overlay, inspect
 from .images_sources import Sources, glance_expectations, hash_file, human
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ class ImageCache:
         state_dir: Path,
         cfg: ImagesConfig,
         executor: concurrent.futures.Executor,
+        disk_threads: int = 4,
     ) -> None:
         if cfg.disk_mode not in ("cow", "flat"):
             raise ValueError(f"[images] disk_mode must be cow or flat, not {cfg.disk_mode!r}")
@@ -159,6 +162,10 @@ class ImageCache:
         self.base_dir = Path(state_dir) / "_base"
         self.instances_dir = Path(state_dir) / "instances"
         self._executor = executor
+        # Instance disks are made and removed in a boot storm by the thousand: batched workers
+        # hand results back in one loop wake-up per batch, where an executor costs a future
+        # chain and a wake-up per call.
+        self._disks = Workers(disk_threads, "disk")
         self._flights: dict[str, _Flight] = {}
         self._pins: dict[str, int] = {}
         self._uses: dict[str, int] = {}
@@ -249,9 +256,7 @@ class ImageCache:
             def copy_progress(done: int, total: int) -> None:
                 loop.call_soon_threadsafe(cb, "copy", done, total)
 
-        made = loop.run_in_executor(
-            self._executor, self._make_disk, instance_uuid, key, size, copy_progress
-        )
+        made = self._disks.run(self._make_disk, instance_uuid, key, size, copy_progress)
         try:
             return await asyncio.shield(made)
         except asyncio.CancelledError:
@@ -259,16 +264,13 @@ class ImageCache:
             # it made, so a cancelled spawn leaves nothing behind either.
             with contextlib.suppress(Exception):
                 await made
-                await loop.run_in_executor(
-                    self._executor, self._remove_disk_files, self._instance_dir(instance_uuid)
-                )
+                await self._disks.run(self._remove_disk_files, self._instance_dir(instance_uuid))
             raise
 
     async def remove_disk(self, instance_uuid: str) -> None:
-        """Remove an instance's disk and its record; nothing happens if there is none."""
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._remove_disk_files, self._instance_dir(instance_uuid)
-        )
+        """Remove an instance's directory: its disk, the disk's record and whatever else the
+        instance left there (a console log); nothing happens if there is none."""
+        await self._disks.run(shutil.rmtree, self._instance_dir(instance_uuid), True)
 
     def list_bases(self) -> list[BaseInfo]:
         """The cached bases with size, age and the instances using them (blocking: reads disk)."""
@@ -355,6 +357,7 @@ class ImageCache:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._sources.close()
+        self._disks.shutdown()
 
     # ---- the base: single flight ------------------------------------------------------
 

@@ -672,9 +672,6 @@ class Manager:
         await self.driver.destroy(uuid)
         await self.images.remove_disk(uuid)
         await self.network.unplug(uuid)
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: shutil.rmtree(self.instance_dir(uuid), ignore_errors=True)
-        )
         stored = self.instances[uuid]
         await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid)])
         tracker.release(uuid)
