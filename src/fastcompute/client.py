@@ -62,6 +62,73 @@ class Curve(msgspec.Struct, frozen=True):
         sock.curve_secretkey = self.secret
 
 
+class Link:
+    """Requests in flight on one DEALER socket, their replies matched by ``id``.
+
+    The socket is driven as a plain one, read by the event loop's reader callback, which
+    drains every reply already queued: zmq.asyncio costs a future and an event registration
+    per send and per receive, most of a small request's cost in a storm of them. ZeroMQ's
+    descriptor signals edges and any operation on the socket may consume one, so the queue is
+    drained after every send too (as the agent's server does).
+    """
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        # A zmq.asyncio socket keeps its owner role (and its monitor); a plain shadow of it
+        # does the I/O, so that the asyncio socket never registers with the loop itself.
+        self.sock: zmq.Socket[Any] = zmq.Socket(sock) if isinstance(sock, zmq.asyncio.Socket) else sock
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._enc = msgspec.msgpack.Encoder()
+        self._dec = msgspec.msgpack.Decoder()
+
+    def send(self, rid: str, msg: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Send ``msg`` (whose id is ``rid``); the future of its reply map.
+
+        Raises ``zmq.Again`` when the socket cannot take it now (no peer, with ZMQ_IMMEDIATE).
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            loop.add_reader(self.sock.FD, self._drain)
+        self.sock.send(self._enc.encode(msg), zmq.NOBLOCK)
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._waiting[rid] = fut
+        self._drain()
+        return fut
+
+    def forget(self, rid: str) -> None:
+        """Stop waiting for ``rid``'s reply (answered, timed out or cancelled)."""
+        self._waiting.pop(rid, None)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every request in flight with ``exc`` (the peer is gone)."""
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _drain(self) -> None:
+        sock = self.sock
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = self._dec.decode(frame)
+                fut = self._waiting.pop(reply.get("id", ""), None)
+            except (msgspec.DecodeError, AttributeError):
+                continue
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    def close(self) -> None:
+        """Stop reading (the caller closes the socket it gave)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.sock.FD)
+        self._loop = None
+
+
 class AsyncClient:
     """Talks to one agent over a DEALER socket; requests may overlap freely."""
 
@@ -79,10 +146,7 @@ class AsyncClient:
         self.sock.connect(endpoint)
         self._prefix = os.urandom(8).hex() + "-"
         self._ids = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._enc = msgspec.msgpack.Encoder()
-        self._dec = msgspec.msgpack.Decoder()
+        self._link = Link(self.sock)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -90,36 +154,22 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _read(self) -> None:
-        while True:
-            frame = await self.sock.recv()
-            try:
-                reply = self._dec.decode(frame)
-                fut = self._waiting.pop(reply.get("id", ""), None)
-            except (msgspec.DecodeError, AttributeError):
-                continue
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
-
     async def request(self, op: str, args: dict[str, Any] | None = None, *,
                       request_id: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
         """Send one request and return the raw reply map (ok or not)."""
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
         rid = request_id or self._prefix + str(next(self._ids))
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[rid] = fut
         msg: dict[str, Any] = {"v": 1, "id": rid, "op": op}
         if args:
             msg["args"] = args
-        await self.sock.send(self._enc.encode(msg))
+        wait = timeout_s or self.timeout_s
+        fut = self._link.send(rid, msg)
+        timer = asyncio.get_running_loop().call_later(
+            wait, expire, fut, f"no reply to {op} from {self.endpoint} within {wait:.0f}s")
         try:
-            return await asyncio.wait_for(fut, timeout_s or self.timeout_s)
-        except TimeoutError:
-            raise ClientTimeout(f"no reply to {op} from {self.endpoint} within "
-                                f"{timeout_s or self.timeout_s:.0f}s") from None
+            return await fut
         finally:
-            self._waiting.pop(rid, None)
+            timer.cancel()
+            self._link.forget(rid)
 
     async def call(self, op: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
         """Send one request; return its result or raise its typed error."""
@@ -130,10 +180,14 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the socket."""
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        self._link.close()
         self.sock.close(linger=0)
+
+
+def expire(fut: asyncio.Future[Any], message: str) -> None:
+    """Fail ``fut`` with ClientTimeout(message) unless it is already answered (a timer's callback)."""
+    if not fut.done():
+        fut.set_exception(ClientTimeout(message))
 
 
 class Client:

@@ -31,7 +31,7 @@ import uuid as uuid_mod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import zmq
@@ -39,7 +39,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import numa
-from .client import ClientTimeout, error_from_reply
+from .client import ClientTimeout, Link, error_from_reply, expire
 from .errors import AgentError, Busy, HypervisorError, NoCapacity, QuotaExceeded
 from .placement import PlacementClient, Unavailable
 from .resources import Tracker
@@ -371,8 +371,7 @@ class _Agent:
         self.sub.connect(view.events)
         self._prefix = os.urandom(6).hex() + "-"
         self._ids = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._enc = msgspec.msgpack.Encoder()
+        self._link = Link(self.sock)
         self._dec = msgspec.msgpack.Decoder()
         self.tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
@@ -381,19 +380,7 @@ class _Agent:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._read()), loop.create_task(self._events()),
-                      loop.create_task(self._watch())]
-
-    async def _read(self) -> None:
-        while True:
-            frame = await self.sock.recv()
-            try:
-                reply = self._dec.decode(frame)
-                fut = self._waiting.pop(reply.get("id", ""), None)
-            except (msgspec.DecodeError, AttributeError):
-                continue
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+        self.tasks = [loop.create_task(self._events()), loop.create_task(self._watch())]
 
     async def _events(self) -> None:
         while True:
@@ -421,10 +408,7 @@ class _Agent:
         if self.view.alive:
             log.warning("host %s is down: %s", self.view.name, why)
         self.view.alive = False
-        waiting, self._waiting = self._waiting, {}
-        for fut in waiting.values():
-            if not fut.done():
-                fut.set_exception(HostDown(f"{self.view.name} went down with a request in flight"))
+        self._link.fail_all(HostDown(f"{self.view.name} went down with a request in flight"))
         self.sched._changed()
 
     def mark_up(self) -> None:
@@ -432,27 +416,22 @@ class _Agent:
 
     async def call(self, op: str, args: dict[str, Any] | None, timeout_s: float) -> Any:
         """One request; its result, its typed error, ClientTimeout or HostDown."""
-        loop = asyncio.get_running_loop()
         rid = self._prefix + str(next(self._ids))
         msg: dict[str, Any] = {"v": 1, "id": rid, "op": op}
         if args:
             msg["args"] = args
-        # NOBLOCK: pyzmq tries the send at once (no waiting future). With ZMQ_IMMEDIATE it
-        # only fails when no connection is up: the host is down.
-        sent = cast("asyncio.Future[Any]", self.sock.send(self._enc.encode(msg), zmq.NOBLOCK))
-        if sent.done() and sent.exception() is not None:
-            if isinstance(sent.exception(), zmq.Again):
-                raise HostDown(f"{self.view.name} is not connected")
-            sent.result()
-        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._waiting[rid] = fut
-        timer = loop.call_later(timeout_s, _expire, fut, f"no reply to {op} from {self.view.name} "
-                                f"within {timeout_s:.0f}s")
+        try:
+            fut = self._link.send(rid, msg)
+        except zmq.Again:
+            # With ZMQ_IMMEDIATE a send only fails when no connection is up: the host is down.
+            raise HostDown(f"{self.view.name} is not connected") from None
+        timer = asyncio.get_running_loop().call_later(
+            timeout_s, expire, fut, f"no reply to {op} from {self.view.name} within {timeout_s:.0f}s")
         try:
             reply = await fut
         finally:
             timer.cancel()
-            self._waiting.pop(rid, None)
+            self._link.forget(rid)
         if reply.get("ok"):
             return reply.get("result")
         raise error_from_reply(reply.get("error") or {})
@@ -461,15 +440,11 @@ class _Agent:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self._link.close()
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
         self.sub.close(linger=0)
-
-
-def _expire(fut: asyncio.Future[Any], message: str) -> None:
-    if not fut.done():
-        fut.set_exception(ClientTimeout(message))
 
 
 @dataclass(frozen=True)
