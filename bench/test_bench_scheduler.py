@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from fastcompute.scheduler import Group, HostView, Scheduler, Weights, request_t
 
 STORM = 600
 CONCURRENCY = 64
+ROUNDS = 7
 
 
 # The issue asks for 80% of the single agent's rate. Measured 0.75-1.12 here: three agents and
@@ -89,7 +89,8 @@ async def _scheduled_storm(fleet: Any, image: Path) -> float:
     return elapsed
 
 
-def test_storm_through_scheduler_vs_straight_to_one_agent(make_agent: Any, image_file: Path, tmp_path: Path) -> None:
+def test_storm_through_scheduler_vs_straight_to_one_agent(make_memory_agent: Any, image_file: Path,
+                                                          tmp_path: Path) -> None:
     combined = {
         "cells": 2, "sockets": 1, "threads": 1,
         "cores": sum(s["sockets"] * s["cores"] * s["threads"] for s in SIZES.values()),
@@ -97,20 +98,23 @@ def test_storm_through_scheduler_vs_straight_to_one_agent(make_agent: Any, image
     }
     direct_s: list[float] = []
     sched_s: list[float] = []
-    for rnd in range(3):  # alternating, medians: this machine is shared and noisy
+    # Alternating rounds, each side's best: a 600-spawn storm takes about 0.1 s, so one stray
+    # process on these two shared cores moves a round by half; best rounds move by a few percent.
+    for rnd in range(ROUNDS):
         base = tmp_path / f"round{rnd}"
         base.mkdir()
-        one = make_agent(config=agent_config("combined"),
-                         hypervisor=write_test_host(base / "combined.xml", **combined))
+        one = make_memory_agent(config=agent_config("combined"),
+                                hypervisor=write_test_host(base / "combined.xml", **combined))
         direct_s.append(asyncio.run(_direct_storm(one, image_file)))
         one.terminate()
-        fleet = start_fleet(make_agent, base)
+        fleet = start_fleet(make_memory_agent, base)
         sched_s.append(asyncio.run(_scheduled_storm(fleet, image_file)))
         for a in fleet.agents.values():
             a.terminate()
-    direct_rate = STORM / statistics.median(direct_s)
-    sched_rate = STORM / statistics.median(sched_s)
+    direct_rate = STORM / min(direct_s)
+    sched_rate = STORM / min(sched_s)
     ratio = sched_rate / direct_rate
+    print("\nrounds (s): direct", [round(x, 3) for x in direct_s], "scheduled", [round(x, 3) for x in sched_s])
     print(f"\n{STORM}-spawn storm: straight to one agent {direct_rate:.0f}/s, through the scheduler "
           f"over three agents {sched_rate:.0f}/s: ratio {ratio:.2f} (gate {STORM_GATE}; the issue's target is 0.80)")
     assert ratio >= STORM_GATE

@@ -140,10 +140,15 @@ def raw_request(endpoint: str, request: Any, *, socket_type: int = zmq.DEALER, r
 @pytest.fixture
 def make_agent(tmp_path: Path) -> Iterator[Any]:
     """Factory: ``make_agent(config="...", hypervisor=...)`` starts an agent; all are stopped at the end."""
+    yield from agent_factory(tmp_path)
+
+
+def agent_factory(root: Path) -> Iterator[Any]:
+    """The body of ``make_agent`` with the agents' directories under ``root``."""
     agents: list[AgentProcess] = []
 
     def make(config: str = "", hypervisor: str = "test:///default", start: bool = True) -> AgentProcess:
-        a = AgentProcess(tmp_path / f"agent{len(agents)}", config, hypervisor)
+        a = AgentProcess(root / f"agent{len(agents)}", config, hypervisor)
         agents.append(a)
         if start:
             a.start()
