@@ -114,7 +114,46 @@ def mentions(owner: str, tap: str) -> bool:
 
 def link_names() -> set[str]:
     """Names of all links in the host namespace."""
-    return {link["ifname"] for link in json.loads(sh("ip", "-j", "link", "show").stdout)}
+    return set(links())
+
+
+def links() -> dict[str, dict[str, Any]]:
+    """All links in the host namespace by name, with their details (``ip -j -d link show``)."""
+    return {link["ifname"]: link for link in json.loads(sh("ip", "-j", "-d", "link", "show").stdout)}
+
+
+def ping(ns: str, dst: str, timeout: float = 0.6) -> bool:
+    """One ICMP echo from namespace ``ns`` to ``dst``; True when the reply arrives in time."""
+    sock = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+    ident = random.randrange(1, 0xFFFF)
+    packet = bytearray(struct.pack("!BBHHH", 8, 0, 0, ident, 1) + os.urandom(16))
+    packet[2:4] = struct.pack("!H", _checksum(bytes(packet)))
+    with sock:
+        sock.sendto(bytes(packet), (dst, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data, addr = sock.recvfrom(2048)
+            except TimeoutError:
+                return False
+            ihl = (data[0] & 0x0F) * 4
+            kind, _, _, got_id = struct.unpack("!BBHH", data[ihl : ihl + 6])
+            if addr[0] == dst and kind == 0 and got_id == ident:
+                return True
+    return False
+
+
+def connect(ns: str, dst: str, port: int, timeout: float = 0.8) -> socket.socket | None:
+    """A TCP connection from namespace ``ns`` to ``dst:port``, or None when it does not open."""
+    s = in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    s.settimeout(timeout)
+    try:
+        s.connect((dst, port))
+    except OSError:
+        s.close()
+        return None
+    return s
 
 
 @dataclass
@@ -128,24 +167,7 @@ class Guest:
 
     def ping(self, dst: str, timeout: float = 0.6) -> bool:
         """One ICMP echo to ``dst``; True when the reply arrives in time."""
-        sock = in_netns(self.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
-        ident = random.randrange(1, 0xFFFF)
-        packet = bytearray(struct.pack("!BBHHH", 8, 0, 0, ident, 1) + os.urandom(16))
-        packet[2:4] = struct.pack("!H", _checksum(bytes(packet)))
-        with sock:
-            sock.sendto(bytes(packet), (dst, 0))
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0:
-                sock.settimeout(left)
-                try:
-                    data, addr = sock.recvfrom(2048)
-                except TimeoutError:
-                    return False
-                ihl = (data[0] & 0x0F) * 4
-                kind, _, _, got_id = struct.unpack("!BBHH", data[ihl : ihl + 6])
-                if addr[0] == dst and kind == 0 and got_id == ident:
-                    return True
-        return False
+        return ping(self.ns, dst, timeout)
 
     def listen(self, port: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A TCP (or UDP) socket listening on ``port`` inside the guest."""
@@ -162,14 +184,7 @@ class Guest:
 
     def connect(self, dst: str, port: int, timeout: float = 0.8) -> socket.socket | None:
         """A TCP connection to ``dst:port`` from the guest, or None when it does not open."""
-        s = in_netns(self.ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        s.settimeout(timeout)
-        try:
-            s.connect((dst, port))
-        except OSError:
-            s.close()
-            return None
-        return s
+        return connect(self.ns, dst, port, timeout)
 
     def raw_send(self, frame: bytes) -> None:
         """Put an Ethernet frame on the guest's eth0 as it is (for spoofing)."""

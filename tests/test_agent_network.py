@@ -10,13 +10,9 @@ from typing import Any
 
 import pytest
 from agent_fixtures import AgentProcess, spawn_args
+from network_fixtures import links
 
 from fastcompute.errors import BadRequest, Conflict, NotFound
-
-
-def links() -> dict[str, dict[str, Any]]:
-    out = subprocess.run(["ip", "-j", "-d", "link", "show"], capture_output=True, text=True, check=True).stdout
-    return {link["ifname"]: link for link in json.loads(out)}
 
 
 def nft_tables() -> set[tuple[str, str]]:

@@ -50,3 +50,24 @@ def test_numa_pinned_guest_round_trips_through_libvirt() -> None:
     name = root.find("metadata/{http://fastcompute.org/xmlns/instance/1.0}instance")
     assert name is not None and name.findtext("{http://fastcompute.org/xmlns/instance/1.0}name") == "web <1> & 'x'"
     assert root.findtext("on_poweroff") == "destroy" and root.findtext("on_crash") == "destroy"
+
+
+def test_address_hints_reach_the_guest_as_smbios_oem_strings() -> None:
+    def defined(**over: object) -> ET.Element:
+        spec = DomainSpec(uuid=str(uuid_mod.uuid4()), name="vm", instance_name="vm", project_id="p", vcpus=1,
+                          memory_mb=64, disk=None, console_path="/var/lib/x/console.log", **over)  # type: ignore[arg-type]
+        conn = libvirt.open("test:///default")
+        try:
+            dom = conn.defineXML(build(spec))
+            try:
+                return ET.fromstring(dom.XMLDesc())
+            finally:
+                dom.undefine()
+        finally:
+            conn.close()
+
+    root = defined(oem_strings=["fc.ip=10.0.0.2/24", "a<b&c"])
+    assert [e.text for e in root.findall("sysinfo[@type='smbios']/oemStrings/entry")] == ["fc.ip=10.0.0.2/24", "a<b&c"]
+    assert root.find("os/smbios").get("mode") == "sysinfo"  # type: ignore[union-attr]
+    plain = defined()
+    assert plain.find("sysinfo") is None and plain.find("os/smbios") is None

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid as uuid_mod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +40,7 @@ from guest_fixtures import (
     virsh,
     virsh_names,
 )
+from network_fixtures import EGRESS_ALL, connect, group, links, mentions, ping, port, rule, rule_chains, sh
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -442,3 +444,71 @@ def test_changes_made_while_the_agent_was_away_are_synced(guest_agent: Callable[
 
     agent.call("instance.delete", {"uuid": uuid})
     assert_nothing_left(agent, conn, [uuid])
+
+
+# -- 7. a real guest on a port -----------------------------------------------------------------
+
+def test_a_real_guest_on_a_port_answers_a_namespace_as_its_groups_allow(
+        guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path) -> None:
+    """The agent plugs the guest's tap into a bridge and tells the guest its address (SMBIOS
+    OEM strings); a namespace on the same bridge then pings it, and reaches its HTTP server
+    only once the port's groups allow TCP 80. Delete leaves no tap, bridge or rule."""
+    tag = uuid_mod.uuid4().hex[:6]
+    owner = f"fct{tag}"
+    agent = guest_agent(agent_config() + f'[network]\nowner = "{owner}"\nbridge_prefix = "b{tag}"\n'
+                        f'tap_prefix = "t{tag[:3]}"\n')
+    icmp_only = [group(EGRESS_ALL, rule("ingress", "icmp"))]
+    guest_port = port("10.78.0.2", network=f"n{tag}", groups=icmp_only)
+    ns, host_end = f"{owner}-c", f"{owner}v"
+    try:
+        rec = agent.call("instance.spawn", {
+            "name": "net", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
+            "image": {"url": guest_image.as_uri()}, "networks": [guest_port], "wait": True,
+        })
+        uuid = rec["uuid"]
+        wait_console(agent, uuid, "FASTCOMPUTE-NET ip=10.78.0.2/24")
+        wait_console(agent, uuid, READY)
+        tap = f"t{tag[:3]}{guest_port['id']}"[:15]
+        bridge = f"b{tag}n{tag}"[:15]
+        assert links()[tap]["master"] == bridge
+
+        # A client namespace joined to the guest's bridge by a veth (not a port: no rules of its own).
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "link", "set", host_end, "master", bridge, "up")
+        sh("ip", "-n", ns, "addr", "add", "10.78.0.1/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+        # TCG guests answer slowly at first (ARP, a busy vCPU): a few tries, each one timed out.
+        assert any(ping(ns, "10.78.0.2", timeout=2.0) for _ in range(15)), "the guest never answered a ping"
+        assert connect(ns, "10.78.0.2", 80, timeout=2.0) is None, "TCP 80 got through a group that allows ICMP only"
+
+        web = [group(EGRESS_ALL, rule("ingress", "icmp"), rule("ingress", "tcp", 80, remote="10.78.0.0/24"))]
+        agent.call("instance.set_security_groups", {"uuid": uuid, "port_id": guest_port["id"],
+                                                    "security_groups": web})
+        sock = connect(ns, "10.78.0.2", 80, timeout=5.0)
+        assert sock is not None, "TCP 80 still blocked after the group allowed it"
+        with sock:
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: guest\r\n\r\n")
+            body = b""
+            while chunk := sock.recv(4096):
+                body += chunk
+        assert f"fastcompute-guest {uuid}".encode() in body
+
+        # The veth goes first (with its namespace): the agent leaves alone a bridge that holds a
+        # link that is not its own.
+        sh("ip", "netns", "del", ns)
+        agent.call("instance.delete", {"uuid": uuid})
+        after = links()
+        assert tap not in after
+        assert bridge not in after
+        assert not rule_chains(owner) and not mentions(owner, tap)
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", host_end, check=False)
+        for name, link in links().items():
+            if (link.get("ifalias") or "").startswith(owner + ":"):
+                sh("ip", "link", "del", name, check=False)
+        for family in ("bridge", "inet"):
+            sh("nft", "delete", "table", family, owner, check=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import logging
 import shutil
 import socket
@@ -126,6 +127,16 @@ def _prefixed(details: dict[str, Any] | None, prefix: str) -> dict[str, Any] | N
     if not details or "field" not in details:
         return details
     return {**details, "field": prefix + str(details["field"])}
+
+
+def _address_hints(ports: list[Port]) -> list[str]:
+    """``fc.ip=ADDR/PREFIX`` for the first port's first IPv4 address: how a guest without DHCP
+    (the project's test image, for one) learns the address its port's rules let through."""
+    for port in ports[:1]:
+        for fixed in port.fixed_ips:
+            if ipaddress.ip_address(fixed.ip).version == 4:
+                return [f"fc.ip={fixed.ip}/{fixed.prefix}"]
+    return []
 
 
 class Manager:
@@ -286,6 +297,7 @@ class Manager:
             console_path=str(self.instance_dir(uuid) / "console.log"),
             domain_type=domain_type,
             interfaces=[Interface(p.tap, p.mac, p.mtu) for p in self.network.plugged(uuid) if p.tap not in skip_taps],
+            oem_strings=_address_hints(self.instances[uuid].ports),
             **self._placement_xml(uuid),
         ))
 

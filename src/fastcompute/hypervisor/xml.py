@@ -54,6 +54,7 @@ class DomainSpec(msgspec.Struct, frozen=True, kw_only=True):
     emulatorpin: list[int] = []
     cputune: dict[str, int] = {}
     iotune: dict[str, int] = {}
+    oem_strings: list[str] = []
 
 
 def cpulist(cpus: list[int]) -> str:
@@ -98,7 +99,9 @@ def build(spec: DomainSpec) -> str:
         f"</{PREFIX}:instance></metadata>",
         f"<memory unit='MiB'>{int(spec.memory_mb)}</memory><vcpu>{int(spec.vcpus)}</vcpu>",
         *_tuning(spec),
-        f"<os><type arch='{_a(spec.arch)}'>hvm</type><boot dev='hd'/></os>",
+        *_sysinfo(spec.oem_strings),
+        f"<os><type arch='{_a(spec.arch)}'>hvm</type><boot dev='hd'/>"
+        + ("<smbios mode='sysinfo'/>" if spec.oem_strings else "") + "</os>",
         "<features><acpi/></features>",
         # The power-state logic reads a powered-off or crashed guest from its domain state, so
         # the domain must stop (not restart) on both; a guest-initiated reboot restarts in place.
@@ -155,6 +158,15 @@ def _tuning(spec: DomainSpec) -> list[str]:
             for c in spec.numa
         ) + "</numa></cpu>")
     return parts
+
+
+def _sysinfo(entries: list[str]) -> list[str]:
+    # SMBIOS type 11 strings: settings a guest reads from its firmware tables, no image change
+    # and no metadata service needed.
+    if not entries:
+        return []
+    return ["<sysinfo type='smbios'><oemStrings>" + "".join(f"<entry>{_a(e)}</entry>" for e in entries)
+            + "</oemStrings></sysinfo>"]
 
 
 def _iotune(limits: dict[str, int]) -> str:
