@@ -35,8 +35,9 @@ libvirt = pytest.importorskip("libvirt")
 pytestmark = pytest.mark.guest
 __all__ = ["guest_image", "libvirtd"]
 
-# Rounds per storm size: every storm of 8 costs about half a minute of both cores.
-ROUNDS = {4: 3, 8: 3}
+# Rounds per storm size: every storm of 8 costs about half a minute of both cores; storms of 4
+# (about 7 s) get more rounds, their best round being the noisier one (CI: -13% to +7%).
+ROUNDS = {4: 5, 8: 3}
 GATE = 0.10
 MEMORY_MB = 128
 STORM_TIMEOUT_S = 300.0
