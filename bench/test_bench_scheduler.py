@@ -1,5 +1,11 @@
 """Scheduler speed: one placement decision over a 1,000-host view, and a storm through the
-scheduler against the same storm sent straight to one agent of the fleet's combined size."""
+scheduler against the same storm sent straight to one agent of the fleet's combined size.
+
+A storm's rate is spawns to ``active`` (``wait``), as the spine's storm benchmark counts them:
+every instance's disk made, its domain defined and started, its record durable. (Counting
+replies at ``building`` instead measures how fast requests are queued, about 0.1 s for 600 here,
+which a stray process on these two shared cores moves by half.)
+"""
 
 from __future__ import annotations
 
@@ -20,10 +26,10 @@ CONCURRENCY = 64
 ROUNDS = 7
 
 
-# The issue asks for 80% of the single agent's rate. Measured 0.75-1.12 here: three agents and
-# the scheduler share the same two cores as the one agent they are compared with, and CI runs
-# landed at 0.75 and 0.79. The gate catches regressions; the target stays open work.
-STORM_GATE = 0.6
+# The issue's target: 80% of the single agent's rate. Measured 1.04-1.06 (three agents build
+# in three processes, the one agent's builds share one interpreter).
+STORM_GATE = 0.8
+
 
 def synthetic_fleet(n: int, seed: int = 7) -> list[HostView]:
     """``n`` hosts of assorted sizes, usage and traits, as the scheduler's view holds them."""
@@ -73,7 +79,7 @@ async def _direct_storm(agent: Any, image: Path) -> float:
             async with slots:
                 await c.call("instance.spawn", args)
 
-        jobs = spawns(image, STORM)
+        jobs = [dict(a, wait=True) for a in spawns(image, STORM)]
         started = time.perf_counter()
         await asyncio.gather(*(one(a) for a in jobs))
         return time.perf_counter() - started
@@ -81,7 +87,7 @@ async def _direct_storm(agent: Any, image: Path) -> float:
 
 async def _scheduled_storm(fleet: Any, image: Path) -> float:
     async with Scheduler(fleet.endpoints(), weights=Weights(ram=0.0, cpu=1.0), timeout_s=60) as s:
-        jobs = spawns(image, STORM)
+        jobs = [dict(a, wait=True) for a in spawns(image, STORM)]
         started = time.perf_counter()
         placed, failed = await run_storm(s, jobs, concurrency=CONCURRENCY)
         elapsed = time.perf_counter() - started
@@ -98,8 +104,7 @@ def test_storm_through_scheduler_vs_straight_to_one_agent(make_memory_agent: Any
     }
     direct_s: list[float] = []
     sched_s: list[float] = []
-    # Alternating rounds, each side's best: a 600-spawn storm takes about 0.1 s, so one stray
-    # process on these two shared cores moves a round by half; best rounds move by a few percent.
+    # Alternating rounds, each side's best (the round the rest of the machine disturbed least).
     for rnd in range(ROUNDS):
         base = tmp_path / f"round{rnd}"
         base.mkdir()
@@ -114,7 +119,7 @@ def test_storm_through_scheduler_vs_straight_to_one_agent(make_memory_agent: Any
     direct_rate = STORM / min(direct_s)
     sched_rate = STORM / min(sched_s)
     ratio = sched_rate / direct_rate
-    print("\nrounds (s): direct", [round(x, 3) for x in direct_s], "scheduled", [round(x, 3) for x in sched_s])
-    print(f"\n{STORM}-spawn storm: straight to one agent {direct_rate:.0f}/s, through the scheduler "
-          f"over three agents {sched_rate:.0f}/s: ratio {ratio:.2f} (gate {STORM_GATE}; the issue's target is 0.80)")
+    print("\nstorm rounds (s): direct", [round(x, 3) for x in direct_s], "scheduled", [round(x, 3) for x in sched_s])
+    print(f"{STORM}-spawn storm to active: straight to one agent {direct_rate:.0f}/s, through the scheduler "
+          f"over three agents {sched_rate:.0f}/s: ratio {ratio:.2f} (gate >= {STORM_GATE}, the issue's target)")
     assert ratio >= STORM_GATE
