@@ -19,7 +19,7 @@ run: setup
 	@echo "    .venv/bin/fastcompute boot demo --count 5 --image $(STATE_DIR)/demo.raw --wait; .venv/bin/fastcompute list"
 	@echo "  stop with Ctrl-C (SIGINT) or SIGTERM"
 	$(VENV)/bin/fastcompute agent --state-dir $(STATE_DIR) --hypervisor test:///default \
-		--metrics 127.0.0.1:7782 $(if $(CONFIG),--config $(CONFIG))
+		--metrics 127.0.0.1:7782 --file-root $(abspath $(STATE_DIR)) $(if $(CONFIG),--config $(CONFIG))
 
 test: setup
 	$(PY) -m pytest -q tests

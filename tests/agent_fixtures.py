@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,12 @@ def free_port() -> int:
             return port
 
 
+# Where the tests' file:// images live: their temporary directories and the project's cache
+# (the guest image). An agent takes no file:// image by default.
+FILE_ROOTS = ["--file-root", tempfile.gettempdir(),
+              "--file-root", str(Path(__file__).resolve().parent.parent / ".cache")]
+
+
 class AgentProcess:
     """An agent subprocess with its own state dir, ports and config."""
 
@@ -70,7 +77,7 @@ class AgentProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastcompute.cli", "agent", "--config", str(self.config_path),
              "--state-dir", str(self.state_dir), "--control", self.control, "--events", self.events,
-             "--hypervisor", self.hypervisor],
+             "--hypervisor", self.hypervisor, *FILE_ROOTS],
             stdout=log, stderr=subprocess.STDOUT,
         )
         if wait:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +25,9 @@ from fastcompute.config import ImagesConfig
 from fastcompute.errors import BadRequest, Conflict, ImageError
 from fastcompute.images import ImageCache, ImageSpec, copy
 from fastcompute.images_qcow2 import FormatError, create_overlay, inspect
+
+# The tests' file:// images live in their temporary directories; by default no file:// image is taken.
+TEMP_ROOTS = [tempfile.gettempdir()]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -134,7 +138,7 @@ def executor() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 async def cache(
     tmp_path: Path, executor: concurrent.futures.Executor
 ) -> AsyncIterator[ImageCache]:
-    c = ImageCache(tmp_path / "state", ImagesConfig(read_timeout_s=5.0), executor)
+    c = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, read_timeout_s=5.0), executor)
     yield c
     await c.close()
 
@@ -206,7 +210,7 @@ def test_hundred_concurrent_spawns_download_once(
     url = image_server.add("/storm.raw", body)
 
     async def storm() -> list[Path]:
-        c = ImageCache(tmp_path / "state", ImagesConfig(), executor)
+        c = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS), executor)
         try:
             spec = ImageSpec(url=url, checksum=sha256(body))
             return await asyncio.gather(
@@ -286,7 +290,7 @@ async def test_stalled_server_is_abandoned(
     image_server: ImageServer, tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
     url = image_server.add("/stall.raw", image_bytes(), mode="stall")
-    cache = ImageCache(tmp_path / "state", ImagesConfig(read_timeout_s=0.5), executor)
+    cache = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, read_timeout_s=0.5), executor)
     try:
         await _refused(cache, ImageSpec(url=url), "stalled", tmp_path / "state")
     finally:
@@ -353,7 +357,7 @@ async def test_size_limit(
     image_server: ImageServer, tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
     url = image_server.add("/huge.raw", image_bytes(4 * MiB))
-    cache = ImageCache(tmp_path / "state", ImagesConfig(max_image_bytes=MiB), executor)
+    cache = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, max_image_bytes=MiB), executor)
     try:
         await _refused(cache, ImageSpec(url=url), "above the limit", tmp_path / "state")
     finally:
@@ -390,7 +394,7 @@ from fastcompute.config import ImagesConfig
 from fastcompute.images import ImageCache, ImageSpec
 
 async def main():
-    c = ImageCache(Path(sys.argv[1]), ImagesConfig(), concurrent.futures.ThreadPoolExecutor(2))
+    c = ImageCache(Path(sys.argv[1]), ImagesConfig(file_roots=["/"]), concurrent.futures.ThreadPoolExecutor(2))
     await c.prepare_disk("victim", ImageSpec(url=sys.argv[2]), 1)
 
 asyncio.run(main())
@@ -422,7 +426,7 @@ def test_kill_during_download_leaves_no_half_base(
     image_server.routes["/slow.raw"].mode = "ok"
 
     async def restart() -> Path:
-        c = ImageCache(state, ImagesConfig(), executor)
+        c = ImageCache(state, ImagesConfig(file_roots=TEMP_ROOTS), executor)
         try:
             assert list((state / "_base").iterdir()) == []
             assert c.list_bases() == []
@@ -478,7 +482,7 @@ async def test_flat_disk_is_a_sparse_private_copy(
         f.write(body[: 256 << 10])
         f.seek(len(body) - (128 << 10))
         f.write(body[len(body) - (128 << 10) :])
-    cache = ImageCache(tmp_path / "state", ImagesConfig(disk_mode="flat"), executor)
+    cache = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, disk_mode="flat"), executor)
     events: list[tuple[str, int, int | None]] = []
     try:
         disk = await cache.prepare_disk(
@@ -532,7 +536,7 @@ async def test_prune_keeps_bases_in_use_and_removes_unused(
 async def test_cleaner_runs_until_stopped(
     tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
-    cfg = ImagesConfig(cache_max_age_s=0.0, cleaner_interval_s=0.05)
+    cfg = ImagesConfig(file_roots=TEMP_ROOTS, cache_max_age_s=0.0, cleaner_interval_s=0.05)
     cache = ImageCache(tmp_path / "state", cfg, executor)
     src = tmp_path / "img.raw"
     src.write_bytes(image_bytes())
@@ -669,7 +673,7 @@ async def test_cancelled_spawn_leaves_no_disk(
 ) -> None:
     src = tmp_path / "img.raw"
     src.write_bytes(os.urandom(32 * MiB))
-    cache = ImageCache(tmp_path / "state", ImagesConfig(disk_mode="flat"), executor)
+    cache = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, disk_mode="flat"), executor)
     try:
         await cache.prepare_disk("warm", ImageSpec(url=f"file://{src}"), 1)
         task = asyncio.create_task(cache.prepare_disk("cancelled", ImageSpec(url=f"file://{src}"), 1))
@@ -774,7 +778,7 @@ async def test_https_source_is_verified_against_the_ca_file(
     https_server: tuple[str, Path, Route], tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
     url, cert, route = https_server
-    untrusting = ImageCache(tmp_path / "a", ImagesConfig(), executor)
+    untrusting = ImageCache(tmp_path / "a", ImagesConfig(file_roots=TEMP_ROOTS), executor)
     try:
         with pytest.raises(ImageError, match="CERTIFICATE_VERIFY_FAILED"):
             await untrusting.prepare_disk("vm", ImageSpec(url=url), 1)
@@ -808,10 +812,24 @@ async def test_file_sources_are_confined_to_file_roots(
     finally:
         await cache.close()
     # Whatever the roots, only regular files are images: not a device, not a directory.
-    cache = ImageCache(state, ImagesConfig(), executor)
+    cache = ImageCache(state, ImagesConfig(file_roots=["/"]), executor)
     try:
         await _refused(cache, ImageSpec(url="file:///dev/zero"), "not a regular file", state)
         await _refused(cache, ImageSpec(url=allowed.as_uri()), "not a regular file", state)
+    finally:
+        await cache.close()
+    # By default an agent takes no file:// image at all, and says so whether the file exists
+    # or not.
+    cache = ImageCache(state, ImagesConfig(), executor)
+    try:
+        for url in ((allowed / "ok.raw").as_uri(), (allowed / "missing.raw").as_uri()):
+            await _refused(cache, ImageSpec(url=url), "takes no file:// images", state)
+    finally:
+        await cache.close()
+    # Outside the roots, a missing file is refused exactly as an existing one is.
+    cache = ImageCache(state, ImagesConfig(file_roots=[str(allowed)]), executor)
+    try:
+        await _refused(cache, ImageSpec(url=(tmp_path / "missing").as_uri()), "outside the directories", state)
     finally:
         await cache.close()
 

@@ -51,7 +51,7 @@ async def test_guest_boots_from_the_agents_overlay(
     conn: Any, guest_image: Path, tmp_path: Path
 ) -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as ex:
-        cache = ImageCache(tmp_path / "state", ImagesConfig(disk_mode="cow"), ex)
+        cache = ImageCache(tmp_path / "state", ImagesConfig(disk_mode="cow", file_roots=[str(guest_image.parent)]), ex)
         uuid = str(uuidlib.uuid4())
         try:
             disk = await cache.prepare_disk(uuid, ImageSpec(url=guest_image.as_uri()), 1)

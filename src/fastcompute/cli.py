@@ -38,6 +38,8 @@ def _run_agent(a: argparse.Namespace) -> int:
         cfg = config_mod.with_overrides(cfg, "hypervisor", uri=a.hypervisor)
         cfg = config_mod.with_overrides(cfg, "stats", metrics=a.metrics)
         cfg = config_mod.with_overrides(cfg, "placement", url=a.placement)
+        if a.file_root:
+            cfg = config_mod.with_overrides(cfg, "images", file_roots=[*cfg.images.file_roots, *a.file_root])
     except config_mod.ConfigError as exc:
         err.print(f"[red]error:[/] {exc}")
         return 2
@@ -320,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--metrics", help="HOST:PORT for the Prometheus endpoint")
     ag.add_argument("--placement", help="OpenStack Placement URL to keep in step with this host")
     ag.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    ag.add_argument("--file-root", action="append", metavar="DIR",
+                    help="a directory file:// images may come from (repeatable; added to [images] file_roots)")
     ag.set_defaults(fn=_run_agent)
 
     k = sub.add_parser("keys", help="generate a CURVE key pair")

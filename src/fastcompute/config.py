@@ -87,8 +87,8 @@ class ImagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.field(default_factory=list)
     )
     ca_file: Annotated[str, _doc("CA bundle for https image sources; empty = the system's")] = ""
-    file_roots: Annotated[list[str], _doc("Directories file:// images may come from (symlinks resolved); narrow it in production")] = (
-        msgspec.field(default_factory=lambda: ["/"])
+    file_roots: Annotated[list[str], _doc("Directories file:// images may come from (symlinks resolved); empty = file:// images refused")] = (
+        msgspec.field(default_factory=list)
     )
     connect_timeout_s: Annotated[float, _doc("Connecting to an image server gives up after this")] = 10.0
     read_timeout_s: Annotated[float, _doc("A download that receives nothing for this long is abandoned")] = 30.0

@@ -98,20 +98,30 @@ class Sources:
         # A file:// URL turns a host file into a guest's disk: only regular files, and only
         # under the configured roots once every symlink is resolved (/etc/shadow or /dev/sda
         # must not become an image because a request named them).
+        if not self.cfg.file_roots:
+            raise ImageError(f"image {source}: this agent takes no file:// images ([images] file_roots is empty)")
+        roots = [Path(r).resolve() for r in self.cfg.file_roots]
+
+        def outside(p: Path) -> ImageError | None:
+            if any(p.is_relative_to(r) for r in roots):
+                return None
+            return ImageError(f"image {source} is outside the directories file:// images may come from "
+                              f"([images] file_roots = {self.cfg.file_roots})")
+
         try:
+            # Checked before the file is looked at too, so that a request cannot learn from
+            # the error whether a file exists outside the roots.
+            if (refused := outside(path.resolve())) is not None:
+                raise refused
             real = path.resolve(strict=True)
             st = real.stat()
         except (OSError, RuntimeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise ImageError(f"image {source} cannot be read: {reason}") from exc
+        if (refused := outside(real)) is not None:
+            raise refused
         if not stat.S_ISREG(st.st_mode):
             raise ImageError(f"image {source} is not a regular file")
-        roots = [Path(r).resolve() for r in self.cfg.file_roots]
-        if not any(real.is_relative_to(r) for r in roots):
-            raise ImageError(
-                f"image {source} is outside the directories file:// images may come from "
-                f"([images] file_roots = {self.cfg.file_roots})"
-            )
         return real, st.st_size
 
     def _client_options(self) -> dict[str, Any]:
