@@ -4,32 +4,17 @@ marker and the guests per minute; the guests' teardown is not part of the figure
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from guest_direct import storm_direct
-from guest_fixtures import DIRECT_PREFIX, guest_image, libvirtd, remove_leftover_direct_guests
+from guest_fixtures import DIRECT_PREFIX, direct_conn, guest_image, libvirtd
 
 libvirt = pytest.importorskip("libvirt")
 
 pytestmark = pytest.mark.guest
-__all__ = ["guest_image", "libvirtd"]
-
-
-def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
-    """libvirt prints every error to stderr; the code looks at the exceptions instead."""
-
-
-@pytest.fixture
-def conn(libvirtd: str) -> Iterator[Any]:
-    """A connection to the real hypervisor, with no direct guest left over from earlier runs."""
-    libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
-    c = libvirt.open(libvirtd)
-    remove_leftover_direct_guests(c)
-    yield c
-    c.close()
+__all__ = ["direct_conn", "guest_image", "libvirtd"]
 
 
 def test_direct_storm_of_two(conn: Any, guest_image: Path, tmp_path: Path) -> None:

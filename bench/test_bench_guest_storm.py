@@ -26,6 +26,7 @@ from guest_fixtures import (
     domains_under,
     guest_image,
     libvirtd,
+    open_quietly,
     remove_domains_under,
     remove_leftover_direct_guests,
 )
@@ -49,15 +50,10 @@ AGENT_CONFIG = (
 )
 
 
-def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
-    """libvirt prints every error to stderr; the code looks at the exceptions instead."""
-
-
 @pytest.fixture
 def conn(libvirtd: str, tmp_path: Path) -> Iterator[Any]:
     """A connection to the real hypervisor; at the end no guest of this benchmark is left."""
-    libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
-    c = libvirt.open(libvirtd)
+    c = open_quietly(libvirtd)
     remove_leftover_direct_guests(c)
     yield c
     remove_domains_under(c, tmp_path)

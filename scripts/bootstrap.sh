@@ -9,26 +9,19 @@ cd "$(dirname "$0")/.."
 # run/test: qemu-img (disk images), nftables (security groups), iproute2.
 APT_PACKAGES=(build-essential pkg-config libvirt-dev qemu-utils libnftables1 nftables iproute2)
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+source scripts/apt.sh
+mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then missing+=(python3-venv); fi
 if ! "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
   missing+=(python3-dev)
 fi
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "bootstrap: installing apt packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+apt_install bootstrap "${missing[@]}"
 
 VENV=.venv
 export PATH="$PWD/$VENV/bin:$PATH"
 stamp=$VENV/.bootstrap-stamp
-want=$(cat pyproject.toml meson.build scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml meson.build scripts/bootstrap.sh scripts/apt.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

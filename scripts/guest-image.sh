@@ -32,16 +32,11 @@ APT_PACKAGES=(syslinux syslinux-common mtools dosfstools busybox-static cpio)
 log() { echo "guest-image: $*" >&2; }
 
 ensure_packages() {
-  local missing=() p
-  for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
+  # shellcheck source=scripts/apt.sh
+  source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+  local -a missing
+  mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")
+  apt_install "$(basename "$0" .sh)" "${missing[@]}"
 }
 
 # The init of the guest. It runs as PID 1 from the initramfs and must never exit (the kernel

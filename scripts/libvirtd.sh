@@ -23,16 +23,11 @@ QEMU_CONF=/etc/libvirt/qemu.conf
 log() { echo "libvirtd.sh: $*" >&2; }
 
 ensure_packages() {
-  local missing=() p
-  for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  # shellcheck source=scripts/apt.sh
+  source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+  local -a missing
+  mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")
+  apt_install "$(basename "$0" .sh)" --no-install-recommends "${missing[@]}"
 }
 
 # The packages' maintainer scripts expect a systemd host: in a container the user and groups,

@@ -14,6 +14,7 @@ docs/GUESTS.md has the details and the timings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -59,6 +60,31 @@ def libvirtd() -> Iterator[str]:
         pytest.fail(f"scripts/libvirtd.sh start failed:\n{e.stdout}\n{e.stderr}")
     yield out.stdout.strip().splitlines()[-1]
     subprocess.run(["bash", str(LIBVIRTD_SCRIPT), "stop", holder], check=False, timeout=120)
+
+
+def ignore_libvirt_errors(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr; tests look at the exceptions instead."""
+
+
+def open_quietly(uri: str) -> Any:
+    """A libvirt connection to ``uri``, with libvirt's own error printing off."""
+    import libvirt
+
+    libvirt.registerErrorHandler(ignore_libvirt_errors, None)
+    return libvirt.open(uri)
+
+
+@pytest.fixture(name="conn")
+def direct_conn(libvirtd: str) -> Iterator[Any]:
+    """``conn``: a connection to the real hypervisor, with no direct guest left over from
+    earlier runs."""
+    import libvirt
+
+    c = open_quietly(libvirtd)
+    remove_leftover_direct_guests(c)
+    yield c
+    with contextlib.suppress(libvirt.libvirtError):
+        c.close()  # dead already if a test restarted libvirtd
 
 
 @pytest.fixture(scope="session")

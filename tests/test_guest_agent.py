@@ -35,6 +35,7 @@ from guest_fixtures import (
     guest_image,
     libvirtd,
     managed_save_file,
+    open_quietly,
     qemu_log,
     remove_domains_under,
     virsh,
@@ -57,10 +58,6 @@ MEMORY_MB = 128
 EVENT_DEADLINE_S = 5.0
 
 
-def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
-    """libvirt prints every error to stderr; the tests look at the exceptions instead."""
-
-
 def agent_config(*, sync_s: float = 60.0, shutdown_timeout_s: float = 30.0) -> str:
     """The agent's config for real guests. A long sync period by default, so that what a test
     sees before the sync could run came through events; stats off, they are not under test here."""
@@ -74,8 +71,7 @@ def agent_config(*, sync_s: float = 60.0, shutdown_timeout_s: float = 30.0) -> s
 @pytest.fixture
 def conn(libvirtd: str) -> Iterator[Any]:
     """A connection of our own to the real hypervisor, to check what the agent did."""
-    libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
-    c = libvirt.open(libvirtd)
+    c = open_quietly(libvirtd)
     yield c
     with contextlib.suppress(libvirt.libvirtError):
         c.close()  # dead already if a test restarted libvirtd

@@ -19,12 +19,12 @@ from guest_fixtures import (
     DirectGuest,
     boots,
     destroy_direct_guest,
+    direct_conn,
     disk_read,
     first_mib_md5,
     guest_image,
     libvirtd,
     prepare_direct_guest,
-    remove_leftover_direct_guests,
     start_direct_guest,
     wait_for_console,
 )
@@ -32,24 +32,10 @@ from guest_fixtures import (
 libvirt = pytest.importorskip("libvirt")
 
 pytestmark = pytest.mark.guest
-__all__ = ["guest_image", "libvirtd"]
+__all__ = ["direct_conn", "guest_image", "libvirtd"]
 
 # Generous for TCG on 2 shared cores (a boot takes ~6 s alone), bounded so a hang fails the run.
 BOOT_TIMEOUT_S = 120.0
-
-
-def _ignore_libvirt_errors(_ctx: object, _err: object) -> None:
-    """libvirt prints every error to stderr; the tests look at the exceptions instead."""
-
-
-@pytest.fixture
-def conn(libvirtd: str) -> Iterator[Any]:
-    """A connection to the real hypervisor, with no direct guest left over from earlier runs."""
-    libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
-    c = libvirt.open(libvirtd)
-    remove_leftover_direct_guests(c)
-    yield c
-    c.close()
 
 
 @pytest.fixture

@@ -35,11 +35,6 @@ GiB = 1 << 30
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # ---- a loopback HTTP image server whose misbehaviour each test chooses ------------------
 
 

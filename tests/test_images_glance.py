@@ -25,11 +25,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def executor() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         yield ex
@@ -115,13 +110,19 @@ async def test_tampered_store_fails_glance_hash(
     assert _files(tmp_path / "state") == []
 
 
-async def test_qcow2_image_from_glance(
-    glance: Glance, cache: ImageCache, tmp_path: Path
-) -> None:
+def _qcow2_of_an_image(tmp_path: Path) -> tuple[Path, Path]:
+    """A raw test image and its qcow2 conversion (by qemu-img), both in ``tmp_path``."""
     raw = tmp_path / "src.raw"
     raw.write_bytes(_image())
     qcow = tmp_path / "src.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
+    return raw, qcow
+
+
+async def test_qcow2_image_from_glance(
+    glance: Glance, cache: ImageCache, tmp_path: Path
+) -> None:
+    raw, qcow = _qcow2_of_an_image(tmp_path)
     image = glance.upload(qcow.read_bytes(), project="p", disk_format="qcow2", visibility="public")
     disk = await cache.prepare_disk("vm-5", ImageSpec(id=image["id"]), 1)
     out = tmp_path / "back.raw"
@@ -133,10 +134,7 @@ async def test_qcow2_image_from_glance(
 async def test_qcow2_registered_as_raw_is_refused(
     glance: Glance, cache: ImageCache, tmp_path: Path
 ) -> None:
-    raw = tmp_path / "src.raw"
-    raw.write_bytes(_image())
-    qcow = tmp_path / "src.qcow2"
-    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow)], check=True)
+    _raw, qcow = _qcow2_of_an_image(tmp_path)
     try:
         image = glance.upload(qcow.read_bytes(), project="p", disk_format="raw",
                               visibility="public")

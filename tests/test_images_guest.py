@@ -36,11 +36,6 @@ BOOT_TIMEOUT_S = 120.0
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def conn(libvirtd: str) -> Iterator[Any]:
     c = libvirt.open(libvirtd)
     yield c
