@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -136,13 +137,27 @@ def test_anti_affinity_group_of_three_lands_on_three_hosts_and_a_fourth_is_refus
     assert isinstance(refused, NoValidHost)
     assert refused.details is not None and refused.details["filtered"] == {"group": 3}
 
-    # A new scheduler learns the group's members from the agents and still refuses a fourth.
-    async def again() -> None:
+    # A new scheduler learns the group's members from the agents and still refuses a fourth;
+    # once a member is deleted behind its back (straight at its agent), the agent's next
+    # host.resources tells it, and a new member takes the freed host.
+    async def again() -> Placed:
         async with Scheduler(fleet.endpoints(), timeout_s=20) as s:
             with pytest.raises(NoValidHost):
                 await s.spawn(spawns(image_file, 1, prefix="web-5")[0], group=group)
+            on_small = next(p.record["uuid"] for p in placed if p.host == "small")
+            await asyncio.to_thread(fleet.agents["small"].call, "instance.delete", {"uuid": on_small})
+            deadline = time.monotonic() + 10.0
+            while True:
+                try:
+                    return await s.spawn(spawns(image_file, 1, prefix="web-6")[0], group=group)
+                except NoValidHost:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
 
-    asyncio.run(again())
+    sixth = asyncio.run(again())
+    assert sixth.host == "small"
+    assert fleet.agents["small"].call("host.info")["server_groups"] == {"web": [sixth.record["uuid"]]}
 
 
 def test_affinity_group_stays_on_one_host(fleet: Fleet, image_file: Path) -> None:
@@ -256,3 +271,22 @@ def test_weights_combine_like_novas_normalised_weighers() -> None:
     req, _ = request_tuple({"vcpus": 1, "memory_mb": 512, "disk_gb": 1})
     assert select([a, b], req, Weights(ram=2.0, cpu=1.0))[0] is a
     assert select([a, b], req, Weights(ram=1.0, cpu=2.0))[0] is b
+
+
+def test_a_member_just_sent_survives_an_event_that_predates_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An event generated before the agent took the spawn does not list the new member; the view
+    # keeps it (anti-affinity must not place a second member there meanwhile) until the
+    # unreported horizon has passed, then follows the agent's list.
+    clock = [1000.0]
+    monkeypatch.setattr("fastcompute.scheduler.time.monotonic", lambda: clock[0])
+    h = HostView("h")
+    h.add_member("web", "new")
+    h.take_members({"web": ["old"]})
+    assert h.members == {"web": {"old", "new"}}
+    clock[0] += 10.0
+    h.take_members({"web": ["old"]})
+    assert h.members == {"web": {"old"}}
+    h.add_member("web", "refused")
+    h.drop_member("web", "refused")
+    h.take_members({})
+    assert h.members == {}

@@ -389,7 +389,18 @@ class Manager:
             "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
             "numa_host": t.numa_host,
+            "server_groups": self._server_groups(),
         }
+
+    def _server_groups(self) -> dict[str, list[str]]:
+        """The instances of each server group on this host, as the scheduler marked them
+        (``metadata[SERVER_GROUP_KEY]``): how schedulers learn that a member is gone."""
+        groups: dict[str, list[str]] = {}
+        for uuid, stored in self.instances.items():
+            name = stored.record.metadata.get(protocol.SERVER_GROUP_KEY)
+            if name:
+                groups.setdefault(name, []).append(uuid)
+        return groups
 
     async def set_enabled(self, enabled: bool, reason: str | None) -> dict[str, Any]:
         """``host.set_enabled`` (extension): an operator takes the host out of scheduling or back.

@@ -251,6 +251,11 @@ MUTATING_OPS: Final = frozenset(
     ("ping", "host.info", "images.list", "instance.get", "instance.list", "instance.console", "instance.stats")
 )
 
+# Instance metadata keys a scheduler sets on the members of a server group; the agent reports
+# each group's members on this host in host.info and host.resources (``server_groups``).
+SERVER_GROUP_KEY: Final = "fastcompute:server_group"
+SERVER_GROUP_POLICY_KEY: Final = "fastcompute:server_group_policy"
+
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _id_decoder = msgspec.msgpack.Decoder(_IdOnly)
 _args_decoders = {op: msgspec.msgpack.Decoder(t) for op, t in OP_ARGS.items()}

@@ -42,13 +42,12 @@ from . import numa
 from .client import ClientTimeout, Link, error_from_reply, expire
 from .errors import AgentError, Busy, HypervisorError, NoCapacity, QuotaExceeded
 from .placement import PlacementClient, Unavailable
+from .protocol import SERVER_GROUP_KEY, SERVER_GROUP_POLICY_KEY
 from .resources import Tracker
 
 log = logging.getLogger("fastcompute.scheduler")
 
 DISABLED = "COMPUTE_STATUS_DISABLED"
-GROUP_KEY = "fastcompute:server_group"
-POLICY_KEY = "fastcompute:server_group_policy"
 POLICIES = ("affinity", "anti-affinity")
 # A confirmed spawn that no host.resources event has taken in after this long (the agent
 # publishes within 100 ms of a change) is assumed counted: deletes by others hid it.
@@ -127,6 +126,7 @@ class HostView:
         "members",
         "name",
         "numa_host",
+        "sent_members",
         "traits",
         "unreported",
         "usage",
@@ -159,6 +159,8 @@ class HostView:
         self.limits: dict[str, float] = {}
         self.generation = -1
         self.members: dict[str, set[str]] = {}  # group -> instance uuids on this host
+        # Members this scheduler sent here, and when: kept until an event has had time to list them.
+        self.sent_members: dict[str, tuple[str, float]] = {}
 
     def update(self, info: dict[str, Any]) -> None:
         """Take an agent's ``host.info`` / ``host.resources`` body."""
@@ -180,6 +182,8 @@ class HostView:
             "ram_allocation_ratio": float(inv.get("MEMORY_MB", {}).get("allocation_ratio", 1.0)),
         }
         self.generation = int(info.get("generation", self.generation))
+        if "server_groups" in info:
+            self.take_members(info["server_groups"])
         count = int(info.get("instances", 0))
         grown = max(0, count - self.instances) if self.instances >= 0 else 0
         self.instances = count
@@ -190,6 +194,27 @@ class HostView:
             grown -= 1
         self.credit = min(self.credit + max(0, grown), len(self.inflight))
         self.recompute()
+
+    def take_members(self, groups: dict[str, list[str]]) -> None:
+        """The agent's members of each group here, plus those sent here lately (an event may
+        predate their claim): members deleted behind the scheduler's back leave the view."""
+        horizon = time.monotonic() - UNREPORTED_TTL_S
+        self.sent_members = {i: (g, at) for i, (g, at) in self.sent_members.items()
+                             if at > horizon or i in self.inflight}
+        members = {g: set(uuids) for g, uuids in groups.items()}
+        for instance, (group, _at) in self.sent_members.items():
+            members.setdefault(group, set()).add(instance)
+        self.members = members
+
+    def add_member(self, group: str, instance: str) -> None:
+        """A member of ``group`` is being sent here."""
+        self.members.setdefault(group, set()).add(instance)
+        self.sent_members[instance] = (group, time.monotonic())
+
+    def drop_member(self, group: str, instance: str) -> None:
+        """A member sent here was refused or lost."""
+        self.members.get(group, set()).discard(instance)
+        self.sent_members.pop(instance, None)
 
     def reset(self) -> None:
         """Forget what the last events said (the agent restarted or reconnected)."""
@@ -549,18 +574,17 @@ class Scheduler:
         if name in self.hosts and self.hosts[name] is not view:
             raise ValueError(f"two agents report the host name {name!r}: give each its own [agent] host")
         self.hosts[name] = view
-        view.members = {}
         held = {r["uuid"] for r in records}
         orphans = [u for u, h in self.orphans.items() if h == name and u in held]
         for u in [u for u, h in self.orphans.items() if h == name and u not in held]:
             del self.orphans[u]  # it never claimed it
-        records = [r for r in records if r["uuid"] not in orphans]
+        groups: dict[str, list[str]] = {}
         for rec in records:
-            group = (rec.get("metadata") or {}).get(GROUP_KEY)
-            if group and rec.get("vm_state") != "deleted":
-                view.members.setdefault(group, set()).add(rec["uuid"])
+            group = (rec.get("metadata") or {}).get(SERVER_GROUP_KEY)
+            if group and rec.get("vm_state") != "deleted" and rec["uuid"] not in orphans:
+                groups.setdefault(group, []).append(rec["uuid"])
         view.reset()
-        view.update(info)
+        view.update({**info, "server_groups": groups})
         agent.mark_up()
         self._changed()
         for instance in orphans:
@@ -635,7 +659,8 @@ class Scheduler:
         args["uuid"] = instance
         req, numa_request = request_tuple(args["flavor"])
         if group is not None:
-            args["metadata"] = {**args.get("metadata", {}), GROUP_KEY: group.name, POLICY_KEY: group.policy}
+            args["metadata"] = {**args.get("metadata", {}), SERVER_GROUP_KEY: group.name,
+                                SERVER_GROUP_POLICY_KEY: group.policy}
         need, avoid = frozenset(required), frozenset(forbidden)
         tried: list[str] = []
         refusals: list[str] = []
@@ -684,7 +709,7 @@ class Scheduler:
         agent: _Agent = host.link
         host.sent(instance, req)
         if group is not None:
-            host.members.setdefault(group.name, set()).add(instance)
+            host.add_member(group.name, instance)
         self.inflight += 1
         ok = False
         try:
@@ -698,7 +723,7 @@ class Scheduler:
             else:
                 host.abandoned(instance)
                 if group is not None:
-                    host.members.get(group.name, set()).discard(instance)
+                    host.drop_member(group.name, instance)
             self._changed()
 
     @staticmethod
