@@ -885,7 +885,8 @@ class Network:
                 ids = [pid for pid, p in self._ports.items() if p.instance_uuid == instance_uuid]
             else:
                 ids = [p.id if isinstance(p, Port) else p for p in ports]
-            await self._run(self._unplug_sync, instance_uuid, ids)
+            if ids:  # an instance without ports (most, in a storm) costs no trip to a thread
+                await self._run(self._unplug_sync, instance_uuid, ids)
 
     async def set_security_groups(self, port_id: str, groups: Sequence[SecurityGroup | Mapping[str, Any]]) -> None:
         """Replace a port's security groups in one transaction (Neutron's port update).
