@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ SIZES: dict[str, dict[str, int]] = {
 FLAVOR = {"vcpus": 1, "memory_mb": 128, "disk_gb": 1}
 
 
-def agent_config(name: str, extra: str = "") -> str:
-    """An agent config: its host name, disk large enough never to be the limit, no stats."""
+def agent_config(name: str, extra: str = "", traits: list[str] | None = None) -> str:
+    """An agent config: its host name, disk large enough never to be the limit, its custom
+    traits, no stats."""
     return (f'[agent]\nhost = "{name}"\n{extra}\n[resources]\ndisk_gb = 100000\n'
-            "[stats]\ninterval_s = 0\n")
+            f"custom_traits = {json.dumps(traits or [])}\n[stats]\ninterval_s = 0\n")
 
 
 @dataclass
@@ -51,13 +53,16 @@ class Fleet:
         return {r["uuid"] for r in self.agents[name].call("instance.list")}
 
 
-def start_fleet(make_agent: Any, base: Path, extra_config: str = "", suffix: str = "") -> Fleet:
+def start_fleet(make_agent: Any, base: Path, extra_config: str = "", suffix: str = "",
+                traits: dict[str, list[str]] | None = None) -> Fleet:
     """Start the three agents (in parallel) and wait for them; host names are the size names
-    plus ``suffix`` (tests sharing one Placement give each fleet its own names)."""
+    plus ``suffix`` (tests sharing one Placement give each fleet its own names); ``traits``
+    gives hosts custom traits by size name."""
     agents: dict[str, AgentProcess] = {}
     for name, size in SIZES.items():
         uri = write_test_host(base / f"{name}.xml", **size)
-        agents[name] = make_agent(config=agent_config(name + suffix, extra_config), hypervisor=uri, start=False)
+        config = agent_config(name + suffix, extra_config, (traits or {}).get(name))
+        agents[name] = make_agent(config=config, hypervisor=uri, start=False)
     for a in agents.values():
         a.start(wait=False)
     for a in agents.values():

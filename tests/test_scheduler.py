@@ -290,3 +290,27 @@ def test_a_member_just_sent_survives_an_event_that_predates_it(monkeypatch: pyte
     h.drop_member("web", "refused")
     h.take_members({})
     assert h.members == {}
+
+
+def test_custom_traits_of_a_host_are_required_and_forbidden(make_agent: Any, image_file: Path, tmp_path: Path) -> None:
+    fleet = start_fleet(make_agent, tmp_path, traits={"medium": ["CUSTOM_GPU"]})
+    assert "CUSTOM_GPU" in fleet.info("medium")["traits"] and "CUSTOM_GPU" not in fleet.info("large")["traits"]
+
+    async def run() -> tuple[list[Placed], list[Placed]]:
+        async with Scheduler(fleet.endpoints(), timeout_s=20) as s:
+            gpu, failed = await run_storm(s, spawns(image_file, 10, prefix="gpu"), required=["CUSTOM_GPU"])
+            assert not failed
+            plain, failed = await run_storm(s, spawns(image_file, 10, prefix="cpu"), forbidden=["CUSTOM_GPU"])
+            assert not failed
+            return gpu, plain
+
+    gpu, plain = asyncio.run(run())
+    assert {p.host for p in gpu} == {"medium"}
+    assert "medium" not in {p.host for p in plain}
+
+
+def test_a_malformed_custom_trait_stops_the_agent_with_the_key_named(make_agent: Any) -> None:
+    agent = make_agent(config='[resources]\ncustom_traits = ["GPU"]\n', start=False)
+    agent.start(wait=False)
+    assert agent.proc is not None and agent.proc.wait(60) != 0
+    assert "custom_traits" in agent.log()

@@ -155,7 +155,7 @@ class Agent:
         await self.driver.connect(manager.on_power_event)
         caps, info, facts = await self.driver.host_facts()
         tracker = Tracker(topology_from_libvirt(caps, info), cfg.resources, cfg.quota, self.state_dir)
-        await manager.start(tracker, facts, cpu_traits(caps))
+        await manager.start(tracker, facts, sorted(set(cpu_traits(caps)) | set(cfg.resources.custom_traits)))
         if cfg.placement.url:
             # Never waits for Placement: registration, inventory and healing run in the background.
             self.placement = PlacementSync(cfg.placement, manager.hostname, self.state_dir)
