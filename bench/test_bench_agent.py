@@ -33,7 +33,7 @@ from fastcompute.resources import HostCell, PagePool, Tracker
 PING_ROUNDS = 7
 PINGS_PER_ROUND = 400
 STORM = 1000
-STORM_ROUNDS = 3
+STORM_ROUNDS = 5
 # The target. The agent's state (SQLite, instance disks) is on tmpfs for the gated
 # rounds: see bench/conftest.py for why the root file system here would measure the disk, not
 # the agent (its rate there is printed too). Measured 0.43-0.49.

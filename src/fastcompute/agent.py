@@ -147,7 +147,7 @@ class Agent:
         await self.store.open()
         server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request)
         self.server = server
-        self.images = ImageCache(self.state_dir, cfg.images, self.io_pool, cfg.agent.worker_threads)
+        self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
         self.images.on_lookup = self.metrics.image_cache
         self.network = Network(cfg.network, self.io_pool)
         manager = Manager(cfg, self.store, self.driver, self.images, self.network, server.publish)

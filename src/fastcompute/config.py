@@ -95,6 +95,7 @@ class ImagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     read_timeout_s: Annotated[float, _doc("A download that receives nothing for this long is abandoned")] = 30.0
     max_image_bytes: Annotated[int, _doc("Images larger than this (downloaded bytes or virtual size) are refused")] = 100 << 30
     max_concurrent_downloads: Annotated[int, _doc("Image downloads at once, each in a thread of its own; more wait")] = 4
+    disk_threads: Annotated[int, _doc("Threads that make and remove instance disks (copies in flat mode share them)")] = 2
     cache_max_age_s: Annotated[float, _doc("The cleaner removes bases no instance has used for this long")] = 86400.0
     cleaner_interval_s: Annotated[float, _doc("Period of the base-image cleaner; 0 = off")] = 2400.0
 
