@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import zmq
-from agent_fixtures import AgentProcess, spawn_args
+from agent_fixtures import AgentProcess, spawn_args, sub_socket
 
 
 def test_images_list_prune_and_cli(make_agent: Any, tmp_path: Path) -> None:
@@ -41,10 +40,7 @@ def test_a_slow_copy_reports_progress_events(make_agent: Any, tmp_path: Path) ->
     img = tmp_path / "big.raw"
     with img.open("wb") as f:
         f.write(os.urandom(64 << 20))
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt_string(zmq.SUBSCRIBE, "progress.")
-    sub.connect(agent.events)
+    sub = sub_socket(agent.events, ["progress."])
     try:
         rec = agent.call("instance.spawn", spawn_args(img, wait=True))
         assert rec["vm_state"] == "active"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixtures import free_port, raw_request, spawn_args
+from agent_fixtures import free_port, raw_request, spawn_args, sub_socket
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastcompute.errors import NotFound
@@ -60,13 +60,9 @@ def test_metrics_follow_requests_errors_instances_and_claims(make_agent: Any, im
 
 def test_instance_stats_and_host_stats_events(make_agent: Any, image_file: Path) -> None:
     import msgspec
-    import zmq
 
     agent = make_agent(config="[stats]\ninterval_s = 0.2\n")
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt_string(zmq.SUBSCRIBE, "host.stats")
-    sub.connect(agent.events)
+    sub = sub_socket(agent.events, ["host.stats"])
     try:
         rec = agent.call("instance.spawn", spawn_args(image_file, wait=True))
         deadline = time.monotonic() + 10
