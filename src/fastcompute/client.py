@@ -96,9 +96,21 @@ class Link:
         self._drain()
         return fut
 
-    def forget(self, rid: str) -> None:
-        """Stop waiting for ``rid``'s reply (answered, timed out or cancelled)."""
-        self._waiting.pop(rid, None)
+    async def request(self, rid: str, op: str, args: dict[str, Any] | None, timeout_s: float,
+                      peer: str) -> dict[str, Any]:
+        """Send request ``rid`` of ``op`` and wait for its reply map (ok or not); ClientTimeout
+        names ``peer`` after ``timeout_s``. Raises ``zmq.Again`` as :meth:`send` does."""
+        msg: dict[str, Any] = {"v": 1, "id": rid, "op": op}
+        if args:
+            msg["args"] = args
+        fut = self.send(rid, msg)
+        timer = asyncio.get_running_loop().call_later(
+            timeout_s, _expire, fut, f"no reply to {op} from {peer} within {timeout_s:.0f}s")
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._waiting.pop(rid, None)
 
     def fail_all(self, exc: BaseException) -> None:
         """Fail every request in flight with ``exc`` (the peer is gone)."""
@@ -158,18 +170,7 @@ class AsyncClient:
                       request_id: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:
         """Send one request and return the raw reply map (ok or not)."""
         rid = request_id or self._prefix + str(next(self._ids))
-        msg: dict[str, Any] = {"v": 1, "id": rid, "op": op}
-        if args:
-            msg["args"] = args
-        wait = timeout_s or self.timeout_s
-        fut = self._link.send(rid, msg)
-        timer = asyncio.get_running_loop().call_later(
-            wait, expire, fut, f"no reply to {op} from {self.endpoint} within {wait:.0f}s")
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            self._link.forget(rid)
+        return await self._link.request(rid, op, args, timeout_s or self.timeout_s, self.endpoint)
 
     async def call(self, op: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
         """Send one request; return its result or raise its typed error."""
@@ -184,8 +185,7 @@ class AsyncClient:
         self.sock.close(linger=0)
 
 
-def expire(fut: asyncio.Future[Any], message: str) -> None:
-    """Fail ``fut`` with ClientTimeout(message) unless it is already answered (a timer's callback)."""
+def _expire(fut: asyncio.Future[Any], message: str) -> None:
     if not fut.done():
         fut.set_exception(ClientTimeout(message))
 

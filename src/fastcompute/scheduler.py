@@ -39,7 +39,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import numa
-from .client import ClientTimeout, Link, error_from_reply, expire
+from .client import ClientTimeout, Link, error_from_reply
 from .errors import AgentError, Busy, HypervisorError, NoCapacity, QuotaExceeded
 from .placement import PlacementClient, Unavailable
 from .protocol import SERVER_GROUP_KEY, SERVER_GROUP_POLICY_KEY
@@ -442,21 +442,11 @@ class _Agent:
     async def call(self, op: str, args: dict[str, Any] | None, timeout_s: float) -> Any:
         """One request; its result, its typed error, ClientTimeout or HostDown."""
         rid = self._prefix + str(next(self._ids))
-        msg: dict[str, Any] = {"v": 1, "id": rid, "op": op}
-        if args:
-            msg["args"] = args
         try:
-            fut = self._link.send(rid, msg)
+            reply = await self._link.request(rid, op, args, timeout_s, self.view.name)
         except zmq.Again:
             # With ZMQ_IMMEDIATE a send only fails when no connection is up: the host is down.
             raise HostDown(f"{self.view.name} is not connected") from None
-        timer = asyncio.get_running_loop().call_later(
-            timeout_s, expire, fut, f"no reply to {op} from {self.view.name} within {timeout_s:.0f}s")
-        try:
-            reply = await fut
-        finally:
-            timer.cancel()
-            self._link.forget(rid)
         if reply.get("ok"):
             return reply.get("result")
         raise error_from_reply(reply.get("error") or {})
@@ -578,11 +568,9 @@ class Scheduler:
         orphans = [u for u, h in self.orphans.items() if h == name and u in held]
         for u in [u for u, h in self.orphans.items() if h == name and u not in held]:
             del self.orphans[u]  # it never claimed it
-        groups: dict[str, list[str]] = {}
-        for rec in records:
-            group = (rec.get("metadata") or {}).get(SERVER_GROUP_KEY)
-            if group and rec.get("vm_state") != "deleted" and rec["uuid"] not in orphans:
-                groups.setdefault(group, []).append(rec["uuid"])
+        # Orphans are about to be deleted: they are no group's members here.
+        groups = {g: [u for u in uuids if u not in orphans]
+                  for g, uuids in info.get("server_groups", {}).items()}
         view.reset()
         view.update({**info, "server_groups": groups})
         agent.mark_up()
