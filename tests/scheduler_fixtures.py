@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,18 @@ def start_fleet(make_agent: Any, base: Path, extra_config: str = "", suffix: str
     for a in agents.values():
         a.wait_ready()
     return Fleet(agents, {name: name + suffix for name in agents})
+
+
+def after(n: int, action: Callable[[], object]) -> Callable[[], None]:
+    """A ``run_storm`` ``on_done`` that calls ``action`` once, when the ``n``-th spawn is done
+    (an agent killed or Placement stopped mid-storm)."""
+    done = itertools.count(1)
+
+    def on_done() -> None:
+        if next(done) == n:
+            action()
+
+    return on_done
 
 
 def spawns(image: Path, count: int, prefix: str = "vm", **flavor: Any) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from placement_fixtures import HEADERS, PlacementServer, placement, placement_venv
-from scheduler_fixtures import Fleet, spawns, start_fleet
+from scheduler_fixtures import Fleet, after, spawns, start_fleet
 
 from fastcompute.config import PlacementConfig
 from fastcompute.placement import PlacementSync, placement_inventory
@@ -94,13 +94,13 @@ def test_start_heals_allocations_to_match_the_agent(placement: PlacementServer, 
     name = host_name()
     held = {str(uuid_mod.uuid4()): ("p", dict(SMALL)) for _ in range(20)}
 
-    async def first() -> None:
+    async def agent_start() -> None:
         sync = PlacementSync(PlacementConfig(url=placement.url), name, tmp_path)
         await sync.start(INVENTORY, [], held)
         assert await sync.drain(60)
         await sync.close()
 
-    run(first())
+    run(agent_start())
     # While the agent was away: 5 instances were deleted, 5 spawned, and one changed size
     # in its store; Placement knows none of it.
     consumers = list(held)
@@ -110,13 +110,7 @@ def test_start_heals_allocations_to_match_the_agent(placement: PlacementServer, 
         held[str(uuid_mod.uuid4())] = ("p", dict(SMALL))
     held[consumers[10]] = ("p", {"VCPU": 2, "MEMORY_MB": 256, "DISK_GB": 2})
 
-    async def second() -> None:
-        sync = PlacementSync(PlacementConfig(url=placement.url), name, tmp_path)
-        await sync.start(INVENTORY, [], held)
-        assert await sync.drain(60)
-        await sync.close()
-
-    run(second())
+    run(agent_start())
     assert placement_view(placement, name) == expected_view(INVENTORY, [], held)
 
 
@@ -282,16 +276,8 @@ def test_placement_down_during_storm_no_spawn_fails_and_it_heals(
         placed_fleet: Fleet, placement: PlacementServer, image_file: Path) -> None:
     async def storm() -> None:
         async with Scheduler(placed_fleet.endpoints(), timeout_s=20) as s:
-            done = 0
-
-            def on_done() -> None:
-                nonlocal done
-                done += 1
-                if done == 100:
-                    placement.stop()
-
             try:
-                placed, failed = await run_storm(s, spawns(image_file, 400), on_done=on_done)
+                placed, failed = await run_storm(s, spawns(image_file, 400), on_done=after(100, placement.stop))
             finally:
                 placement.start()
             assert not failed and len(placed) == 400

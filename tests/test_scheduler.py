@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scheduler_fixtures import FLAVOR, Fleet, spawns, start_fleet
+from scheduler_fixtures import FLAVOR, Fleet, after, spawns, start_fleet
 
 from fastcompute.errors import BadRequest
 from fastcompute.scheduler import (
@@ -88,15 +88,7 @@ def test_agent_killed_mid_storm_its_spawns_go_elsewhere(fleet: Fleet, image_file
 
     async def run() -> tuple[list[Placed], list[Any]]:
         async with Scheduler(fleet.endpoints(), weights=Weights(ram=0.0, cpu=1.0), timeout_s=20) as s:
-            done = 0
-
-            def on_done() -> None:
-                nonlocal done
-                done += 1
-                if done == 150:
-                    large.kill()
-
-            result = await run_storm(s, spawns(image_file, 300), concurrency=64, on_done=on_done)
+            result = await run_storm(s, spawns(image_file, 300), concurrency=64, on_done=after(150, large.kill))
             # Back on its store: spawns it had claimed without answering are deleted there.
             await asyncio.to_thread(large.start)
             for _ in range(200):
