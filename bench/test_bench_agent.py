@@ -175,7 +175,7 @@ def test_storm_vs_raw_libvirt(benchmark: Any, make_memory_agent: Any, make_agent
     ratio = statistics.median(ours) / statistics.median(raw)
     benchmark.extra_info.update(agent_spawns_per_s=statistics.median(ours), raw_per_s=statistics.median(raw),
                                 ratio=ratio, root_fs_spawns_per_s=disk_rate)
-    claims_s = _claims(1000)
+    claims_s = statistics.median(_claims(1000) for _ in range(5))  # one run of ~15 ms is noisy
     storm_s = STORM / statistics.median(ours)
     benchmark.extra_info.update(claims_s=claims_s, storm_s=storm_s)
     print(f"\n1000 pinned claims: {claims_s * 1e3:.1f} ms = {claims_s / storm_s:.1%} of the storm (gate < 5%)")
