@@ -6,6 +6,7 @@ stand-in guests in namespaces (see network_fixtures) and removes it afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -362,3 +363,50 @@ def test_a_tap_name_taken_by_a_foreign_link_is_a_conflict_and_leaves_nothing(lab
     assert link_names() == before, "the bridge made for the port is rolled back, the foreign link kept"
     assert not mentions(lab.owner, foreign)
     assert lab.net.plugged() == []
+
+
+def test_plugs_and_unplugs_queued_together_run_as_batches_and_a_bad_one_fails_alone(lab: Lab) -> None:
+    before = link_names()
+    icmp = [group(EGRESS_ALL, rule("ingress", "icmp"))]
+    instances = [f"{i:08d}-1111-1111-1111-111111111111" for i in range(12)]
+    ports = [port(f"10.0.0.{i + 1}", groups=icmp) for i in range(12)]
+    clash = port("10.0.0.1", mac="fa:16:3e:00:00:77", groups=icmp)  # ports[0]'s address, same batch
+    not_a_bridge = port("10.0.0.99", network="netx", groups=icmp)
+    not_a_bridge["network"]["bridge"] = "lo"  # fails while its links are made, in the worker
+
+    async def storm() -> list[object]:
+        plugs = [lab.net.plug(u, [p]) for u, p in zip(instances, ports, strict=True)]
+        bad = [lab.net.plug("99999999-0000-0000-0000-000000000001", [clash]),
+               lab.net.plug("99999999-0000-0000-0000-000000000002", [not_a_bridge])]  # fmt: skip
+        return await asyncio.gather(*plugs, *bad, return_exceptions=True)
+
+    *good, clashed, broken = run(storm())
+    assert isinstance(clashed, Conflict) and clashed.details is not None
+    assert clashed.details["port_id"] == ports[0]["id"]
+    assert isinstance(broken, Conflict), "lo is not a bridge"
+    assert all(isinstance(r, list) and r[0].port_id == p["id"] for r, p in zip(good, ports, strict=True))
+    assert {p.port_id for p in lab.net.plugged()} == {p["id"] for p in ports}
+    assert not mentions(lab.owner, lab.net.tap_name(not_a_bridge["id"]))
+    assert lab.net.tap_name(not_a_bridge["id"]) not in link_names()
+
+    a, b, c = (lab.guest_for(good[i][0], f"10.0.0.{i + 1}") for i in range(3))  # type: ignore[index]
+    assert a.ping(b.ip) and b.ping(c.ip)
+
+    async def unplug_all_but_two() -> None:
+        await asyncio.gather(*(lab.net.unplug(u) for u in instances[:1] + instances[3:]))
+
+    run(unplug_all_but_two())
+    assert {p.port_id for p in lab.net.plugged()} == {ports[1]["id"], ports[2]["id"]}
+    assert link_names() - before == {good[i][0].tap for i in (1, 2)} | {good[0][0].bridge}  # type: ignore[index]
+    assert b.ping(c.ip), "the ports left keep their links and rules"
+    assert not mentions(lab.owner, good[0][0].tap)  # type: ignore[index]
+    run(lab.net.plug("99999999-0000-0000-0000-000000000001", [clash]))  # its address is free now
+    run(lab.net.unplug("99999999-0000-0000-0000-000000000001"))
+
+    async def unplug_the_rest() -> None:
+        await asyncio.gather(lab.net.unplug(instances[1]), lab.net.unplug(instances[2]))
+
+    run(unplug_the_rest())
+    assert link_names() - before == set()
+    assert rule_chains(lab.owner) == set()
+    assert all(elems == [] for elems in elements(lab.owner).values()), elements(lab.owner)
