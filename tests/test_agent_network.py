@@ -99,3 +99,21 @@ def test_restart_remakes_missing_taps_and_drops_strays(net_agent: Any, image_fil
     agent.call("instance.delete", {"uuid": rec["uuid"]})
     agent.restart()
     assert (("bridge", owner) not in nft_tables()) and (("inet", owner) not in nft_tables())
+
+
+def test_a_port_given_to_an_instance_that_failed_to_plug_it_stays_its_own_until_deleted(
+    net_agent: Any, image_file: Path
+) -> None:
+    agent, _owner, _bprefix, tprefix = net_agent
+    p = port("eeee5555", "52:54:00:77:00:05", "10.77.0.15", "n5")
+    broken = dict(p, network={"id": "n5", "bridge": "lo"})  # lo is no bridge: the build fails
+    failed = agent.call("instance.spawn", spawn_args(image_file, wait=True, networks=[broken]))
+    assert failed["vm_state"] == "error"
+    with pytest.raises(Conflict) as err:  # the failed instance still holds the port id
+        agent.call("instance.spawn", spawn_args(image_file, wait=True, networks=[p]))
+    assert err.value.details == {"port_id": "eeee5555"}
+    agent.call("instance.delete", {"uuid": failed["uuid"]})
+    rec = agent.call("instance.spawn", spawn_args(image_file, wait=True, networks=[p]))
+    assert rec["vm_state"] == "active"
+    assert f"{tprefix}eeee5555"[:15] in links()
+    agent.call("instance.delete", {"uuid": rec["uuid"]})

@@ -17,7 +17,7 @@ import shutil
 import socket
 import time
 import uuid as uuid_mod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,8 @@ class Manager:
         self.disabled_reason: str | None = None
         self.domain_type = "test"
         self._locks: dict[str, asyncio.Lock] = {}
+        # port id -> the instance it is given to, so that a spawn's check does not walk them all
+        self._port_owners: dict[str, str] = {}
         self._builds: dict[str, asyncio.Task[None]] = {}
         self._build_slots = asyncio.Semaphore(cfg.agent.max_concurrent_builds)
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
@@ -195,6 +197,7 @@ class Manager:
         for uuid, _rid, body in loaded.instances:
             self.instances[uuid] = dec.decode(body)
             self._locks[uuid] = asyncio.Lock()
+            self._own_ports(uuid, self.instances[uuid].ports)
         claims = Store.decode_rows(loaded.claims, Claim)
         stale = []
         for uuid, claim in claims.items():
@@ -476,6 +479,7 @@ class Manager:
         stored = Stored(record=rec, digest=digest, request_id=request_id, ports=ports)
         self.instances[uuid] = stored
         self._locks[uuid] = asyncio.Lock()
+        self._own_ports(uuid, ports)
         try:
             await self.store.write([
                 self.store.put_instance(uuid, rec.project_id, request_id, stored),
@@ -484,6 +488,7 @@ class Manager:
         except BaseException:
             del self.instances[uuid]
             del self._locks[uuid]
+            self._disown_ports(uuid, ports)
             tracker.release(uuid)
             raise
         self._mark_resources_changed()
@@ -623,11 +628,19 @@ class Manager:
             ports = await self.network.validate(raw, instance_uuid=uuid)
         except AgentError as exc:
             raise type(exc)(exc.message, _prefixed(exc.details, "args.")) from None
-        taken = {p.id for s in self.instances.values() if s.record.uuid != uuid for p in s.ports}
         for p in ports:
-            if p.id in taken:
+            if self._port_owners.get(p.id, uuid) != uuid:
                 raise Conflict(f"port {p.id} belongs to another instance on this host", {"port_id": p.id})
         return ports
+
+    def _own_ports(self, uuid: str, ports: Iterable[Port]) -> None:
+        for p in ports:
+            self._port_owners[p.id] = uuid
+
+    def _disown_ports(self, uuid: str, ports: Iterable[Port]) -> None:
+        for p in ports:
+            if self._port_owners.get(p.id) == uuid:
+                del self._port_owners[p.id]
 
     async def attach_port(self, uuid: str, raw: dict[str, Any]) -> InstanceRecord:
         """``instance.attach_port`` (extension): plug a port and add it to the domain."""
@@ -646,6 +659,7 @@ class Manager:
                 await self.network.unplug(uuid, [port.id])
                 raise
             stored.ports = [*stored.ports, port]
+            self._own_ports(uuid, [port])
             return await self._commit(uuid)
 
     async def detach_port(self, uuid: str, port_id: str) -> InstanceRecord:
@@ -656,6 +670,7 @@ class Manager:
             plugged = next((p for p in self.network.plugged(uuid) if p.port_id == port_id), None)
             if plugged is None or not any(p.id == port_id for p in stored.ports):
                 raise NotFound(f"instance {uuid} has no port {port_id}", {"port_id": port_id})
+            self._disown_ports(uuid, [p for p in stored.ports if p.id == port_id])
             stored.ports = [p for p in stored.ports if p.id != port_id]
             await self.driver.detach_interface(
                 uuid, interface_xml(Interface(plugged.tap, plugged.mac, plugged.mtu)),
@@ -699,6 +714,7 @@ class Manager:
         await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid)])
         tracker.release(uuid)
         del self.instances[uuid]
+        self._disown_ports(uuid, stored.ports)
         self._mark_resources_changed()
         rec = stored.record
         rec.vm_state, rec.task_state, rec.power_state, rec.updated_at = "deleted", None, "nostate", now()
