@@ -410,3 +410,22 @@ def test_plugs_and_unplugs_queued_together_run_as_batches_and_a_bad_one_fails_al
     assert link_names() - before == set()
     assert rule_chains(lab.owner) == set()
     assert all(elems == [] for elems in elements(lab.owner).values()), elements(lab.owner)
+
+
+def test_a_tap_a_dead_run_marked_for_deletion_survives_the_next_batch_of_unplugs(lab: Lab) -> None:
+    owners = [f"{i:08d}-2222-2222-2222-222222222222" for i in range(3)]
+    ports = [[port(f"10.0.0.{i + 1}", groups=[group(EGRESS_ALL)])] for i in range(3)]
+    plugged = [run(lab.net.plug(u, p))[0] for u, p in zip(owners, ports, strict=True)]
+    kept = plugged[0]
+    # The run died between marking the tap with the doomed group and deleting the group.
+    sh("ip", "link", "set", "dev", kept.tap, "group", str(lab.net.doomed_group))
+    lab.net.close()
+    lab.net = Network(lab.cfg)
+    run(lab.net.reconcile({u: p for u, p in zip(owners, ports, strict=True)}))
+
+    async def unplug_two() -> None:
+        await asyncio.gather(lab.net.unplug(owners[1]), lab.net.unplug(owners[2]))
+
+    run(unplug_two())  # one batch: its taps are deleted by group
+    assert kept.tap in link_names(), "reconciliation took the wanted tap out of the doomed group"
+    assert [p.port_id for p in lab.net.plugged()] == [ports[0][0]["id"]]

@@ -812,9 +812,14 @@ class _RawLinks:
                 offset += max(length, 16)
 
     def set_up(self, index: int, *, master: int, mtu: int, address: str, alias: str) -> None:
-        """Give a link its master, MTU, MAC and alias and bring it up, in one request."""
+        """Give a link its master, MTU, MAC and alias and bring it up, in one request.
+
+        The link also goes (back) to group 0: a tap marked for deletion by a run that died
+        before deleting it must not go with the next group deletion once it is wanted again.
+        """
         attrs = (
             _nla(_IFLA_MASTER, struct.pack("=I", master))
+            + _nla(_IFLA_GROUP, struct.pack("=I", 0))
             + _nla(_IFLA_MTU, struct.pack("=I", mtu))
             + _nla(_IFLA_ADDRESS, bytes.fromhex(address.replace(":", "")))
             + _nla(_IFLA_IFALIAS, alias.encode() + b"\0")
@@ -938,6 +943,15 @@ class Network:
         """The VLAN sub-interface of the physical interface for ``vlan``."""
         name = f"{self.cfg.physical_interface}.{vlan}"
         return name if len(name) <= IFNAMSIZ else f"{self.cfg.owner[:6]}v{vlan}"
+
+    @property
+    def doomed_group(self) -> int:
+        """The link group this agent puts its links in just before deleting them by group.
+
+        A hash of the owner tag in 2**30..2**31-1: clear of the default group 0 and of the small
+        numbers administrators use, and within what ``ip link ... group N`` accepts."""
+        digest = int.from_bytes(hashlib.blake2b(self.cfg.owner.encode(), digest_size=4).digest())
+        return digest & 0x3FFFFFFF | 1 << 30
 
     def _alias(self, kind: str, *parts: str) -> str:
         return ":".join((self.cfg.owner, kind, *parts))
@@ -1197,9 +1211,7 @@ class Network:
     @property
     def _links(self) -> _RawLinks:
         if self._raw is None:
-            # Links about to be deleted carry this group (see _RawLinks.delete_many).
-            group = int.from_bytes(hashlib.blake2b(self.cfg.owner.encode(), digest_size=4).digest()) | 1 << 31
-            self._raw = _RawLinks(group)
+            self._raw = _RawLinks(self.doomed_group)
         return self._raw
 
     @property
@@ -1301,7 +1313,7 @@ class Network:
         assert link is not None
         if link.get("ifalias") != alias:
             raise Conflict(f"{tap} exists and is not this port's tap", {"field": "id", "reason": "tap name in use"})
-        wanted = {"ifalias": alias, "address": address, "mtu": mtu, "master": bridge_index}
+        wanted = {"ifalias": alias, "address": address, "mtu": mtu, "master": bridge_index, "group": 0}
         if any(link.get(k) != v for k, v in wanted.items()) or not link["flags"] & _IFF_UP:
             self._links.set_up(link["index"], master=bridge_index, mtu=mtu, address=address, alias=alias)
         return tap
