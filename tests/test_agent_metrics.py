@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixtures import free_port, raw_request, spawn_args, sub_socket
-from prometheus_client.parser import text_string_to_metric_families
+from agent_fixtures import free_port, raw_request, scrape, spawn_args, sub_socket
 
 from fastcompute.errors import NotFound
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
-    }
 
 
 def test_metrics_follow_requests_errors_instances_and_claims(make_agent: Any, image_file: Path) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid as uuid_mod
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixtures import AgentProcess, spawn_args
+from agent_fixtures import AgentProcess, free_port, scrape, spawn_args
 from network_fixtures import links
 
 from fastcompute.errors import BadRequest, Conflict, NotFound
@@ -30,12 +32,13 @@ def port(pid: str, mac: str, ip: str, net: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def net_agent(make_agent: Any) -> Any:
+@pytest.fixture(params=[""], ids=["plain"])
+def net_agent(make_agent: Any, request: pytest.FixtureRequest) -> Any:
+    """An agent with its own network names; ``request.param`` is more of its config."""
     tag = uuid_mod.uuid4().hex[:6]
     owner = f"fct{tag}"
     config = f'[network]\nowner = "{owner}"\nbridge_prefix = "b{tag}"\ntap_prefix = "t{tag[:3]}"\n'
-    agent = make_agent(config=config)
+    agent = make_agent(config=config + request.param)
     yield agent, owner, f"b{tag}", f"t{tag[:3]}"
     if agent.proc is not None and agent.proc.poll() is None:
         agent.terminate()
@@ -117,3 +120,26 @@ def test_a_port_given_to_an_instance_that_failed_to_plug_it_stays_its_own_until_
     assert rec["vm_state"] == "active"
     assert f"{tprefix}eeee5555"[:15] in links()
     agent.call("instance.delete", {"uuid": rec["uuid"]})
+
+
+METRICS_PORT = free_port()
+
+
+@pytest.mark.parametrize("net_agent", [f'[stats]\nmetrics = "127.0.0.1:{METRICS_PORT}"\n'], indirect=True)
+def test_spawns_at_once_are_plugged_in_batches_the_metrics_count(net_agent: Any, image_file: Path) -> None:
+    agent, owner, _bprefix, _tprefix = net_agent
+    ports = [port(f"ffff{i:04d}", f"52:54:00:77:01:{i:02x}", f"10.77.1.{i + 1}", "n6") for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        recs = list(pool.map(lambda p: agent.call("instance.spawn", spawn_args(image_file, wait=True, networks=[p])),
+                             ports))  # fmt: skip
+        assert all(r["vm_state"] == "active" for r in recs)
+        list(pool.map(lambda r: agent.call("instance.delete", {"uuid": r["uuid"]}), recs))
+    assert not any((link.get("ifalias") or "").startswith(owner + ":") for link in links().values())
+    time.sleep(0.2)
+    m = scrape(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+    for kind in ("plug", "unplug"):
+        changes = m[("fastcompute_network_batch_size_sum", (("kind", kind),))]
+        batches = m[("fastcompute_network_batch_size_count", (("kind", kind),))]
+        assert changes == 12, f"every {kind} is counted once"
+        assert 1 <= batches <= 12
+        assert m[("fastcompute_network_batch_duration_seconds_count", (("kind", kind),))] == batches

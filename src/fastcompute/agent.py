@@ -150,6 +150,7 @@ class Agent:
         self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
         self.images.on_lookup = self.metrics.image_cache
         self.network = Network(cfg.network, self.io_pool)
+        self.network.on_batch = self.metrics.observe_network_batch
         manager = Manager(cfg, self.store, self.driver, self.images, self.network, server.publish)
         self.manager = manager
         await self.driver.connect(manager.on_power_event)

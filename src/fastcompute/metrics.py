@@ -1,8 +1,9 @@
 """Prometheus metrics of the agent, on their own registry, served over HTTP.
 
 One :class:`Metrics` object per agent holds every series; the server, the manager, the image
-cache and the stats collector call its small methods (``observe_request``, ``set_instances``,
-``set_resources``, ``image_cache``, ``observe_sampler``, ``observe_loop_lag``).
+cache, the network and the stats collector call its small methods (``observe_request``,
+``set_instances``, ``set_resources``, ``image_cache``, ``observe_network_batch``,
+``observe_sampler``, ``observe_loop_lag``).
 :func:`start_http_server` serves ``/metrics`` from a thread (loopback by default) and returns a
 handle to stop it; :func:`loop_lag_probe` is a coroutine that measures how late the event loop
 wakes up.
@@ -26,6 +27,8 @@ _LATENCY_BUCKETS = (
 )
 _LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SAMPLER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_BATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -64,6 +67,14 @@ class Metrics:
         self.image_cache_lookups = Counter(
             "fastcompute_image_cache_lookups", "Base-image cache lookups, by result (hit or miss)",
             ["result"], registry=r,
+        )
+        self.network_batch_size = Histogram(
+            "fastcompute_network_batch_size", "Changes run together by the network (plug, unplug, other)",
+            ["kind"], buckets=_BATCH_SIZE_BUCKETS, registry=r,
+        )
+        self.network_batch_seconds = Histogram(
+            "fastcompute_network_batch_duration_seconds", "Time of one batch of network changes",
+            ["kind"], buckets=_BATCH_BUCKETS, registry=r,
         )
         self.sampler_seconds = Histogram(
             "fastcompute_sampler_duration_seconds", "Time of one cgroup sampling pass",
@@ -112,6 +123,11 @@ class Metrics:
     def image_cache(self, hit: bool) -> None:
         """One base-image cache lookup, a hit or a miss."""
         self.image_cache_lookups.labels("hit" if hit else "miss").inc()
+
+    def observe_network_batch(self, kind: str, size: int, seconds: float) -> None:
+        """The network ran ``size`` changes of ``kind`` as one batch in ``seconds``."""
+        self.network_batch_size.labels(kind).observe(size)
+        self.network_batch_seconds.labels(kind).observe(seconds)
 
     def observe_sampler(self, seconds: float, cgroups: int) -> None:
         """One sampling pass took ``seconds`` and read ``cgroups`` cgroups."""

@@ -47,6 +47,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -920,6 +921,7 @@ class Network:
         self._ports: dict[str, _Plugged] = {}
         self._of: dict[str, dict[str, _Plugged]] = {}  # instance uuid -> its ports, by id
         self._index = PortIndex()  # the plugged ports, and those of the batch being plugged
+        self.on_batch: Callable[[str, int, float], object] | None = None  # (kind, changes, seconds)
         self._chain_ids: dict[tuple[str, str], int] = {}  # rule chain -> number in its mark
         self._foreign_ids: set[int] = set()  # numbers of chains of ports we were not told about
         self._chain_refs: Counter[tuple[str, str]] = Counter()
@@ -1096,6 +1098,7 @@ class Network:
             while kind != "other" and self._queue and self._queue[0].kind == kind:
                 batch.append(self._queue.popleft())
             live = [c for c in batch if not c.done.done()]
+            started = time.monotonic()
             try:
                 if not live:
                     continue
@@ -1114,6 +1117,8 @@ class Network:
                         _settle(c, exc)
                     self._queue.clear()
                     raise
+            if live and self.on_batch is not None:
+                self.on_batch(kind, len(live), time.monotonic() - started)
 
     def _plugged_for(self, instance_uuid: str, port: Port) -> _Plugged:
         mtu = port.network.mtu or self.cfg.default_mtu
