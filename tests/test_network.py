@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from network_fixtures import (
@@ -21,6 +23,7 @@ from network_fixtures import (
     elements,
     group,
     link_names,
+    links,
     make_lab,
     mentions,
     port,
@@ -429,3 +432,65 @@ def test_a_tap_a_dead_run_marked_for_deletion_survives_the_next_batch_of_unplugs
     run(unplug_two())  # one batch: its taps are deleted by group
     assert kept.tap in link_names(), "reconciliation took the wanted tap out of the doomed group"
     assert [p.port_id for p in lab.net.plugged()] == [ports[0][0]["id"]]
+
+
+def test_concurrent_waves_of_changes_end_as_the_same_changes_one_by_one(lab: Lab) -> None:
+    """Plugs, unplugs and group changes sent in waves of concurrent calls (so that they batch)
+    give the answers and leave the ports, taps, set elements and chains that the same calls
+    made one by one, in the order sent, would (a model of the host says what those are)."""
+    rng = random.Random(20261124)
+    instances = [f"{i:08d}-3333-3333-3333-333333333333" for i in range(5)]
+    addresses = [f"10.0.0.{i}" for i in range(1, 9)]  # few, so that plugs collide
+    rule_sets = [[group(EGRESS_ALL)], [group(EGRESS_ALL, rule("ingress", "icmp"))], [group(rule("ingress", "tcp", 22))]]
+    model: dict[str, tuple[str, dict]] = {}  # port id -> (instance, the port as sent)
+
+    def wave_of_calls() -> tuple[list[Any], list[type[BaseException] | None]]:
+        calls: list[Any] = []
+        expected: list[type[BaseException] | None] = []
+        for _ in range(rng.randint(4, 9)):
+            kind = rng.choice(["plug", "plug", "plug", "unplug", "unplug_port", "groups"])
+            u = rng.choice(instances)
+            if kind == "plug":
+                p = port(rng.choice(addresses), groups=rng.choice(rule_sets))
+                taken = any(q["fixed_ips"] == p["fixed_ips"] for _, q in model.values())
+                if not taken:
+                    model[p["id"]] = (u, p)
+                calls.append(lab.net.plug(u, [p]))
+                expected.append(Conflict if taken else None)
+            elif kind == "unplug":
+                for pid in [pid for pid, (owner, _) in model.items() if owner == u]:
+                    del model[pid]
+                calls.append(lab.net.unplug(u))
+                expected.append(None)
+            elif model:
+                pid = rng.choice(sorted(model))
+                owner, p = model[pid]
+                if kind == "unplug_port":
+                    del model[pid]
+                    calls.append(lab.net.unplug(owner, [pid]))
+                else:
+                    model[pid] = (owner, dict(p, security_groups=rng.choice(rule_sets)))
+                    calls.append(lab.net.set_security_groups(pid, model[pid][1]["security_groups"]))
+                expected.append(None)
+        return calls, expected
+
+    for _ in range(10):
+        calls, expected = wave_of_calls()
+
+        async def send(calls: list[Any] = calls) -> list[Any]:
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        for got, want in zip(run(send()), expected, strict=True):
+            if want is None:
+                assert not isinstance(got, BaseException), got
+            else:
+                assert isinstance(got, want), got
+        assert {p.port_id for p in lab.net.plugged()} == set(model)
+        taps = {lab.net.tap_name(pid) for pid in model}
+        ours = {n for n, link in links().items() if (link.get("ifalias") or "").startswith(lab.owner + ":tap:")}
+        assert ours == taps
+        macs = {tuple(e["concat"]) for e in elements(lab.owner).get("port_mac", [])}
+        assert macs == {(lab.net.tap_name(pid), p["mac"]) for pid, (_, p) in model.items()}
+        decoded = decode_ports([p for _, p in model.values()])
+        assert rule_chains(lab.owner) == {sg_chain(d.security_groups, way)[0] for d in decoded
+                                          for way in ("egress", "ingress")}  # fmt: skip

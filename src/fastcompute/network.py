@@ -229,7 +229,9 @@ class PortIndex:
     A port is checked against it in time independent of how many ports the host has: the
     check used to walk every plugged port, 2.6 ms a spawn at 1,000 ports, so a boot storm's
     validation grew with the square of its size. Holders carry the instance that owns them
-    (None when unknown), so an instance's own ports are not conflicts for it.
+    (None when unknown), so that a port plugged again for its own instance (a retried spawn)
+    is not a conflict with itself; another port of the same instance with its MAC or an
+    address is one, as a second holder could not be told apart when one of them leaves.
     """
 
     def __init__(self, ports: Iterable[tuple[str | None, Port]] = ()) -> None:
@@ -262,23 +264,24 @@ class PortIndex:
                 del table[key]
 
     def check(self, port: Port, instance_uuid: str | None = None) -> None:
-        """Raise Conflict when another instance's port holds this port's id, MAC or an address."""
+        """Raise Conflict when another port holds this port's MAC or an address, or another
+        instance holds its id; the port itself, held by ``instance_uuid``, is a retry."""
 
-        def other(owner: str | None) -> bool:
-            return instance_uuid is None or owner != instance_uuid
+        def other(holder: tuple[str, str | None]) -> bool:
+            return instance_uuid is None or holder != (port.id, instance_uuid)
 
-        if port.id in self._ids and other(self._ids[port.id]):
+        if port.id in self._ids and other((port.id, self._ids[port.id])):
             raise Conflict(f"port {port.id} is already plugged on this host", {"field": "id", "reason": "in use"})
         mac, ips = self._keys(port)
         holder = self._macs.get(mac)
-        if holder is not None and other(holder[1]):
+        if holder is not None and other(holder):
             raise Conflict(
                 f"MAC {mac[1]} is already used on network {mac[0]} by port {holder[0]}",
                 {"field": "mac", "reason": "in use", "port_id": holder[0]},
             )
         for key in ips:
             holder = self._ips.get(key)
-            if holder is not None and other(holder[1]):
+            if holder is not None and other(holder):
                 raise Conflict(
                     f"IP {key[1]} is already used on network {key[0]} by port {holder[0]}",
                     {"field": "fixed_ips", "reason": "in use", "port_id": holder[0]},
