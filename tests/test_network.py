@@ -494,3 +494,18 @@ def test_concurrent_waves_of_changes_end_as_the_same_changes_one_by_one(lab: Lab
         decoded = decode_ports([p for _, p in model.values()])
         assert rule_chains(lab.owner) == {sg_chain(d.security_groups, way)[0] for d in decoded
                                           for way in ("egress", "ingress")}  # fmt: skip
+
+
+def test_a_failing_batch_observer_does_not_stop_the_changes_behind_it(lab: Lab) -> None:
+    def broken(kind: str, changes: int, seconds: float) -> None:
+        raise RuntimeError("metrics are down")
+
+    lab.net.on_batch = broken
+    first, second = "aaaaaaaa-0000-0000-0000-000000000001", "aaaaaaaa-0000-0000-0000-000000000002"
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(lab.net.plug(first, [port("10.0.0.1")]), lab.net.unplug(first),
+                                    lab.net.plug(second, [port("10.0.0.2")]))  # fmt: skip
+
+    run(asyncio.wait_for(both(), 30))
+    assert [p.port_id for p in lab.net.plugged(second)] and not lab.net.plugged(first)

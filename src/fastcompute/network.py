@@ -42,6 +42,7 @@ import fcntl
 import functools
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -60,6 +61,7 @@ from .config import NetworkConfig
 from .errors import AgentError, BadRequest, Conflict, NotFound
 from .nftables import Nft, NftError
 
+log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 IFNAMSIZ: Final = 15
 _IFF_UP: Final = 1
@@ -1121,7 +1123,10 @@ class Network:
                     self._queue.clear()
                     raise
             if live and self.on_batch is not None:
-                self.on_batch(kind, len(live), time.monotonic() - started)
+                try:
+                    self.on_batch(kind, len(live), time.monotonic() - started)
+                except Exception:  # a metrics failure must not stop the queue behind it
+                    log.exception("network batch observer failed")
 
     def _plugged_for(self, instance_uuid: str, port: Port) -> _Plugged:
         mtu = port.network.mtu or self.cfg.default_mtu
