@@ -40,10 +40,10 @@ STORM = 1000
 STORM_ROUNDS = 5
 # The target. The agent's state (SQLite, instance disks) is on tmpfs for the gated
 # rounds: see bench/conftest.py for why the root file system here would measure the disk, not
-# the agent (its rate there is printed too). Measured 0.45-0.50 in clean CI runs.
+# the agent (its rate there is printed too). Measured 0.43-0.50 in clean CI runs.
 STORM_GATE = 0.40
 # A plug is ~0.3 ms of kernel work (tap, enslaving, nftables commit) in the network's one
-# worker thread, against ~0.4 ms for a whole spawn without ports: measured 0.35-0.40. When the
+# worker thread, against ~0.4 ms for a whole spawn without ports: measured 0.38-0.44. When the
 # conflict check walked every plugged port, a storm of 1,000 ran at 0.14.
 NET_STORM_GATE = 0.25
 NET_ROUNDS = 3
