@@ -26,7 +26,7 @@ import pytest
 import zmq
 from agent_fixtures import AgentProcess, free_port, spawn_args
 from hosts import write_test_host
-from network_fixtures import links
+from network_fixtures import EGRESS_ALL, group, links, port, rule
 
 from fastcompute import numa
 from fastcompute.client import AsyncClient, Client
@@ -151,11 +151,8 @@ def _raw_storm(uri: str, workdir: Path, n: int) -> float:
 
 
 def _port(i: int) -> dict[str, Any]:
-    return {"id": f"p{i:05d}", "mac": f"fa:16:3e:00:{i >> 8:02x}:{i & 255:02x}", "network": {"id": "storm"},
-            "fixed_ips": [{"ip": f"10.66.{i >> 8}.{i & 255}", "prefix": 16}],
-            "security_groups": [{"id": "web", "rules": [{"direction": "egress"},
-                                                        {"direction": "ingress", "protocol": "tcp",
-                                                         "port_range_min": 80, "port_range_max": 80}]}]}  # fmt: skip
+    web = group(EGRESS_ALL, rule("ingress", "tcp", 80), gid="web")
+    return port(f"10.66.{i >> 8}.{i & 255}", network="storm", prefix=16, groups=[web])
 
 
 async def _agent_storm(endpoint: str, image: Path, n: int, *, ports: bool = False) -> float:
