@@ -38,6 +38,7 @@ from network_fixtures import (
 
 from fastcompute.errors import AgentError, BadRequest, Conflict, NotFound
 from fastcompute.network import Network, decode_ports, sg_chain
+from fastcompute.nftables import NftError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bridges, namespaces and nftables need root")
 
@@ -509,3 +510,23 @@ def test_a_failing_batch_observer_does_not_stop_the_changes_behind_it(lab: Lab) 
 
     run(asyncio.wait_for(both(), 30))
     assert [p.port_id for p in lab.net.plugged(second)] and not lab.net.plugged(first)
+
+
+def test_plugs_whose_transaction_the_kernel_refuses_fail_and_leave_no_tap(lab: Lab) -> None:
+    instances = [f"{i:08d}-4444-4444-4444-444444444444" for i in range(4)]
+    first = port("10.0.0.1", groups=[group(EGRESS_ALL)])
+    run(lab.net.plug(instances[0], [first]))
+    before = link_names()
+    sh("nft", "delete", "table", "bridge", lab.owner)  # behind the agent's back
+
+    async def three_at_once() -> list[Any]:
+        plugs = [lab.net.plug(u, [port(f"10.0.0.{i + 2}", groups=[group(EGRESS_ALL)])])
+                 for i, u in enumerate(instances[1:])]  # fmt: skip
+        return await asyncio.gather(*plugs, return_exceptions=True)
+
+    results = run(three_at_once())
+    assert all(isinstance(r, NftError) for r in results), results
+    assert link_names() == before, "each refused plug took its tap back"
+    assert [p.port_id for p in lab.net.plugged()] == [p.port_id for p in lab.net.plugged(instances[0])]
+    run(lab.net.reconcile({instances[0]: [first]}))  # repairs the tables
+    assert run(lab.net.plug(instances[1], [port("10.0.0.2", groups=[group(EGRESS_ALL)])]))

@@ -25,10 +25,9 @@ _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )
-_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SAMPLER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-_BATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -74,7 +73,7 @@ class Metrics:
         )
         self.network_batch_seconds = Histogram(
             "fastcompute_network_batch_duration_seconds", "Time of one batch of network changes",
-            ["kind"], buckets=_BATCH_BUCKETS, registry=r,
+            ["kind"], buckets=_WAIT_BUCKETS, registry=r,
         )
         self.sampler_seconds = Histogram(
             "fastcompute_sampler_duration_seconds", "Time of one cgroup sampling pass",
@@ -85,7 +84,7 @@ class Metrics:
         )
         self.loop_lag = Histogram(
             "fastcompute_event_loop_lag_seconds", "How late the event loop ran a timed wake-up",
-            buckets=_LAG_BUCKETS, registry=r,
+            buckets=_WAIT_BUCKETS, registry=r,
         )
         self.loop_lag_last = Gauge(
             "fastcompute_event_loop_lag_last_seconds", "The last measured event loop lag",

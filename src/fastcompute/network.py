@@ -784,6 +784,10 @@ def _create_tap(name: str) -> bool:
         os.close(fd)
 
 
+# Every link the agent makes or re-makes goes (back) to the default group; see set_up.
+_GROUP_DEFAULT: Final = _nla(_IFLA_GROUP, struct.pack("=I", 0))
+
+
 class _RawLinks:
     """Link changes on the plug path, over a plain rtnetlink socket.
 
@@ -825,7 +829,7 @@ class _RawLinks:
         """
         attrs = (
             _nla(_IFLA_MASTER, struct.pack("=I", master))
-            + _nla(_IFLA_GROUP, struct.pack("=I", 0))
+            + _GROUP_DEFAULT
             + _nla(_IFLA_MTU, struct.pack("=I", mtu))
             + _nla(_IFLA_ADDRESS, bytes.fromhex(address.replace(":", "")))
             + _nla(_IFLA_IFALIAS, alias.encode() + b"\0")
@@ -843,14 +847,15 @@ class _RawLinks:
         for a tap here), so links deleted one by one cost that each. Marked with this agent's
         doomed group and deleted by group, they cost it once.
         """
+        if len(indexes) == 1:
+            with contextlib.suppress(OSError):
+                self.delete(indexes[0])
+            return
         marked = []
         for index in indexes:
             with contextlib.suppress(OSError):
-                if len(indexes) == 1:
-                    self.delete(index)
-                else:
-                    self._request(_RTM_NEWLINK, index, 0, self._doomed)
-                    marked.append(index)
+                self._request(_RTM_NEWLINK, index, 0, self._doomed)
+                marked.append(index)
         if marked:
             try:
                 self._request(_RTM_DELLINK, 0, 0, self._doomed)
@@ -1058,10 +1063,6 @@ class Network:
         if instance_uuid is None:
             return [self._answer(p) for p in self._ports.values()]
         return [self._answer(p) for p in self._of.get(instance_uuid, {}).values()]
-
-    def ports_of(self, instance_uuid: str) -> list[Port]:
-        """The Port records of an instance's plugged ports."""
-        return [p.port for p in self._of.get(instance_uuid, {}).values()]
 
     def close(self) -> None:
         """Close the netlink socket and the nftables context."""
@@ -1408,33 +1409,36 @@ class Network:
         and does not fail the others: when the joint transaction is refused, each plug's is
         tried on its own.
         """
-        failures: list[Exception | None] = []
-        made_by: list[list[str]] = []
-        for new in plugs:
-            made: list[str] = []
+        failures: list[Exception | None] = [None] * len(plugs)
+        made_by: list[list[str]] = [[] for _ in plugs]
+
+        def fail(i: int, exc: Exception) -> None:
+            self._delete_links(reversed(made_by[i]))
+            failures[i] = exc
+
+        for i, new in enumerate(plugs):
             try:
                 for p in new:
-                    self._ensure_link_of_port(p, made)
-                failures.append(None)
+                    self._ensure_link_of_port(p, made_by[i])
             except Exception as exc:
-                self._delete_links(reversed(made))
-                failures.append(exc)
-                made = []
-            made_by.append(made)
+                fail(i, exc)
         good = [i for i, failure in enumerate(failures) if failure is None and plugs[i]]
+        if not good:  # nothing new (a retried plug) or nothing left
+            return failures
         try:
             self._commit([p for i in good for p in plugs[i]])
-        except Exception as exc:
+        except Exception as joint:
+            if len(good) == 1:
+                fail(good[0], joint)
+                return failures
             committed: list[_Plugged] = []
             for i in good:
                 try:
-                    if len(good) == 1:
-                        raise exc
                     self._commit(plugs[i], committed)
-                    committed += plugs[i]
                 except Exception as own:
-                    self._delete_links(reversed(made_by[i]))
-                    failures[i] = own
+                    fail(i, own)
+                else:
+                    committed += plugs[i]
         return failures
 
     def _unplug_sync(self, gone: list[_Plugged], unknown: list[tuple[str, str]]) -> None:
