@@ -46,6 +46,16 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def run_together(*coros: Any, errors: bool = False) -> list[Any]:
+    """Run coroutines at once on one loop, so that the changes they queue batch; their results
+    in order (with ``errors``, exceptions among them instead of the first one raised)."""
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*coros, return_exceptions=errors)
+
+    return asyncio.run(together())
+
+
 def in_netns(ns: str, fn: Callable[[], T]) -> T:
     """Call ``fn`` in a thread that has joined namespace ``ns`` (sockets keep that namespace)."""
     box: dict[str, Any] = {}

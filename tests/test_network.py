@@ -31,6 +31,7 @@ from network_fixtures import (
     rule,
     rule_chains,
     run,
+    run_together,
     sh,
     tables,
     udp_frame,
@@ -378,13 +379,12 @@ def test_plugs_and_unplugs_queued_together_run_as_batches_and_a_bad_one_fails_al
     not_a_bridge = port("10.0.0.99", network="netx", groups=icmp)
     not_a_bridge["network"]["bridge"] = "lo"  # fails while its links are made, in the worker
 
-    async def storm() -> list[object]:
-        plugs = [lab.net.plug(u, [p]) for u, p in zip(instances, ports, strict=True)]
-        bad = [lab.net.plug("99999999-0000-0000-0000-000000000001", [clash]),
-               lab.net.plug("99999999-0000-0000-0000-000000000002", [not_a_bridge])]  # fmt: skip
-        return await asyncio.gather(*plugs, *bad, return_exceptions=True)
-
-    *good, clashed, broken = run(storm())
+    *good, clashed, broken = run_together(
+        *(lab.net.plug(u, [p]) for u, p in zip(instances, ports, strict=True)),
+        lab.net.plug("99999999-0000-0000-0000-000000000001", [clash]),
+        lab.net.plug("99999999-0000-0000-0000-000000000002", [not_a_bridge]),
+        errors=True,
+    )
     assert isinstance(clashed, Conflict) and clashed.details is not None
     assert clashed.details["port_id"] == ports[0]["id"]
     assert isinstance(broken, Conflict), "lo is not a bridge"
@@ -396,21 +396,14 @@ def test_plugs_and_unplugs_queued_together_run_as_batches_and_a_bad_one_fails_al
     a, b, c = (lab.guest_for(good[i][0], f"10.0.0.{i + 1}") for i in range(3))  # type: ignore[index]
     assert a.ping(b.ip) and b.ping(c.ip)
 
-    async def unplug_all_but_two() -> None:
-        await asyncio.gather(*(lab.net.unplug(u) for u in instances[:1] + instances[3:]))
-
-    run(unplug_all_but_two())
+    run_together(*(lab.net.unplug(u) for u in instances[:1] + instances[3:]))
     assert {p.port_id for p in lab.net.plugged()} == {ports[1]["id"], ports[2]["id"]}
     assert link_names() - before == {good[i][0].tap for i in (1, 2)} | {good[0][0].bridge}  # type: ignore[index]
     assert b.ping(c.ip), "the ports left keep their links and rules"
     assert not mentions(lab.owner, good[0][0].tap)  # type: ignore[index]
     run(lab.net.plug("99999999-0000-0000-0000-000000000001", [clash]))  # its address is free now
     run(lab.net.unplug("99999999-0000-0000-0000-000000000001"))
-
-    async def unplug_the_rest() -> None:
-        await asyncio.gather(lab.net.unplug(instances[1]), lab.net.unplug(instances[2]))
-
-    run(unplug_the_rest())
+    run_together(lab.net.unplug(instances[1]), lab.net.unplug(instances[2]))
     assert link_names() - before == set()
     assert rule_chains(lab.owner) == set()
     assert all(elems == [] for elems in elements(lab.owner).values()), elements(lab.owner)
@@ -426,11 +419,7 @@ def test_a_tap_a_dead_run_marked_for_deletion_survives_the_next_batch_of_unplugs
     lab.net.close()
     lab.net = Network(lab.cfg)
     run(lab.net.reconcile({u: p for u, p in zip(owners, ports, strict=True)}))
-
-    async def unplug_two() -> None:
-        await asyncio.gather(lab.net.unplug(owners[1]), lab.net.unplug(owners[2]))
-
-    run(unplug_two())  # one batch: its taps are deleted by group
+    run_together(lab.net.unplug(owners[1]), lab.net.unplug(owners[2]))  # one batch: deleted by group
     assert kept.tap in link_names(), "reconciliation took the wanted tap out of the doomed group"
     assert [p.port_id for p in lab.net.plugged()] == [ports[0][0]["id"]]
 
@@ -477,11 +466,7 @@ def test_concurrent_waves_of_changes_end_as_the_same_changes_one_by_one(lab: Lab
 
     for _ in range(10):
         calls, expected = wave_of_calls()
-
-        async def send(calls: list[Any] = calls) -> list[Any]:
-            return await asyncio.gather(*calls, return_exceptions=True)
-
-        for got, want in zip(run(send()), expected, strict=True):
+        for got, want in zip(run_together(*calls, errors=True), expected, strict=True):
             if want is None:
                 assert not isinstance(got, BaseException), got
             else:
@@ -519,12 +504,10 @@ def test_plugs_whose_transaction_the_kernel_refuses_fail_and_leave_no_tap(lab: L
     before = link_names()
     sh("nft", "delete", "table", "bridge", lab.owner)  # behind the agent's back
 
-    async def three_at_once() -> list[Any]:
-        plugs = [lab.net.plug(u, [port(f"10.0.0.{i + 2}", groups=[group(EGRESS_ALL)])])
-                 for i, u in enumerate(instances[1:])]  # fmt: skip
-        return await asyncio.gather(*plugs, return_exceptions=True)
-
-    results = run(three_at_once())
+    results = run_together(
+        *(lab.net.plug(u, [port(f"10.0.0.{i + 2}", groups=[group(EGRESS_ALL)])]) for i, u in enumerate(instances[1:])),
+        errors=True,
+    )
     assert all(isinstance(r, NftError) for r in results), results
     assert link_names() == before, "each refused plug took its tap back"
     assert [p.port_id for p in lab.net.plugged()] == [p.port_id for p in lab.net.plugged(instances[0])]
