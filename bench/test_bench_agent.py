@@ -15,7 +15,6 @@ import asyncio
 import multiprocessing
 import os
 import statistics
-import subprocess
 import time
 import uuid as uuid_mod
 from pathlib import Path
@@ -26,7 +25,7 @@ import pytest
 import zmq
 from agent_fixtures import AgentProcess, free_port, spawn_args
 from hosts import write_test_host
-from network_fixtures import EGRESS_ALL, group, links, port, rule
+from network_fixtures import EGRESS_ALL, group, port, remove_owned, rule
 
 from fastcompute import numa
 from fastcompute.client import AsyncClient, Client
@@ -220,11 +219,7 @@ def test_storm_with_a_port_each_vs_without(make_memory_agent: Any, tmp_path: Pat
             networked.append(asyncio.run(_agent_storm(agent.control, image, STORM, ports=True)))
     finally:
         agent.terminate()
-        for name, link in links().items():
-            if (link.get("ifalias") or "").startswith(owner + ":"):
-                subprocess.run(["ip", "link", "del", name], check=False)
-        for family in ("bridge", "inet"):
-            subprocess.run(["nft", "delete", "table", family, owner], check=False, capture_output=True)
+        remove_owned(owner)
     ratio = statistics.median(networked) / statistics.median(plain)
     print(f"\nstorm of {STORM} with a port each: {statistics.median(networked):.0f} spawns/s to active, without "
           f"ports {statistics.median(plain):.0f}/s, ratio {ratio:.2f} (gate >= {NET_STORM_GATE})")  # fmt: skip

@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -269,12 +269,18 @@ class Lab:
         self.net.close()
         for ns in self.namespaces:
             sh("ip", "netns", "del", ns, check=False)
-        for link in json.loads(sh("ip", "-j", "link", "show").stdout):
-            alias = link.get("ifalias", "")
-            if alias.startswith(self.owner + ":") or link["ifname"] in self.extra_links:
-                sh("ip", "link", "del", link["ifname"], check=False)
-        for family in ("bridge", "inet"):
-            sh("nft", "delete", "table", family, self.owner, check=False)
+        remove_owned(self.owner, self.extra_links)
+
+
+def remove_owned(owner: str, extra_links: Iterable[str] = ()) -> None:
+    """Delete the links whose alias carries ``owner``'s tag (and ``extra_links``) and both of
+    ``owner``'s nftables tables: what a test's network or agent made, whatever state it is in."""
+    extra = set(extra_links)
+    for link in json.loads(sh("ip", "-j", "link", "show").stdout):
+        if link.get("ifalias", "").startswith(owner + ":") or link["ifname"] in extra:
+            sh("ip", "link", "del", link["ifname"], check=False)
+    for family in ("bridge", "inet"):
+        sh("nft", "delete", "table", family, owner, check=False)
 
 
 def port(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from agent_fixtures import AgentProcess, free_port, scrape, spawn_args
-from network_fixtures import links
+from network_fixtures import links, remove_owned
 
 from fastcompute.errors import BadRequest, Conflict, NotFound
 
@@ -42,12 +42,7 @@ def net_agent(make_agent: Any, request: pytest.FixtureRequest) -> Any:
     yield agent, owner, f"b{tag}", f"t{tag[:3]}"
     if agent.proc is not None and agent.proc.poll() is None:
         agent.terminate()
-    for name, link in links().items():
-        if (link.get("ifalias") or "").startswith(owner + ":"):
-            subprocess.run(["ip", "link", "del", name], check=False)
-    for family, name in nft_tables():
-        if name == owner:
-            subprocess.run(["nft", "delete", "table", family, name], check=False)
+    remove_owned(owner)
 
 
 def test_spawn_plugs_ports_and_delete_removes_exactly_them(net_agent: Any, image_file: Path) -> None:
