@@ -7,8 +7,9 @@ Links are made through netlink (pyroute2); every link the agent makes carries an
 ``<owner>:<kind>:...`` so that unplugging and reconciliation remove only what the agent made.
 
 Security groups live in two nftables tables named ``<owner>`` (families ``bridge`` and
-``inet``), changed by one atomic transaction per change through the in-process libnftables
-binding. The kernel has no bridge-family conntrack here, so the work is split in two:
+``inet``), changed by one atomic transaction per batch of changes (one plug or unplug alone,
+or all of those queued together in a storm) through the in-process libnftables binding. The
+kernel has no bridge-family conntrack here, so the work is split in two:
 
 * The bridge table sees bridge ports. ``prerouting`` writes into the packet mark the number
   of the sending port's egress rule chain (map ``egress_mark``, keyed by input interface) and
