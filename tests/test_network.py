@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -108,6 +109,55 @@ def test_spoofed_source_ip_and_mac_are_dropped(lab: Lab) -> None:
         a.raw_send(udp_frame(b.mac, b.mac, b.ip, b.ip, 5000, b"forged-both"))
         got = received(sink)
     assert got == [b"honest"]
+
+
+def test_networks_with_the_same_addresses_do_not_share_connection_state(lab: Lab) -> None:
+    # Two tenants' networks use the same addresses and MACs. Network A's answered UDP flow
+    # must not let network B's identical packets in as "established": B's server allows no UDP.
+    guests = {}
+    for net, server_groups in (("netA", [group(EGRESS_ALL, rule("ingress", "udp", 53))]),
+                               ("netB", [group(EGRESS_ALL, rule("ingress", "tcp", 22))])):  # fmt: skip
+        client = port("10.0.0.1", network=net, groups=[group(EGRESS_ALL)])
+        plugged = run(lab.net.plug(str(uuid.uuid4()), [client, port("10.0.0.2", network=net, groups=server_groups)]))
+        guests[net] = (lab.guest_for(plugged[0], "10.0.0.1"), lab.guest_for(plugged[1], "10.0.0.2"))
+    (a_client, a_server), (b_client, b_server) = guests["netA"], guests["netB"]
+    with a_client.listen(5000, socket.SOCK_DGRAM) as a_out, a_server.listen(53, socket.SOCK_DGRAM) as a_in:
+        a_out.sendto(b"query", (a_server.ip, 53))
+        a_in.settimeout(1)
+        _, sender = a_in.recvfrom(100)
+        a_in.sendto(b"answer", sender)
+        assert received(a_out) == [b"answer"], "network A's flow is allowed both ways"
+        a_out.sendto(b"again", (a_server.ip, 53))
+        assert received(a_in) == [b"again"]
+        with b_client.listen(5000, socket.SOCK_DGRAM) as b_out, b_server.listen(53, socket.SOCK_DGRAM) as b_in:
+            b_out.sendto(b"intruder", (b_server.ip, 53))
+            assert received(b_in) == [], "network B's server allows no UDP in"
+    with b_server.listen(22):
+        conn = b_client.connect(b_server.ip, 22)
+        assert conn is not None, "network B itself works"
+        conn.close()
+
+
+def test_the_host_and_a_port_talk_both_ways_through_the_bridge(lab: Lab) -> None:
+    # The host's packets into a bridge take the bridge's conntrack zone as the replies coming
+    # out of it do; were they in different zones, every reply would look like a new packet.
+    server = port("10.254.77.2", groups=[group(EGRESS_ALL, rule("ingress", "tcp", 8080))])
+    plugged = run(lab.net.plug(str(uuid.uuid4()), [server]))
+    guest = lab.guest_for(plugged[0], "10.254.77.2")
+    sh("ip", "addr", "add", "10.254.77.1/24", "dev", plugged[0].bridge)
+    with guest.listen(8080) as server, socket.create_connection((guest.ip, 8080), timeout=2) as to_guest:
+        accepted, _ = server.accept()
+        with accepted:
+            to_guest.sendall(b"ping")
+            assert accepted.recv(10) == b"ping"
+            accepted.sendall(b"pong")
+            assert to_guest.recv(10) == b"pong"
+    with socket.socket() as host_server:
+        host_server.bind(("10.254.77.1", 0))
+        host_server.listen(1)
+        conn = guest.connect("10.254.77.1", host_server.getsockname()[1], timeout=2)
+        assert conn is not None, "the guest reaches the host"
+        conn.close()
 
 
 def _arp_request(sender_mac: str, sender_ip: str, target_ip: str) -> bytes:
@@ -289,6 +339,37 @@ def test_reconcile_removes_strays_remakes_missing_and_is_idempotent(lab: Lab) ->
     assert b.ping(a.ip) is False, "b has no egress rule after reconciliation either"
     run(restarted.set_security_groups(b.plugged.port_id, [group(EGRESS_ALL)]))
     assert b.ping(a.ip), "the re-made ingress chain of a allows ICMP again"
+
+
+def _zones(owner: str) -> dict[str, str]:
+    """Bridge -> the chain that sets its conntrack zone, as the owner's zones map holds them."""
+    return {bridge: verdict["jump"]["target"] for bridge, verdict in elements(owner).get("zones", [])}
+
+
+def _zone_chains(owner: str) -> set[str]:
+    names = (o.get("chain", {}).get("name", "") for o in tables(owner).get("inet", []))
+    return {name for name in names if name.startswith("zone-")}
+
+
+def test_each_bridge_keeps_its_zone_across_a_restart_and_loses_it_with_its_last_port(lab: Lab) -> None:
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    pa, pb = port("10.0.0.1", groups=[group(EGRESS_ALL)]), port("10.0.0.1", network="net2", groups=[group(EGRESS_ALL)])
+    a = run(lab.net.plug(first, [pa, port("10.0.0.2", security=False)]))
+    b = run(lab.net.plug(second, [pb]))
+    zones = _zones(lab.owner)
+    assert set(zones) == {a[0].bridge, b[0].bridge} and len(set(zones.values())) == 2, zones
+    assert _zone_chains(lab.owner) == set(zones.values())
+
+    lab.net.close()
+    restarted = Network(lab.cfg)
+    lab.net = restarted
+    # The restarted agent meets the second bridge first: it keeps the zone the tables give it
+    # (its connections keep their state), and the first bridge's zone goes with its ports.
+    run(restarted.reconcile({second: decode_ports([pb])}))
+    assert _zones(lab.owner) == {b[0].bridge: zones[b[0].bridge]}
+    assert _zone_chains(lab.owner) == {zones[b[0].bridge]}
+    run(restarted.unplug(second))
+    assert _zones(lab.owner) == {} and _zone_chains(lab.owner) == set()
 
 
 def test_plugging_again_for_the_same_instance_is_a_no_op(lab: Lab) -> None:

@@ -108,6 +108,7 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     bridge_prefix: Annotated[str, _doc("Name prefix of the bridges made for networks without a given bridge (Neutron's brq)")] = "brq"
     tap_prefix: Annotated[str, _doc("Name prefix of port taps; the rest of the 15 characters is the port id (os-vif's tap)")] = "tap"
     owner: Annotated[str, _doc("Name of the agent's nftables tables (bridge and inet) and the tag in the alias of every link it makes; only those are ever removed")] = "fastcompute"
+    conntrack_zones_from: Annotated[int, msgspec.Meta(ge=0, le=65535), _doc("Connection tracking zones: each bridge with ports gets its own, numbered up from here, so that networks with the same addresses never share connection state; 0 = no zones (all networks share one)")] = 4096
 
 
 class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

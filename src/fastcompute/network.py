@@ -358,10 +358,22 @@ _SETS: Final[dict[SetKey, dict[str, Any]]] = {
     ("bridge", "ingress_mark"): {"type": "ifname", "map": "mark"},
     ("inet", "egress"): {"type": "mark", "map": "verdict"},
     ("inet", "ingress"): {"type": "mark", "map": "verdict"},
+    # bridge -> jump to the chain that sets its conntrack zone
+    ("inet", "zones"): {"type": "ifname", "map": "verdict"},
 }
+ZONES: Final[SetKey] = ("inet", "zones")
 _BASE_CHAINS: Final = frozenset(
-    {("bridge", "prerouting"), ("bridge", "forward"), ("bridge", "spoof"), ("inet", "prerouting"), ("inet", "forward")}
+    {
+        ("bridge", "prerouting"),
+        ("bridge", "forward"),
+        ("bridge", "spoof"),
+        ("inet", "zone_in"),
+        ("inet", "zone_out"),
+        ("inet", "prerouting"),
+        ("inet", "forward"),
+    }
 )
+_ZONE_CHAIN: Final = "zone-"
 
 
 def _meta(key: str) -> dict[str, Any]:
@@ -475,8 +487,11 @@ def number_chains(ports: Iterable[Port]) -> dict[tuple[str, str], int]:
     return ids
 
 
-def ruleset(table: str, ports: Iterable[tuple[Port, str]]) -> list[dict[str, Any]]:
-    """One transaction that replaces both tables with the rules of ``(port, tap)`` pairs.
+def ruleset(
+    table: str, ports: Iterable[tuple[Port, str]], zones: Mapping[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """One transaction that replaces both tables with the rules of ``(port, tap)`` pairs and
+    the conntrack ``zones`` of bridges.
 
     What the agent sends when it finds its tables missing or of another layout, e.g. at the
     first start-up with instances to restore.
@@ -493,8 +508,11 @@ def ruleset(table: str, ports: Iterable[tuple[Port, str]]) -> list[dict[str, Any
     cmds = render.rebuild()
     for key, rules in chains.items():
         # The chain without its map entry: the entries go in one command per map below.
-        cmds += render.chain(*key, rules, ids[key], exists=False)[:-1]
+        cmds += render.chain_body(*key, rules, exists=False)
         elements[render.verdict_map(key[1])].add(render.verdict(key[1], ids[key]))
+    for bridge, zone in (zones or {}).items():
+        cmds += render.zone_chain(zone, exists=False)
+        elements[ZONES].add(render.zone_elem(bridge, zone))
     for key, members in elements.items():
         cmds += render.elements("add", key, members)
     return cmds
@@ -633,7 +651,14 @@ class Renderer:
                 rule({"vmap": {"key": mark, "data": "@" + verdict_map}}),
             ]
 
+        # Conntrack zones, set before conntrack (-200) looks packets up. Bridged packets reach
+        # these hooks (through br_netfilter) with the bridge as their input interface, whichever
+        # port they came in by; packets the host sends into a bridge have it as output.
         inet = [
+            chain("inet", "zone_in", "prerouting", -300),
+            self._rule("inet", "zone_in", [{"vmap": {"key": iif, "data": "@zones"}}], tag),
+            chain("inet", "zone_out", "output", -300),
+            self._rule("inet", "zone_out", [{"vmap": {"key": oif, "data": "@zones"}}], tag),
             *judge("prerouting", -150, nd_out, (68, 67), (546, 547), "egress"),
             *judge("forward", 0, nd_in, (67, 68), (547, 546), "ingress"),
         ]
@@ -653,18 +678,48 @@ class Renderer:
             ]
         return cmds + self.base()
 
-    def chain(
-        self, family: str, name: str, rules: list[list[dict[str, Any]]], chain_id: int, exists: bool
+    def chain_body(
+        self, family: str, name: str, rules: list[list[dict[str, Any]]], exists: bool
     ) -> list[dict[str, Any]]:
-        """Commands that write one rule chain and its verdict-map entry; the first rule
+        """Commands that write one chain (flushed first when it ``exists``); the first rule
         carries the chain's digest."""
         cmds: list[dict[str, Any]] = [{"add": self._obj(family, "chain", name=name)}]
         if exists:
             cmds.append({"flush": self._obj(family, "chain", name=name)})
-        tag = "fc:" + _digest(rules)
+        tag = self.chain_tag(rules)
         for i, exprs in enumerate(rules):
             cmds.append(self._rule(family, name, exprs, tag if i == 0 else None))
-        return cmds + self.elements("add", self.verdict_map(name), [self.verdict(name, chain_id)])
+        return cmds
+
+    def chain(
+        self, family: str, name: str, rules: list[list[dict[str, Any]]], chain_id: int, exists: bool
+    ) -> list[dict[str, Any]]:
+        """Commands that write one rule chain and its verdict-map entry."""
+        body = self.chain_body(family, name, rules, exists)
+        return body + self.elements("add", self.verdict_map(name), [self.verdict(name, chain_id)])
+
+    @staticmethod
+    def zone_rules(zone: int) -> list[list[dict[str, Any]]]:
+        """The one rule of a zone's chain."""
+        return [[{"mangle": {"key": {"ct": {"key": "zone"}}, "value": zone}}]]
+
+    def zone_chain(self, zone: int, exists: bool) -> list[dict[str, Any]]:
+        """Commands that write the chain setting conntrack zone ``zone`` (without its map entry)."""
+        return self.chain_body("inet", f"{_ZONE_CHAIN}{zone}", self.zone_rules(zone), exists)
+
+    @staticmethod
+    def zone_elem(bridge: str, zone: int) -> Elem:
+        """The zones-map element that puts packets of ``bridge`` in ``zone``."""
+        return ("map", bridge, ("jump", f"{_ZONE_CHAIN}{zone}"))
+
+    @staticmethod
+    def zone_of(elem: Elem) -> tuple[str, int] | None:
+        """(bridge, zone) of a zones-map element as listed; None when it is not one of ours."""
+        if isinstance(elem, tuple) and elem[0] == "map" and isinstance(elem[1], str) and isinstance(elem[2], tuple):
+            target = elem[2][1]
+            if isinstance(target, str) and target.startswith(_ZONE_CHAIN) and target[len(_ZONE_CHAIN) :].isdigit():
+                return elem[1], int(target[len(_ZONE_CHAIN) :])
+        return None
 
     def drop_chain(self, family: str, name: str, chain_id: int | None) -> list[dict[str, Any]]:
         """Commands that delete a chain, its rules and (when it has one) its map entry."""
@@ -728,7 +783,7 @@ def _parse_listing(listing: Iterable[dict[str, Any]], base_tag: str) -> _NftStat
             elif state.chain_tags.get(key) == "":
                 # The first rule has no tag: the chain is not as we wrote it.
                 state.chain_tags[key] = "?"
-    state.base_ok = base_tags == 5 and all(k in state.elements for k in _SETS)
+    state.base_ok = base_tags == len(_BASE_CHAINS) and all(k in state.elements for k in _SETS)
     return state
 
 
@@ -936,6 +991,8 @@ class Network:
         self._chain_ids: dict[tuple[str, str], int] = {}  # rule chain -> number in its mark
         self._foreign_ids: set[int] = set()  # numbers of chains of ports we were not told about
         self._chain_refs: Counter[tuple[str, str]] = Counter()
+        self._zones: dict[str, int] = {}  # bridge -> its conntrack zone, as in the tables
+        self._bridge_refs: Counter[str] = Counter()  # bridge -> ports of the record on it
         self._nft: Nft | None = None
         self._ipr: Any = None
         self._raw: _RawLinks | None = None
@@ -1243,6 +1300,13 @@ class Network:
         mac = _normal_mac(p.port.mac) or p.port.mac
         return PluggedPort(port_id=p.port.id, tap=p.tap, mac=mac, mtu=p.mtu, bridge=p.bridge)
 
+    def _take_zone(self, taken: Iterable[int]) -> int:
+        used = set(taken)
+        for n in range(self.cfg.conntrack_zones_from, 65536):
+            if n not in used:
+                return n
+        raise AgentError(f"no conntrack zone left from {self.cfg.conntrack_zones_from} to 65535 on this host")
+
     def _take_id(self, taken: Iterable[int]) -> int:
         used = set(taken)
         for n in range(1, _MAX_CHAIN_ID + 1):
@@ -1379,10 +1443,44 @@ class Network:
             cmds += render.elements("add", key, joining - old_elems.get(key, set()))
         return cmds + dropped, delta, fresh
 
-    def _apply(self, adds: Iterable[_Plugged], removes: Iterable[_Plugged]) -> None:
+    def _zone_cmds(
+        self, adds: Sequence[_Plugged], removes: Sequence[_Plugged]
+    ) -> tuple[list[dict[str, Any]], dict[str, int], set[str]]:
+        """Commands giving the bridges ports join a zone and taking it from bridges ports
+        leave for good, with the zones given and the bridges that lose theirs."""
+        if not self.cfg.conntrack_zones_from:
+            return [], {}, set()
+        render = self._render
+        cmds: list[dict[str, Any]] = []
+        fresh: dict[str, int] = {}
+        for p in adds:
+            if p.bridge not in self._zones and p.bridge not in fresh:
+                zone = fresh[p.bridge] = self._take_zone([*self._zones.values(), *fresh.values()])
+                cmds += render.zone_chain(zone, exists=True)
+                cmds += render.elements("add", ZONES, [render.zone_elem(p.bridge, zone)])
+        change = Counter(p.bridge for p in adds)
+        change.subtract(p.bridge for p in removes)
+        dropped = {b for b, n in change.items() if n < 0 and b in self._zones and self._bridge_refs[b] + n <= 0}
+        for bridge in dropped:
+            zone = self._zones[bridge]
+            cmds += render.elements("delete", ZONES, [render.zone_elem(bridge, zone)])
+            cmds += render.drop_chain("inet", f"{_ZONE_CHAIN}{zone}", None)
+        return cmds, fresh, dropped
+
+    def _apply(self, adds: Sequence[_Plugged], removes: Sequence[_Plugged]) -> None:
         """One transaction for ports joining and leaving; the record follows on success."""
         cmds, delta, fresh = self._port_cmds(adds, removes)
-        self._transact(cmds)
+        zone_cmds, new_zones, dropped_zones = self._zone_cmds(adds, removes)
+        self._transact(zone_cmds + cmds)
+        self._zones.update(new_zones)
+        for bridge in dropped_zones:
+            del self._zones[bridge]
+        for p in adds:
+            self._bridge_refs[p.bridge] += 1
+        for p in removes:
+            self._bridge_refs[p.bridge] -= 1
+            if self._bridge_refs[p.bridge] <= 0:
+                del self._bridge_refs[p.bridge]
         self._chain_ids.update(fresh)
         for key, change in delta.items():
             users = self._chain_refs[key] + change
@@ -1507,10 +1605,13 @@ class Network:
         state = self._read_tables()
         render = self._render
         secured = [p for p in ports if p.secured]
+        zones = self._wanted_zones(ports, state)
         if not state.base_ok:
-            self._transact(ruleset(self.cfg.owner, [(p.port, p.tap) for p in secured]))
+            self._transact(ruleset(self.cfg.owner, [(p.port, p.tap) for p in secured], zones))
             self._chain_refs = Counter(key for p in secured for key in render.chains(p.port))
             self._chain_ids = number_chains(p.port for p in secured)
+            self._zones = zones
+            self._bridge_refs = Counter(p.bridge for p in ports)
             self._base_ready = True
             if report is not None:
                 report.rebuilt_tables = True
@@ -1532,6 +1633,7 @@ class Network:
             if key not in ids:
                 ids[key] = self._take_id(set(ids.values()) | present)
         want_elems: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
+        want_elems[ZONES] = {render.zone_elem(bridge, zone) for bridge, zone in zones.items()}
         for key in want_chains:
             want_elems[render.verdict_map(key[1])].add(render.verdict(key[1], ids[key]))
         for p in secured:
@@ -1549,19 +1651,25 @@ class Network:
         for key, rules in want_chains.items():
             if state.chain_tags.get(key) != render.chain_tag(rules):
                 # Written without its map entry here: the element diff below adds that.
-                cmds += render.chain(*key, rules, ids[key], exists=key in state.chain_tags)[:-1]
+                cmds += render.chain_body(*key, rules, exists=key in state.chain_tags)
+        for zone in zones.values():
+            key = ("inet", f"{_ZONE_CHAIN}{zone}")
+            if state.chain_tags.get(key) != render.chain_tag(render.zone_rules(zone)):
+                cmds += render.zone_chain(zone, exists=key in state.chain_tags)
         forgotten: dict[SetKey, set[Elem]] = {k: set() for k in _SETS}
         for p in forget:
             if p.secured and all(key in self._chain_ids for key in render.chains(p.port)):
                 for key, elems in render.elements_of(p.port, p.tap, self._chain_ids).items():
                     forgotten[key] |= elems
         stray_taps: set[str] = set()
+        extra_zones: set[Elem] = set()
         kept_marks: set[int] = set()
+        forgotten[ZONES] = {e for e in state.elements.get(ZONES, set()) if e[1] in {p.bridge for p in forget}}
         for key in _SETS:
             have = state.elements.get(key, set())
             if prune:
                 extra = have - want_elems[key]
-            elif key[0] == "bridge":
+            elif key[0] == "bridge" or key == ZONES:
                 extra = (have & forgotten[key]) - want_elems[key]
             else:
                 # Rule chains that ports we do not know about still point to stay.
@@ -1570,21 +1678,46 @@ class Network:
                 kept_marks |= {e[2] & _MAX_CHAIN_ID for e in have - extra if isinstance(e, tuple)}
             if key == ("bridge", "egress_mark"):
                 stray_taps = {e[1] for e in extra if isinstance(e, tuple)}
+            if key == ZONES:
+                extra_zones = extra
             cmds += render.elements("delete", key, extra)
         for key in _SETS:
             cmds += render.elements("add", key, want_elems[key] - state.elements.get(key, set()))
         foreign = {ids_key: n for ids_key, n in self._ids_in(state).items() if n in kept_marks} if not prune else {}
+        kept_zones = dict(
+            z for e in (state.elements.get(ZONES, set()) - extra_zones) | want_elems[ZONES] if (z := render.zone_of(e))
+        )
+        zone_chains = {("inet", f"{_ZONE_CHAIN}{zone}") for zone in kept_zones.values()}
         for key in state.chain_tags:
-            if key in want_chains or key in _BASE_CHAINS or key in foreign:
+            if key in want_chains or key in _BASE_CHAINS or key in foreign or key in zone_chains:
                 continue
             cmds += render.drop_chain(*key, None)
         self._transact(cmds)
+        self._zones = kept_zones
+        self._bridge_refs = Counter(p.bridge for p in ports)
         self._chain_refs = refs
         self._chain_ids = ids
         self._foreign_ids = {n for key, n in foreign.items() if key not in ids}
         self._base_ready = True
         if report is not None:
             report.removed_ports = sorted(stray_taps - {p.tap for p in ports})
+
+    def _wanted_zones(self, ports: Sequence[_Plugged], state: _NftState) -> dict[str, int]:
+        """The zone of each bridge of ``ports``: the one the tables give it (connections keep
+        their state across restarts), else the one the record gives it, else a free one."""
+        if not self.cfg.conntrack_zones_from:
+            return {}
+        listed = dict(z for e in state.elements.get(ZONES, set()) if (z := self._render.zone_of(e)))
+        if not state.base_ok:
+            listed = {}
+        zones: dict[str, int] = {}
+        for bridge in dict.fromkeys(p.bridge for p in ports):
+            zone = listed.get(bridge, self._zones.get(bridge))
+            taken_by_other = zone in zones.values() or (bridge not in listed and zone in listed.values())
+            if zone is None or taken_by_other:
+                zone = self._take_zone([*listed.values(), *zones.values(), *self._zones.values()])
+            zones[bridge] = zone
+        return zones
 
     @staticmethod
     def _ids_in(state: _NftState) -> dict[tuple[str, str], int]:
@@ -1637,5 +1770,7 @@ class Network:
         self._transact([{"delete": {"table": {"family": t["family"], "name": t["name"]}}} for t in mine])
         self._chain_refs = Counter()
         self._chain_ids = {}
+        self._zones = {}
+        self._bridge_refs = Counter()
         self._base_ready = False
         report.rebuilt_tables = bool(mine)
