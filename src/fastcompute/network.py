@@ -59,6 +59,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from .config import NetworkConfig
+from .conntrack import Conntrack
 from .errors import AgentError, BadRequest, Conflict, NotFound
 from .nftables import Nft, NftError
 
@@ -996,6 +997,7 @@ class Network:
         self._nft: Nft | None = None
         self._ipr: Any = None
         self._raw: _RawLinks | None = None
+        self._ct: Conntrack | None = None
         self._bridges: dict[str, int] = {}  # bridges (with their VLAN link) checked, by name
         self._base_ready = False
 
@@ -1131,6 +1133,9 @@ class Network:
             if self._raw is not None:
                 self._raw.close()
                 self._raw = None
+            if self._ct is not None:
+                self._ct.close()
+                self._ct = None
             if self._nft is not None:
                 self._nft.close()
                 self._nft = None
@@ -1541,6 +1546,7 @@ class Network:
         return failures
 
     def _unplug_sync(self, gone: list[_Plugged], unknown: list[tuple[str, str]]) -> None:
+        zone_of = dict(self._zones)  # before the last port of a bridge takes its zone away
         try:
             if not self._base_ready:
                 raise NftError("tables not checked yet")
@@ -1556,8 +1562,28 @@ class Network:
             if link is not None and link.get("ifalias") == self._alias("tap", instance_uuid, pid):
                 doomed.append(self.tap_name(pid))
         self._delete_links(doomed)
+        self._forget_connections(gone, zone_of)
         for network in {p.bridge: p.port.network for p in gone}.values():
             self._drop_bridge_if_unused(network)
+
+    def _forget_connections(self, gone: Sequence[_Plugged], zone_of: Mapping[str, int]) -> None:
+        """Delete the tracked connections of the ports' addresses (see conntrack.py).
+
+        After the ports' taps are gone, so that none comes back; a failure is logged, not
+        raised: the ports are unplugged either way."""
+        addresses: dict[int, set[str]] = {}
+        for p in gone:
+            mine = addresses.setdefault(zone_of.get(p.bridge, 0), set())
+            mine.update(f.ip for f in p.port.fixed_ips)
+            mine.add(_link_local(_normal_mac(p.port.mac) or p.port.mac))
+        if not addresses:
+            return
+        try:
+            if self._ct is None:
+                self._ct = Conntrack()
+            self._ct.forget(addresses)
+        except OSError:
+            log.warning("could not delete the tracked connections of unplugged ports", exc_info=True)
 
     def _drop_bridge_if_unused(self, network: PortNetwork) -> None:
         name = self.bridge_name(network)

@@ -1,0 +1,158 @@
+"""Forgetting the tracked connections of addresses: what a port leaves behind in conntrack.
+
+Conntrack keeps a flow for minutes (UDP) or days (an established TCP connection) after the
+port that answered it is gone. A port that takes the address later would inherit the flow as
+"established" and its packets would pass before any of the new port's rules. Deleting a
+port's entries when it is unplugged closes that, as Neutron's agents do.
+
+One dump per zone (the kernel filters by zone; it walks its whole hash table either way, about
+10 ms here) and one delete request per matching entry, all sent at once. The delete carries
+the entry's original tuple exactly as the dump gave it, so every protocol and both address
+families are deleted alike. pyroute2's conntrack socket rebuilds tuples from parsed fields
+(TCP, UDP and ICMP only) and sends them without an address family, so this small request is
+packed here, as ``network._RawLinks`` packs its one hot rtnetlink request.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Final
+
+_NETLINK_NETFILTER: Final = 12
+_NFNL_SUBSYS_CTNETLINK: Final = 1
+_IPCTNL_MSG_CT_NEW: Final = 0
+_IPCTNL_MSG_CT_GET: Final = 1
+_IPCTNL_MSG_CT_DELETE: Final = 2
+_NLM_F_REQUEST: Final = 0x1
+_NLM_F_ACK: Final = 0x4
+_NLM_F_DUMP: Final = 0x300
+_NLMSG_ERROR: Final = 2
+_NLMSG_DONE: Final = 3
+_NLA_TYPE_MASK: Final = 0x3FFF
+_CTA_TUPLE_ORIG: Final = 1
+_CTA_ZONE: Final = 18
+_CTA_TUPLE_IP: Final = 1
+_CTA_IP_ADDRS: Final = frozenset({1, 2, 3, 4})  # v4 source, v4 destination, v6 source, v6 destination
+# Deletes sent at once: each is answered with an acknowledgement, and a few hundred of those
+# fill a netlink socket's default receive buffer (the kernel would drop the rest).
+_DELETES_PER_SEND: Final = 128
+_TIMEOUT_S: Final = 5.0
+
+
+def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, start of payload, end of payload) of each netlink attribute in data[offset:end]."""
+    while offset + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & _NLA_TYPE_MASK, offset + 4, offset + length
+        offset += (length + 3) & ~3
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+class Conntrack:
+    """A ctnetlink socket that deletes the tracked connections of addresses, zone by zone."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+        self._sock.bind((0, 0))
+        self._sock.settimeout(_TIMEOUT_S)  # a lost answer raises instead of stalling the caller
+        self._seq = 0
+
+    def forget(self, addresses: Mapping[int, Iterable[str]]) -> int:
+        """Delete the entries whose original source or destination is one of the addresses of
+        their zone (``{zone: [address, ...]}``); returns how many went."""
+        gone = 0
+        for zone, addrs in addresses.items():
+            packed = {socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in addrs}
+            if packed:
+                gone += self._delete(zone, [(fam, tup) for fam, tup in self._dump(zone) if self._mentions(tup, packed)])
+        return gone
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._sock.close()
+
+    def __enter__(self) -> Conntrack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _header(self, msg_type: int, flags: int, family: int, body: bytes) -> bytes:
+        self._seq += 1
+        kind = _NFNL_SUBSYS_CTNETLINK << 8 | msg_type
+        return struct.pack("=LHHLLBBH", 20 + len(body), kind, flags, self._seq, 0, family, 0, 0) + body
+
+    def _dump(self, zone: int) -> list[tuple[int, bytes]]:
+        """(address family, original-tuple attribute) of every entry in ``zone``."""
+        request = self._header(_IPCTNL_MSG_CT_GET, _NLM_F_REQUEST | _NLM_F_DUMP, socket.AF_UNSPEC,
+                               _attr(_CTA_ZONE, struct.pack("!H", zone)))  # fmt: skip
+        self._sock.send(request)
+        seq = self._seq
+        entries: list[tuple[int, bytes]] = []
+        while True:
+            data = self._sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _, got_seq, _ = struct.unpack_from("=LHHLL", data, offset)
+                end = offset + length
+                if got_seq == seq:
+                    if kind == _NLMSG_DONE:
+                        return entries
+                    if kind == _NLMSG_ERROR:
+                        (error,) = struct.unpack_from("=i", data, offset + 16)
+                        raise OSError(-error, f"conntrack dump: {os.strerror(-error)}")
+                    if kind == _NFNL_SUBSYS_CTNETLINK << 8 | _IPCTNL_MSG_CT_NEW:
+                        family = data[offset + 16]
+                        for attr, start, stop in _attrs(data, offset + 20, end):
+                            if attr == _CTA_TUPLE_ORIG:
+                                entries.append((family, data[start - 4 : stop]))
+                offset += max((length + 3) & ~3, 16)
+
+    @staticmethod
+    def _mentions(tuple_attr: bytes, packed: set[bytes]) -> bool:
+        for kind, start, stop in _attrs(tuple_attr, 4, len(tuple_attr)):
+            if kind == _CTA_TUPLE_IP:
+                return any(
+                    a in _CTA_IP_ADDRS and tuple_attr[s:e] in packed for a, s, e in _attrs(tuple_attr, start, stop)
+                )
+        return False
+
+    def _delete(self, zone: int, entries: list[tuple[int, bytes]]) -> int:
+        """Delete the entries, many per send; an entry that is already gone does not count."""
+        return sum(
+            self._delete_some(zone, entries[i : i + _DELETES_PER_SEND])
+            for i in range(0, len(entries), _DELETES_PER_SEND)
+        )
+
+    def _delete_some(self, zone: int, entries: list[tuple[int, bytes]]) -> int:
+        zone_attr = _attr(_CTA_ZONE, struct.pack("!H", zone))
+        requests = [self._header(_IPCTNL_MSG_CT_DELETE, _NLM_F_REQUEST | _NLM_F_ACK, fam, tup + zone_attr)
+                    for fam, tup in entries]  # fmt: skip
+        first = self._seq - len(requests) + 1
+        self._sock.send(b"".join(requests))
+        waiting = set(range(first, self._seq + 1))
+        deleted = 0
+        while waiting:
+            data = self._sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _, seq, _ = struct.unpack_from("=LHHLL", data, offset)
+                if kind == _NLMSG_ERROR and seq in waiting:
+                    waiting.discard(seq)
+                    (error,) = struct.unpack_from("=i", data, offset + 16)
+                    if error == 0:
+                        deleted += 1
+                    elif -error != errno.ENOENT:
+                        raise OSError(-error, f"conntrack delete: {os.strerror(-error)}")
+                offset += max((length + 3) & ~3, 16)
+        return deleted
