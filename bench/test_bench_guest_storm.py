@@ -88,10 +88,18 @@ def storm_agent(agent: AgentProcess, n: int, image: Path, *, poll_s: float = 0.0
             uuids = list(pool.map(spawn, range(n)))
         consoles = [agent.state_dir / "instances" / u / "console.log" for u in uuids]
         deadline = t0 + STORM_TIMEOUT_S
+        polls = 0
         while len(seen) < n:
             for i, c in enumerate(consoles):
                 if i not in seen and boots(c):
                     seen[i] = time.monotonic() - t0
+            polls += 1
+            if polls % 50 == 0:  # a failed build would otherwise wait out the timeout
+                log_text = agent.log()
+                failed = [f"build of {uuids[i]} failed" for i in range(n)
+                          if i not in seen and f"build of {uuids[i]} failed" in log_text]  # fmt: skip
+                if failed:
+                    raise RuntimeError(f"{failed[0]} during the storm:\n{log_text[-3000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n - len(seen)} of {n} agent guests showed no marker within "
                                    f"{STORM_TIMEOUT_S}s:\n{agent.log()[-3000:]}")

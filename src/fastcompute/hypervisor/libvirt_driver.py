@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import libvirt
 import libvirtaio
@@ -32,6 +33,27 @@ _STATE = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
 _event_loop_registered = False
+
+
+# Starting a domain can fail for a moment: the kernel's BPF verifier, loading the device
+# program libvirt puts on a guest's cgroup, gives up with EAGAIN when a signal reaches the
+# loading thread, which happened to one guest of a CI boot storm of eight. Another try works.
+_TRANSIENT: Final = os.strerror(errno.EAGAIN)
+START_TRIES: Final = 3
+
+
+def start_domain(dom: Any, pause_s: float = 0.05) -> None:
+    """Start a defined domain, trying again (up to START_TRIES in all) after a transient error."""
+    for attempt in range(1, START_TRIES + 1):
+        try:
+            dom.create()
+            return
+        except libvirt.libvirtError as exc:
+            message = exc.get_error_message() or str(exc)
+            if _TRANSIENT not in message or attempt == START_TRIES:
+                raise
+            log.warning("starting %s failed (%s); trying again", dom.name(), message)
+            time.sleep(pause_s * attempt)
 
 
 def _quiet_libvirt_errors(_ctx: object, _err: object) -> None:
@@ -193,7 +215,7 @@ class LibvirtDriver:
             dom = conn.defineXML(xml)
             if start:
                 try:
-                    dom.create()
+                    start_domain(dom)
                 except libvirt.libvirtError:
                     dom.undefine()
                     raise
@@ -209,7 +231,7 @@ class LibvirtDriver:
         def run() -> str:
             dom = self._lookup(conn, uuid)
             if not dom.isActive():
-                dom.create()
+                start_domain(dom)
             return self._power(dom)
 
         return await self._call(run)
@@ -267,7 +289,7 @@ class LibvirtDriver:
                     dom.managedSaveRemove()
                 if dom.isActive():
                     dom.destroy()
-                dom.create()
+                start_domain(dom)
             else:
                 dom.reboot()
 
