@@ -6,7 +6,7 @@ port that answered it is gone. A port that takes the address later would inherit
 port's entries when it is unplugged closes that, as Neutron's agents do.
 
 One dump per zone (the kernel filters by zone; it walks its whole hash table either way, about
-10 ms here) and one delete request per matching entry, all sent at once. The delete carries
+10 ms here) and one delete request per matching entry, sent 128 at a time. The delete carries
 the entry's original tuple exactly as the dump gave it, so every protocol and both address
 families are deleted alike. pyroute2's conntrack socket rebuilds tuples from parsed fields
 (TCP, UDP and ICMP only) and sends them without an address family, so this small request is
@@ -19,8 +19,10 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final
+
+from .netlink import attr, attrs
 
 _NETLINK_NETFILTER: Final = 12
 _NFNL_SUBSYS_CTNETLINK: Final = 1
@@ -32,7 +34,6 @@ _NLM_F_ACK: Final = 0x4
 _NLM_F_DUMP: Final = 0x300
 _NLMSG_ERROR: Final = 2
 _NLMSG_DONE: Final = 3
-_NLA_TYPE_MASK: Final = 0x3FFF
 _CTA_TUPLE_ORIG: Final = 1
 _CTA_ZONE: Final = 18
 _CTA_TUPLE_IP: Final = 1
@@ -41,21 +42,6 @@ _CTA_IP_ADDRS: Final = frozenset({1, 2, 3, 4})  # v4 source, v4 destination, v6 
 # fill a netlink socket's default receive buffer (the kernel would drop the rest).
 _DELETES_PER_SEND: Final = 128
 _TIMEOUT_S: Final = 5.0
-
-
-def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, start of payload, end of payload) of each netlink attribute in data[offset:end]."""
-    while offset + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield kind & _NLA_TYPE_MASK, offset + 4, offset + length
-        offset += (length + 3) & ~3
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
 
 
 class Conntrack:
@@ -95,7 +81,7 @@ class Conntrack:
     def _dump(self, zone: int) -> list[tuple[int, bytes]]:
         """(address family, original-tuple attribute) of every entry in ``zone``."""
         request = self._header(_IPCTNL_MSG_CT_GET, _NLM_F_REQUEST | _NLM_F_DUMP, socket.AF_UNSPEC,
-                               _attr(_CTA_ZONE, struct.pack("!H", zone)))  # fmt: skip
+                               attr(_CTA_ZONE, struct.pack("!H", zone)))  # fmt: skip
         self._sock.send(request)
         seq = self._seq
         entries: list[tuple[int, bytes]] = []
@@ -113,17 +99,17 @@ class Conntrack:
                         raise OSError(-error, f"conntrack dump: {os.strerror(-error)}")
                     if kind == _NFNL_SUBSYS_CTNETLINK << 8 | _IPCTNL_MSG_CT_NEW:
                         family = data[offset + 16]
-                        for attr, start, stop in _attrs(data, offset + 20, end):
-                            if attr == _CTA_TUPLE_ORIG:
+                        for attr_type, start, stop in attrs(data, offset + 20, end):
+                            if attr_type == _CTA_TUPLE_ORIG:
                                 entries.append((family, data[start - 4 : stop]))
                 offset += max((length + 3) & ~3, 16)
 
     @staticmethod
     def _mentions(tuple_attr: bytes, packed: set[bytes]) -> bool:
-        for kind, start, stop in _attrs(tuple_attr, 4, len(tuple_attr)):
+        for kind, start, stop in attrs(tuple_attr, 4, len(tuple_attr)):
             if kind == _CTA_TUPLE_IP:
                 return any(
-                    a in _CTA_IP_ADDRS and tuple_attr[s:e] in packed for a, s, e in _attrs(tuple_attr, start, stop)
+                    a in _CTA_IP_ADDRS and tuple_attr[s:e] in packed for a, s, e in attrs(tuple_attr, start, stop)
                 )
         return False
 
@@ -135,7 +121,7 @@ class Conntrack:
         )
 
     def _delete_some(self, zone: int, entries: list[tuple[int, bytes]]) -> int:
-        zone_attr = _attr(_CTA_ZONE, struct.pack("!H", zone))
+        zone_attr = attr(_CTA_ZONE, struct.pack("!H", zone))
         requests = [self._header(_IPCTNL_MSG_CT_DELETE, _NLM_F_REQUEST | _NLM_F_ACK, fam, tup + zone_attr)
                     for fam, tup in entries]  # fmt: skip
         first = self._seq - len(requests) + 1

@@ -61,6 +61,7 @@ from msgspec import Meta, Struct
 from .config import NetworkConfig
 from .conntrack import Conntrack
 from .errors import AgentError, BadRequest, Conflict, NotFound
+from .netlink import attr
 from .nftables import Nft, NftError
 
 log = logging.getLogger(__name__)
@@ -810,11 +811,6 @@ _IFLA_IFALIAS: Final = 20
 _IFLA_GROUP: Final = 27
 
 
-def _nla(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _ifindex(name: str) -> int | None:
     try:
         return socket.if_nametoindex(name)
@@ -842,7 +838,7 @@ def _create_tap(name: str) -> bool:
 
 
 # Every link the agent makes or re-makes goes (back) to the default group; see set_up.
-_GROUP_DEFAULT: Final = _nla(_IFLA_GROUP, struct.pack("=I", 0))
+_GROUP_DEFAULT: Final = attr(_IFLA_GROUP, struct.pack("=I", 0))
 
 
 class _RawLinks:
@@ -858,7 +854,7 @@ class _RawLinks:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
         self._sock.bind((0, 0))
         self._seq = 0
-        self._doomed = _nla(_IFLA_GROUP, struct.pack("=I", doomed_group))
+        self._doomed = attr(_IFLA_GROUP, struct.pack("=I", doomed_group))
 
     def _request(self, msg_type: int, index: int, flags: int, attrs: bytes) -> None:
         self._seq += 1
@@ -885,11 +881,11 @@ class _RawLinks:
         before deleting it must not go with the next group deletion once it is wanted again.
         """
         attrs = (
-            _nla(_IFLA_MASTER, struct.pack("=I", master))
+            attr(_IFLA_MASTER, struct.pack("=I", master))
             + _GROUP_DEFAULT
-            + _nla(_IFLA_MTU, struct.pack("=I", mtu))
-            + _nla(_IFLA_ADDRESS, bytes.fromhex(address.replace(":", "")))
-            + _nla(_IFLA_IFALIAS, alias.encode() + b"\0")
+            + attr(_IFLA_MTU, struct.pack("=I", mtu))
+            + attr(_IFLA_ADDRESS, bytes.fromhex(address.replace(":", "")))
+            + attr(_IFLA_IFALIAS, alias.encode() + b"\0")
         )
         self._request(_RTM_NEWLINK, index, _IFF_UP, attrs)
 
