@@ -1566,7 +1566,9 @@ class Network:
         """Delete the tracked connections of the ports' addresses (see conntrack.py).
 
         After the ports' taps are gone, so that none comes back; a failure is logged, not
-        raised: the ports are unplugged either way."""
+        raised: the ports are unplugged either way. Not alongside the link deletion: that
+        waits for an RCU grace period, which the dump (a walk under the RCU read lock)
+        delays, and the two took as long together as one after the other."""
         addresses: dict[int, set[str]] = {}
         for p in gone:
             mine = addresses.setdefault(zone_of.get(p.bridge, 0), set())
