@@ -11,8 +11,8 @@
 - a storm: STORM ports of as many instances plugged at once, then unplugged at once, against
   plugs and unplugs one at a time. Plugs queued together share one nftables transaction, and
   unplugs one link deletion request (the kernel waits for an RCU grace period after each,
-  about 20 ms here); gates: a storm's plug costs at most 0.8 of a lone plug, its unplug at
-  most 0.1 of a lone unplug.
+  about 20 ms here) and one conntrack dump (~10 ms); gates: a storm's plug costs at most 0.8
+  of a lone plug, its unplug at most 0.1 of a lone unplug.
 
 Everything lives in tables, bridges and taps named for one benchmark and is removed after.
 """

@@ -112,6 +112,15 @@ def test_spoofed_source_ip_and_mac_are_dropped(lab: Lab) -> None:
     assert got == [b"honest"]
 
 
+def _answered(out: socket.socket, server: socket.socket, dst: tuple[str, int]) -> None:
+    """A query from ``out`` to ``dst`` that ``server`` answers: conntrack then holds the flow."""
+    out.sendto(b"query", dst)
+    server.settimeout(1)
+    _, sender = server.recvfrom(100)
+    server.sendto(b"answer", sender)
+    assert received(out) == [b"answer"], "the flow is allowed both ways"
+
+
 def test_networks_with_the_same_addresses_do_not_share_connection_state(lab: Lab) -> None:
     # Two tenants' networks use the same addresses and MACs. Network A's answered UDP flow
     # must not let network B's identical packets in as "established": B's server allows no UDP.
@@ -123,11 +132,7 @@ def test_networks_with_the_same_addresses_do_not_share_connection_state(lab: Lab
         guests[net] = (lab.guest_for(plugged[0], "10.0.0.1"), lab.guest_for(plugged[1], "10.0.0.2"))
     (a_client, a_server), (b_client, b_server) = guests["netA"], guests["netB"]
     with a_client.listen(5000, socket.SOCK_DGRAM) as a_out, a_server.listen(53, socket.SOCK_DGRAM) as a_in:
-        a_out.sendto(b"query", (a_server.ip, 53))
-        a_in.settimeout(1)
-        _, sender = a_in.recvfrom(100)
-        a_in.sendto(b"answer", sender)
-        assert received(a_out) == [b"answer"], "network A's flow is allowed both ways"
+        _answered(a_out, a_in, (a_server.ip, 53))
         a_out.sendto(b"again", (a_server.ip, 53))
         assert received(a_in) == [b"again"]
         with b_client.listen(5000, socket.SOCK_DGRAM) as b_out, b_server.listen(53, socket.SOCK_DGRAM) as b_in:
@@ -168,11 +173,7 @@ def test_a_port_taking_a_deleted_ports_address_does_not_inherit_its_connections(
     old_owner = str(uuid.uuid4())
     old = guest(old_owner, "10.0.0.2", "fd00::2", *(rule("ingress", "udp", 53, ethertype=e) for e in ethertypes))
     with _udp(client, family, 5000) as out, _udp(old, family, 53) as server:
-        out.sendto(b"query", (server_ip, 53))
-        server.settimeout(1)
-        _, sender = server.recvfrom(100)
-        server.sendto(b"answer", sender)
-        assert received(out) == [b"answer"]
+        _answered(out, server, (server_ip, 53))
         run(lab.net.unplug(old_owner))
         new = guest(str(uuid.uuid4()), "10.0.0.2", "fd00::2", rule("ingress", "icmp"))
         with _udp(new, family, 53) as sink:
@@ -184,8 +185,8 @@ def test_a_port_taking_a_deleted_ports_address_does_not_inherit_its_connections(
 def test_the_host_and_a_port_talk_both_ways_through_the_bridge(lab: Lab) -> None:
     # The host's packets into a bridge take the bridge's conntrack zone as the replies coming
     # out of it do; were they in different zones, every reply would look like a new packet.
-    server = port("10.254.77.2", groups=[group(EGRESS_ALL, rule("ingress", "tcp", 8080))])
-    plugged = run(lab.net.plug(str(uuid.uuid4()), [server]))
+    web = port("10.254.77.2", groups=[group(EGRESS_ALL, rule("ingress", "tcp", 8080))])
+    plugged = run(lab.net.plug(str(uuid.uuid4()), [web]))
     guest = lab.guest_for(plugged[0], "10.254.77.2")
     sh("ip", "addr", "add", "10.254.77.1/24", "dev", plugged[0].bridge)
     with guest.listen(8080) as server, socket.create_connection((guest.ip, 8080), timeout=2) as to_guest:
