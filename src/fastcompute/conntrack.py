@@ -16,24 +16,30 @@ packed here, as ``network._RawLinks`` packs its one hot rtnetlink request.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from .netlink import attr, attrs
+from .netlink import (
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    attr,
+    attrs,
+    error_of,
+    message,
+    messages,
+    raise_error,
+)
 
 _NETLINK_NETFILTER: Final = 12
 _NFNL_SUBSYS_CTNETLINK: Final = 1
 _IPCTNL_MSG_CT_NEW: Final = 0
 _IPCTNL_MSG_CT_GET: Final = 1
 _IPCTNL_MSG_CT_DELETE: Final = 2
-_NLM_F_REQUEST: Final = 0x1
-_NLM_F_ACK: Final = 0x4
-_NLM_F_DUMP: Final = 0x300
-_NLMSG_ERROR: Final = 2
-_NLMSG_DONE: Final = 3
 _CTA_TUPLE_ORIG: Final = 1
 _CTA_ZONE: Final = 18
 _CTA_TUPLE_IP: Final = 1
@@ -74,35 +80,31 @@ class Conntrack:
         self.close()
 
     def _header(self, msg_type: int, flags: int, family: int, body: bytes) -> bytes:
+        """A ctnetlink request: the message header, the nfnetlink header (family), ``body``."""
         self._seq += 1
-        kind = _NFNL_SUBSYS_CTNETLINK << 8 | msg_type
-        return struct.pack("=LHHLLBBH", 20 + len(body), kind, flags, self._seq, 0, family, 0, 0) + body
+        nfgen = struct.pack("=BBH", family, 0, 0)
+        return message(_NFNL_SUBSYS_CTNETLINK << 8 | msg_type, flags, self._seq, nfgen + body)
 
     def _dump(self, zone: int) -> list[tuple[int, bytes]]:
         """(address family, original-tuple attribute) of every entry in ``zone``."""
-        request = self._header(_IPCTNL_MSG_CT_GET, _NLM_F_REQUEST | _NLM_F_DUMP, socket.AF_UNSPEC,
+        request = self._header(_IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, socket.AF_UNSPEC,
                                attr(_CTA_ZONE, struct.pack("!H", zone)))  # fmt: skip
         self._sock.send(request)
-        seq = self._seq
         entries: list[tuple[int, bytes]] = []
         while True:
             data = self._sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _, got_seq, _ = struct.unpack_from("=LHHLL", data, offset)
-                end = offset + length
-                if got_seq == seq:
-                    if kind == _NLMSG_DONE:
-                        return entries
-                    if kind == _NLMSG_ERROR:
-                        (error,) = struct.unpack_from("=i", data, offset + 16)
-                        raise OSError(-error, f"conntrack dump: {os.strerror(-error)}")
-                    if kind == _NFNL_SUBSYS_CTNETLINK << 8 | _IPCTNL_MSG_CT_NEW:
-                        family = data[offset + 16]
-                        for attr_type, start, stop in attrs(data, offset + 20, end):
-                            if attr_type == _CTA_TUPLE_ORIG:
-                                entries.append((family, data[start - 4 : stop]))
-                offset += max((length + 3) & ~3, 16)
+            for kind, seq, start, end in messages(data):
+                if seq != self._seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return entries
+                if kind == NLMSG_ERROR:
+                    raise_error(error_of(data, start), "conntrack dump")
+                if kind == _NFNL_SUBSYS_CTNETLINK << 8 | _IPCTNL_MSG_CT_NEW:
+                    family = data[start]  # the nfnetlink header, then the attributes
+                    for attr_type, a_start, a_end in attrs(data, start + 4, end):
+                        if attr_type == _CTA_TUPLE_ORIG:
+                            entries.append((family, data[a_start - 4 : a_end]))
 
     @staticmethod
     def _mentions(tuple_attr: bytes, packed: set[bytes]) -> bool:
@@ -122,7 +124,7 @@ class Conntrack:
 
     def _delete_some(self, zone: int, entries: list[tuple[int, bytes]]) -> int:
         zone_attr = attr(_CTA_ZONE, struct.pack("!H", zone))
-        requests = [self._header(_IPCTNL_MSG_CT_DELETE, _NLM_F_REQUEST | _NLM_F_ACK, fam, tup + zone_attr)
+        requests = [self._header(_IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, fam, tup + zone_attr)
                     for fam, tup in entries]  # fmt: skip
         first = self._seq - len(requests) + 1
         self._sock.send(b"".join(requests))
@@ -130,15 +132,12 @@ class Conntrack:
         deleted = 0
         while waiting:
             data = self._sock.recv(1 << 16)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _, seq, _ = struct.unpack_from("=LHHLL", data, offset)
-                if kind == _NLMSG_ERROR and seq in waiting:
+            for kind, seq, start, _ in messages(data):
+                if kind == NLMSG_ERROR and seq in waiting:
                     waiting.discard(seq)
-                    (error,) = struct.unpack_from("=i", data, offset + 16)
+                    error = error_of(data, start)
                     if error == 0:
                         deleted += 1
-                    elif -error != errno.ENOENT:
-                        raise OSError(-error, f"conntrack delete: {os.strerror(-error)}")
-                offset += max((length + 3) & ~3, 16)
+                    elif error != errno.ENOENT:
+                        raise_error(error, "conntrack delete")
         return deleted

@@ -61,7 +61,7 @@ from msgspec import Meta, Struct
 from .config import NetworkConfig
 from .conntrack import Conntrack
 from .errors import AgentError, BadRequest, Conflict, NotFound
-from .netlink import attr
+from .netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr, error_of, message, messages, raise_error
 from .nftables import Nft, NftError
 
 log = logging.getLogger(__name__)
@@ -799,9 +799,6 @@ _IFF_NO_PI: Final = 0x1000
 _IFF_TUN_EXCL: Final = 0x8000
 _RTM_NEWLINK: Final = 16
 _RTM_DELLINK: Final = 17
-_NLMSG_ERROR: Final = 2
-_NLM_F_REQUEST: Final = 0x1
-_NLM_F_ACK: Final = 0x4
 
 
 _IFLA_ADDRESS: Final = 1
@@ -859,20 +856,14 @@ class _RawLinks:
     def _request(self, msg_type: int, index: int, flags: int, attrs: bytes) -> None:
         self._seq += 1
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, _IFF_UP if flags else 0) + attrs
-        self._sock.send(
-            struct.pack("=LHHLL", 16 + len(body), msg_type, _NLM_F_REQUEST | _NLM_F_ACK, self._seq, 0) + body
-        )
+        self._sock.send(message(msg_type, NLM_F_REQUEST | NLM_F_ACK, self._seq, body))
         while True:
             data = self._sock.recv(65536)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _, seq, _ = struct.unpack_from("=LHHLL", data, offset)
-                if kind == _NLMSG_ERROR and seq == self._seq:
-                    (error,) = struct.unpack_from("=i", data, offset + 16)
-                    if error:
-                        raise OSError(-error, f"netlink: {os.strerror(-error)}")
+            for kind, seq, start, _ in messages(data):
+                if kind == NLMSG_ERROR and seq == self._seq:
+                    if error := error_of(data, start):
+                        raise_error(error, "netlink")
                     return
-                offset += max(length, 16)
 
     def set_up(self, index: int, *, master: int, mtu: int, address: str, alias: str) -> None:
         """Give a link its master, MTU, MAC and alias and bring it up, in one request.
