@@ -277,6 +277,19 @@ def test_unplug_leaves_no_tap_rule_or_bridge_it_made(lab: Lab) -> None:
     run(lab.net.unplug(instance))  # a retried delete is a no-op
 
 
+def test_a_bridge_stays_while_another_instance_has_a_port_on_it(lab: Lab) -> None:
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    a = lab.guest_for(run(lab.net.plug(first, [port("10.0.0.1", groups=[group(EGRESS_ALL)])]))[0], "10.0.0.1")
+    icmp = [group(EGRESS_ALL, rule("ingress", "icmp"))]
+    b = lab.guest_for(run(lab.net.plug(second, [port("10.0.0.2", groups=icmp)]))[0], "10.0.0.2")
+    run(lab.net.unplug(first))
+    assert a.plugged.tap not in link_names()
+    assert links()[b.plugged.tap]["master"] == b.plugged.bridge, "the bridge and its other port stay"
+    assert list(_zones(lab.owner)) == [b.plugged.bridge], "so does its zone"
+    run(lab.net.unplug(second))
+    assert b.plugged.bridge not in link_names() and _zones(lab.owner) == {}
+
+
 def test_existing_bridge_is_used_and_kept(lab: Lab) -> None:
     bridge = lab.owner + "x"
     sh("ip", "link", "add", bridge, "type", "bridge")

@@ -980,7 +980,7 @@ class Network:
         self._foreign_ids: set[int] = set()  # numbers of chains of ports we were not told about
         self._chain_refs: Counter[tuple[str, str]] = Counter()
         self._zones: dict[str, int] = {}  # bridge -> its conntrack zone, as in the tables
-        self._bridge_refs: Counter[str] = Counter()  # bridge -> ports of the record on it
+        self._bridge_refs: Counter[str] = Counter()  # bridge -> ports of the record on it, as in the tables
         self._nft: Nft | None = None
         self._ipr: Any = None
         self._raw: _RawLinks | None = None
@@ -1576,7 +1576,7 @@ class Network:
 
     def _drop_bridge_if_unused(self, network: PortNetwork) -> None:
         name = self.bridge_name(network)
-        if any(q.bridge == name for q in self._ports.values()):
+        if self._bridge_refs[name] > 0:  # still used by a port of the record
             return
         bridge = self._link(name)
         if bridge is None or bridge.get("ifalias") != self._alias("bridge", network.id):
@@ -1679,7 +1679,8 @@ class Network:
         stray_taps: set[str] = set()
         extra_zones: set[Elem] = set()
         kept_marks: set[int] = set()
-        forgotten[ZONES] = {e for e in state.elements.get(ZONES, set()) if e[1] in {p.bridge for p in forget}}
+        forgotten_bridges = {p.bridge for p in forget}
+        forgotten[ZONES] = {e for e in state.elements.get(ZONES, set()) if e[1] in forgotten_bridges}
         for key in _SETS:
             have = state.elements.get(key, set())
             if prune:
