@@ -27,11 +27,11 @@ from agent_fixtures import AgentProcess, free_port, spawn_args
 from hosts import write_test_host
 from network_fixtures import EGRESS_ALL, group, port, remove_owned, rule
 
-from fastcompute import numa
-from fastcompute.client import AsyncClient, Client
 from fastcompute.config import QuotaConfig, ResourcesConfig
-from fastcompute.hypervisor.xml import DiskSpec, DomainSpec, build
-from fastcompute.resources import HostCell, PagePool, Tracker
+from fastcompute.hypervisor.libvirt.xml import DiskSpec, DomainSpec, build
+from fastcompute.resources import numa
+from fastcompute.resources.tracker import HostCell, PagePool, Tracker
+from fastcompute.rpc.client import AsyncClient, Client
 
 PING_ROUNDS = 7
 PINGS_PER_ROUND = 400

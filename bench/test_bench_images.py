@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 from hosts import write_test_host
 
-from fastcompute.client import AsyncClient
 from fastcompute.config import ImagesConfig
-from fastcompute.images import ImageCache, ImageSpec, copy
-from fastcompute.images_qcow2 import create_overlay
+from fastcompute.images.cache import ImageCache, ImageSpec, copy
+from fastcompute.images.formats import create_overlay
+from fastcompute.rpc.client import AsyncClient
 
 MiB = 1 << 20
 COPY_SIZE = 256 * MiB

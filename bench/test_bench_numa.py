@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from numa_fixtures import CORPUS, corpus
 
-from fastcompute import numa, numa_reference
+from fastcompute.resources import numa, numa_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 NOVA_VENV = ROOT / ".cache" / "nova-venv"

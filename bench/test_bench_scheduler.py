@@ -18,8 +18,8 @@ from typing import Any
 from hosts import write_test_host
 from scheduler_fixtures import SIZES, agent_config, spawns, start_fleet
 
-from fastcompute.client import AsyncClient
-from fastcompute.scheduler import Group, HostView, Scheduler, Weights, request_tuple, run_storm, select
+from fastcompute.rpc.client import AsyncClient
+from fastcompute.scheduler.fleet import Group, HostView, Scheduler, Weights, request_tuple, run_storm, select
 
 STORM = 600
 CONCURRENCY = 64

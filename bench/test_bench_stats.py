@@ -27,8 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fastcompute.stats import CgroupPaths, Sampler, host_layout
-from fastcompute.stats_reference import read_cgroup
+from fastcompute.stats.collector import CgroupPaths, Sampler, host_layout
+from fastcompute.stats.reference import read_cgroup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from stats_fixtures import CgroupFactory, available_versions

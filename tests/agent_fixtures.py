@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import zmq
 
-from fastcompute.client import Client
+from fastcompute.rpc.client import Client
 
 
 def _ephemeral_range() -> range:

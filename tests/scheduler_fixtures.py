@@ -12,7 +12,7 @@ from typing import Any
 from agent_fixtures import AgentProcess
 from hosts import write_test_host
 
-from fastcompute.scheduler import Endpoint
+from fastcompute.scheduler.fleet import Endpoint
 
 # name -> write_test_host arguments. VCPU capacity at the default 16x ratio: 64, 128, 512.
 SIZES: dict[str, dict[str, int]] = {

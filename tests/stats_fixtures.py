@@ -15,7 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from fastcompute.stats import CgroupLayout, host_layout
+from fastcompute.stats.collector import CgroupLayout, host_layout
 
 V1_CONTROLLERS = ("cpuacct", "memory", "blkio")
 

@@ -10,8 +10,8 @@ import pytest
 from agent_fixtures import spawn_args
 from hosts import write_test_host
 
-from fastcompute.client import AsyncClient
 from fastcompute.errors import NoCapacity
+from fastcompute.rpc.client import AsyncClient
 
 PINNED = {"vcpus": 1, "memory_mb": 256, "disk_gb": 1, "extra_specs": {"hw:cpu_policy": "dedicated"}}
 

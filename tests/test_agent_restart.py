@@ -23,7 +23,7 @@ import pytest
 import zmq
 from agent_fixtures import AgentProcess, disk_dirs, spawn_args, spawn_in_state, wait_for_state
 
-from fastcompute.client import AsyncClient
+from fastcompute.rpc.client import AsyncClient
 
 
 class GatedImage:

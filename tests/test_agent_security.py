@@ -16,7 +16,7 @@ import zmq
 import zmq.auth
 from agent_fixtures import AgentProcess, free_port, recv_events, spawn_args, sub_socket
 
-from fastcompute.client import Client, ClientTimeout, Curve
+from fastcompute.rpc.client import Client, ClientTimeout, Curve
 
 
 def make_keys(directory: Path, name: str) -> tuple[Path, Path]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from agent_fixtures import AgentProcess, disk_dirs, spawn_args
 
-from fastcompute.client import AsyncClient, ClientTimeout
+from fastcompute.rpc.client import AsyncClient, ClientTimeout
 
 STORM_CONFIG = "[resources]\ncpu_allocation_ratio = 64.0\nram_allocation_ratio = 4.0\ndisk_gb = 100000\n"
 FLAVOR = {"vcpus": 1, "memory_mb": 16, "disk_gb": 1}

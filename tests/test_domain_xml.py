@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from fastcompute.hypervisor.xml import DiskSpec, DomainSpec, GuestCell, Interface, build, cpulist
+from fastcompute.hypervisor.libvirt.xml import DiskSpec, DomainSpec, GuestCell, Interface, build, cpulist
 
 
 def test_cpulist_compresses_runs() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from fastcompute.hypervisor import libvirt_driver
+from fastcompute.hypervisor.libvirt import driver as libvirt_driver
 
 XML = """<domain type='test'><name>retry-{n}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type>hvm</type></os></domain>"""

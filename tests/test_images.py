@@ -23,8 +23,8 @@ import pytest
 
 from fastcompute.config import ImagesConfig
 from fastcompute.errors import BadRequest, Conflict, ImageError
-from fastcompute.images import ImageCache, ImageSpec, copy
-from fastcompute.images_qcow2 import FormatError, create_overlay, inspect
+from fastcompute.images.cache import ImageCache, ImageSpec, copy
+from fastcompute.images.formats import FormatError, create_overlay, inspect
 
 # The tests' file:// images live in their temporary directories; by default no file:// image is taken.
 TEMP_ROOTS = [tempfile.gettempdir()]
@@ -386,7 +386,7 @@ _KILL_SCRIPT = """
 import asyncio, concurrent.futures, sys
 from pathlib import Path
 from fastcompute.config import ImagesConfig
-from fastcompute.images import ImageCache, ImageSpec
+from fastcompute.images.cache import ImageCache, ImageSpec
 
 async def main():
     c = ImageCache(Path(sys.argv[1]), ImagesConfig(file_roots=["/"]), concurrent.futures.ThreadPoolExecutor(2))

@@ -14,7 +14,7 @@ from glance_fixtures import Glance, UploadRefused, glance, identity
 
 from fastcompute.config import ImagesConfig
 from fastcompute.errors import ImageError
-from fastcompute.images import ImageCache, ImageSpec
+from fastcompute.images.cache import ImageCache, ImageSpec
 
 __all__ = ["glance"]
 

@@ -25,7 +25,7 @@ from guest_fixtures import (
 )
 
 from fastcompute.config import ImagesConfig
-from fastcompute.images import ImageCache, ImageSpec
+from fastcompute.images.cache import ImageCache, ImageSpec
 
 libvirt = pytest.importorskip("libvirt")
 

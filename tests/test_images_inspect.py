@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastcompute.images_qcow2 import QCOW2_MAGIC, FormatError, create_overlay, inspect
+from fastcompute.images.formats import QCOW2_MAGIC, FormatError, create_overlay, inspect
 
 GiB = 1 << 30
 

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastcompute.metrics import Metrics, loop_lag_probe, parse_endpoint, start_http_server
+from fastcompute.stats.metrics import Metrics, loop_lag_probe, parse_endpoint, start_http_server
 
 
 def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

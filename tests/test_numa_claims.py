@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from fastcompute import numa
 from fastcompute.errors import Conflict
+from fastcompute.resources import numa
 
 
 def host() -> dict[str, Any]:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from numa_fixtures import corpus
 
-from fastcompute import numa
 from fastcompute.errors import BadRequest
+from fastcompute.resources import numa
 
 FLAVORED = {case["id"]: case for case in corpus() if case["flavor"] is not None}
 

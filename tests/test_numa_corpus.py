@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from numa_fixtures import corpus, placement_problems
 
-from fastcompute import numa, numa_reference
+from fastcompute.resources import numa, numa_reference
 
 Fitter = Callable[[dict[str, Any], dict[str, Any], dict[str, Any] | None], dict[str, Any] | None]
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numa_fixtures import corpus, placement_problems
 
-from fastcompute import _core, numa, numa_reference
+from fastcompute import _core
+from fastcompute.resources import numa, numa_reference
 
 EXAMPLES = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]

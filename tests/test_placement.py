@@ -13,8 +13,8 @@ from placement_fixtures import HEADERS, PlacementServer, placement, placement_ve
 from scheduler_fixtures import Fleet, after, spawns, start_fleet
 
 from fastcompute.config import PlacementConfig
-from fastcompute.placement import PlacementSync, placement_inventory
-from fastcompute.scheduler import Scheduler, Weights, run_storm
+from fastcompute.scheduler.fleet import Scheduler, Weights, run_storm
+from fastcompute.scheduler.placement import PlacementSync, placement_inventory
 
 __all__ = ["placement", "placement_venv"]
 
@@ -306,7 +306,7 @@ def test_agent_restart_heals_placement(placed_fleet: Fleet, placement: Placement
 
 def test_scheduler_with_placement_candidates(placed_fleet: Fleet, placement: PlacementServer,
                                              image_file: Path) -> None:
-    from fastcompute.placement import PlacementClient
+    from fastcompute.scheduler.placement import PlacementClient
 
     wait_in_step(placed_fleet, placement)
 

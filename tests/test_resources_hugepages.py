@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fastcompute import numa
 from fastcompute.config import QuotaConfig, ResourcesConfig
 from fastcompute.errors import NoCapacity
-from fastcompute.resources import HostCell, PagePool, Tracker
+from fastcompute.resources import numa
+from fastcompute.resources.tracker import HostCell, PagePool, Tracker
 
 FLAVOR = {"vcpus": 2, "memory_mb": 256, "extra_specs": {"hw:mem_page_size": "2MB"}}
 

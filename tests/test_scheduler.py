@@ -15,7 +15,7 @@ import pytest
 from scheduler_fixtures import FLAVOR, Fleet, after, spawns, start_fleet
 
 from fastcompute.errors import BadRequest
-from fastcompute.scheduler import (
+from fastcompute.scheduler.fleet import (
     DISABLED,
     Group,
     HostView,
@@ -270,7 +270,7 @@ def test_a_member_just_sent_survives_an_event_that_predates_it(monkeypatch: pyte
     # keeps it (anti-affinity must not place a second member there meanwhile) until the
     # unreported horizon has passed, then follows the agent's list.
     clock = [1000.0]
-    monkeypatch.setattr("fastcompute.scheduler.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("fastcompute.scheduler.fleet.time.monotonic", lambda: clock[0])
     h = HostView("h")
     h.add_member("web", "new")
     h.take_members({"web": ["old"]})

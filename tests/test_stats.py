@@ -10,7 +10,7 @@ import pytest
 from stats_fixtures import Burner, CgroupFactory, available_versions, block_device_of
 
 from fastcompute.errors import NotFound
-from fastcompute.stats import (
+from fastcompute.stats.collector import (
     LIBVIRT,
     CgroupPaths,
     Sampler,
@@ -19,7 +19,7 @@ from fastcompute.stats import (
     guest_source,
     host_layout,
 )
-from fastcompute.stats_reference import read_cgroup
+from fastcompute.stats.reference import read_cgroup
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating cgroups needs root")
 

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from stats_fixtures import Burner, CgroupFactory, available_versions
 
 from fastcompute.errors import NotFound
-from fastcompute.metrics import Metrics
-from fastcompute.stats import LIBVIRT, StatsCollector
+from fastcompute.stats.collector import LIBVIRT, StatsCollector
+from fastcompute.stats.metrics import Metrics
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating cgroups needs root")
 

@@ -20,7 +20,7 @@ from guest_fixtures import (
     wait_for_console,
 )
 
-from fastcompute.stats import (
+from fastcompute.stats.collector import (
     CgroupPaths,
     Sampler,
     StatsCollector,

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastcompute.errors import NotFound
-from fastcompute.stats import (
+from fastcompute.stats.collector import (
     CgroupLayout,
     CgroupPaths,
     InstanceSample,
@@ -26,7 +26,7 @@ from fastcompute.stats import (
     domain_stats_flags,
     from_domain_stats,
 )
-from fastcompute.stats_reference import read_cgroup
+from fastcompute.stats.reference import read_cgroup
 
 MiB = 1 << 20
 V2_NAMES = ("cpu.stat", "memory.current", "memory.peak", "memory.swap.current", "io.stat")

@@ -17,20 +17,20 @@ from typing import Any
 
 import msgspec
 
-from . import protocol
-from .config import Config
-from .errors import NotFound
-from .hypervisor import LibvirtDriver
-from .hypervisor.xml import domain_name
-from .images import ImageCache
-from .manager import Manager
-from .metrics import Metrics, MetricsServer, loop_lag_probe, parse_endpoint, start_http_server
-from .network import Network
-from .placement import PlacementSync, claims_of
-from .resources import Tracker, cpu_traits, topology_from_libvirt
-from .server import Handler, Server
-from .stats import Source, StatsCollector, guest_source
-from .store import Store
+from fastcompute import protocol
+from fastcompute.compute.manager import Manager
+from fastcompute.config import Config
+from fastcompute.errors import NotFound
+from fastcompute.hypervisor import LibvirtDriver
+from fastcompute.hypervisor.libvirt.xml import domain_name
+from fastcompute.images.cache import ImageCache
+from fastcompute.network import Network
+from fastcompute.resources.tracker import Tracker, cpu_traits, topology_from_libvirt
+from fastcompute.rpc.server import Handler, Server
+from fastcompute.scheduler.placement import PlacementSync, claims_of
+from fastcompute.stats.collector import Source, StatsCollector, guest_source
+from fastcompute.stats.metrics import Metrics, MetricsServer, loop_lag_probe, parse_endpoint, start_http_server
+from fastcompute.store import Store
 
 log = logging.getLogger("fastcompute.agent")
 

@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from .netlink import (
+from fastcompute.netlink import (
     NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,

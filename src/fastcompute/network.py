@@ -53,20 +53,20 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Struct
 
-from .config import NetworkConfig
-from .conntrack import Conntrack
-from .errors import AgentError, BadRequest, Conflict, NotFound
-from .netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr, error_of, message, messages, raise_error
-from .nftables import Nft, NftError
+from fastcompute.config import NetworkConfig
+from fastcompute.conntrack import Conntrack
+from fastcompute.errors import AgentError, BadRequest, Conflict, NotFound
+from fastcompute.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr, error_of, message, messages, raise_error
+from fastcompute.nftables import Nft, NftError
+from fastcompute.protocol.ports import IFNAMSIZ, Port, PortNetwork, SecurityGroup, SecurityGroupRule
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-IFNAMSIZ: Final = 15
 _IFF_UP: Final = 1
 _MAC_RE: Final = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 # Packet marks: bit 31 says "ours", bits 30-16 are a hash of the tables' name (so that two
@@ -85,55 +85,6 @@ PROTOCOLS: Final[dict[str, int]] = {
 }  # fmt: skip
 _PORT_PROTOCOLS: Final = frozenset({6, 17, 33, 132, 136})
 _ICMP_PROTOCOLS: Final = frozenset({1, 58})
-
-ShortId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
-PortNumber = Annotated[int, Meta(ge=0, le=65535)]
-
-
-class SecurityGroupRule(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """One Neutron security-group rule; an absent field matches anything."""
-
-    direction: Literal["ingress", "egress"]
-    ethertype: Literal["IPv4", "IPv6"] = "IPv4"
-    protocol: str | Annotated[int, Meta(ge=0, le=255)] | None = None
-    port_range_min: PortNumber | None = None
-    port_range_max: PortNumber | None = None
-    remote_ip_prefix: str | None = None
-
-
-class SecurityGroup(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """A Neutron security group: its id and its rules (allow rules; the rest is denied)."""
-
-    id: ShortId
-    rules: list[SecurityGroupRule] = []
-
-
-class FixedIp(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """An address of the port and the prefix length of its subnet."""
-
-    ip: str
-    prefix: Annotated[int, Meta(ge=0, le=128)]
-
-
-class PortNetwork(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """The network a port is on: an existing bridge to use, a VLAN, the MTU."""
-
-    id: ShortId
-    bridge: Annotated[str, Meta(min_length=1, max_length=IFNAMSIZ)] | None = None
-    vlan: Annotated[int, Meta(ge=1, le=4094)] | None = None
-    mtu: Annotated[int, Meta(ge=68, le=65535)] | None = None
-
-
-class Port(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """A Neutron port as ``instance.spawn``'s ``networks`` and ``instance.attach_port`` give it."""
-
-    id: ShortId
-    mac: str
-    network: PortNetwork
-    fixed_ips: list[FixedIp] = []
-    port_security_enabled: bool = True
-    security_groups: list[SecurityGroup] = []
-
 
 class PluggedPort(Struct, kw_only=True, frozen=True):
     """What the domain XML needs of a plugged port: ``<interface type='ethernet'>`` on ``tap``."""

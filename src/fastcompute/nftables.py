@@ -19,7 +19,7 @@ from typing import Any, Final
 import cffi
 import msgspec
 
-from .errors import AgentError
+from fastcompute.errors import AgentError
 
 _CDEF: Final = """
 struct nft_ctx;

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from .workers import Workers
+from fastcompute.workers import Workers
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (

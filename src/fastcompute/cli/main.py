@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import config as config_mod
-from .client import AsyncClient, Client, Curve
-from .errors import AgentError
+from fastcompute import config as config_mod
+from fastcompute.errors import AgentError
+from fastcompute.rpc.client import AsyncClient, Client, Curve
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7780"
 out = Console()
@@ -50,7 +50,7 @@ def _run_agent(a: argparse.Namespace) -> int:
     )
     import uvloop
 
-    from .agent import Agent
+    from fastcompute.agent import Agent
 
     agent = Agent(cfg)
     try:
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastcompute`` command."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["schedule"]:
-        from . import scheduler
+        from fastcompute.scheduler import fleet as scheduler
 
         return scheduler.main(args[1:])
     a = build_parser().parse_args(args)
@@ -413,6 +413,3 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[red]timeout[/]: {exc}")
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,9 +14,10 @@ from typing import Any
 
 import msgspec
 
-from . import _core, numa
-from .config import QuotaConfig, ResourcesConfig
-from .errors import NoCapacity, QuotaExceeded
+from fastcompute import _core
+from fastcompute.config import QuotaConfig, ResourcesConfig
+from fastcompute.errors import NoCapacity, QuotaExceeded
+from fastcompute.resources import numa
 
 RESOURCE_CLASSES = ("VCPU", "PCPU", "MEMORY_MB", "DISK_GB")
 

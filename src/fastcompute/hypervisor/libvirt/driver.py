@@ -14,10 +14,10 @@ from typing import Any, Final, TypeVar
 import libvirt
 import libvirtaio
 
-from ..errors import HypervisorError
-from ..workers import Workers
-from .driver import DomainInfo, PowerEvent
-from .xml import NAMESPACE
+from fastcompute.errors import HypervisorError
+from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
+from fastcompute.hypervisor.libvirt.xml import NAMESPACE
+from fastcompute.workers import Workers
 
 log = logging.getLogger("fastcompute.hypervisor")
 T = TypeVar("T")

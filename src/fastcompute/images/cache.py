@@ -41,12 +41,12 @@ from typing import Any
 
 import msgspec
 
-from . import _core
-from .config import ImagesConfig
-from .errors import BadRequest, Conflict, ImageError
-from .images_qcow2 import FormatError, create_overlay, inspect
-from .images_sources import Sources, glance_expectations, hash_file, human
-from .workers import Workers
+from fastcompute import _core
+from fastcompute.config import ImagesConfig
+from fastcompute.errors import BadRequest, Conflict, ImageError
+from fastcompute.images.formats import FormatError, create_overlay, inspect
+from fastcompute.images.sources import Sources, glance_expectations, hash_file, human
+from fastcompute.workers import Workers
 
 log = logging.getLogger(__name__)
 

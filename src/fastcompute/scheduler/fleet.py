@@ -38,12 +38,12 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import numa
-from .client import ClientTimeout, Link, error_from_reply
-from .errors import AgentError, Busy, HypervisorError, NoCapacity, QuotaExceeded
-from .placement import PlacementClient, Unavailable
-from .protocol import SERVER_GROUP_KEY, SERVER_GROUP_POLICY_KEY
-from .resources import Tracker
+from fastcompute.errors import AgentError, Busy, HypervisorError, NoCapacity, QuotaExceeded
+from fastcompute.protocol import SERVER_GROUP_KEY, SERVER_GROUP_POLICY_KEY
+from fastcompute.resources import numa
+from fastcompute.resources.tracker import Tracker
+from fastcompute.rpc.client import ClientTimeout, Link, error_from_reply
+from fastcompute.scheduler.placement import PlacementClient, Unavailable
 
 log = logging.getLogger("fastcompute.scheduler")
 
@@ -861,6 +861,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

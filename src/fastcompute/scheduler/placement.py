@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from .config import PlacementConfig
+from fastcompute.config import PlacementConfig
 
 log = logging.getLogger("fastcompute.placement")
 

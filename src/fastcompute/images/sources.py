@@ -28,10 +28,10 @@ from typing import Any
 
 import httpx
 
-from . import _core
-from .config import ImagesConfig
-from .errors import ImageError
-from .images_qcow2 import QCOW2_MAGIC
+from fastcompute import _core
+from fastcompute.config import ImagesConfig
+from fastcompute.errors import ImageError
+from fastcompute.images.formats import QCOW2_MAGIC
 
 log = logging.getLogger("fastcompute.images")
 

@@ -23,16 +23,18 @@ from typing import Any
 
 import msgspec
 
-from . import numa, protocol
-from .config import Config
-from .errors import AgentError, BadRequest, Conflict, HypervisorError, NotFound
-from .hypervisor import Driver, PowerEvent
-from .hypervisor.xml import DiskSpec, DomainSpec, GuestCell, Interface, build, interface_xml
-from .images import ImageCache, ImageSpec
-from .network import Network, Port, SecurityGroup
-from .protocol import Fault, Flavor, InstanceRecord, NumaCell, SpawnArgs
-from .resources import Claim, Tracker
-from .store import Store
+from fastcompute import protocol
+from fastcompute.config import Config
+from fastcompute.errors import AgentError, BadRequest, Conflict, HypervisorError, NotFound
+from fastcompute.hypervisor import Driver, PowerEvent
+from fastcompute.hypervisor.libvirt.xml import DiskSpec, DomainSpec, GuestCell, Interface, build, interface_xml
+from fastcompute.images.cache import ImageCache, ImageSpec
+from fastcompute.network import Network
+from fastcompute.protocol import Fault, Flavor, InstanceRecord, NumaCell, SpawnArgs
+from fastcompute.protocol.ports import Port, SecurityGroup
+from fastcompute.resources import numa
+from fastcompute.resources.tracker import Claim, Tracker
+from fastcompute.store import Store
 
 log = logging.getLogger("fastcompute.manager")
 
@@ -372,7 +374,7 @@ class Manager:
 
     def ping(self) -> dict[str, Any]:
         """``ping``."""
-        from . import __version__
+        from fastcompute import __version__
 
         return {"version": __version__, "uptime_s": round(time.monotonic() - self.started_at, 3)}
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-from .errors import AgentError, BadRequest, UnknownOp
+from fastcompute.errors import AgentError, BadRequest, UnknownOp
 
 VERSION: Final = 1
 

@@ -22,10 +22,10 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from . import protocol
-from .config import AgentConfig, SecurityConfig
-from .errors import AgentError, BadRequest, Busy
-from .store import Store
+from fastcompute import protocol
+from fastcompute.config import AgentConfig, SecurityConfig
+from fastcompute.errors import AgentError, BadRequest, Busy
+from fastcompute.store import Store
 
 log = logging.getLogger("fastcompute.server")
 

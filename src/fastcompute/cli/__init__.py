@@ -1,0 +1,5 @@
+"""The ``fastcompute`` command."""
+
+from fastcompute.cli.main import main
+
+__all__ = ["main"]

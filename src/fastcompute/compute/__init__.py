@@ -1,0 +1,1 @@
+"""Compute: the instance manager (the only writer of instance state)."""

@@ -1,0 +1,1 @@
+"""The libvirt backend: the only place that knows libvirt (connection, domain XML)."""

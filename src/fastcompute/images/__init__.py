@@ -1,0 +1,1 @@
+"""Images: the base cache, image sources, formats and instance disks."""

@@ -1,0 +1,63 @@
+"""The wire schema of ports and security groups (Neutron's shapes), decoded with the request.
+
+``instance.spawn``'s ``networks``, ``instance.attach_port`` and ``instance.set_security_groups``
+carry these; msgspec checks types and ranges in the same pass that decodes the request, and
+``fastcompute.network`` checks what types cannot say (a MAC's form, a rule's protocol and ports).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+from msgspec import Meta, Struct
+
+IFNAMSIZ: Final = 15
+"""The longest Linux interface name (the kernel's IFNAMSIZ less the NUL)."""
+
+ShortId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+PortNumber = Annotated[int, Meta(ge=0, le=65535)]
+
+
+class SecurityGroupRule(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """One Neutron security-group rule; an absent field matches anything."""
+
+    direction: Literal["ingress", "egress"]
+    ethertype: Literal["IPv4", "IPv6"] = "IPv4"
+    protocol: str | Annotated[int, Meta(ge=0, le=255)] | None = None
+    port_range_min: PortNumber | None = None
+    port_range_max: PortNumber | None = None
+    remote_ip_prefix: str | None = None
+
+
+class SecurityGroup(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """A Neutron security group: its id and its rules (allow rules; the rest is denied)."""
+
+    id: ShortId
+    rules: list[SecurityGroupRule] = []
+
+
+class FixedIp(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """An address of the port and the prefix length of its subnet."""
+
+    ip: str
+    prefix: Annotated[int, Meta(ge=0, le=128)]
+
+
+class PortNetwork(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """The network a port is on: an existing bridge to use, a VLAN, the MTU."""
+
+    id: ShortId
+    bridge: Annotated[str, Meta(min_length=1, max_length=IFNAMSIZ)] | None = None
+    vlan: Annotated[int, Meta(ge=1, le=4094)] | None = None
+    mtu: Annotated[int, Meta(ge=68, le=65535)] | None = None
+
+
+class Port(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """A Neutron port as ``instance.spawn``'s ``networks`` and ``instance.attach_port`` give it."""
+
+    id: ShortId
+    mac: str
+    network: PortNetwork
+    fixed_ips: list[FixedIp] = []
+    port_security_enabled: bool = True
+    security_groups: list[SecurityGroup] = []

@@ -1,0 +1,1 @@
+"""Host resources: the tracker and claims, NUMA constraints and the fitter."""

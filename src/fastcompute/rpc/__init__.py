@@ -1,0 +1,1 @@
+"""The ZeroMQ transport: the agent's ROUTER/PUB server and the clients."""
