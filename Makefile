@@ -30,7 +30,7 @@ test-quick: setup
 bench: setup
 	$(PY) -m pytest -q -s bench --benchmark-columns=median,ops,rounds --benchmark-sort=name -p no:cacheprovider
 
-lint: setup
+lint: setup  # make test runs the same checks (tests/test_sourcecode.py)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
