@@ -24,10 +24,10 @@ import libvirt
 import pytest
 import zmq
 from agent_fixtures import AgentProcess, free_port, spawn_args
-from hosts import write_test_host
 from network_fixtures import EGRESS_ALL, group, port, remove_owned, rule
 
 from fastcompute.config import QuotaConfig, ResourcesConfig
+from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.hypervisor.libvirt.xml import DiskSpec, DomainSpec, build
 from fastcompute.resources import numa
 from fastcompute.resources.tracker import HostCell, PagePool, Tracker

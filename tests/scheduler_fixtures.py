@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from agent_fixtures import AgentProcess
-from hosts import write_test_host
 
+from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.scheduler.fleet import Endpoint
 
 # name -> write_test_host arguments. VCPU capacity at the default 16x ratio: 64, 128, 512.

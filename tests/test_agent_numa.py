@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 from agent_fixtures import spawn_args
-from hosts import write_test_host
 
 from fastcompute.errors import NoCapacity
+from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.rpc.client import AsyncClient
 
 PINNED = {"vcpus": 1, "memory_mb": 256, "disk_gb": 1, "extra_specs": {"hw:cpu_policy": "dedicated"}}
