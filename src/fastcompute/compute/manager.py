@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 import uuid as uuid_mod
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -184,9 +185,9 @@ class Manager:
         # port id -> the instance it is given to, so that a spawn's check does not walk them all
         self._port_owners: dict[str, str] = {}
         self._builds: dict[str, asyncio.Task[None]] = {}
-        # uuids whose delete is asked for and not yet over: a spawn of one is CONFLICT, and a
+        # uuid -> deletes of it asked for and not yet over: a spawn of one is CONFLICT, and a
         # build in progress stops before its next stage
-        self._deleting: set[str] = set()
+        self._deleting: Counter[str] = Counter()
         self._build_slots = asyncio.Semaphore(cfg.agent.max_concurrent_builds)
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
         self._resources_dirty = False
@@ -551,7 +552,7 @@ class Manager:
                     return
                 async with lock:
                     if self.instances.get(uuid) is not stored or uuid in self._deleting:
-                        log.info("build of %s stopped: the instance is deleted", uuid)
+                        log.info("build of %s stopped: the instance is deleted or being deleted", uuid)
                         return
                     try:
                         await stage(uuid, stored)
@@ -770,14 +771,16 @@ class Manager:
         gone; a build under way stops at its next stage.
         """
         stored = self._get(uuid)
-        self._deleting.add(uuid)
+        self._deleting[uuid] += 1
         try:
             async with self._locks[uuid]:
                 self._same(uuid, stored)
                 await self._commit(uuid, task_state="deleting")
                 await self._delete_locked(uuid)
         finally:
-            self._deleting.discard(uuid)
+            self._deleting[uuid] -= 1
+            if not self._deleting[uuid]:
+                del self._deleting[uuid]
         return {"uuid": uuid, "deleted": True}
 
     async def _delete_locked(self, uuid: str) -> None:
