@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import random
 import signal
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -185,6 +188,62 @@ def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("images") / "tiny.raw"
     path.write_bytes(os.urandom(1 << 20))
     return path
+
+
+class GatedImage:
+    """An image served over HTTP on 127.0.0.1 that holds every request until ``release()``;
+    ``asked`` is set once a request has come in (a build is then fetching it)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.gate = threading.Event()
+        self.asked = threading.Event()
+        gate, asked = self.gate, self.asked
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, body: bool) -> None:
+                asked.set()
+                gate.wait(60)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                with contextlib.suppress(OSError):
+                    self._send(True)
+
+            def do_HEAD(self) -> None:
+                with contextlib.suppress(OSError):
+                    self._send(False)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/image.raw"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def release(self) -> None:
+        """Let every held request (and every later one) through."""
+        self.gate.set()
+
+    def close(self) -> None:
+        """Release and stop serving."""
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gated_image() -> Iterator[GatedImage]:
+    """A 1 MiB image whose download waits until the test releases it."""
+    img = GatedImage(os.urandom(1 << 20))
+    yield img
+    img.close()
 
 
 def spawn_args(image: Path, name: str = "vm", **over: Any) -> dict[str, Any]:

@@ -8,72 +8,17 @@ every domain gone: the agent has to re-create each instance in the state it last
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import http.server
-import os
-import threading
 import time
 import uuid as uuid_mod
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from agent_fixtures import AgentProcess, disk_dirs, spawn_args, spawn_in_state, wait_for_state
+from agent_fixtures import AgentProcess, GatedImage, disk_dirs, spawn_args, spawn_in_state, wait_for_state
 
 from fastcompute.rpc.client import AsyncClient
-
-
-class GatedImage:
-    """An image served over HTTP on 127.0.0.1 that holds every request until ``release()``."""
-
-    def __init__(self, data: bytes) -> None:
-        self.gate = threading.Event()
-        gate = self.gate
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _send(self, body: bool) -> None:
-                gate.wait(60)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Content-Type", "application/octet-stream")
-                self.end_headers()
-                if body:
-                    self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                with contextlib.suppress(OSError):
-                    self._send(True)
-
-            def do_HEAD(self) -> None:
-                with contextlib.suppress(OSError):
-                    self._send(False)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/image.raw"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def close(self) -> None:
-        self.gate.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def gated_image() -> Iterator[GatedImage]:
-    img = GatedImage(os.urandom(1 << 20))
-    yield img
-    img.close()
 
 
 def interrupted_build(agent: AgentProcess, image: GatedImage) -> str:

@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 import uuid as uuid_mod
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,18 @@ def _prefixed(details: dict[str, Any] | None, prefix: str) -> dict[str, Any] | N
     return {**details, "field": prefix + str(details["field"])}
 
 
+def _typed(exc: Exception, what: str) -> AgentError:
+    """The typed error an op's reply (or a build's fault) carries for ``exc``.
+
+    Anything but an AgentError is a bug met while driving the instance: it is logged with its
+    traceback, and the client learns which op failed on this host and why, not just INTERNAL.
+    """
+    if isinstance(exc, AgentError):
+        return exc
+    log.error("%s failed unexpectedly", what, exc_info=exc)
+    return HypervisorError(f"{what} failed: {exc}")
+
+
 def _address_hints(ports: list[Port]) -> list[str]:
     """``fc.ip=ADDR/PREFIX`` for the first port's first IPv4 address: how a guest without DHCP
     (the project's test image, for one) learns the address its port's rules let through."""
@@ -172,6 +185,9 @@ class Manager:
         # port id -> the instance it is given to, so that a spawn's check does not walk them all
         self._port_owners: dict[str, str] = {}
         self._builds: dict[str, asyncio.Task[None]] = {}
+        # uuid -> deletes of it asked for and not yet over: a spawn of one is CONFLICT, and a
+        # build in progress stops before its next stage
+        self._deleting: Counter[str] = Counter()
         self._build_slots = asyncio.Semaphore(cfg.agent.max_concurrent_builds)
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
         self._resources_dirty = False
@@ -464,6 +480,9 @@ class Manager:
         digest = hashlib.sha1(
             self._digest_encoder.encode(msgspec.structs.replace(args, uuid=uuid, wait=False))
         ).hexdigest()
+        if uuid in self._deleting:
+            raise Conflict(f"instance {uuid} is being deleted; spawn it again once it is gone",
+                           {"uuid": uuid, "task_state": "deleting"})
         existing = self.instances.get(uuid)
         if existing is not None:
             if existing.digest != digest:
@@ -480,22 +499,25 @@ class Manager:
         )
         stored = Stored(record=rec, digest=digest, request_id=request_id, ports=ports)
         self.instances[uuid] = stored
-        self._locks[uuid] = asyncio.Lock()
+        lock = self._locks[uuid] = asyncio.Lock()
         self._own_ports(uuid, ports)
-        try:
-            await self.store.write([
-                self.store.put_instance(uuid, rec.project_id, request_id, stored),
-                self.store.put_claim(uuid, rec.project_id, claim),
-            ])
-        except BaseException:
-            del self.instances[uuid]
-            del self._locks[uuid]
-            self._disown_ports(uuid, ports)
-            tracker.release(uuid)
-            raise
+        # The build is known from here on (a spawn retried while the record is written waits
+        # for it) but starts no stage before the lock is let go, with the record durable.
+        async with lock:
+            self._start_build(uuid)
+            try:
+                await self.store.write([
+                    self.store.put_instance(uuid, rec.project_id, request_id, stored),
+                    self.store.put_claim(uuid, rec.project_id, claim),
+                ])
+            except BaseException:
+                del self.instances[uuid]
+                del self._locks[uuid]
+                self._disown_ports(uuid, ports)
+                tracker.release(uuid)
+                raise
         self._mark_resources_changed()
         self.publish("instance." + uuid, rec)
-        self._start_build(uuid)
         return await self._after_spawn(uuid, args.wait)
 
     async def _after_spawn(self, uuid: str, wait: bool) -> InstanceRecord:
@@ -505,41 +527,77 @@ class Manager:
         return self._get(uuid).record
 
     def _start_build(self, uuid: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._build(uuid))
+        task = asyncio.get_running_loop().create_task(self._build(uuid, self.instances[uuid]))
         self._builds[uuid] = task
-        task.add_done_callback(lambda _t: self._builds.pop(uuid, None))
 
-    async def _build(self, uuid: str) -> None:
-        async with self._locks[uuid], self._build_slots:
-            rec = self.instances[uuid].record
-            try:
-                await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
-                if self.instances[uuid].ports:
-                    await self.network.plug(uuid, self.instances[uuid].ports)
-                power = await self.driver.launch(self._domain_xml(uuid), start=True)
-            except AgentError as exc:
-                await self._fail_build(uuid, exc)
-                return
-            except Exception as exc:
-                log.exception("build of %s failed unexpectedly", uuid)
-                await self._fail_build(uuid, AgentError(f"build failed: {exc}"))
-                return
-            await self._commit(uuid, vm_state="active", task_state=None, power_state=power)
+        def done(t: asyncio.Task[None]) -> None:
+            # A build of an earlier instance of this uuid must not forget the current one's.
+            if self._builds.get(uuid) is t:
+                del self._builds[uuid]
+
+        task.add_done_callback(done)
+
+    async def _build(self, uuid: str, stored: Stored) -> None:
+        """Make the disk, plug the ports, launch the domain: each stage under the instance's
+        lock, and only while ``stored`` is still the instance and no delete of it is asked for.
+
+        A delete so waits for one stage at most, and a build never works on an instance that was
+        deleted (or deleted and spawned again) under it: that delete has undone what it made.
+        """
+        stages = (self._build_disk, self._build_ports, self._build_domain)
+        async with self._build_slots:
+            for stage in stages:
+                lock = self._locks.get(uuid)
+                if lock is None:
+                    return
+                async with lock:
+                    if self.instances.get(uuid) is not stored or uuid in self._deleting:
+                        log.info("build of %s stopped: the instance is deleted or being deleted", uuid)
+                        return
+                    try:
+                        await stage(uuid, stored)
+                    except Exception as exc:
+                        await self._fail_build(uuid, _typed(exc, f"build of {uuid}"))
+                        return
+
+    async def _build_disk(self, uuid: str, stored: Stored) -> None:
+        rec = stored.record
+        await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
+
+    async def _build_ports(self, uuid: str, stored: Stored) -> None:
+        if stored.ports:
+            await self.network.plug(uuid, stored.ports)
+
+    async def _build_domain(self, uuid: str, _stored: Stored) -> None:
+        power = await self.driver.launch(self._domain_xml(uuid), start=True)
+        await self._commit(uuid, vm_state="active", task_state=None, power_state=power)
 
     async def _fail_build(self, uuid: str, exc: AgentError) -> None:
         log.warning("build of %s failed: %s %s", uuid, exc.code, exc.message)
+        released = await self._undo(uuid)
+        await self._commit(uuid, vm_state="error", task_state=None, power_state="nostate",
+                           fault=Fault(exc.code, exc.message), extra=released)
+
+    async def _undo(self, uuid: str) -> list[Any]:
+        """Take away an instance's domain, disk and ports, and give back its claim unless its
+        domain could not be removed; returns the store changes that go with it. Every step is
+        tried whatever the others did: one failing must not leave the rest held."""
         tracker = self.tracker
         assert tracker is not None
-        try:
-            await self.driver.destroy(uuid)
-        except HypervisorError as cleanup:
-            log.error("could not remove the domain of failed build %s: %s", uuid, cleanup.message)
-        await self.images.remove_disk(uuid)
-        await self.network.unplug(uuid)
+        domain_gone = True
+        for what, step in (("domain", self.driver.destroy), ("disk", self.images.remove_disk),
+                           ("ports", self.network.unplug)):
+            try:
+                await step(uuid)
+            except Exception as exc:
+                log.error("could not remove the %s of %s: %s", what, uuid, exc,
+                          exc_info=not isinstance(exc, AgentError))
+                domain_gone = domain_gone and what != "domain"
+        if not domain_gone:
+            return []
         tracker.release(uuid)
         self._mark_resources_changed()
-        await self._commit(uuid, vm_state="error", task_state=None, power_state="nostate",
-                           fault=Fault(exc.code, exc.message), extra=[Store.delete_claim(uuid)])
+        return [Store.delete_claim(uuid)]
 
     # -- lifecycle ops ---------------------------------------------------------------------------
 
@@ -547,17 +605,21 @@ class Manager:
         """Run one lifecycle op (start, stop, pause, ...) under the instance's lock."""
         name = "reboot-hard" if op == "reboot" and kw.get("hard") else op
         allowed, task, target = _TRANSITIONS[name]
-        self._check(uuid, op, allowed)
+        before = self._check(uuid, op, allowed)
         async with self._locks[uuid]:
+            self._same(uuid, before)
             rec = self._check(uuid, op, allowed).record
             await self._commit(uuid, task_state=task)
             try:
                 power = await self._drive(name, uuid, **kw)
-            except AgentError as exc:
+            except BaseException as exc:
+                # Whatever stopped the op, the instance is not left busy with it.
                 await self._commit(uuid, task_state=None)
                 if isinstance(exc, HypervisorError):
                     raise HypervisorError(f"{op} of {uuid} failed: {exc.message}") from None
-                raise
+                if isinstance(exc, AgentError) or not isinstance(exc, Exception):
+                    raise
+                raise _typed(exc, f"{op} of {uuid}") from None
             return await self._commit(uuid, vm_state=target, task_state=None, power_state=power,
                                       fault=rec.fault if target != "active" else None)
 
@@ -573,6 +635,13 @@ class Manager:
                 f"{op} needs {' or '.join(sorted(allowed))}",
                 {"vm_state": rec.vm_state, "allowed": sorted(allowed)},
             )
+        return stored
+
+    def _same(self, uuid: str, stored: Stored) -> Stored:
+        """Once an op holds the lock it waited for: the instance must still be the one it asked
+        about, not gone, nor deleted and spawned again (whose lock is another)."""
+        if self.instances.get(uuid) is not stored:
+            raise NotFound(f"no instance {uuid} on this host (it was deleted)", {"uuid": uuid})
         return stored
 
     async def _drive(self, name: str, uuid: str, **kw: Any) -> str:
@@ -613,14 +682,10 @@ class Manager:
             if self.instances[uuid].ports:
                 await self.network.plug(uuid, self.instances[uuid].ports)
             return await self.driver.launch(self._domain_xml(uuid), start=True)
-        except AgentError:
-            if reclaimed:
-                await self.images.remove_disk(uuid)
-                await self.network.unplug(uuid)
-                tracker.release(uuid)
+        except BaseException:
+            if reclaimed and (released := await self._undo(uuid)):
                 rec.numa = None
-                await self.store.write([Store.delete_claim(uuid)])
-                self._mark_resources_changed()
+                await self.store.write(released)
             raise
 
     async def _validate_ports(self, raw: list[dict[str, Any]], uuid: str) -> list[Port]:
@@ -646,9 +711,10 @@ class Manager:
 
     async def attach_port(self, uuid: str, raw: dict[str, Any]) -> InstanceRecord:
         """``instance.attach_port`` (extension): plug a port and add it to the domain."""
-        self._check(uuid, "attach a port to", _PORT_STATES)
+        before = self._check(uuid, "attach a port to", _PORT_STATES)
         async with self._locks[uuid]:
             stored = self._check(uuid, "attach a port to", _PORT_STATES)
+            self._same(uuid, before)
             port = (await self._validate_ports([raw], uuid))[0]
             if any(p.id == port.id for p in stored.ports):
                 raise Conflict(f"port {port.id} is already attached to {uuid}", {"port_id": port.id})
@@ -666,9 +732,10 @@ class Manager:
 
     async def detach_port(self, uuid: str, port_id: str) -> InstanceRecord:
         """``instance.detach_port`` (extension): remove a port from the domain and unplug it."""
-        self._check(uuid, "detach a port from", _PORT_STATES)
+        before = self._check(uuid, "detach a port from", _PORT_STATES)
         async with self._locks[uuid]:
             stored = self._check(uuid, "detach a port from", _PORT_STATES)
+            self._same(uuid, before)
             plugged = next((p for p in self.network.plugged(uuid) if p.port_id == port_id), None)
             if plugged is None or not any(p.id == port_id for p in stored.ports):
                 raise NotFound(f"instance {uuid} has no port {port_id}", {"port_id": port_id})
@@ -684,6 +751,7 @@ class Manager:
         """``instance.set_security_groups`` (extension): Neutron's port update, in one transaction."""
         stored = self._get(uuid)
         async with self._locks[uuid]:
+            self._same(uuid, stored)
             port = next((p for p in stored.ports if p.id == port_id), None)
             if port is None:
                 raise NotFound(f"instance {uuid} has no port {port_id}", {"port_id": port_id})
@@ -697,13 +765,22 @@ class Manager:
             return await self._commit(uuid)
 
     async def delete(self, uuid: str) -> dict[str, Any]:
-        """``instance.delete``: allowed from every state; releases disk, network and claim."""
-        self._get(uuid)
-        async with self._locks[uuid]:
-            self._get(uuid)
-            await self._commit(uuid, task_state="deleting")
-            await self._delete_locked(uuid)
-        self._locks.pop(uuid, None)
+        """``instance.delete``: allowed from every state; releases disk, network and claim.
+
+        The uuid is reserved from the request on (a spawn of it is CONFLICT) until the record is
+        gone; a build under way stops at its next stage.
+        """
+        stored = self._get(uuid)
+        self._deleting[uuid] += 1
+        try:
+            async with self._locks[uuid]:
+                self._same(uuid, stored)
+                await self._commit(uuid, task_state="deleting")
+                await self._delete_locked(uuid)
+        finally:
+            self._deleting[uuid] -= 1
+            if not self._deleting[uuid]:
+                del self._deleting[uuid]
         return {"uuid": uuid, "deleted": True}
 
     async def _delete_locked(self, uuid: str) -> None:
@@ -716,6 +793,8 @@ class Manager:
         await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid)])
         tracker.release(uuid)
         del self.instances[uuid]
+        # Whoever still waits for this lock finds the instance gone; a new spawn gets its own.
+        self._locks.pop(uuid, None)
         self._disown_ports(uuid, stored.ports)
         self._mark_resources_changed()
         rec = stored.record
