@@ -173,6 +173,11 @@ class Manager:
         self._port_owners: dict[str, str] = {}
         self._builds: dict[str, asyncio.Task[None]] = {}
         self._build_slots = asyncio.Semaphore(cfg.agent.max_concurrent_builds)
+        # A build's image fetch, which runs before the build takes a slot and which a delete
+        # or the agent stopping cancels; and the tenant's Glance token of a spawn, kept in
+        # memory only until its build has fetched (never stored, logged or in a record).
+        self._fetches: dict[str, asyncio.Task[None]] = {}
+        self._image_tokens: dict[str, str] = {}
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
         self._resources_dirty = False
         self.started_at = time.monotonic()
@@ -461,8 +466,11 @@ class Manager:
             raise BadRequest("image needs an id or a url", {"field": "args.image", "reason": "empty"})
         numa_request = flavor_request(args.flavor)
         ports = await self._validate_ports(args.networks, uuid)
+        token, image = args.image.token, args.image.without_token()
+        # The token is no part of what the instance is: a retry with a fresh token is the
+        # same request.
         digest = hashlib.sha1(
-            self._digest_encoder.encode(msgspec.structs.replace(args, uuid=uuid, wait=False))
+            self._digest_encoder.encode(msgspec.structs.replace(args, uuid=uuid, wait=False, image=image))
         ).hexdigest()
         existing = self.instances.get(uuid)
         if existing is not None:
@@ -474,7 +482,7 @@ class Manager:
         ts = now()
         rec = InstanceRecord(
             uuid=uuid, name=args.name, project_id=args.project_id, vm_state="building",
-            task_state="spawning", power_state="nostate", flavor=args.flavor, image=args.image,
+            task_state="spawning", power_state="nostate", flavor=args.flavor, image=image,
             host=self.hostname, numa=numa_cells(numa_request, claim.numa_placement), created_at=ts,
             updated_at=ts, metadata=args.metadata,
         )
@@ -495,6 +503,8 @@ class Manager:
             raise
         self._mark_resources_changed()
         self.publish("instance." + uuid, rec)
+        if token:
+            self._image_tokens[uuid] = token
         self._start_build(uuid)
         return await self._after_spawn(uuid, args.wait)
 
@@ -510,13 +520,19 @@ class Manager:
         task.add_done_callback(lambda _t: self._builds.pop(uuid, None))
 
     async def _build(self, uuid: str) -> None:
-        async with self._locks[uuid], self._build_slots:
+        async with self._locks[uuid]:
             rec = self.instances[uuid].record
             try:
-                await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
-                if self.instances[uuid].ports:
-                    await self.network.plug(uuid, self.instances[uuid].ports)
-                power = await self.driver.launch(self._domain_xml(uuid), start=True)
+                # The base is fetched before the build takes a slot: slots bound the builds
+                # themselves, and downloads (bounded by [images] max_concurrent_downloads)
+                # must not hold the slots spawns of cached images need.
+                if not await self._fetch_image(uuid, rec):
+                    return
+                async with self._build_slots:
+                    await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
+                    if self.instances[uuid].ports:
+                        await self.network.plug(uuid, self.instances[uuid].ports)
+                    power = await self.driver.launch(self._domain_xml(uuid), start=True)
             except AgentError as exc:
                 await self._fail_build(uuid, exc)
                 return
@@ -525,6 +541,26 @@ class Manager:
                 await self._fail_build(uuid, AgentError(f"build failed: {exc}"))
                 return
             await self._commit(uuid, vm_state="active", task_state=None, power_state=power)
+
+    async def _fetch_image(self, uuid: str, rec: InstanceRecord) -> bool:
+        """Fetch a build's image; False when a delete or the agent stopping cancelled it (the
+        instance is then left as it is: to the delete, or to the next start-up's resume)."""
+        fetch = asyncio.get_running_loop().create_task(self.images.fetch_base(
+            _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid),
+            token=self._image_tokens.pop(uuid, None),
+        ))
+        self._fetches[uuid] = fetch
+        try:
+            await fetch
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not fetch.cancelled() or me is None or me.cancelling():
+                raise
+            log.info("image fetch of %s cancelled", uuid)
+            return False
+        finally:
+            del self._fetches[uuid]
+        return True
 
     async def _fail_build(self, uuid: str, exc: AgentError) -> None:
         log.warning("build of %s failed: %s %s", uuid, exc.code, exc.message)
@@ -699,6 +735,9 @@ class Manager:
     async def delete(self, uuid: str) -> dict[str, Any]:
         """``instance.delete``: allowed from every state; releases disk, network and claim."""
         self._get(uuid)
+        fetch = self._fetches.get(uuid)
+        if fetch is not None:
+            fetch.cancel()  # the build then gives the lock back at once
         async with self._locks[uuid]:
             self._get(uuid)
             await self._commit(uuid, task_state="deleting")
@@ -767,6 +806,8 @@ class Manager:
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for builds in progress to finish (or leave them to the next start-up)."""
+        for fetch in self._fetches.values():
+            fetch.cancel()  # a download may take an hour; the build resumes at the next start
         builds = list(self._builds.values())
         if builds:
             log.info("waiting up to %.0fs for %d builds in progress", timeout_s, len(builds))
