@@ -55,9 +55,11 @@ def free_port() -> int:
 
 
 # Where the tests' file:// images live: their temporary directories and the project's cache
-# (the guest image). An agent takes no file:// image by default.
+# (the guest image); their http images are served on loopback. An agent takes no file:// and
+# no http(s) image by default.
 FILE_ROOTS = ["--file-root", tempfile.gettempdir(),
-              "--file-root", str(Path(__file__).resolve().parent.parent / ".cache")]
+              "--file-root", str(Path(__file__).resolve().parent.parent / ".cache"),
+              "--http-source", "127.0.0.1"]
 
 
 class AgentProcess:

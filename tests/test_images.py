@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,14 @@ from fastcompute.images.formats import FormatError, create_overlay, inspect
 
 # The tests' file:// images live in their temporary directories; by default no file:// image is taken.
 TEMP_ROOTS = [tempfile.gettempdir()]
+# Their http images are served on loopback; by default no http(s) image is taken either.
+LOOPBACK = ["127.0.0.1"]
+
+
+def local_config(**kw: Any) -> ImagesConfig:
+    """The images config of these tests: their file:// roots and loopback http sources."""
+    return ImagesConfig(file_roots=TEMP_ROOTS, http_sources=LOOPBACK, **kw)
+
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -133,7 +142,7 @@ def executor() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 async def cache(
     tmp_path: Path, executor: concurrent.futures.Executor
 ) -> AsyncIterator[ImageCache]:
-    c = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, read_timeout_s=5.0), executor)
+    c = ImageCache(tmp_path / "state", local_config(read_timeout_s=5.0), executor)
     yield c
     await c.close()
 
@@ -205,7 +214,7 @@ def test_hundred_concurrent_spawns_download_once(
     url = image_server.add("/storm.raw", body)
 
     async def storm() -> list[Path]:
-        c = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS), executor)
+        c = ImageCache(tmp_path / "state", local_config(), executor)
         try:
             spec = ImageSpec(url=url, checksum=sha256(body))
             return await asyncio.gather(
@@ -285,7 +294,7 @@ async def test_stalled_server_is_abandoned(
     image_server: ImageServer, tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
     url = image_server.add("/stall.raw", image_bytes(), mode="stall")
-    cache = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, read_timeout_s=0.5), executor)
+    cache = ImageCache(tmp_path / "state", local_config(read_timeout_s=0.5), executor)
     try:
         await _refused(cache, ImageSpec(url=url), "stalled", tmp_path / "state")
     finally:
@@ -352,7 +361,7 @@ async def test_size_limit(
     image_server: ImageServer, tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
     url = image_server.add("/huge.raw", image_bytes(4 * MiB))
-    cache = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, max_image_bytes=MiB), executor)
+    cache = ImageCache(tmp_path / "state", local_config(max_image_bytes=MiB), executor)
     try:
         await _refused(cache, ImageSpec(url=url), "above the limit", tmp_path / "state")
     finally:
@@ -389,7 +398,8 @@ from fastcompute.config import ImagesConfig
 from fastcompute.images.cache import ImageCache, ImageSpec
 
 async def main():
-    c = ImageCache(Path(sys.argv[1]), ImagesConfig(file_roots=["/"]), concurrent.futures.ThreadPoolExecutor(2))
+    cfg = ImagesConfig(file_roots=["/"], http_sources=["127.0.0.1"])
+    c = ImageCache(Path(sys.argv[1]), cfg, concurrent.futures.ThreadPoolExecutor(2))
     await c.prepare_disk("victim", ImageSpec(url=sys.argv[2]), 1)
 
 asyncio.run(main())
@@ -421,7 +431,7 @@ def test_kill_during_download_leaves_no_half_base(
     image_server.routes["/slow.raw"].mode = "ok"
 
     async def restart() -> Path:
-        c = ImageCache(state, ImagesConfig(file_roots=TEMP_ROOTS), executor)
+        c = ImageCache(state, local_config(), executor)
         try:
             assert list((state / "_base").iterdir()) == []
             assert c.list_bases() == []
@@ -477,7 +487,7 @@ async def test_flat_disk_is_a_sparse_private_copy(
         f.write(body[: 256 << 10])
         f.seek(len(body) - (128 << 10))
         f.write(body[len(body) - (128 << 10) :])
-    cache = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, disk_mode="flat"), executor)
+    cache = ImageCache(tmp_path / "state", local_config(disk_mode="flat"), executor)
     events: list[tuple[str, int, int | None]] = []
     try:
         disk = await cache.prepare_disk(
@@ -531,7 +541,7 @@ async def test_prune_keeps_bases_in_use_and_removes_unused(
 async def test_cleaner_runs_until_stopped(
     tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
-    cfg = ImagesConfig(file_roots=TEMP_ROOTS, cache_max_age_s=0.0, cleaner_interval_s=0.05)
+    cfg = local_config(cache_max_age_s=0.0, cleaner_interval_s=0.05)
     cache = ImageCache(tmp_path / "state", cfg, executor)
     src = tmp_path / "img.raw"
     src.write_bytes(image_bytes())
@@ -668,7 +678,7 @@ async def test_cancelled_spawn_leaves_no_disk(
 ) -> None:
     src = tmp_path / "img.raw"
     src.write_bytes(os.urandom(32 * MiB))
-    cache = ImageCache(tmp_path / "state", ImagesConfig(file_roots=TEMP_ROOTS, disk_mode="flat"), executor)
+    cache = ImageCache(tmp_path / "state", local_config(disk_mode="flat"), executor)
     try:
         await cache.prepare_disk("warm", ImageSpec(url=f"file://{src}"), 1)
         task = asyncio.create_task(cache.prepare_disk("cancelled", ImageSpec(url=f"file://{src}"), 1))
@@ -773,13 +783,13 @@ async def test_https_source_is_verified_against_the_ca_file(
     https_server: tuple[str, Path, Route], tmp_path: Path, executor: concurrent.futures.Executor
 ) -> None:
     url, cert, route = https_server
-    untrusting = ImageCache(tmp_path / "a", ImagesConfig(file_roots=TEMP_ROOTS), executor)
+    untrusting = ImageCache(tmp_path / "a", local_config(), executor)
     try:
         with pytest.raises(ImageError, match="CERTIFICATE_VERIFY_FAILED"):
             await untrusting.prepare_disk("vm", ImageSpec(url=url), 1)
     finally:
         await untrusting.close()
-    trusting = ImageCache(tmp_path / "b", ImagesConfig(ca_file=str(cert)), executor)
+    trusting = ImageCache(tmp_path / "b", ImagesConfig(ca_file=str(cert), http_sources=LOOPBACK), executor)
     try:
         disk = await trusting.prepare_disk("vm", ImageSpec(url=url, checksum=sha256(route.body)), 1)
     finally:

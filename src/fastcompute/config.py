@@ -88,11 +88,16 @@ class ImagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         msgspec.field(default_factory=list)
     )
     ca_file: Annotated[str, _doc("CA bundle for https image sources; empty = the system's")] = ""
-    file_roots: Annotated[list[str], _doc("Directories file:// images may come from (symlinks resolved); empty = file:// images refused")] = (
+    file_roots: Annotated[list[str], _doc("Directories file:// images may come from (no symbolic link below a root is followed); empty = file:// images refused")] = (
+        msgspec.field(default_factory=list)
+    )
+    http_sources: Annotated[list[str], _doc("Where http(s) images (and their redirects) may come from: URL prefixes (https://mirror:8443/pub/: scheme, host and port equal, path under it) or host names (images.example.com: any port, http or https); empty = http(s) images refused")] = (
         msgspec.field(default_factory=list)
     )
     connect_timeout_s: Annotated[float, _doc("Connecting to an image server gives up after this")] = 10.0
-    read_timeout_s: Annotated[float, _doc("A download that receives nothing for this long is abandoned")] = 30.0
+    read_timeout_s: Annotated[float, _doc("A download that receives nothing for this long is abandoned; also the window over which min_download_rate is measured")] = 30.0
+    download_timeout_s: Annotated[float, _doc("Overall deadline of one download, from connecting to the last byte: a longer one is abandoned")] = 3600.0
+    min_download_rate: Annotated[int, _doc("Bytes per second a download must average over each read_timeout_s, or it is abandoned; 0 = only a full stall is")] = 65536
     max_image_bytes: Annotated[int, _doc("Images larger than this (downloaded bytes or virtual size) are refused")] = 100 << 30
     max_concurrent_downloads: Annotated[int, _doc("Image downloads at once, each in a thread of its own; more wait")] = 4
     disk_threads: Annotated[int, _doc("Threads that make and remove instance disks (copies in flat mode share them)")] = 2

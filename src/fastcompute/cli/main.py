@@ -40,6 +40,8 @@ def _run_agent(a: argparse.Namespace) -> int:
         cfg = config_mod.with_overrides(cfg, "placement", url=a.placement)
         if a.file_root:
             cfg = config_mod.with_overrides(cfg, "images", file_roots=[*cfg.images.file_roots, *a.file_root])
+        if a.http_source:
+            cfg = config_mod.with_overrides(cfg, "images", http_sources=[*cfg.images.http_sources, *a.http_source])
     except config_mod.ConfigError as exc:
         err.print(f"[red]error:[/] {exc}")
         return 2
@@ -324,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     ag.add_argument("--file-root", action="append", metavar="DIR",
                     help="a directory file:// images may come from (repeatable; added to [images] file_roots)")
+    ag.add_argument("--http-source", action="append", metavar="PREFIX",
+                    help="a URL prefix or host http(s) images may come from "
+                         "(repeatable; added to [images] http_sources)")
     ag.set_defaults(fn=_run_agent)
 
     k = sub.add_parser("keys", help="generate a CURVE key pair")

@@ -189,6 +189,11 @@ class Manager:
         # build in progress stops before its next stage
         self._deleting: Counter[str] = Counter()
         self._build_slots = asyncio.Semaphore(cfg.agent.max_concurrent_builds)
+        # A build's image fetch, which runs before the build takes a slot and which a delete
+        # or the agent stopping cancels; and the tenant's Glance token of a spawn, kept in
+        # memory only until its build has fetched (never stored, logged or in a record).
+        self._fetches: dict[str, asyncio.Task[None]] = {}
+        self._image_tokens: dict[str, str] = {}
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
         self._resources_dirty = False
         self.started_at = time.monotonic()
@@ -477,8 +482,11 @@ class Manager:
             raise BadRequest("image needs an id or a url", {"field": "args.image", "reason": "empty"})
         numa_request = flavor_request(args.flavor)
         ports = await self._validate_ports(args.networks, uuid)
+        token, image = args.image.token, args.image.without_token()
+        # The token is no part of what the instance is: a retry with a fresh token is the
+        # same request.
         digest = hashlib.sha1(
-            self._digest_encoder.encode(msgspec.structs.replace(args, uuid=uuid, wait=False))
+            self._digest_encoder.encode(msgspec.structs.replace(args, uuid=uuid, wait=False, image=image))
         ).hexdigest()
         if uuid in self._deleting:
             raise Conflict(f"instance {uuid} is being deleted; spawn it again once it is gone",
@@ -493,7 +501,7 @@ class Manager:
         ts = now()
         rec = InstanceRecord(
             uuid=uuid, name=args.name, project_id=args.project_id, vm_state="building",
-            task_state="spawning", power_state="nostate", flavor=args.flavor, image=args.image,
+            task_state="spawning", power_state="nostate", flavor=args.flavor, image=image,
             host=self.hostname, numa=numa_cells(numa_request, claim.numa_placement), created_at=ts,
             updated_at=ts, metadata=args.metadata,
         )
@@ -503,6 +511,8 @@ class Manager:
         self._own_ports(uuid, ports)
         # The build is known from here on (a spawn retried while the record is written waits
         # for it) but starts no stage before the lock is let go, with the record durable.
+        if token:
+            self._image_tokens[uuid] = token
         async with lock:
             self._start_build(uuid)
             try:
@@ -513,6 +523,7 @@ class Manager:
             except BaseException:
                 del self.instances[uuid]
                 del self._locks[uuid]
+                self._image_tokens.pop(uuid, None)
                 self._disown_ports(uuid, ports)
                 tracker.release(uuid)
                 raise
@@ -538,39 +549,74 @@ class Manager:
         task.add_done_callback(done)
 
     async def _build(self, uuid: str, stored: Stored) -> None:
-        """Make the disk, plug the ports, launch the domain: each stage under the instance's
-        lock, and only while ``stored`` is still the instance and no delete of it is asked for.
+        """Fetch the image, make the disk, plug the ports, launch the domain: each stage under
+        the instance's lock, and only while ``stored`` is still the instance and no delete of it
+        is asked for.
 
-        A delete so waits for one stage at most, and a build never works on an instance that was
-        deleted (or deleted and spawned again) under it: that delete has undone what it made.
+        A delete so waits for one stage at most (it cancels a fetch), and a build never works on
+        an instance that was deleted (or deleted and spawned again) under it: that delete has
+        undone what it made. The fetch runs before the build takes a slot: slots bound the
+        builds themselves, and downloads must not hold the slots that spawns of cached images need.
         """
-        stages = (self._build_disk, self._build_ports, self._build_domain)
+        if not await self._stage(uuid, stored, self._build_fetch):
+            return
         async with self._build_slots:
-            for stage in stages:
-                lock = self._locks.get(uuid)
-                if lock is None:
+            for stage in (self._build_disk, self._build_ports, self._build_domain):
+                if not await self._stage(uuid, stored, stage):
                     return
-                async with lock:
-                    if self.instances.get(uuid) is not stored or uuid in self._deleting:
-                        log.info("build of %s stopped: the instance is deleted or being deleted", uuid)
-                        return
-                    try:
-                        await stage(uuid, stored)
-                    except Exception as exc:
-                        await self._fail_build(uuid, _typed(exc, f"build of {uuid}"))
-                        return
 
-    async def _build_disk(self, uuid: str, stored: Stored) -> None:
+    async def _stage(self, uuid: str, stored: Stored, stage: Callable[[str, Stored], Awaitable[bool]]) -> bool:
+        """Run one build stage under the instance's lock; False when the build is to stop."""
+        lock = self._locks.get(uuid)
+        if lock is None:
+            return False
+        async with lock:
+            if self.instances.get(uuid) is not stored or uuid in self._deleting:
+                log.info("build of %s stopped: the instance is deleted or being deleted", uuid)
+                return False
+            try:
+                return await stage(uuid, stored)
+            except Exception as exc:
+                await self._fail_build(uuid, _typed(exc, f"build of {uuid}"))
+                return False
+
+    async def _build_fetch(self, uuid: str, stored: Stored) -> bool:
+        return await self._fetch_image(uuid, stored.record)
+
+    async def _build_disk(self, uuid: str, stored: Stored) -> bool:
         rec = stored.record
         await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
+        return True
 
-    async def _build_ports(self, uuid: str, stored: Stored) -> None:
+    async def _build_ports(self, uuid: str, stored: Stored) -> bool:
         if stored.ports:
             await self.network.plug(uuid, stored.ports)
+        return True
 
-    async def _build_domain(self, uuid: str, _stored: Stored) -> None:
+    async def _build_domain(self, uuid: str, _stored: Stored) -> bool:
         power = await self.driver.launch(self._domain_xml(uuid), start=True)
         await self._commit(uuid, vm_state="active", task_state=None, power_state=power)
+        return True
+
+    async def _fetch_image(self, uuid: str, rec: InstanceRecord) -> bool:
+        """Fetch a build's image; False when a delete or the agent stopping cancelled it (the
+        instance is then left as it is: to the delete, or to the next start-up's resume)."""
+        fetch = asyncio.get_running_loop().create_task(self.images.fetch_base(
+            _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid),
+            token=self._image_tokens.pop(uuid, None),
+        ))
+        self._fetches[uuid] = fetch
+        try:
+            await fetch
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not fetch.cancelled() or me is None or me.cancelling():
+                raise
+            log.info("image fetch of %s cancelled", uuid)
+            return False
+        finally:
+            del self._fetches[uuid]
+        return True
 
     async def _fail_build(self, uuid: str, exc: AgentError) -> None:
         log.warning("build of %s failed: %s %s", uuid, exc.code, exc.message)
@@ -768,11 +814,14 @@ class Manager:
         """``instance.delete``: allowed from every state; releases disk, network and claim.
 
         The uuid is reserved from the request on (a spawn of it is CONFLICT) until the record is
-        gone; a build under way stops at its next stage.
+        gone; a build under way stops at its next stage, and its image fetch is cancelled.
         """
         stored = self._get(uuid)
         self._deleting[uuid] += 1
         try:
+            fetch = self._fetches.get(uuid)
+            if fetch is not None:
+                fetch.cancel()  # the build then gives the lock back at once
             async with self._locks[uuid]:
                 self._same(uuid, stored)
                 await self._commit(uuid, task_state="deleting")
@@ -846,6 +895,8 @@ class Manager:
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for builds in progress to finish (or leave them to the next start-up)."""
+        for fetch in self._fetches.values():
+            fetch.cancel()  # a download may take an hour; the build resumes at the next start
         builds = list(self._builds.values())
         if builds:
             log.info("waiting up to %.0fs for %d builds in progress", timeout_s, len(builds))

@@ -7,13 +7,15 @@ flight), verified against the checksums that came with it, inspected from its by
 raw, and only then renamed into place, so a crash never leaves a half image that looks whole.
 Instance disks live at ``state_dir/instances/<uuid>/disk``: a qcow2 overlay written by the
 agent itself (``cow``), or a private sparse copy made by the Cython copier (``flat``). Fetching
-lives in :mod:`fastcompute.images_sources`, formats and overlays in
-:mod:`fastcompute.images_qcow2`.
+lives in :mod:`fastcompute.images.sources` (a module per scheme), formats and overlays in
+:mod:`fastcompute.images.formats`. A source URL's credentials (``user:password@``, a signed
+query string) are used to fetch it and nowhere else: logs, messages and the side files below
+show it redacted.
 
 Layout of the cache, per base ``<key>`` (a digest of its source)::
 
     _base/<key>          the raw image, complete and verified
-    _base/<key>.json     what it is: source, digests of the fetched bytes, format, sizes;
+    _base/<key>.json     what it is: source (redacted), digests of the fetched bytes, format, sizes;
                          its mtime is the base's last use
     _base/.tmp-*         fetches in progress (removed at start-up: a crash leftover)
     instances/<uuid>/disk       the instance disk
@@ -34,7 +36,7 @@ import secrets
 import shutil
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,14 @@ from fastcompute import _core
 from fastcompute.config import ImagesConfig
 from fastcompute.errors import BadRequest, Conflict, ImageError
 from fastcompute.images.formats import FormatError, create_overlay, inspect
-from fastcompute.images.sources import Sources, glance_expectations, hash_file, human
+from fastcompute.images.sources import (
+    Sources,
+    allowed,
+    glance_expectations,
+    hash_file,
+    human,
+    redact,
+)
 from fastcompute.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -137,6 +146,7 @@ class _Flight:
 
     task: asyncio.Task[_Meta] | None = None
     listeners: list[Progress] = field(default_factory=list)
+    waiters: int = 0
 
     def report(self, stage: str, done: int, total: int | None) -> None:
         for listener in list(self.listeners):
@@ -178,6 +188,9 @@ class ImageCache:
         self.on_lookup: Callable[[bool], object] | None = None
         """Told of every base look-up: True when it needed no fetch of its own (a cache hit)."""
         self._sources = Sources(cfg, executor)
+        # Flights their last caller left (a delete, a cancelled spawn): being stopped.
+        self._abandoned: set[asyncio.Task[_Meta]] = set()
+        self._closed = False
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.instances_dir.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
@@ -205,21 +218,63 @@ class ImageCache:
         key, source = self._source_key(image)
         if image.checksum:
             parse_checksum(image.checksum)  # malformed: BadRequest before any work
-        self._pins[key] = self._pins.get(key, 0) + 1
-        self._uses[key] = self._uses.get(key, 0) + 1
-        try:
-            return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
-        except _BaseVanished:
-            # Removed behind the cache's back since it was last seen: fetch it again, once.
-            self._known.pop(key, None)
+        with self._pinned(key):
             try:
                 return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
             except _BaseVanished:
-                raise ImageError(f"the cached base of image {source} keeps disappearing") from None
+                # Removed behind the cache's back since it was last seen: fetch it again, once.
+                self._known.pop(key, None)
+                try:
+                    return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
+                except _BaseVanished:
+                    raise ImageError(
+                        f"the cached base of image {source} keeps disappearing"
+                    ) from None
+
+    async def fetch_base(
+        self,
+        image: ImageSpec,
+        disk_gb: int,
+        progress: Progress | None = None,
+        *,
+        token: str | None = None,
+    ) -> None:
+        """Have ``image``'s base cached and verified, fetching it if needed; make no disk.
+
+        A build calls this before it takes a build slot, so that a slow download holds no
+        slot a spawn of a cached image needs. Fetching stops at ``disk_gb`` GiB (0: at
+        ``[images] max_image_bytes``). ``token`` is the requesting tenant's Glance token: an
+        image given by id is then looked up with it, cached or not, so that the Image service
+        decides whether this tenant may use it. Cancelling the caller stops the download when
+        no other caller waits for it.
+        """
+        key, source = self._source_key(image)
+        if image.checksum:
+            parse_checksum(image.checksum)
+        if token and image.id is not None:
+            await self._sources.glance.meta(image.id, token)
+        with self._pinned(key):
+            await self._ensure_base(key, source, image, progress, self._fetch_limit(disk_gb), token)
+
+    @contextlib.contextmanager
+    def _pinned(self, key: str) -> Iterator[None]:
+        self._pins[key] = self._pins.get(key, 0) + 1
+        self._uses[key] = self._uses.get(key, 0) + 1
+        try:
+            yield
         finally:
             self._pins[key] -= 1
             if not self._pins[key]:
                 del self._pins[key]
+
+    def _fetch_limit(self, disk_gb: int) -> int:
+        """The most bytes a fetch for a ``disk_gb`` GiB disk takes before it stops."""
+        if disk_gb <= 0:
+            return self.cfg.max_image_bytes
+        disk = disk_gb * GiB
+        # A qcow2 file holds its tables besides the guest's data (under 0.1% with 64 KiB
+        # clusters): a qcow2 image that fits the disk must not be cut short for them.
+        return min(self.cfg.max_image_bytes, disk + disk // 256 + (1 << 20))
 
     async def _prepare(
         self,
@@ -231,7 +286,7 @@ class ImageCache:
         progress: Progress | None,
     ) -> Path:
         want = parse_checksum(image.checksum) if image.checksum else None
-        meta = await self._ensure_base(key, source, image, progress)
+        meta = await self._ensure_base(key, source, image, progress, self._fetch_limit(disk_gb))
         if want is not None and want[0] not in meta.digests:
             meta = await self._add_digest(key, source, meta, want[0])
         if want is not None and meta.digests.get(want[0]) != want[1]:
@@ -353,7 +408,9 @@ class ImageCache:
 
     async def close(self) -> None:
         """Abandon fetches in flight (their temporary files are removed) and close clients."""
+        self._closed = True
         tasks = [f.task for f in self._flights.values() if f.task is not None]
+        tasks += self._abandoned
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -380,13 +437,29 @@ class ImageCache:
                 raise BadRequest(
                     f"image url scheme {scheme!r} is not supported: use file, http or https"
                 )
+            if scheme != "file" and not allowed(image.url, self.cfg.http_sources):
+                # Before the cache is looked at: a base fetched while the URL was allowed
+                # is not served once it no longer is.
+                raise ImageError(
+                    f"image {redact(image.url)} is not under the http(s) sources this agent "
+                    "fetches from ([images] http_sources; empty = none)",
+                    {"source": redact(image.url)},
+                )
             source = image.url
         else:
             raise BadRequest("image needs an id or a url")
-        return hashlib.sha256(source.encode()).hexdigest()[:40], source
+        # The key is a digest of the whole URL (two signed URLs of one object are two bases);
+        # what the cache shows and writes down is the URL without its credentials.
+        return hashlib.sha256(source.encode()).hexdigest()[:40], redact(source)
 
     async def _ensure_base(
-        self, key: str, source: str, image: ImageSpec, progress: Progress | None
+        self,
+        key: str,
+        source: str,
+        image: ImageSpec,
+        progress: Progress | None,
+        limit: int,
+        token: str | None = None,
     ) -> _Meta:
         while True:
             while key in self._pruning:
@@ -404,22 +477,34 @@ class ImageCache:
                 # cost one look-up and at most one fetch.
                 flight = _Flight()
                 self._flights[key] = flight
-                flight.task = asyncio.create_task(self._load(key, source, image, flight))
+                flight.task = asyncio.create_task(
+                    self._load(key, source, image, flight, limit, token)
+                )
                 flight.task.add_done_callback(functools.partial(self._landed, key, flight))
             if progress is not None:
                 flight.listeners.append(progress)
             assert flight.task is not None
+            flight.waiters += 1
             try:
                 meta = await asyncio.shield(flight.task)
                 break
             except _RequestRefused as exc:
-                if exc.expects == _expectations(image):
+                if exc.expects == _expectations(image, limit):
                     raise
-                # Another caller's checksum or claim was refused, not this image: fetch again.
+                # Another caller's checksum, claim or size was refused, not this image's
+                # for this caller: fetch again.
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if self._closed or not flight.task.cancelled() or me is None or me.cancelling():
+                    raise
+                # Joined a flight its other callers had just left: start one of our own.
             finally:
+                flight.waiters -= 1
                 if progress is not None:
                     with contextlib.suppress(ValueError):
                         flight.listeners.remove(progress)
+                if not flight.waiters and not flight.task.done():
+                    self._abandon(key, flight)
         if image.disk_format is not None and image.disk_format != meta.format:
             raise _claim_error(source, image.disk_format, meta.format)
         return meta
@@ -428,12 +513,39 @@ class ImageCache:
         if self._flights.get(key) is flight:
             del self._flights[key]
 
-    async def _load(self, key: str, source: str, image: ImageSpec, flight: _Flight) -> _Meta:
+    def _abandon(self, key: str, flight: _Flight) -> None:
+        """Stop a fetch no caller waits for any more (its spawns were deleted or cancelled)."""
+        assert flight.task is not None
+        log.info("image cache: nobody waits for %s any more; stopping its fetch", key)
+        flight.task.cancel()
+        self._landed(key, flight, None)
+        self._abandoned.add(flight.task)
+        flight.task.add_done_callback(self._abandoned.discard)
+
+    async def _load(
+        self,
+        key: str,
+        source: str,
+        image: ImageSpec,
+        flight: _Flight,
+        limit: int,
+        token: str | None,
+    ) -> _Meta:
         loop = asyncio.get_running_loop()
         meta = await loop.run_in_executor(self._executor, self._read_meta, key)
         self._count_lookup(meta is not None)
         if meta is None:
-            meta = await self._fetch(key, source, image, flight)
+            try:
+                meta = await self._fetch(key, source, image, flight, limit, token)
+            except ImageError as exc:
+                if (
+                    not isinstance(exc, _RequestRefused)
+                    and limit < self.cfg.max_image_bytes
+                    and "limit" in (exc.details or {})
+                ):
+                    # Too large for this caller's flavor, maybe not for another's.
+                    raise _RequestRefused(image, limit, exc.message, exc.details) from None
+                raise
         self._known[key] = meta
         return meta
 
@@ -441,7 +553,15 @@ class ImageCache:
         if self.on_lookup is not None:
             self.on_lookup(hit)
 
-    async def _fetch(self, key: str, source: str, image: ImageSpec, flight: _Flight) -> _Meta:
+    async def _fetch(
+        self,
+        key: str,
+        source: str,
+        image: ImageSpec,
+        flight: _Flight,
+        limit: int,
+        token: str | None,
+    ) -> _Meta:
         loop = asyncio.get_running_loop()
         tmp = self.base_dir / f"{_TMP_PREFIX}{key}-{os.getpid()}-{secrets.token_hex(4)}"
         expected: dict[str, str] = {}
@@ -450,27 +570,28 @@ class ImageCache:
         started = time.monotonic()
         log.info("image cache: fetching %s", source)
         try:
-            if source.startswith("glance:"):
-                assert image.id is not None
-                info = await self._sources.glance_meta(image.id)
-                expected, claimed = glance_expectations(info, self.cfg.max_image_bytes)
+            if image.id is not None:
+                glance = self._sources.glance
+                info = await glance.meta(image.id, token)
+                expected, claimed = glance_expectations(info, limit)
                 if image.disk_format is not None and image.disk_format != claimed:
                     raise _RequestRefused(
                         image,
+                        limit,
                         f"image {image.id} is {claimed} in the Image service but the request "
                         f"says {image.disk_format}",
                     )
-                url = self._sources.glance_url(image.id, "/file")
-                digests, fetched = await self._sources.download(
-                    url, self._sources.glance_headers(), tmp, expected, wanted, flight.report
-                )
-            elif source.startswith("file:"):
-                digests, fetched = await self._sources.fetch_file(
-                    source, tmp, wanted, flight.report
+                digests, fetched = await self._sources.http.download(
+                    glance.url(image.id, "/file"), glance.headers(token), tmp,
+                    {*expected, *wanted}, flight.report, limit,
+                    also_allowed=(self.cfg.glance_endpoint,),
                 )
             else:
-                digests, fetched = await self._sources.download(
-                    source, {}, tmp, expected, wanted, flight.report
+                assert image.url is not None
+                fetch = (self._sources.file.fetch if source.startswith("file:")
+                         else functools.partial(self._sources.http.download, headers={}))
+                digests, fetched = await fetch(
+                    image.url, tmp=tmp, algos=wanted, report=flight.report, limit=limit
                 )
             for algo, value in expected.items():
                 if digests.get(algo) != value:
@@ -493,13 +614,14 @@ class ImageCache:
                 if digests[algo] != value:
                     raise _RequestRefused(
                         image,
+                        limit,
                         f"image {source} does not match the requested checksum: {algo} is "
                         f"{digests[algo]}, the request says {value}; the download was discarded",
                         {"source": source},
                     )
             if image.disk_format is not None and image.disk_format != fmt.format:
                 err = _claim_error(source, image.disk_format, fmt.format)
-                raise _RequestRefused(image, err.message, err.details)
+                raise _RequestRefused(image, limit, err.message, err.details)
             if fmt.virtual_size > self.cfg.max_image_bytes:
                 raise ImageError(
                     f"image {source} has a virtual size of {human(fmt.virtual_size)}, above the "
@@ -696,14 +818,16 @@ class _RequestRefused(ImageError):
     """The fetched image is fine but not what the request that started the fetch expects."""
 
     def __init__(
-        self, image: ImageSpec, message: str, details: dict[str, Any] | None = None
+        self, image: ImageSpec, limit: int, message: str, details: dict[str, Any] | None = None
     ) -> None:
         super().__init__(message, details)
-        self.expects = _expectations(image)
+        self.expects = _expectations(image, limit)
 
 
-def _expectations(image: ImageSpec) -> tuple[tuple[str, str] | None, str | None]:
-    return (parse_checksum(image.checksum) if image.checksum else None), image.disk_format
+def _expectations(
+    image: ImageSpec, limit: int
+) -> tuple[tuple[str, str] | None, str | None, int]:
+    return (parse_checksum(image.checksum) if image.checksum else None), image.disk_format, limit
 
 
 def _claim_error(source: str, claimed: str, actual: str) -> ImageError:

@@ -69,12 +69,23 @@ class Image(_Args):
     disk_format: Annotated[str, Meta(pattern="^(raw|qcow2)$")] | None = None
 
 
+class SpawnImage(Image):
+    """A spawn's image: :class:`Image` and the tenant's token for the Image service, used for
+    this build's Glance requests and never stored, logged or put in a record."""
+
+    token: Annotated[str, Meta(min_length=1, max_length=8192)] | None = None
+
+    def without_token(self) -> Image:
+        """The image as the instance's record keeps it."""
+        return Image(id=self.id, url=self.url, checksum=self.checksum, disk_format=self.disk_format)
+
+
 class SpawnArgs(_Args):
     """``instance.spawn``."""
 
     name: Name
     flavor: Flavor
-    image: Image
+    image: SpawnImage
     uuid: UuidStr | None = None
     project_id: Annotated[str, Meta(min_length=1, max_length=255)] = "default"
     networks: list[dict[str, Any]] = []
