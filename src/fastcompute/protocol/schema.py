@@ -94,18 +94,21 @@ class UuidArgs(_Args):
     uuid: UuidStr
 
 
+_StopWait = Annotated[float, Meta(ge=0, le=3600, description="seconds of graceful shutdown before forcing")]
+
+
 class StopArgs(_Args):
     """``instance.stop``."""
 
     uuid: UuidStr
-    timeout_s: Annotated[float, Meta(ge=0, le=3600)] | None = None
+    timeout_s: _StopWait | None = None
 
 
 class RebootArgs(_Args):
     """``instance.reboot``."""
 
     uuid: UuidStr
-    hard: bool = False
+    hard: Annotated[bool, Meta(description="re-create the domain (recovers stopped and failed instances)")] = False
 
 
 class ListArgs(_Args):
