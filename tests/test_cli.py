@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,74 @@ def test_config_output_runs_an_agent(make_agent: Any) -> None:
     """What ``fastcompute config`` prints is a valid config file for the agent."""
     agent: AgentProcess = make_agent(config=fc("config").stdout)
     assert agent.call("host.info")["hypervisor"]["uri"] == "test:///default"
+
+
+def fc80(*args: str) -> str:
+    """``fastcompute ARGS`` in an 80-column terminal: what a new user's first window shows."""
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
+    env.pop("FASTCOMPUTE_ENDPOINT", None)
+    proc = subprocess.run([sys.executable, "-m", "fastcompute.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_list_fits_80_columns_with_short_uuids_that_verbs_take(agent: AgentProcess, image_file: Path) -> None:
+    ep = ("--endpoint", agent.control)
+    booted = fc_json("boot", "database-primary", "--count", "2", "--image", str(image_file), "--memory", "64",
+                     "--project", "shop", "--wait", *ep)["instances"]
+    table = fc80("list", *ep)
+    lines = table.splitlines()
+    assert all(len(line) <= 80 for line in lines), table
+    header = [cell.strip() for cell in lines[0].split("\u2503")]
+    assert header[:2] == ["UUID", "NAME"] and "STATE" in header and "POWER" in header, table
+    for r in booted:
+        row = next(line for line in lines if line.startswith(r["uuid"][:8]))
+        # Whole words, not one letter a column: the name, the state and the power state.
+        assert r["name"] in row and "active" in row and "running" in row, table
+    assert "2 instances" in table
+    # A wide terminal shows whole uuids and the project.
+    wide = fc("list", *ep).stdout
+    assert all(r["uuid"] in wide for r in booted) and "shop" in wide
+    # The short uuid the table shows (and the name) name the instance for every verb.
+    short = booted[0]["uuid"][:8]
+    assert fc_json("show", short, *ep)["uuid"] == booted[0]["uuid"]
+    stopped = fc_json("stop", short, booted[1]["name"], *ep)
+    assert sorted(r["uuid"] for r in stopped["results"]) == sorted(r["uuid"] for r in booted)
+    proc = fc("show", "ffffffff0", *ep, check=False)
+    assert proc.returncode == 1 and "NOT_FOUND" in proc.stderr and "ffffffff0" in proc.stderr
+
+
+def _watch(agent: AgentProcess, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fastcompute.cli", "events", "--endpoint", agent.control,
+                             "--events", agent.events, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _until_done(agent: AgentProcess, proc: subprocess.Popen[str], image_file: Path) -> str:
+    """Spawn and delete instances until ``events --count`` has seen enough (a SUB socket misses
+    what is published before it has joined)."""
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        rec = agent.call("instance.spawn", {"name": "watched", "flavor": {"vcpus": 1, "memory_mb": 64, "disk_gb": 1},
+                                            "image": {"url": image_file.as_uri()}, "wait": True})
+        agent.call("instance.delete", {"uuid": rec["uuid"]})
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    return stdout
+
+
+def test_events_prints_a_line_per_event_and_json_with_json(agent: AgentProcess, image_file: Path) -> None:
+    human = _until_done(agent, _watch(agent, "instance.", "--count", "3"), image_file)
+    lines = human.splitlines()
+    assert len(lines) == 3, human
+    for line in lines:
+        assert " instance " in f" {line} " and "watched" in line and "power" in line, line
+    assert any("building/spawning" in line for line in lines) or any("active/-" in line for line in lines), human
+    machine = _until_done(agent, _watch(agent, "instance.", "--count", "2", "--json"), image_file)
+    events = [json.loads(line) for line in machine.splitlines()]
+    assert len(events) == 2
+    for e in events:
+        assert e["topic"] == "instance." + e["body"]["uuid"] and e["body"]["name"] == "watched"

@@ -451,7 +451,7 @@ def test_plugging_again_for_the_same_instance_is_a_no_op(lab: Lab) -> None:
         (lambda p: p.update(security_groups=[group(rule("ingress", "tcp", remote="2001:db8::/32"))]),
          "networks[0].security_groups[0].rules[0].remote_ip_prefix"),
         (lambda p: p.update(port_security_enabled=False, security_groups=[group()]), "networks[0].security_groups"),
-        (lambda p: p.update(colour="blue"), "networks[0]"),
+        (lambda p: p.update(colour="blue"), "networks[0].colour"),
     ],
 )  # fmt: skip
 def test_invalid_ports_are_bad_requests_naming_the_field(lab: Lab, mutate: object, field: str) -> None:

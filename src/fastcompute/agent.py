@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import msgspec
 
 from fastcompute import protocol
+from fastcompute.compute import validate
 from fastcompute.compute.manager import Manager
 from fastcompute.config import Config
 from fastcompute.errors import NotFound
@@ -59,70 +61,60 @@ class Agent:
         self._background: list[asyncio.Task[None]] = []
 
     def _handlers(self, m: Manager) -> dict[str, Handler]:
-        async def ping(_a: Any, _rid: str) -> Any:
+        """One handler per op of ``protocol.OPS``: the validation stage, then the manager.
+
+        Lifecycle ops (those with a transition) share one handler, which passes the op's
+        other args (``hard``, ``timeout_s``) on by name.
+        """
+
+        async def ping(_a: Any) -> Any:
             return m.ping()
 
-        async def host_info(_a: Any, _rid: str) -> Any:
+        async def host_info(_a: Any) -> Any:
             return m.host_info()
 
-        async def spawn(a: protocol.SpawnArgs, rid: str) -> Any:
-            return await m.spawn(a, rid)
+        async def delete(a: protocol.UuidArgs) -> Any:
+            return await m.delete(a.uuid)
 
-        def lifecycle(op: str) -> Handler:
-            async def run(a: Any, _rid: str) -> Any:
-                kw: dict[str, Any] = {}
-                if op == "stop":
-                    kw["timeout_s"] = a.timeout_s
-                if op == "reboot":
-                    kw["hard"] = a.hard
-                return await m.transition(op, protocol.normalise_uuid(a.uuid), **kw)
+        async def get(a: protocol.UuidArgs) -> Any:
+            return m.get(a.uuid)
 
-            return run
-
-        async def delete(a: protocol.UuidArgs, _rid: str) -> Any:
-            return await m.delete(protocol.normalise_uuid(a.uuid))
-
-        async def get(a: protocol.UuidArgs, _rid: str) -> Any:
-            return m.get(protocol.normalise_uuid(a.uuid))
-
-        async def list_(a: protocol.ListArgs, _rid: str) -> Any:
+        async def list_(a: protocol.ListArgs) -> Any:
             return m.list_instances(a.project_id, a.vm_state)
 
-        async def console(a: protocol.ConsoleArgs, _rid: str) -> Any:
-            return await m.console(protocol.normalise_uuid(a.uuid), a.tail_bytes)
+        async def console(a: protocol.ConsoleArgs) -> Any:
+            return await m.console(a.uuid, a.tail_bytes)
 
-        async def attach_port(a: protocol.AttachPortArgs, _rid: str) -> Any:
-            return await m.attach_port(protocol.normalise_uuid(a.uuid), a.port)
+        async def attach_port(a: protocol.AttachPortArgs) -> Any:
+            return await m.attach_port(a.uuid, a.port)
 
-        async def detach_port(a: protocol.DetachPortArgs, _rid: str) -> Any:
-            return await m.detach_port(protocol.normalise_uuid(a.uuid), a.port_id)
+        async def detach_port(a: protocol.DetachPortArgs) -> Any:
+            return await m.detach_port(a.uuid, a.port_id)
 
-        async def set_groups(a: protocol.SecurityGroupsArgs, _rid: str) -> Any:
-            return await m.set_security_groups(protocol.normalise_uuid(a.uuid), a.port_id, a.security_groups)
+        async def set_groups(a: protocol.SecurityGroupsArgs) -> Any:
+            return await m.set_security_groups(a.uuid, a.port_id, a.security_groups)
 
-        async def set_enabled(a: protocol.SetEnabledArgs, _rid: str) -> Any:
+        async def set_enabled(a: protocol.SetEnabledArgs) -> Any:
             return await m.set_enabled(a.enabled, a.reason)
 
-        async def images_list(_a: Any, _rid: str) -> Any:
+        async def images_list(_a: Any) -> Any:
             assert self.images is not None
             bases = await asyncio.get_running_loop().run_in_executor(self.io_pool, self.images.list_bases)
             return msgspec.to_builtins(bases)
 
-        async def images_prune(a: protocol.PruneArgs, _rid: str) -> Any:
+        async def images_prune(a: protocol.PruneArgs) -> Any:
             assert self.images is not None
             return {"removed": await self.images.prune(a.max_age_s)}
 
-        async def stats(a: protocol.StatsArgs, _rid: str) -> Any:
+        async def stats(a: protocol.StatsArgs) -> Any:
             if a.uuid is None:
                 return self.stats.last()
-            uuid = protocol.normalise_uuid(a.uuid)
-            m.get(uuid)
-            return self.stats.last(uuid)
+            m.get(a.uuid)
+            return self.stats.last(a.uuid)
 
-        handlers: dict[str, Handler] = {
+        own: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "ping": ping,
             "host.info": host_info,
-            "instance.spawn": spawn,
             "instance.delete": delete,
             "instance.get": get,
             "instance.list": list_,
@@ -135,9 +127,32 @@ class Agent:
             "instance.detach_port": detach_port,
             "instance.set_security_groups": set_groups,
         }
-        for op in ("start", "stop", "pause", "unpause", "suspend", "resume", "reboot"):
-            handlers["instance." + op] = lifecycle(op)
-        assert set(handlers) == set(protocol.OP_ARGS), set(protocol.OP_ARGS) ^ set(handlers)
+
+        def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
+            short = op.name.removeprefix("instance.")
+
+            async def run(a: Any) -> Any:
+                rest = {f: getattr(a, f) for f in a.__struct_fields__ if f != "uuid"}
+                return await m.transition(short, a.uuid, **rest)
+
+            return run
+
+        def staged(call: Callable[[Any], Awaitable[Any]]) -> Handler:
+            async def run(a: Any, _rid: str) -> Any:
+                return await call(validate.request(a))
+
+            return run
+
+        async def spawn(a: protocol.SpawnArgs, rid: str) -> Any:
+            return await m.spawn(validate.request(a), rid)
+
+        handlers: dict[str, Handler] = {"instance.spawn": spawn}
+        for name, op in protocol.OPS.items():
+            if op.transition is not None:
+                handlers[name] = staged(lifecycle(op))
+            elif name in own:
+                handlers[name] = staged(own[name])
+        assert set(handlers) == set(protocol.OPS), set(protocol.OPS) ^ set(handlers)
         return handlers
 
     async def start(self) -> None:

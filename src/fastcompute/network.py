@@ -64,6 +64,7 @@ from fastcompute.errors import AgentError, BadRequest, Conflict, NotFound
 from fastcompute.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attr, error_of, message, messages, raise_error
 from fastcompute.nftables import Nft, NftError
 from fastcompute.protocol.ports import IFNAMSIZ, Port, PortNetwork, SecurityGroup, SecurityGroupRule
+from fastcompute.protocol.schema import invalid_from, parse_uint
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -127,12 +128,7 @@ def decode_ports(raw: Iterable[Any], field_name: str = "networks") -> list[Port]
         try:
             ports.append(msgspec.convert(item, Port))
         except msgspec.ValidationError as exc:
-            text = str(exc)
-            where = ""
-            if " - at `$" in text:
-                text, _, where = text.partition(" - at `$")
-                where = where.rstrip("`")
-            raise _bad(f"{field_name}[{i}]{where}", text) from exc
+            raise invalid_from(exc, f"{field_name}[{i}]") from exc
     return ports
 
 
@@ -148,8 +144,9 @@ def _protocol_number(value: str | int | None) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if value.isdigit() and int(value) <= 255:
-        return int(value)
+    number = parse_uint(value)
+    if number is not None and number <= 255:
+        return number
     return PROTOCOLS.get(value.lower(), -1)
 
 

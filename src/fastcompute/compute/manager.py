@@ -25,15 +25,15 @@ from typing import Any
 import msgspec
 
 from fastcompute import protocol
+from fastcompute.compute.validate import QUOTA_KEYS, flavor_request
 from fastcompute.config import Config
-from fastcompute.errors import AgentError, BadRequest, Conflict, HypervisorError, NotFound
+from fastcompute.errors import AgentError, Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor import Driver, PowerEvent
 from fastcompute.hypervisor.libvirt.xml import DiskSpec, DomainSpec, GuestCell, Interface, build, interface_xml
 from fastcompute.images.cache import ImageCache, ImageSpec
 from fastcompute.network import Network
-from fastcompute.protocol import Fault, Flavor, InstanceRecord, NumaCell, SpawnArgs
+from fastcompute.protocol import Fault, InstanceRecord, NumaCell, SpawnArgs
 from fastcompute.protocol.ports import Port, SecurityGroup
-from fastcompute.resources import numa
 from fastcompute.resources.tracker import Claim, Tracker
 from fastcompute.store import Store
 
@@ -41,16 +41,9 @@ log = logging.getLogger("fastcompute.manager")
 
 Publish = Callable[[str, Any], None]
 
-# vm_state an op needs, the task it runs under, and the vm_state it leads to.
-_TRANSITIONS: dict[str, tuple[frozenset[str], str, str]] = {
-    "start": (frozenset({"stopped"}), "powering-on", "active"),
-    "stop": (frozenset({"active", "paused", "suspended"}), "powering-off", "stopped"),
-    "pause": (frozenset({"active"}), "pausing", "paused"),
-    "unpause": (frozenset({"paused"}), "unpausing", "active"),
-    "suspend": (frozenset({"active", "paused"}), "suspending", "suspended"),
-    "resume": (frozenset({"suspended"}), "resuming", "active"),
-    "reboot": (frozenset({"active"}), "rebooting", "active"),
-    "reboot-hard": (frozenset({"active", "paused", "stopped", "suspended", "error"}), "rebooting-hard", "active"),
+# The lifecycle ops by their short name ("stop"): their rules are declared in protocol.ops.
+_LIFECYCLE: dict[str, protocol.Op] = {
+    op.name.removeprefix("instance."): op for op in protocol.OPS.values() if op.transition is not None
 }
 
 _VM_STATE_OF_POWER = {
@@ -60,12 +53,6 @@ _VM_STATE_OF_POWER = {
     "shutdown": "stopped",
     "crashed": "stopped",
 }
-
-_QUOTA_KEYS = frozenset({
-    "quota:cpu_shares", "quota:cpu_quota", "quota:cpu_period", "quota:disk_read_bytes_sec",
-    "quota:disk_write_bytes_sec", "quota:disk_read_iops_sec", "quota:disk_write_iops_sec",
-})
-
 
 class Stored(msgspec.Struct, kw_only=True):
     """An instance as the store keeps it: the wire record plus what only the agent needs."""
@@ -80,30 +67,6 @@ def now() -> str:
     """The current time as an RFC 3339 UTC string."""
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
-
-
-def flavor_request(flavor: Flavor) -> dict[str, Any] | None:
-    """Validate a flavor's extra specs; return its NUMA request (None for a floating guest).
-
-    ``hw:`` keys are Nova's and checked by ``numa.constraints``; ``quota:`` keys must be known
-    and non-negative integers. Errors are BAD_REQUEST naming the key.
-    """
-    prefix = "args.flavor.extra_specs."
-    for key, value in flavor.extra_specs.items():
-        if key.startswith("quota:"):
-            if key not in _QUOTA_KEYS:
-                raise BadRequest(f"unknown extra spec {key!r}", {"field": prefix + key, "reason": "unknown quota: key"})
-            if not value.isdigit():
-                raise BadRequest(f"{key} must be a non-negative integer, not {value!r}",
-                                 {"field": prefix + key, "reason": "not a non-negative integer"})
-    try:
-        return numa.constraints(
-            {"vcpus": flavor.vcpus, "memory_mb": flavor.memory_mb, "extra_specs": flavor.extra_specs})
-    except BadRequest as exc:
-        field = str((exc.details or {}).get("field", ""))
-        field = prefix + field if field.startswith("hw:") else "args.flavor." + field
-        details = {**(exc.details or {}), "field": field}
-        raise BadRequest(exc.message, details) from None
 
 
 def _image_spec(rec: InstanceRecord) -> ImageSpec:
@@ -331,8 +294,8 @@ class Manager:
         """Pinning, NUMA cells and limits of an instance, for its domain XML."""
         specs = self.instances[uuid].record.flavor.extra_specs
         out: dict[str, Any] = {
-            "cputune": {k[6:]: int(v) for k, v in specs.items() if k in _QUOTA_KEYS and k.startswith("quota:cpu_")},
-            "iotune": {k[11:]: int(v) for k, v in specs.items() if k in _QUOTA_KEYS and k.startswith("quota:disk_")},
+            "cputune": {k[6:]: int(v) for k, v in specs.items() if k in QUOTA_KEYS and k.startswith("quota:cpu_")},
+            "iotune": {k[11:]: int(v) for k, v in specs.items() if k in QUOTA_KEYS and k.startswith("quota:disk_")},
         }
         claim = self.tracker.claims.get(uuid) if self.tracker is not None else None
         if claim is None or claim.numa_request is None or claim.numa_placement is None:
@@ -478,8 +441,6 @@ class Manager:
         tracker = self.tracker
         assert tracker is not None
         uuid = protocol.normalise_uuid(args.uuid) if args.uuid else str(uuid_mod.uuid4())
-        if args.image.id is None and args.image.url is None:
-            raise BadRequest("image needs an id or a url", {"field": "args.image", "reason": "empty"})
         numa_request = flavor_request(args.flavor)
         ports = await self._validate_ports(args.networks, uuid)
         token, image = args.image.token, args.image.without_token()
@@ -648,9 +609,11 @@ class Manager:
     # -- lifecycle ops ---------------------------------------------------------------------------
 
     async def transition(self, op: str, uuid: str, **kw: Any) -> InstanceRecord:
-        """Run one lifecycle op (start, stop, pause, ...) under the instance's lock."""
-        name = "reboot-hard" if op == "reboot" and kw.get("hard") else op
-        allowed, task, target = _TRANSITIONS[name]
+        """Run one lifecycle op (start, stop, pause, ...) under the instance's lock; ``kw`` are
+        the op's other args (``hard``, ``timeout_s``)."""
+        hard = bool(kw.get("hard"))
+        name = op + "-hard" if hard else op
+        allowed, task, target = _LIFECYCLE[op].rule(hard)
         before = self._check(uuid, op, allowed)
         async with self._locks[uuid]:
             self._same(uuid, before)
@@ -734,11 +697,12 @@ class Manager:
                 await self.store.write(released)
             raise
 
-    async def _validate_ports(self, raw: list[dict[str, Any]], uuid: str) -> list[Port]:
-        if not raw:
+    async def _validate_ports(self, wanted: list[Port], uuid: str) -> list[Port]:
+        """The ports (checked in form by the validation stage) against those of this host."""
+        if not wanted:
             return []
         try:
-            ports = await self.network.validate(raw, instance_uuid=uuid)
+            ports = await self.network.validate(wanted, instance_uuid=uuid)
         except AgentError as exc:
             raise type(exc)(exc.message, _prefixed(exc.details, "args.")) from None
         for p in ports:
@@ -755,13 +719,13 @@ class Manager:
             if self._port_owners.get(p.id) == uuid:
                 del self._port_owners[p.id]
 
-    async def attach_port(self, uuid: str, raw: dict[str, Any]) -> InstanceRecord:
+    async def attach_port(self, uuid: str, wanted: Port) -> InstanceRecord:
         """``instance.attach_port`` (extension): plug a port and add it to the domain."""
         before = self._check(uuid, "attach a port to", _PORT_STATES)
         async with self._locks[uuid]:
             stored = self._check(uuid, "attach a port to", _PORT_STATES)
             self._same(uuid, before)
-            port = (await self._validate_ports([raw], uuid))[0]
+            port = (await self._validate_ports([wanted], uuid))[0]
             if any(p.id == port.id for p in stored.ports):
                 raise Conflict(f"port {port.id} is already attached to {uuid}", {"port_id": port.id})
             plugged = await self.network.plug(uuid, [*stored.ports, port])
@@ -793,7 +757,7 @@ class Manager:
             await self.network.unplug(uuid, [port_id])
             return await self._commit(uuid)
 
-    async def set_security_groups(self, uuid: str, port_id: str, groups: list[dict[str, Any]]) -> InstanceRecord:
+    async def set_security_groups(self, uuid: str, port_id: str, groups: list[SecurityGroup]) -> InstanceRecord:
         """``instance.set_security_groups`` (extension): Neutron's port update, in one transaction."""
         stored = self._get(uuid)
         async with self._locks[uuid]:
@@ -805,8 +769,7 @@ class Manager:
                 await self.network.set_security_groups(port_id, groups)
             except AgentError as exc:
                 raise type(exc)(exc.message, _prefixed(exc.details, "args.")) from None
-            new_groups = [msgspec.convert(g, SecurityGroup) for g in groups]
-            stored.ports = [msgspec.structs.replace(p, security_groups=new_groups) if p.id == port_id else p
+            stored.ports = [msgspec.structs.replace(p, security_groups=groups) if p.id == port_id else p
                             for p in stored.ports]
             return await self._commit(uuid)
 

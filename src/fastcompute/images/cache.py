@@ -140,6 +140,25 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     return algo, value
 
 
+def check_url(url: str) -> None:
+    """Refuse an image URL this cache cannot fetch: a scheme other than ``file``, ``http`` or
+    ``https``, an http(s) URL without a host, or a port outside 1-65535. BadRequest otherwise."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("file", "http", "https"):
+        raise BadRequest(f"image url scheme {scheme!r} is not supported: use file, http or https")
+    if scheme == "file":
+        return
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise BadRequest(f"image url port: {exc}") from None
+    if not parts.hostname:
+        raise BadRequest("an http(s) image url needs a host")
+    if port == 0:
+        raise BadRequest("image url port 0 is not a port a server listens on")
+
+
 @dataclass(slots=True)
 class _Flight:
     """One fetch in progress; callers of the same image subscribe to its progress."""
@@ -432,12 +451,8 @@ class ImageCache:
                 )
             source = f"glance:{self.cfg.glance_endpoint.rstrip('/')}/v2/images/{image.id}"
         elif image.url is not None:
-            scheme = urllib.parse.urlsplit(image.url).scheme.lower()
-            if scheme not in ("file", "http", "https"):
-                raise BadRequest(
-                    f"image url scheme {scheme!r} is not supported: use file, http or https"
-                )
-            if scheme != "file" and not allowed(image.url, self.cfg.http_sources):
+            check_url(image.url)
+            if not image.url.lower().startswith("file:") and not allowed(image.url, self.cfg.http_sources):
                 # Before the cache is looked at: a base fetched while the URL was allowed
                 # is not served once it no longer is.
                 raise ImageError(

@@ -1,8 +1,8 @@
-"""The wire protocol: the schema of requests, replies and records (``schema``)."""
+"""The wire protocol: the schema of requests, replies and records (``schema``), every op
+declared once (``ops``), and the wire shapes of ports and security groups (``ports``)."""
 
+from fastcompute.protocol.ops import MUTATING_OPS, OP_ARGS, OPS, Op, Transition, decode_args
 from fastcompute.protocol.schema import (
-    MUTATING_OPS,
-    OP_ARGS,
     SERVER_GROUP_KEY,
     SERVER_GROUP_POLICY_KEY,
     VERSION,
@@ -33,17 +33,20 @@ from fastcompute.protocol.schema import (
     StopArgs,
     UuidArgs,
     UuidStr,
-    decode_args,
     decode_envelope,
     encode,
     encode_error,
     encode_ok,
+    invalid,
+    invalid_from,
     normalise_uuid,
+    parse_uint,
     request_id_of,
 )
 
 __all__ = [
     "MUTATING_OPS",
+    "OPS",
     "OP_ARGS",
     "SERVER_GROUP_KEY",
     "SERVER_GROUP_POLICY_KEY",
@@ -63,6 +66,7 @@ __all__ = [
     "Name",
     "NoArgs",
     "NumaCell",
+    "Op",
     "PruneArgs",
     "RebootArgs",
     "Reply",
@@ -73,6 +77,7 @@ __all__ = [
     "SpawnArgs",
     "StatsArgs",
     "StopArgs",
+    "Transition",
     "UuidArgs",
     "UuidStr",
     "decode_args",
@@ -80,6 +85,9 @@ __all__ = [
     "encode",
     "encode_error",
     "encode_ok",
+    "invalid",
+    "invalid_from",
     "normalise_uuid",
+    "parse_uint",
     "request_id_of",
 ]

@@ -2,7 +2,8 @@
 
 ``instance.spawn``'s ``networks``, ``instance.attach_port`` and ``instance.set_security_groups``
 carry these; msgspec checks types and ranges in the same pass that decodes the request, and
-``fastcompute.network`` checks what types cannot say (a MAC's form, a rule's protocol and ports).
+the validation stage (``fastcompute.compute.validate``, with ``fastcompute.network``'s checks)
+what types cannot say (a MAC's form, a rule's protocol and ports), before the manager.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ IFNAMSIZ: Final = 15
 
 ShortId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 PortNumber = Annotated[int, Meta(ge=0, le=65535)]
+# What the kernel takes as an interface name: no '/', ':', whitespace or control characters.
+IfName = Annotated[str, Meta(min_length=1, max_length=IFNAMSIZ, pattern=r"^[^/:\s\x00-\x1f\x7f]+$")]
+Address = Annotated[str, Meta(min_length=1, max_length=64)]
 
 
 class SecurityGroupRule(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -23,10 +27,10 @@ class SecurityGroupRule(Struct, forbid_unknown_fields=True, kw_only=True, frozen
 
     direction: Literal["ingress", "egress"]
     ethertype: Literal["IPv4", "IPv6"] = "IPv4"
-    protocol: str | Annotated[int, Meta(ge=0, le=255)] | None = None
+    protocol: Annotated[str, Meta(max_length=32)] | Annotated[int, Meta(ge=0, le=255)] | None = None
     port_range_min: PortNumber | None = None
     port_range_max: PortNumber | None = None
-    remote_ip_prefix: str | None = None
+    remote_ip_prefix: Address | None = None
 
 
 class SecurityGroup(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -39,7 +43,7 @@ class SecurityGroup(Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tru
 class FixedIp(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """An address of the port and the prefix length of its subnet."""
 
-    ip: str
+    ip: Address
     prefix: Annotated[int, Meta(ge=0, le=128)]
 
 
@@ -47,7 +51,7 @@ class PortNetwork(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True)
     """The network a port is on: an existing bridge to use, a VLAN, the MTU."""
 
     id: ShortId
-    bridge: Annotated[str, Meta(min_length=1, max_length=IFNAMSIZ)] | None = None
+    bridge: IfName | None = None
     vlan: Annotated[int, Meta(ge=1, le=4094)] | None = None
     mtu: Annotated[int, Meta(ge=68, le=65535)] | None = None
 
@@ -56,7 +60,7 @@ class Port(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """A Neutron port as ``instance.spawn``'s ``networks`` and ``instance.attach_port`` give it."""
 
     id: ShortId
-    mac: str
+    mac: Annotated[str, Meta(max_length=32)]
     network: PortNetwork
     fixed_ips: list[FixedIp] = []
     port_security_enabled: bool = True

@@ -1,8 +1,9 @@
 """The wire schema of contract version 1: typed requests, replies and error codes.
 
 Decoding and validation happen in one msgspec pass per frame: the envelope first (with ``args``
-kept raw), then ``args`` against the op's own struct. Nothing here knows about libvirt, the
-store or sockets.
+kept raw), then ``args`` against the op's own struct (``fastcompute.protocol.ops``). Nothing
+here knows about libvirt, the store or sockets. ``invalid`` and ``invalid_from`` make every
+BAD_REQUEST of the agent: ``invalid request: <field>: <reason>``, the field in ``details``.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ from typing import Annotated, Any, Final
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-from fastcompute.errors import AgentError, BadRequest, UnknownOp
+from fastcompute.errors import AgentError, BadRequest
+from fastcompute.protocol.ports import Port, SecurityGroup
 
 VERSION: Final = 1
 
 
 VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "error", "deleted")
 
+# Control characters (C0, DEL, C1) end up in domain XML, logs and terminals, where a NUL cuts a
+# name short and an escape sequence rewrites a person's screen: no text field carries them.
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
-Name = Annotated[str, Meta(min_length=1, max_length=255)]
-ShortStr = Annotated[str, Meta(max_length=255)]
+Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=_PRINTABLE)]
+ShortStr = Annotated[str, Meta(max_length=255, pattern=_PRINTABLE)]
+Id = Annotated[str, Meta(min_length=1, max_length=255, pattern=_PRINTABLE)]
 _HEX = "[0-9a-fA-F]"
 UuidStr = Annotated[str, Meta(pattern=f"^{_HEX}{{8}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{12}}$")]
 
@@ -57,15 +63,15 @@ class Flavor(_Args):
     vcpus: Annotated[int, Meta(ge=1, le=1024)]
     memory_mb: Annotated[int, Meta(ge=1, le=16 * 1024 * 1024)]
     disk_gb: Annotated[int, Meta(ge=0, le=65536)]
-    extra_specs: dict[Annotated[str, Meta(min_length=1, max_length=255)], ShortStr] = {}
+    extra_specs: dict[Id, ShortStr] = {}
 
 
 class Image(_Args):
     """Where the root disk's image comes from."""
 
-    id: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
-    url: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
-    checksum: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    id: Id | None = None
+    url: Annotated[str, Meta(min_length=1, max_length=4096, pattern=_PRINTABLE)] | None = None
+    checksum: Id | None = None
     disk_format: Annotated[str, Meta(pattern="^(raw|qcow2)$")] | None = None
 
 
@@ -87,9 +93,9 @@ class SpawnArgs(_Args):
     flavor: Flavor
     image: SpawnImage
     uuid: UuidStr | None = None
-    project_id: Annotated[str, Meta(min_length=1, max_length=255)] = "default"
-    networks: list[dict[str, Any]] = []
-    metadata: Annotated[dict[Annotated[str, Meta(max_length=255)], ShortStr], Meta(max_length=128)] = {}
+    project_id: Id = "default"
+    networks: list[Port] = []
+    metadata: Annotated[dict[ShortStr, ShortStr], Meta(max_length=128)] = {}
     wait: bool = False
 
 
@@ -99,24 +105,27 @@ class UuidArgs(_Args):
     uuid: UuidStr
 
 
+_StopWait = Annotated[float, Meta(ge=0, le=3600, description="seconds of graceful shutdown before forcing")]
+
+
 class StopArgs(_Args):
     """``instance.stop``."""
 
     uuid: UuidStr
-    timeout_s: Annotated[float, Meta(ge=0, le=3600)] | None = None
+    timeout_s: _StopWait | None = None
 
 
 class RebootArgs(_Args):
     """``instance.reboot``."""
 
     uuid: UuidStr
-    hard: bool = False
+    hard: Annotated[bool, Meta(description="re-create the domain (recovers stopped and failed instances)")] = False
 
 
 class ListArgs(_Args):
     """``instance.list``."""
 
-    project_id: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    project_id: Id | None = None
     vm_state: Annotated[str, Meta(pattern="^(" + "|".join(VM_STATES) + ")$")] | None = None
 
 
@@ -131,29 +140,29 @@ class AttachPortArgs(_Args):
     """``instance.attach_port`` (extension)."""
 
     uuid: UuidStr
-    port: dict[str, Any]
+    port: Port
 
 
 class DetachPortArgs(_Args):
     """``instance.detach_port`` (extension)."""
 
     uuid: UuidStr
-    port_id: Annotated[str, Meta(min_length=1, max_length=255)]
+    port_id: Id
 
 
 class SecurityGroupsArgs(_Args):
     """``instance.set_security_groups`` (extension): Neutron's port update."""
 
     uuid: UuidStr
-    port_id: Annotated[str, Meta(min_length=1, max_length=255)]
-    security_groups: list[dict[str, Any]]
+    port_id: Id
+    security_groups: list[SecurityGroup]
 
 
 class SetEnabledArgs(_Args):
     """``host.set_enabled`` (extension): take the host out of scheduling, or back in."""
 
     enabled: bool
-    reason: Annotated[str, Meta(max_length=255)] | None = None
+    reason: ShortStr | None = None
 
 
 class PruneArgs(_Args):
@@ -231,37 +240,6 @@ class ErrorReply(Struct):
     error: ErrorBody
 
 
-OP_ARGS: Final[dict[str, type[_Args]]] = {
-    "ping": NoArgs,
-    "host.info": NoArgs,
-    "host.set_enabled": SetEnabledArgs,
-    "images.list": NoArgs,
-    "images.prune": PruneArgs,
-    "instance.spawn": SpawnArgs,
-    "instance.start": UuidArgs,
-    "instance.stop": StopArgs,
-    "instance.pause": UuidArgs,
-    "instance.unpause": UuidArgs,
-    "instance.suspend": UuidArgs,
-    "instance.resume": UuidArgs,
-    "instance.reboot": RebootArgs,
-    "instance.delete": UuidArgs,
-    "instance.get": UuidArgs,
-    "instance.list": ListArgs,
-    "instance.console": ConsoleArgs,
-    "instance.stats": StatsArgs,
-    "instance.attach_port": AttachPortArgs,
-    "instance.detach_port": DetachPortArgs,
-    "instance.set_security_groups": SecurityGroupsArgs,
-}
-
-# Ops whose replies are persisted for idempotent retries across restarts; read-only ops are
-# answered again from memory within the window but need no durable log.
-MUTATING_OPS: Final = frozenset(
-    op for op in OP_ARGS if op not in
-    ("ping", "host.info", "images.list", "instance.get", "instance.list", "instance.console", "instance.stats")
-)
-
 # Instance metadata keys a scheduler sets on the members of a server group; the agent reports
 # each group's members on this host in host.info and host.resources (``server_groups``).
 SERVER_GROUP_KEY: Final = "fastcompute:server_group"
@@ -269,28 +247,50 @@ SERVER_GROUP_POLICY_KEY: Final = "fastcompute:server_group_policy"
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 _id_decoder = msgspec.msgpack.Decoder(_IdOnly)
-_args_decoders = {op: msgspec.msgpack.Decoder(t) for op, t in OP_ARGS.items()}
 _encoder = msgspec.msgpack.Encoder()
 _AT = re.compile(r"^(?P<reason>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+# msgspec decodes nested arrays and maps recursively and raises RecursionError at the
+# interpreter's recursion limit (a few hundred levels deep, depending on the stack in use).
+TOO_DEEP: Final = "nested too deep: arrays and maps may nest a few hundred levels at most"
 
 
-def _validation_details(exc: msgspec.MsgspecError, prefix: str) -> tuple[str, dict[str, Any]]:
+def invalid(field: str, reason: str) -> BadRequest:
+    """The BAD_REQUEST of a request field: the message and ``details.field`` name it."""
+    return BadRequest(f"invalid request: {field}: {reason}", {"field": field, "reason": reason})
+
+
+def invalid_from(exc: msgspec.MsgspecError, prefix: str) -> BadRequest:
+    """The BAD_REQUEST of a msgspec error, the field named from its ``- at `$...``` path
+    under ``prefix`` (``args``, ``args.networks[0]``): the one reader of those paths."""
     m = _AT.match(str(exc))
     reason = m.group("reason") if m else str(exc)
     path = (m.group("path") or "") if m else ""
-    field = (prefix + path).lstrip(".") or prefix.rstrip(".") or "<frame>"
+    field = prefix + path
     named = reason.startswith(("Object contains unknown field", "Object missing required field"))
     if named and "`" in reason:
         # msgspec points at the map; the field a person must fix is the one it names.
-        field = ((prefix + path).lstrip(".") + "." + reason.split("`")[1]).lstrip(".")
-    return f"invalid request: {field}: {reason}", {"field": field, "reason": reason}
+        field = field + "." + reason.split("`")[1]
+    return invalid(field.lstrip(".") or "<frame>", reason)
+
+
+def parse_uint(text: str) -> int | None:
+    """``text`` as a non-negative integer written in ASCII digits, else None.
+
+    ``str.isdigit`` accepts ``²`` and other digits ``int`` refuses (or reads, as it does
+    Arabic-Indic ones); every integer carried in a string (extra specs, protocol numbers)
+    goes through here.
+    """
+    stripped = text.strip()
+    if not stripped or not stripped.isascii() or not stripped.isdigit():
+        return None
+    return int(stripped)
 
 
 def request_id_of(frame: bytes) -> str:
     """The request id of a frame, if one can be read at all; ``""`` otherwise."""
     try:
         rid = _id_decoder.decode(frame).id
-    except (msgspec.MsgspecError, UnicodeDecodeError):
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return ""
     return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else ""
 
@@ -300,8 +300,9 @@ def decode_envelope(frame: bytes) -> Envelope:
     try:
         env = _envelope_decoder.decode(frame)
     except msgspec.ValidationError as exc:
-        message, details = _validation_details(exc, "")
-        raise BadRequest(message, details) from None
+        raise invalid_from(exc, "") from None
+    except RecursionError:
+        raise invalid("<frame>", TOO_DEEP) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(
             "the frame is not a MessagePack map: send {v, id, op, args}",
@@ -313,20 +314,6 @@ def decode_envelope(frame: bytes) -> Envelope:
             {"field": "v", "reason": f"expected {VERSION}"},
         )
     return env
-
-
-def decode_args(op: str, raw: Raw) -> _Args:
-    """Decode and validate an op's arguments."""
-    decoder = _args_decoders.get(op)
-    if decoder is None:
-        raise UnknownOp(f"unknown op {op!r}; known ops: {', '.join(OP_ARGS)}", {"op": op})
-    try:
-        return decoder.decode(raw)
-    except UnicodeDecodeError as exc:
-        raise BadRequest(f"invalid request: args: {exc}", {"field": "args", "reason": "invalid UTF-8"}) from None
-    except msgspec.MsgspecError as exc:
-        message, details = _validation_details(exc, "args")
-        raise BadRequest(message, details) from None
 
 
 def normalise_uuid(value: str) -> str:

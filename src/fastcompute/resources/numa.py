@@ -22,6 +22,7 @@ from typing import Any
 
 from fastcompute import _core
 from fastcompute.errors import BadRequest, Conflict
+from fastcompute.protocol.schema import parse_uint
 
 PAGE_SMALL = -1
 PAGE_LARGE = -2
@@ -69,8 +70,9 @@ _OTHER_HW_KEYS = frozenset(
         "hw:video:ram_max_mb",
     }
 )
-_PER_NODE_KEY = re.compile(r"^hw:numa_(cpus|mem)\.(\d+)$")
-_PAGE_SIZE = re.compile(r"^(\d+)\s*([KMGT])(?:i)?B$")
+# re.ASCII: ``\d`` alone also matches other scripts' digits, which int() reads.
+_PER_NODE_KEY = re.compile(r"^hw:numa_(cpus|mem)\.(\d+)$", re.ASCII)
+_PAGE_SIZE = re.compile(r"^(\d+)\s*([KMGT])(?:i)?B$", re.ASCII)
 _UNITS_KIB = {"K": 1, "M": 1024, "G": 1024 * 1024, "T": 1024 * 1024 * 1024}
 
 
@@ -174,7 +176,7 @@ def parse_cpu_spec(key: str, spec: str) -> set[int]:
         target = include
         if part.startswith("^"):
             target, part = exclude, part[1:].strip()
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part, re.ASCII)
         if match is None:
             raise _bad(key, f"invalid CPU spec {spec!r}")
         low = int(match.group(1))
@@ -215,9 +217,10 @@ def _node_count(specs: dict[str, Any]) -> int | None:
     value = specs.get(key)
     if value is None:
         return None
-    if not value.strip().isdigit() or int(value) < 1:
+    count = parse_uint(value)
+    if count is None or count < 1:
         raise _bad(key, "must be a positive integer")
-    return int(value)
+    return count
 
 
 def _page_size(specs: dict[str, Any]) -> int | None:
@@ -230,8 +233,9 @@ def _page_size(specs: dict[str, Any]) -> int | None:
     if value in named:
         return named[value]
     text = value.strip()
-    if text.isdigit():
-        size = int(text)
+    number = parse_uint(text)
+    if number is not None:
+        size = number
     else:
         match = _PAGE_SIZE.match(text)
         if match is None:
@@ -259,9 +263,10 @@ def _per_node(
             if not cpus[node]:
                 raise _bad(key, "a guest NUMA node needs at least one vCPU")
         else:
-            if not value.strip().isdigit() or int(value) < 1:
+            mib = parse_uint(value)
+            if mib is None or mib < 1:
                 raise _bad(key, "must be a positive number of MiB")
-            mems[node] = int(value)
+            mems[node] = mib
     if not cpus and not mems:
         return None, None
     for node in range(nodes):

@@ -1,0 +1,161 @@
+"""Verbs on instances: boot, list, show, console, and one verb per lifecycle op of
+``protocol.OPS`` (start, stop, ..., delete), its options read from the op's args struct."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from fastcompute import protocol
+from fastcompute.cli.common import client, emit, err, many, out, resolve
+from fastcompute.cli.tables import instances_table, show
+
+
+def _spec_pairs(pairs: list[str]) -> dict[str, str]:
+    specs = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise SystemExit(f"--spec wants KEY=VALUE, not {p!r}")
+        specs[key] = value
+    return specs
+
+
+def _boot(a: argparse.Namespace) -> int:
+    image: dict[str, Any] = {}
+    if a.image:
+        image["url"] = a.image if "://" in a.image else Path(a.image).resolve().as_uri()
+    if a.image_id:
+        image["id"] = a.image_id
+    if a.checksum:
+        image["checksum"] = a.checksum
+    flavor = {"vcpus": a.vcpus, "memory_mb": a.memory, "disk_gb": a.disk,
+              "extra_specs": _spec_pairs(a.spec or [])}
+    names = [a.name] if a.count == 1 else [f"{a.name}-{i}" for i in range(1, a.count + 1)]
+    reqs = [("instance.spawn", {"name": n, "flavor": flavor, "image": image,
+                                "project_id": a.project, "wait": a.wait}) for n in names]
+    results, failures = asyncio.run(many(a, "booting", reqs))
+    emit(a, {"instances": results, "failures": failures}, lambda r: instances_table(r["instances"]))
+    for f in failures:
+        err.print(f"[red]failed[/] {f}")
+    return 1 if failures else 0
+
+
+def _list(a: argparse.Namespace) -> int:
+    args = {k: v for k, v in (("project_id", a.project), ("vm_state", a.state)) if v}
+    with client(a) as c:
+        r = c.call("instance.list", args)
+    emit(a, r, instances_table)
+    return 0
+
+
+def _show(a: argparse.Namespace) -> int:
+    with client(a) as c:
+        r = c.call("instance.get", {"uuid": resolve(c, [a.uuid])[0]})
+    emit(a, r, show)
+    return 0
+
+
+def _console(a: argparse.Namespace) -> int:
+    with client(a) as c:
+        r = c.call("instance.console", {"uuid": resolve(c, [a.uuid])[0], "tail_bytes": a.tail})
+    if a.json:
+        print(json.dumps({"data": r["data"].decode("utf-8", "replace")}))
+    else:
+        sys.stdout.write(r["data"].decode("utf-8", "replace"))
+    return 0
+
+
+def _each(op: protocol.Op, options: list[str]) -> Callable[[argparse.Namespace], int]:
+    def run(a: argparse.Namespace) -> int:
+        extra = {name: getattr(a, name) for name in options if getattr(a, name) is not None}
+        with client(a) as c:
+            uuids = resolve(c, a.uuid)
+            if a.all:
+                uuids += [r["uuid"] for r in c.call("instance.list")]
+        if not uuids:
+            raise SystemExit(f"fastcompute {op.verb}: name instances (uuid, uuid prefix or name) or give --all")
+        results, failures = asyncio.run(many(a, str(op.verb), [(op.name, {"uuid": u, **extra}) for u in uuids]))
+
+        def human(r: dict[str, Any]) -> None:
+            recs = [x for x in r["results"] if "vm_state" in x]
+            if recs:
+                instances_table(recs)
+            else:
+                out.print(f"{len(r['results'])} done")
+
+        emit(a, {"results": results, "failures": failures}, human)
+        for f in failures:
+            err.print(f"[red]failed[/] {f}")
+        return 1 if failures else 0
+
+    return run
+
+
+def _add_option(p: argparse.ArgumentParser, field: msgspec.structs.FieldInfo) -> None:
+    """An option for one field of an op's args: a flag for a bool, a typed value otherwise."""
+    info = msgspec.inspect.type_info(field.type)
+    kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    help_ = None
+    for k in kinds:
+        if isinstance(k, msgspec.inspect.Metadata):
+            help_ = (k.extra_json_schema or {}).get("description", help_)
+    plain = [k.type if isinstance(k, msgspec.inspect.Metadata) else k for k in kinds]
+    flag = "--" + field.name.replace("_", "-")
+    if any(isinstance(k, msgspec.inspect.BoolType) for k in plain):
+        p.add_argument(flag, dest=field.name, action="store_true", default=None, help=help_)
+    elif any(isinstance(k, msgspec.inspect.FloatType) for k in plain):
+        p.add_argument(flag, dest=field.name, type=float, help=help_)
+    else:
+        p.add_argument(flag, dest=field.name, type=int if any(
+            isinstance(k, msgspec.inspect.IntType) for k in plain) else str, help=help_)
+
+
+def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The instance verbs, into the ``fastcompute`` parser's subcommands."""
+    ops = protocol.OPS
+    b = sub.add_parser("boot", parents=[common], help=ops["instance.spawn"].help)
+    b.add_argument("name")
+    b.add_argument("--count", type=int, default=1)
+    b.add_argument("--vcpus", type=int, default=1)
+    b.add_argument("--memory", type=int, default=512, help="MiB")
+    b.add_argument("--disk", type=int, default=1, help="GiB")
+    b.add_argument("--image", help="image URL or local path")
+    b.add_argument("--image-id", help="image id in the Image service")
+    b.add_argument("--checksum", help="expected image checksum, e.g. sha256:...")
+    b.add_argument("--project", default="default")
+    b.add_argument("--spec", action="append", help="flavor extra spec KEY=VALUE (repeatable)")
+    b.add_argument("--wait", action="store_true", help="return when the instances are active or failed")
+    b.set_defaults(fn=_boot)
+
+    ls = sub.add_parser("list", parents=[common], help=ops["instance.list"].help)
+    ls.add_argument("--project")
+    ls.add_argument("--state", help="only this vm_state")
+    ls.set_defaults(fn=_list)
+
+    sh = sub.add_parser("show", parents=[common], help=ops["instance.get"].help)
+    sh.add_argument("uuid", help="uuid, uuid prefix or name")
+    sh.set_defaults(fn=_show)
+
+    co = sub.add_parser("console", parents=[common], help=ops["instance.console"].help)
+    co.add_argument("uuid", help="uuid, uuid prefix or name")
+    co.add_argument("--tail", type=int, default=64 * 1024, help="bytes from the end")
+    co.set_defaults(fn=_console)
+
+    for op in ops.values():
+        if op.verb is None or not (op.transition is not None or op.name == "instance.delete"):
+            continue
+        sp = sub.add_parser(op.verb, parents=[common], help=op.help)
+        sp.add_argument("uuid", nargs="*", help="uuids, uuid prefixes or names")
+        sp.add_argument("--all", action="store_true", help=f"{op.verb} every instance")
+        options = [f for f in msgspec.structs.fields(op.args) if f.name != "uuid"]
+        for field in options:
+            _add_option(sp, field)
+        sp.set_defaults(fn=_each(op, [f.name for f in options]))

@@ -1,0 +1,128 @@
+"""Every op of the contract, declared once.
+
+An ``Op`` says what the op is called, the struct its ``args`` decode into, whether its reply is
+kept across restarts (mutating), the instance states it needs with the task it runs under and
+the state it leads to (lifecycle ops), and its verb and help in the ``fastcompute`` command.
+The protocol table (``OP_ARGS``, ``MUTATING_OPS``), the agent's handlers, the command's verbs
+and the manager's state transitions are all read from ``OPS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+import msgspec
+from msgspec import Raw
+
+from fastcompute.errors import BadRequest, UnknownOp
+from fastcompute.protocol.schema import (
+    TOO_DEEP,
+    AttachPortArgs,
+    ConsoleArgs,
+    DetachPortArgs,
+    ListArgs,
+    NoArgs,
+    PruneArgs,
+    RebootArgs,
+    SecurityGroupsArgs,
+    SetEnabledArgs,
+    SpawnArgs,
+    StatsArgs,
+    StopArgs,
+    UuidArgs,
+    _Args,
+    invalid,
+    invalid_from,
+)
+
+_ALIVE: Final = frozenset({"active", "paused", "stopped", "suspended"})
+
+
+class Transition(NamedTuple):
+    """A lifecycle op's rule (Nova's): the vm_states it runs from, its task, where it leads."""
+
+    needs: frozenset[str]
+    task: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One op of the contract."""
+
+    name: str
+    args: type[_Args]
+    help: str
+    mutating: bool = True
+    verb: str | None = None
+    """The ``fastcompute`` verb that sends it (None: no verb of its own)."""
+    transition: Transition | None = None
+    """For lifecycle ops: the state rule the manager enforces."""
+    hard: Transition | None = None
+    """The rule when ``args.hard`` is true (reboot)."""
+
+    def rule(self, hard: bool = False) -> Transition:
+        """The transition this op makes (its hard variant when asked for and declared)."""
+        if hard and self.hard is not None:
+            return self.hard
+        assert self.transition is not None, f"{self.name} is not a lifecycle op"
+        return self.transition
+
+
+def _lifecycle(verb: str, args: type[_Args], help_: str, needs: frozenset[str], task: str, target: str,
+               hard: Transition | None = None) -> Op:
+    return Op(f"instance.{verb}", args, help_, verb=verb, transition=Transition(needs, task, target), hard=hard)
+
+
+OPS: Final[dict[str, Op]] = {op.name: op for op in (
+    Op("ping", NoArgs, "check that the agent answers", mutating=False, verb="ping"),
+    Op("host.info", NoArgs, "host inventory and usage", mutating=False, verb="host"),
+    Op("host.set_enabled", SetEnabledArgs, "take the host out of scheduling, or back in"),
+    Op("images.list", NoArgs, "the base image cache (size, age, users)", mutating=False, verb="images"),
+    Op("images.prune", PruneArgs, "remove cached base images no instance uses"),
+    Op("instance.spawn", SpawnArgs, "spawn one or many instances", verb="boot"),
+    _lifecycle("start", UuidArgs, "start stopped instances", frozenset({"stopped"}), "powering-on", "active"),
+    _lifecycle("stop", StopArgs, "stop instances (graceful, then forced)",
+               frozenset({"active", "paused", "suspended"}), "powering-off", "stopped"),
+    _lifecycle("pause", UuidArgs, "pause instances", frozenset({"active"}), "pausing", "paused"),
+    _lifecycle("unpause", UuidArgs, "unpause instances", frozenset({"paused"}), "unpausing", "active"),
+    _lifecycle("suspend", UuidArgs, "suspend instances to disk",
+               frozenset({"active", "paused"}), "suspending", "suspended"),
+    _lifecycle("resume", UuidArgs, "resume suspended instances", frozenset({"suspended"}), "resuming", "active"),
+    # A hard reboot re-creates the domain from the record, so it also recovers a stopped,
+    # suspended or failed instance.
+    _lifecycle("reboot", RebootArgs, "reboot instances", frozenset({"active"}), "rebooting", "active",
+               hard=Transition(_ALIVE | {"error"}, "rebooting-hard", "active")),
+    Op("instance.delete", UuidArgs, "delete instances", verb="delete"),
+    Op("instance.get", UuidArgs, "one instance in detail", mutating=False, verb="show"),
+    Op("instance.list", ListArgs, "list instances", mutating=False, verb="list"),
+    Op("instance.console", ConsoleArgs, "the serial console log", mutating=False, verb="console"),
+    Op("instance.stats", StatsArgs, "usage statistics of instances", mutating=False),
+    Op("instance.attach_port", AttachPortArgs, "plug a port and add it to an instance"),
+    Op("instance.detach_port", DetachPortArgs, "remove a port from an instance and unplug it"),
+    Op("instance.set_security_groups", SecurityGroupsArgs, "replace a port's security groups"),
+)}
+
+OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}
+
+# Ops whose replies are persisted for idempotent retries across restarts; read-only ops are
+# answered again from memory within the window but need no durable log.
+MUTATING_OPS: Final = frozenset(name for name, op in OPS.items() if op.mutating)
+
+_args_decoders = {name: msgspec.msgpack.Decoder(op.args) for name, op in OPS.items()}
+
+
+def decode_args(op: str, raw: Raw) -> _Args:
+    """Decode and validate an op's arguments against its struct."""
+    decoder = _args_decoders.get(op)
+    if decoder is None:
+        raise UnknownOp(f"unknown op {op!r}; known ops: {', '.join(OPS)}", {"op": op})
+    try:
+        return decoder.decode(raw)
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"invalid request: args: {exc}", {"field": "args", "reason": "invalid UTF-8"}) from None
+    except msgspec.MsgspecError as exc:
+        raise invalid_from(exc, "args") from None
+    except RecursionError:
+        raise invalid("args", TOO_DEEP) from None
