@@ -28,7 +28,9 @@ from network_fixtures import EGRESS_ALL, group, port, remove_owned, rule
 
 from fastcompute.config import QuotaConfig, ResourcesConfig
 from fastcompute.hypervisor.libvirt.testhost import write_test_host
-from fastcompute.hypervisor.libvirt.xml import DiskSpec, DomainSpec, build
+from fastcompute.hypervisor.libvirt.xml import build
+from fastcompute.hypervisor.spec import GuestSpec
+from fastcompute.images import disks
 from fastcompute.resources import numa
 from fastcompute.resources.tracker import HostCell, PagePool, Tracker
 from fastcompute.rpc.client import AsyncClient, Client
@@ -132,9 +134,9 @@ def _raw_storm(uri: str, workdir: Path, n: int) -> float:
     xmls = []
     for i in range(n):
         u = str(uuid_mod.uuid4())
-        xmls.append(build(DomainSpec(
-            uuid=u, name=f"raw{i}", instance_name=f"raw{i}", project_id="bench", vcpus=1, memory_mb=64,
-            disk=DiskSpec(str(workdir / u / "disk"), "qcow2"), console_path=str(workdir / u / "console.log"),
+        xmls.append(build(GuestSpec(
+            uuid=u, name=f"raw{i}", project_id="bench", vcpus=1, memory_mb=64,
+            disks=disks.spawn_disks(workdir / u, "qcow2"), console_path=str(workdir / u / "console.log"),
         )))
     try:
         t = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Starting a domain through a transient libvirt failure.
+"""The libvirt driver: starting a domain through a transient libvirt failure, and what it
+hands the manager (typed host facts, guests defined from a GuestSpec, domain stats).
 
 The failure seen in a CI boot storm (libvirt: "failed to load cgroup BPF prog: Resource
 temporarily unavailable", the kernel's verifier interrupted by a signal) cannot be caused on
@@ -8,13 +9,19 @@ one did; everything else is the real domain.
 
 from __future__ import annotations
 
+import asyncio
+import uuid as uuid_mod
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import libvirt
+import msgspec
 import pytest
 
 from fastcompute.hypervisor.libvirt import driver as libvirt_driver
+from fastcompute.hypervisor.spec import GuestSpec, HostFacts, Interface
+from fastcompute.images import disks
 
 XML = """<domain type='test'><name>retry-{n}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type>hvm</type></os></domain>"""
@@ -73,3 +80,34 @@ def test_other_errors_are_not_tried_again(dom: Any) -> None:
     with pytest.raises(libvirt.libvirtError, match="process exited"):
         libvirt_driver.start_domain(wrapped, pause_s=0)
     assert wrapped.tries == 1 and not dom.isActive()
+
+
+def test_the_driver_speaks_in_typed_facts_and_guest_specs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        drv = libvirt_driver.LibvirtDriver("test:///default", 1)
+        await drv.connect(lambda _e: None)
+        try:
+            facts = await drv.host_facts()
+            assert isinstance(facts, HostFacts)
+            # libvirt's default test host: two cells of 8 CPUs
+            assert [len(c.cpus) for c in facts.cells] == [8, 8]
+            assert facts.hypervisor.uri == "test:///default" and facts.hypervisor.type == "TEST"
+            assert await drv.virt_type("kvm") == "test"
+            u = str(uuid_mod.uuid4())
+            guest = GuestSpec(uuid=u, name="vm", project_id="p", vcpus=1, memory_mb=64,
+                              console_path=str(tmp_path / "console.log"),
+                              disks=disks.spawn_disks(tmp_path, "qcow2"))
+            assert await drv.launch(guest, start=True) == "running"
+            assert drv.guest_pid(u) is None
+            stats = await asyncio.to_thread(drv.domain_stats, {u: "mine"})
+            assert list(stats) == ["mine"]
+            tap = Interface("tapx", "52:54:00:00:00:09", 1500)
+            await drv.attach_interface(u, tap, msgspec.structs.replace(guest, interfaces=[tap]))
+            info = await drv.info(u)
+            assert info is not None and info.ours and info.power_state == "running"
+            await drv.destroy(u)
+            assert await drv.info(u) is None
+        finally:
+            await drv.close()
+
+    asyncio.run(scenario())

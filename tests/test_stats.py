@@ -10,6 +10,7 @@ import pytest
 from stats_fixtures import Burner, CgroupFactory, available_versions, block_device_of
 
 from fastcompute.errors import NotFound
+from fastcompute.hypervisor.libvirt.names import qemu_pid
 from fastcompute.stats.collector import (
     LIBVIRT,
     CgroupPaths,
@@ -179,13 +180,15 @@ def test_guest_source_from_the_qemu_pid_file(cgroups: CgroupFactory, tmp_path: P
     try:
         cgroups.enter("machine/qemu-2-vm/emulator", burner.pid)
         (tmp_path / "vm.pid").write_text(f"{burner.pid}\n")
-        source = guest_source("vm", "auto", str(tmp_path))
+        source = guest_source(lambda: qemu_pid("vm", str(tmp_path)), "auto")
         assert isinstance(source, CgroupPaths)
         assert source == cgroup_of_pid(burner.pid)
-        assert guest_source("vm", "libvirt", str(tmp_path)) == LIBVIRT
-        # no pid file: the test hypervisor's case
-        assert guest_source("other", "auto", str(tmp_path)) == LIBVIRT
+        assert guest_source(lambda: qemu_pid("vm", str(tmp_path)), "libvirt") == LIBVIRT
+        # no pid file
+        assert guest_source(lambda: qemu_pid("other", str(tmp_path)), "auto") == LIBVIRT
         with pytest.raises(NotFound):
-            guest_source("other", "cgroup", str(tmp_path))
+            guest_source(lambda: qemu_pid("other", str(tmp_path)), "cgroup")
+        # a hypervisor that runs guests in no process of their own (the test driver)
+        assert guest_source(lambda: None, "cgroup") == LIBVIRT
     finally:
         burner.stop()

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stats_fixtures import Burner, CgroupFactory, available_versions
 
 from fastcompute.errors import NotFound
+from fastcompute.hypervisor.libvirt import stats as libvirt_stats
 from fastcompute.stats.collector import LIBVIRT, StatsCollector
 from fastcompute.stats.metrics import Metrics
 
@@ -42,7 +43,7 @@ def test_collector_follows_the_instances() -> None:
         async def scenario() -> None:
             with ThreadPoolExecutor(2) as pool:
                 collector = StatsCollector(
-                    lambda: sources, pool, connection=lambda: conn, metrics=metrics
+                    lambda: sources, pool, domain_stats=lambda d: libvirt_stats.read(conn, d), metrics=metrics
                 )
                 first = await collector.collect()
                 assert set(first) == {"i-cgroup", "i-libvirt"}

@@ -20,12 +20,13 @@ from guest_fixtures import (
     wait_for_console,
 )
 
+from fastcompute.hypervisor.libvirt import stats as libvirt_stats
+from fastcompute.hypervisor.libvirt.names import qemu_pid
+from fastcompute.hypervisor.libvirt.stats import domain_stats_flags, from_domain_stats
 from fastcompute.stats.collector import (
     CgroupPaths,
     Sampler,
     StatsCollector,
-    domain_stats_flags,
-    from_domain_stats,
     guest_source,
     host_layout,
 )
@@ -61,7 +62,7 @@ def _libvirt_sample(conn: Any, uuid: str) -> Any:
 
 def test_guest_cgroup_agrees_with_libvirt(booted: tuple[Any, DirectGuest]) -> None:
     conn, guest = booted
-    source = guest_source(guest.name, "cgroup")
+    source = guest_source(lambda: qemu_pid(guest.name), "cgroup")
     assert isinstance(source, CgroupPaths)
     # the guest's own cgroup (libvirt's machine scope), not the emulator/vcpu children
     # libvirt puts its threads in
@@ -75,12 +76,12 @@ def test_guest_cgroup_agrees_with_libvirt(booted: tuple[Any, DirectGuest]) -> No
         if source.counts_cpu():
             # libvirt's cpu.time is the same cgroup's CPU counter: ours lies between its reads
             assert cg.cpu_ns is not None and before.cpu_ns <= cg.cpu_ns <= after.cpu_ns
-            assert guest_source(guest.name, "auto") == source
+            assert guest_source(lambda: qemu_pid(guest.name), "auto") == source
         else:
             # libvirt gave the guest no CPU cgroup of its own (here: cpuacct is not co-mounted
             # with cpu); the shared one is not read, and auto falls back to libvirt
             assert cg.cpu_ns is None
-            assert guest_source(guest.name, "auto") == "libvirt"
+            assert guest_source(lambda: qemu_pid(guest.name), "auto") == "libvirt"
         if source.memory or "memory" in host_layout().unified_controllers:
             # QEMU's RAM for a 128 MiB TCG guest plus its own code: tens of MiB at least
             assert cg.memory_bytes is not None and cg.memory_bytes >= 16 * MiB
@@ -105,8 +106,9 @@ def test_collector_on_a_guest_both_ways(booted: tuple[Any, DirectGuest]) -> None
     import asyncio
 
     conn, guest = booted
-    sources = {"by-cgroup": guest_source(guest.name, "cgroup"), "by-libvirt": f"libvirt:{guest.uuid}"}
-    collector = StatsCollector(lambda: sources, None, connection=lambda: conn)
+    sources = {"by-cgroup": guest_source(lambda: qemu_pid(guest.name), "cgroup"),
+               "by-libvirt": f"libvirt:{guest.uuid}"}
+    collector = StatsCollector(lambda: sources, None, domain_stats=lambda d: libvirt_stats.read(conn, d))
     try:
         records = asyncio.run(_collect_twice(collector))
     finally:

@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastcompute.errors import NotFound
+from fastcompute.hypervisor.libvirt.stats import domain_stats_flags, from_domain_stats
+from fastcompute.hypervisor.spec import DomainStats
 from fastcompute.stats.collector import (
     CgroupLayout,
     CgroupPaths,
@@ -23,8 +25,6 @@ from fastcompute.stats.collector import (
     Rates,
     Sampler,
     detect_layout,
-    domain_stats_flags,
-    from_domain_stats,
 )
 from fastcompute.stats.reference import read_cgroup
 
@@ -141,7 +141,7 @@ def test_domain_stats_from_the_test_hypervisor() -> None:
     finally:
         conn.close()
     assert list(samples) == ["instance-1"]
-    assert samples["instance-1"].source == "libvirt"
+    assert isinstance(samples["instance-1"], DomainStats)
     assert samples["instance-1"].at == 10.0
     assert from_domain_stats(raw, {}) == {}
 

@@ -8,6 +8,7 @@ progress, flush the store, close the sockets and the hypervisor connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -23,11 +24,10 @@ from fastcompute.compute import validate
 from fastcompute.compute.manager import Manager
 from fastcompute.config import Config
 from fastcompute.errors import NotFound
-from fastcompute.hypervisor import LibvirtDriver
-from fastcompute.hypervisor.libvirt.xml import domain_name
+from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
-from fastcompute.resources.tracker import Tracker, cpu_traits, topology_from_libvirt
+from fastcompute.resources.tracker import Tracker, cpu_traits
 from fastcompute.rpc.server import Handler, Server
 from fastcompute.scheduler.placement import PlacementSync, claims_of
 from fastcompute.stats.collector import Source, StatsCollector, guest_source
@@ -44,7 +44,8 @@ class Agent:
         self.cfg = cfg
         self.state_dir = Path(cfg.agent.state_dir)
         self.store = Store(self.state_dir / "fastcompute.sqlite")
-        self.driver = LibvirtDriver(cfg.hypervisor.uri, cfg.agent.worker_threads)
+        self.driver = LibvirtDriver(cfg.hypervisor.uri, cfg.agent.worker_threads,
+                                    qemu_run_dir=cfg.stats.qemu_run_dir)
         # Blocking file work (image fetches, copies, disk creation) runs here, never on the loop.
         self.io_pool = ThreadPoolExecutor(max_workers=cfg.agent.worker_threads, thread_name_prefix="io")
         self.images: ImageCache | None = None
@@ -56,7 +57,7 @@ class Agent:
         self.metrics_server: MetricsServer | None = None
         self._stat_sources: dict[str, Source] = {}
         self.stats = StatsCollector(lambda: self._stat_sources, self.io_pool,
-                                    connection=lambda: self.driver.connection, metrics=self.metrics)
+                                    domain_stats=self.driver.domain_stats, metrics=self.metrics)
         self._stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
 
@@ -169,9 +170,10 @@ class Agent:
         manager = Manager(cfg, self.store, self.driver, self.images, self.network, server.publish)
         self.manager = manager
         await self.driver.connect(manager.on_power_event)
-        caps, info, facts = await self.driver.host_facts()
-        tracker = Tracker(topology_from_libvirt(caps, info), cfg.resources, cfg.quota, self.state_dir)
-        await manager.start(tracker, facts, sorted(set(cpu_traits(caps)) | set(cfg.resources.custom_traits)))
+        facts = await self.driver.host_facts()
+        tracker = Tracker(facts.cells, cfg.resources, cfg.quota, self.state_dir)
+        await manager.start(tracker, msgspec.to_builtins(facts.hypervisor),
+                            sorted(set(cpu_traits(facts.cpu_features)) | set(cfg.resources.custom_traits)))
         if cfg.placement.url:
             # Never waits for Placement: registration, inventory and healing run in the background.
             self.placement = PlacementSync(cfg.placement, manager.hostname, self.state_dir)
@@ -223,14 +225,13 @@ class Agent:
             self._stat_sources.pop(gone, None)  # a new QEMU process: find its cgroup again
         unknown = [u for u in running if u not in self._stat_sources]
         if unknown:
-            mode = "libvirt" if self.cfg.hypervisor.uri.startswith("test:") else self.cfg.stats.source
-            run_dir = self.cfg.stats.qemu_run_dir
+            mode, driver = self.cfg.stats.source, self.driver
 
             def resolve() -> dict[str, Source]:
                 found: dict[str, Source] = {}
                 for u in unknown:
                     try:
-                        found[u] = guest_source(domain_name(u), mode, run_dir)
+                        found[u] = guest_source(functools.partial(driver.guest_pid, u), mode)
                     except NotFound:
                         continue
                 return found

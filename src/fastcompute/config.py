@@ -122,7 +122,7 @@ class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     interval_s: Annotated[float, _doc("Period of host.stats sampling and publication; 0 = off")] = 5.0
     metrics: Annotated[str, _doc("HOST:PORT of the Prometheus /metrics endpoint; empty = off")] = ""
     source: Annotated[str, _doc("Where guest stats come from: auto = the QEMU process's cgroup when found, else libvirt's getAllDomainStats; cgroup; libvirt")] = "auto"
-    qemu_run_dir: Annotated[str, _doc("Directory of libvirt's QEMU pid files (<domain name>.pid), used to find a guest's cgroup")] = "/run/libvirt/qemu"
+    qemu_run_dir: Annotated[str, _doc("Directory of libvirt's QEMU pid files (one {domain name}.pid per guest), used to find a guest's cgroup")] = "/run/libvirt/qemu"
     loop_lag_interval_s: Annotated[float, _doc("Period of the event-loop lag probe behind the event_loop_lag metric; 0 = off")] = 0.5
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import logging
 import shutil
 import socket
@@ -25,11 +24,12 @@ from typing import Any
 import msgspec
 
 from fastcompute import protocol
-from fastcompute.compute.validate import QUOTA_KEYS, flavor_request
+from fastcompute.compute import guest
+from fastcompute.compute.validate import flavor_request
 from fastcompute.config import Config
 from fastcompute.errors import AgentError, Conflict, HypervisorError, NotFound
-from fastcompute.hypervisor import Driver, PowerEvent
-from fastcompute.hypervisor.libvirt.xml import DiskSpec, DomainSpec, GuestCell, Interface, build, interface_xml
+from fastcompute.hypervisor import DomainInfo, Driver, GuestSpec, Interface, PowerEvent
+from fastcompute.images import disks
 from fastcompute.images.cache import ImageCache, ImageSpec
 from fastcompute.network import Network
 from fastcompute.protocol import Fault, InstanceRecord, NumaCell, SpawnArgs
@@ -107,16 +107,6 @@ def _typed(exc: Exception, what: str) -> AgentError:
     return HypervisorError(f"{what} failed: {exc}")
 
 
-def _address_hints(ports: list[Port]) -> list[str]:
-    """``fc.ip=ADDR/PREFIX`` for the first port's first IPv4 address: how a guest without DHCP
-    (the project's test image, for one) learns the address its port's rules let through."""
-    for port in ports[:1]:
-        for fixed in port.fixed_ips:
-            if ipaddress.ip_address(fixed.ip).version == 4:
-                return [f"fc.ip={fixed.ip}/{fixed.prefix}"]
-    return []
-
-
 class Manager:
     """Owns the instances of this host and every change to them."""
 
@@ -168,13 +158,7 @@ class Manager:
         self.tracker = tracker
         self.hypervisor_facts = facts
         self.traits = traits
-        if self.driver.uri.startswith("test:"):
-            self.domain_type = "test"
-        elif self.cfg.hypervisor.domain_type == "kvm" and not await self.driver.supports_kvm():
-            log.warning("domain_type kvm asked for, but this host offers no KVM; falling back to qemu (TCG)")
-            self.domain_type = "qemu"
-        else:
-            self.domain_type = self.cfg.hypervisor.domain_type
+        self.domain_type = await self.driver.virt_type(self.cfg.hypervisor.domain_type)
         loaded = await self.store.load()
         status = loaded.settings.get("host_status") or {}
         self.enabled = bool(status.get("enabled", True))
@@ -222,7 +206,7 @@ class Manager:
             except AgentError as exc:
                 log.error("could not reconcile instance %s: %s", uuid, exc.message)
 
-    async def _reconcile_one(self, uuid: str, rec: InstanceRecord, dom: Any) -> None:
+    async def _reconcile_one(self, uuid: str, rec: InstanceRecord, dom: DomainInfo | None) -> None:
         if rec.task_state == "deleting":
             log.info("finishing the interrupted delete of %s", uuid)
             await self._delete_locked(uuid)
@@ -252,7 +236,7 @@ class Manager:
 
     async def _recreate(self, uuid: str, vm_state: str) -> str:
         start = vm_state in ("active", "paused", "suspended")
-        power = await self.driver.launch(self._domain_xml(uuid), start=start)
+        power = await self.driver.launch(self._guest(uuid), start=start)
         if vm_state == "paused":
             power = await self.driver.pause(uuid)
         elif vm_state == "suspended":
@@ -271,51 +255,19 @@ class Manager:
         """Where an instance's files (disk, console log) live."""
         return self.state_dir / "instances" / uuid
 
-    def _domain_xml(self, uuid: str, skip_taps: frozenset[str] = frozenset()) -> str:
-        rec = self.instances[uuid].record
-        disk_path = self.instance_dir(uuid) / "disk"
-        domain_type = self.domain_type
-        return build(DomainSpec(
-            uuid=uuid,
-            name=rec.name,
-            instance_name=rec.name,
-            project_id=rec.project_id,
-            vcpus=rec.flavor.vcpus,
-            memory_mb=rec.flavor.memory_mb,
-            disk=DiskSpec(str(disk_path), self.images.disk_format()),
-            console_path=str(self.instance_dir(uuid) / "console.log"),
-            domain_type=domain_type,
+    def _guest(self, uuid: str, skip_taps: frozenset[str] = frozenset()) -> GuestSpec:
+        """The instance as the driver is to run it (without the taps in ``skip_taps``)."""
+        stored = self.instances[uuid]
+        idir = self.instance_dir(uuid)
+        tracker = self.tracker
+        return guest.guest_spec(
+            stored.record, stored.ports, idir,
+            disks=disks.spawn_disks(idir, self.images.disk_format()),
             interfaces=[Interface(p.tap, p.mac, p.mtu) for p in self.network.plugged(uuid) if p.tap not in skip_taps],
-            oem_strings=_address_hints(self.instances[uuid].ports),
-            **self._placement_xml(uuid),
-        ))
-
-    def _placement_xml(self, uuid: str) -> dict[str, Any]:
-        """Pinning, NUMA cells and limits of an instance, for its domain XML."""
-        specs = self.instances[uuid].record.flavor.extra_specs
-        out: dict[str, Any] = {
-            "cputune": {k[6:]: int(v) for k, v in specs.items() if k in QUOTA_KEYS and k.startswith("quota:cpu_")},
-            "iotune": {k[11:]: int(v) for k, v in specs.items() if k in QUOTA_KEYS and k.startswith("quota:disk_")},
-        }
-        claim = self.tracker.claims.get(uuid) if self.tracker is not None else None
-        if claim is None or claim.numa_request is None or claim.numa_placement is None:
-            return out
-        host_cells = {c["id"]: c for c in self.tracker.numa_host["cells"]} if self.tracker else {}
-        cells: list[GuestCell] = []
-        vcpupin: dict[int, list[int]] = {}
-        for i, (want, got) in enumerate(zip(claim.numa_request["cells"], claim.numa_placement["cells"], strict=True)):
-            cells.append(GuestCell(i, sorted(want["cpuset"] + want["pcpuset"]), want["memory"], got["host_cell"],
-                                   got.get("pagesize")))
-            for vcpu, pcpu in got["pinning"]:
-                vcpupin[vcpu] = [pcpu]
-            for vcpu in want["cpuset"]:
-                vcpupin[vcpu] = list(host_cells[got["host_cell"]]["cpuset"])
-        # Emulator threads go to the pCPUs reserved for them (emulator_threads_policy=isolate),
-        # else they share the guest's own CPUs, as Nova places them.
-        reserved = [p for got in claim.numa_placement["cells"] for p in (got.get("cpuset_reserved") or [])]
-        out.update(numa=cells, vcpupin=vcpupin,
-                   emulatorpin=reserved or sorted({p for pins in vcpupin.values() for p in pins}))
-        return out
+            claim=tracker.claims.get(uuid) if tracker is not None else None,
+            numa_host=tracker.numa_host if tracker is not None else None,
+            virt_type=self.domain_type,
+        )
 
     async def _commit(self, uuid: str, *, extra: list[Any] | None = None, **changes: Any) -> InstanceRecord:
         """Apply state changes, make them durable, then publish the event."""
@@ -555,7 +507,7 @@ class Manager:
         return True
 
     async def _build_domain(self, uuid: str, _stored: Stored) -> bool:
-        power = await self.driver.launch(self._domain_xml(uuid), start=True)
+        power = await self.driver.launch(self._guest(uuid), start=True)
         await self._commit(uuid, vm_state="active", task_state=None, power_state=power)
         return True
 
@@ -686,11 +638,11 @@ class Manager:
             rec.numa = numa_cells(claim.numa_request, claim.numa_placement)
             self._mark_resources_changed()
         try:
-            if not (self.instance_dir(uuid) / "disk").exists():
+            if not disks.path(self.instance_dir(uuid), "root").exists():
                 await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
             if self.instances[uuid].ports:
                 await self.network.plug(uuid, self.instances[uuid].ports)
-            return await self.driver.launch(self._domain_xml(uuid), start=True)
+            return await self.driver.launch(self._guest(uuid), start=True)
         except BaseException:
             if reclaimed and (released := await self._undo(uuid)):
                 rec.numa = None
@@ -731,8 +683,7 @@ class Manager:
             plugged = await self.network.plug(uuid, [*stored.ports, port])
             tap = next(p for p in plugged if p.port_id == port.id)
             try:
-                await self.driver.attach_interface(uuid, interface_xml(Interface(tap.tap, tap.mac, tap.mtu)),
-                                                   self._domain_xml(uuid))
+                await self.driver.attach_interface(uuid, Interface(tap.tap, tap.mac, tap.mtu), self._guest(uuid))
             except AgentError:
                 await self.network.unplug(uuid, [port.id])
                 raise
@@ -752,8 +703,8 @@ class Manager:
             self._disown_ports(uuid, [p for p in stored.ports if p.id == port_id])
             stored.ports = [p for p in stored.ports if p.id != port_id]
             await self.driver.detach_interface(
-                uuid, interface_xml(Interface(plugged.tap, plugged.mac, plugged.mtu)),
-                self._domain_xml(uuid, skip_taps=frozenset({plugged.tap})))
+                uuid, Interface(plugged.tap, plugged.mac, plugged.mtu),
+                self._guest(uuid, skip_taps=frozenset({plugged.tap})))
             await self.network.unplug(uuid, [port_id])
             return await self._commit(uuid)
 

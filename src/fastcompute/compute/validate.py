@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from fastcompute import protocol
+from fastcompute.compute.guest import QUOTA_LIMITS
 from fastcompute.errors import BadRequest
 from fastcompute.images.cache import check_url, parse_checksum
 from fastcompute.network import check_ports, check_rule
@@ -21,10 +22,7 @@ from fastcompute.protocol import AttachPortArgs, Flavor, Image, SecurityGroupsAr
 from fastcompute.protocol.ports import Port, SecurityGroup
 from fastcompute.resources import numa
 
-QUOTA_KEYS: Final = frozenset({
-    "quota:cpu_shares", "quota:cpu_quota", "quota:cpu_period", "quota:disk_read_bytes_sec",
-    "quota:disk_write_bytes_sec", "quota:disk_read_iops_sec", "quota:disk_write_iops_sec",
-})
+QUOTA_KEYS: Final = frozenset(QUOTA_LIMITS)
 _INT64_MAX: Final = 2**63 - 1  # libvirt's cputune and iotune values are 64-bit
 
 _A = TypeVar("_A")

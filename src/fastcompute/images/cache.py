@@ -46,7 +46,8 @@ import msgspec
 from fastcompute import _core
 from fastcompute.config import ImagesConfig
 from fastcompute.errors import BadRequest, Conflict, ImageError
-from fastcompute.images.formats import FormatError, create_overlay, inspect
+from fastcompute.images import disks
+from fastcompute.images.formats import FormatError, inspect
 from fastcompute.images.sources import (
     Sources,
     allowed,
@@ -217,7 +218,7 @@ class ImageCache:
     # ---- public API -------------------------------------------------------------------
 
     def disk_format(self) -> str:
-        """The format of instance disks, for the domain XML's driver type."""
+        """The format of the instance disks this cache makes (qcow2 overlays or raw copies)."""
         return "qcow2" if self.cfg.disk_mode == "cow" else "raw"
 
     async def prepare_disk(
@@ -339,7 +340,7 @@ class ImageCache:
             # it made, so a cancelled spawn leaves nothing behind either.
             with contextlib.suppress(Exception):
                 await made
-                await self._disks.run(self._remove_disk_files, self._instance_dir(instance_uuid))
+                await self._disks.run(disks.remove_files, self._instance_dir(instance_uuid))
             raise
 
     async def remove_disk(self, instance_uuid: str) -> None:
@@ -746,8 +747,8 @@ class ImageCache:
     ) -> Path:
         idir = self._instance_dir(instance_uuid)
         idir.mkdir(parents=True, exist_ok=True)
-        disk = idir / "disk"
-        info = idir / "disk.info"
+        disk = disks.path(idir, "root")
+        info = idir / disks.INFO
         base = self.base_dir / key
         if disk.exists():
             raise Conflict(f"instance {instance_uuid} already has a disk at {disk}")
@@ -758,33 +759,14 @@ class ImageCache:
         try:
             with contextlib.suppress(OSError):
                 os.utime(self.base_dir / f"{key}.json")
-            if self.cfg.disk_mode == "cow":
-                # No fsync: a disk lost in a crash belongs to a spawn that did not finish,
-                # which start-up reconciliation rolls back anyway.
-                create_overlay(disk, size, str(base), "raw")
-            else:
-                tmp = idir / ".disk.tmp"
-                _core.copy_file(str(base), str(tmp), progress)
-                try:
-                    os.truncate(tmp, size)
-                    os.rename(tmp, disk)
-                except BaseException:
-                    _unlink_quietly(tmp)
-                    raise
+            disks.make_from_base(disk, size, base, self.cfg.disk_mode, progress)
         except OSError as exc:
-            self._remove_disk_files(idir)
+            disks.remove_files(idir)
             raise ImageError(f"cannot create the disk of instance {instance_uuid}: {exc}") from exc
         except BaseException:
-            self._remove_disk_files(idir)
+            disks.remove_files(idir)
             raise
         return disk
-
-    @staticmethod
-    def _remove_disk_files(idir: Path) -> None:
-        for name in ("disk", "disk.info", ".disk.tmp"):
-            _unlink_quietly(idir / name)
-        with contextlib.suppress(FileNotFoundError, OSError):
-            idir.rmdir()
 
     def _delete_base(self, key: str) -> None:
         _unlink_quietly(self.base_dir / key)
@@ -806,7 +788,7 @@ class ImageCache:
             return users
         for name in entries:
             try:
-                raw = (self.instances_dir / name / "disk.info").read_bytes()
+                raw = (self.instances_dir / name / disks.INFO).read_bytes()
                 info = msgspec.json.decode(raw, type=_DiskInfo)
             except (OSError, msgspec.DecodeError):
                 continue

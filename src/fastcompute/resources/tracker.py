@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +17,11 @@ import msgspec
 from fastcompute import _core
 from fastcompute.config import QuotaConfig, ResourcesConfig
 from fastcompute.errors import NoCapacity, QuotaExceeded
+from fastcompute.hypervisor.spec import HostCell
+from fastcompute.hypervisor.spec import PagePool as PagePool  # re-exported: the host's cells are the driver's facts
 from fastcompute.resources import numa
 
 RESOURCE_CLASSES = ("VCPU", "PCPU", "MEMORY_MB", "DISK_GB")
-
-
-class PagePool(msgspec.Struct):
-    """One page size's pool on a host cell."""
-
-    size_kb: int
-    total: int
-
-
-class HostCell(msgspec.Struct):
-    """A host NUMA cell."""
-
-    id: int
-    cpus: list[int]
-    siblings: list[list[int]]
-    memory_mb: int
-    pages: list[PagePool]
 
 
 class Claim(msgspec.Struct, kw_only=True):
@@ -70,48 +55,6 @@ def parse_cpuset(spec: str) -> set[int]:
         except ValueError:
             raise ValueError(f"invalid CPU list {spec!r}") from None
     return cpus - excluded
-
-
-def topology_from_libvirt(capabilities_xml: str, info: list[Any]) -> list[HostCell]:
-    """The host's NUMA cells from libvirt's capabilities, or an even split of ``getInfo``.
-
-    libvirt's test driver lists no cells for a custom node file; there (as on any host that
-    reports none) the cells are derived from getInfo's nodes, sockets, cores and threads.
-    """
-    root = ET.fromstring(capabilities_xml)
-    cells: list[HostCell] = []
-    for cell in root.findall("./host/topology/cells/cell"):
-        cpus = sorted(int(c.get("id", "0")) for c in cell.findall("./cpus/cpu"))
-        siblings: list[list[int]] = []
-        seen: set[int] = set()
-        for c in cell.findall("./cpus/cpu"):
-            group = sorted(parse_cpuset(c.get("siblings") or c.get("id") or "0"))
-            if group[0] not in seen:
-                seen.update(group)
-                siblings.append(group)
-        mem = cell.find("./memory")
-        mem_kib = int(mem.text or "0") if mem is not None else 0
-        if mem is not None and mem.get("unit", "KiB") != "KiB":
-            mem_kib = _to_kib(mem_kib, mem.get("unit", "KiB"))
-        pages = [
-            PagePool(int(p.get("size", "4")), int(p.text or "0"))
-            for p in cell.findall("./pages")
-        ]
-        cells.append(HostCell(int(cell.get("id", "0")), cpus, siblings, mem_kib // 1024, pages))
-    if cells:
-        return cells
-    _model, memory_mib, ncpus, _mhz, nodes, sockets, cores, threads = info[:8]
-    nodes = max(1, int(nodes))
-    per_cell = int(ncpus) // nodes
-    threads = max(1, int(threads))
-    out = []
-    for n in range(nodes):
-        cpus = list(range(n * per_cell, (n + 1) * per_cell))
-        sibs = [cpus[i : i + threads] for i in range(0, len(cpus), threads)]
-        cell_mb = int(memory_mib) // nodes
-        out.append(HostCell(n, cpus, sibs, cell_mb, [PagePool(4, cell_mb * 256)]))
-    del sockets, cores
-    return out
 
 
 def parse_reserved_huge_pages(specs: list[str]) -> dict[tuple[int, int], int]:
@@ -153,18 +96,9 @@ def _numa_host(cells: list[HostCell], shared: set[int], dedicated: set[int],
     ]}
 
 
-def _to_kib(value: int, unit: str) -> int:
-    factors = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib": 1024,
-               "g": 1024**2, "gib": 1024**2}
-    return int(value * factors.get(unit.lower(), 1))
-
-
-def cpu_traits(capabilities_xml: str) -> list[str]:
-    """Placement traits for the host CPU's features (``HW_CPU_X86_*``)."""
-    root = ET.fromstring(capabilities_xml)
-    names = {f.get("name", "") for f in root.findall("./host/cpu/feature")}
-    names |= {f.tag for f in root.findall("./host/cpu/features/*")}
-    return sorted("HW_CPU_X86_" + n.upper().replace(".", "_").replace("-", "_") for n in names if n)
+def cpu_traits(features: Iterable[str]) -> list[str]:
+    """Placement traits for the host CPU's feature names (``HW_CPU_X86_*``)."""
+    return sorted({"HW_CPU_X86_" + n.upper().replace(".", "_").replace("-", "_") for n in features if n})
 
 
 class Tracker:

@@ -1,4 +1,4 @@
-"""Guest statistics: the cgroup sampler, libvirt's domain stats, rates and the collector."""
+"""Guest statistics: the cgroup sampler, the hypervisor's domain stats, rates and the collector."""
 
 from fastcompute.stats.collector import (
     COUNTERS,
@@ -15,11 +15,8 @@ from fastcompute.stats.collector import (
     StatsCollector,
     cgroup_of_pid,
     detect_layout,
-    domain_stats_flags,
-    from_domain_stats,
     guest_source,
     host_layout,
-    qemu_pid,
 )
 
 __all__ = [
@@ -37,9 +34,6 @@ __all__ = [
     "StatsCollector",
     "cgroup_of_pid",
     "detect_layout",
-    "domain_stats_flags",
-    "from_domain_stats",
     "guest_source",
     "host_layout",
-    "qemu_pid",
 ]

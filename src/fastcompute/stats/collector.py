@@ -1,10 +1,10 @@
-"""Per-instance statistics: cgroup sampling, libvirt's domain stats, rates, and the collector.
+"""Per-instance statistics: cgroup sampling, hypervisor domain stats, rates, and the collector.
 
 Two sources give the same :class:`InstanceSample`, so callers do not care which one a guest
 has: the compiled cgroup sampler (:class:`Sampler`, for QEMU guests whose cgroup is found with
-:func:`cgroup_of_pid`) and libvirt's ``getAllDomainStats`` (:func:`from_domain_stats`, one
-call for every domain; the only source for the embedded test hypervisor, which has no
-processes). :class:`Rates` turns successive samples into CPU %, bytes/s and ops/s, and
+:func:`cgroup_of_pid`) and the hypervisor driver's ``domain_stats`` (one call for every
+domain; the only source for the embedded test hypervisor, which has no processes).
+:class:`Rates` turns successive samples into CPU %, bytes/s and ops/s, and
 :class:`StatsCollector` ties it together for the agent: each ``await collector.collect()``
 follows the current instance set, samples everything in the executor, and returns one rate
 record per instance, ready for ``host.stats`` and ``instance.stats``.
@@ -28,13 +28,14 @@ from typing import Any, Protocol
 import msgspec
 
 from fastcompute import _core
-from fastcompute.errors import NotFound
+from fastcompute.errors import HypervisorError, NotFound
+from fastcompute.hypervisor.spec import DomainStats
 
 log = logging.getLogger(__name__)
 
 LIBVIRT = "libvirt"
-"""Source of an instance whose stats come from libvirt (domain UUID = instance UUID).
-``"libvirt:<domain uuid>"`` names a different domain UUID."""
+"""Source of an instance whose stats come from the hypervisor driver (domain UUID = instance
+UUID). ``"libvirt:{domain_uuid}"`` names a different domain UUID."""
 
 COUNTERS = (*_core.CGROUP_SAMPLE_FIELDS, "net_rx_bytes", "net_tx_bytes")
 
@@ -283,28 +284,25 @@ def cgroup_of_pid(pid: int, layout: CgroupLayout | None = None) -> CgroupPaths:
     return CgroupPaths(**dirs)
 
 
-def qemu_pid(domain_name: str, run_dir: str = "/run/libvirt/qemu") -> int:
-    """The pid of a running libvirt QEMU domain, from the pid file libvirt writes for it."""
-    try:
-        return int(Path(run_dir, f"{domain_name}.pid").read_text().strip())
-    except (OSError, ValueError) as exc:
-        raise NotFound(f"no QEMU pid for domain {domain_name}") from exc
-
-
-def guest_source(domain_name: str, mode: str = "auto", run_dir: str = "/run/libvirt/qemu") -> Source:
+def guest_source(guest_pid: Callable[[], int | None], mode: str = "auto") -> Source:
     """The stats source of a running guest, for ``StatsCollector``'s ``sources()``.
 
-    ``mode`` is the ``[stats] source`` setting: ``libvirt`` gives :data:`LIBVIRT`; ``cgroup``
-    the cgroup of the domain's QEMU process (NotFound when there is none); ``auto`` that cgroup
-    when it counts the guest's CPU time, else :data:`LIBVIRT` (the test hypervisor has no
-    processes; a host where libvirt could not give the guest its own CPU cgroup has no
-    cgroup figure for CPU). Resolve it again after every start or reboot: a new QEMU process
-    may live in a new cgroup.
+    ``guest_pid`` finds the pid of the guest's process (the driver's ``guest_pid``): None when
+    the hypervisor runs guests without one (the test hypervisor), NotFound when it should have
+    one but has not. ``mode`` is the ``[stats] source`` setting: ``libvirt`` gives
+    :data:`LIBVIRT`; ``cgroup`` the cgroup of that process (NotFound when there is none);
+    ``auto`` that cgroup when it counts the guest's CPU time, else :data:`LIBVIRT` (a host
+    where libvirt could not give the guest its own CPU cgroup has no cgroup figure for CPU).
+    A guest without a process of its own always gives :data:`LIBVIRT`. Resolve it again after
+    every start or reboot: a new QEMU process may live in a new cgroup.
     """
     if mode == LIBVIRT:
         return LIBVIRT
     try:
-        paths = cgroup_of_pid(qemu_pid(domain_name, run_dir))
+        pid = guest_pid()
+        if pid is None:
+            return LIBVIRT
+        paths = cgroup_of_pid(pid)
     except NotFound:
         if mode == "auto":
             return LIBVIRT
@@ -467,67 +465,6 @@ class Sampler:
 
 
 # ---------------------------------------------------------------------------------------------
-# libvirt
-
-
-def domain_stats_flags() -> tuple[int, int]:
-    """``(stats, flags)`` for ``conn.getAllDomainStats``: what :func:`from_domain_stats` reads."""
-    import libvirt
-
-    stats = (
-        libvirt.VIR_DOMAIN_STATS_STATE
-        | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
-        | libvirt.VIR_DOMAIN_STATS_BALLOON
-        | libvirt.VIR_DOMAIN_STATS_BLOCK
-        | libvirt.VIR_DOMAIN_STATS_INTERFACE
-    )
-    return stats, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
-
-
-def _sum(record: Mapping[str, Any], kind: str, suffix: str) -> int | None:
-    count = record.get(f"{kind}.count")
-    if count is None:
-        return None
-    return sum(int(record.get(f"{kind}.{i}.{suffix}", 0)) for i in range(int(count)))
-
-
-def from_domain_stats(
-    raw: Iterable[tuple[Any, Mapping[str, Any]]],
-    uuids: Mapping[str, str],
-    at: float | None = None,
-) -> dict[str, InstanceSample]:
-    """Samples from what libvirt-python's ``conn.getAllDomainStats(...)`` returned.
-
-    ``raw`` is its list of ``(virDomain, {stat: value})``; ``uuids`` maps domain UUIDs to
-    instance UUIDs (domains not in it are skipped). Memory is the QEMU process's resident size
-    (``balloon.rss``) when known, else the balloon size; block and interface counters are summed
-    over devices.
-    """
-    at = time.monotonic() if at is None else at
-    out: dict[str, InstanceSample] = {}
-    for dom, rec in raw:
-        inst = uuids.get(dom.UUIDString())
-        if inst is None:
-            continue
-        kib = rec.get("balloon.rss", rec.get("balloon.current"))
-        out[inst] = InstanceSample(
-            at=at,
-            source=LIBVIRT,
-            cpu_ns=rec.get("cpu.time"),
-            user_ns=rec.get("cpu.user"),
-            system_ns=rec.get("cpu.system"),
-            memory_bytes=None if kib is None else int(kib) * 1024,
-            read_bytes=_sum(rec, "block", "rd.bytes"),
-            write_bytes=_sum(rec, "block", "wr.bytes"),
-            read_ops=_sum(rec, "block", "rd.reqs"),
-            write_ops=_sum(rec, "block", "wr.reqs"),
-            net_rx_bytes=_sum(rec, "net", "rx.bytes"),
-            net_tx_bytes=_sum(rec, "net", "tx.bytes"),
-        )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Rates
 
 
@@ -602,9 +539,10 @@ class StatsCollector:
 
     ``sources()`` (called on the loop) returns the current ``{instance_uuid: source}``: a
     cgroup (directory or :class:`CgroupPaths`, e.g. from :func:`cgroup_of_pid`) or
-    :data:`LIBVIRT` (``"libvirt:<domain uuid>"`` when the domain UUID differs). Cgroup sources
-    are sampled by one :class:`Sampler` that follows the set; libvirt sources by one
-    ``getAllDomainStats`` call on ``connection()``. The blocking part runs in ``executor``.
+    :data:`LIBVIRT` (``"libvirt:{domain_uuid}"`` when the domain UUID differs). Cgroup sources
+    are sampled by one :class:`Sampler` that follows the set; the others by one call of
+    ``domain_stats({domain_uuid: instance_uuid})`` (the driver's ``domain_stats``). The
+    blocking part runs in ``executor``.
     ``collect()`` returns ``{instance_uuid: record}`` (see :class:`Rates`) and keeps it for
     :meth:`last`. An instance whose cgroup or domain cannot be read is left out, never an error.
     """
@@ -614,13 +552,13 @@ class StatsCollector:
         sources: Callable[[], Mapping[str, Source]],
         executor: Executor | None = None,
         *,
-        connection: Callable[[], Any] | None = None,
+        domain_stats: Callable[[Mapping[str, str]], Mapping[str, DomainStats]] | None = None,
         metrics: SamplerMetrics | None = None,
         layout: CgroupLayout | None = None,
     ) -> None:
         self._sources = sources
         self._executor = executor
-        self._connection = connection
+        self._domain_stats = domain_stats
         self._metrics = metrics
         self._sampler = Sampler(layout=layout)
         self._sampled: dict[str, Source] = {}
@@ -681,15 +619,14 @@ class StatsCollector:
         self.vanished = dict(snap.vanished)
         samples: dict[str, InstanceSample] = dict(snap.items())
         domains = {_domain_uuid(u, s): u for u, s in wanted.items() if _is_libvirt(s)}
-        if domains and self._connection is not None:
-            import libvirt
-
+        if domains and self._domain_stats is not None:
             try:
-                raw = self._connection().getAllDomainStats(*domain_stats_flags())
-            except libvirt.libvirtError as exc:
-                log.warning("getAllDomainStats failed: %s", exc)
+                read = self._domain_stats(domains)
+            except HypervisorError as exc:
+                log.warning("reading domain stats failed: %s", exc.message)
             else:
-                samples.update(from_domain_stats(raw, domains))
+                samples.update(
+                    (u, InstanceSample(source=LIBVIRT, **msgspec.structs.asdict(d))) for u, d in read.items())
         return samples
 
 

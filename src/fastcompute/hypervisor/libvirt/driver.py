@@ -8,7 +8,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
 import libvirt
@@ -16,7 +16,10 @@ import libvirtaio
 
 from fastcompute.errors import HypervisorError
 from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
-from fastcompute.hypervisor.libvirt.xml import NAMESPACE
+from fastcompute.hypervisor.libvirt import capabilities, stats
+from fastcompute.hypervisor.libvirt.names import domain_name, qemu_pid
+from fastcompute.hypervisor.libvirt.xml import NAMESPACE, build, interface_xml
+from fastcompute.hypervisor.spec import DomainStats, GuestSpec, HostFacts, HypervisorInfo, Interface
 from fastcompute.workers import Workers
 
 log = logging.getLogger("fastcompute.hypervisor")
@@ -61,10 +64,11 @@ def _quiet_libvirt_errors(_ctx: object, _err: object) -> None:
 
 
 class LibvirtDriver:
-    """Drives one libvirt connection."""
+    """Drives one libvirt connection; ``qemu_run_dir`` is where libvirt keeps QEMU pid files."""
 
-    def __init__(self, uri: str, workers: int) -> None:
+    def __init__(self, uri: str, workers: int, *, qemu_run_dir: str = "/run/libvirt/qemu") -> None:
         self.uri = uri
+        self.qemu_run_dir = qemu_run_dir
         # libvirt's test driver runs every call under one driver-wide lock, so more threads only
         # add contention there; a real hypervisor answers calls for many domains at once.
         self._pool = Workers(1 if uri.startswith("test:") else workers, "libvirt")
@@ -135,11 +139,6 @@ class LibvirtDriver:
                 await self._call(conn.close)
         self._pool.shutdown()
 
-    @property
-    def connection(self) -> Any:
-        """The live libvirt connection (None while reconnecting), for bulk reads in a worker."""
-        return self._conn
-
     def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
         state = {
             libvirt.VIR_DOMAIN_EVENT_STARTED: "running",
@@ -168,19 +167,29 @@ class LibvirtDriver:
 
     # -- facts ---------------------------------------------------------------------------------
 
-    async def host_facts(self) -> tuple[str, list[Any], dict[str, Any]]:
-        """Capabilities XML, getInfo, and {uri, type, version}."""
+    async def host_facts(self) -> HostFacts:
+        """The host's cells, CPU features and which hypervisor this is, from libvirt."""
         conn = await self._ready()
 
-        def facts() -> tuple[str, list[Any], dict[str, Any]]:
+        def facts() -> HostFacts:
             v = conn.getVersion()
             version = f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"
-            return conn.getCapabilities(), conn.getInfo(), {
-                "uri": self.uri, "type": conn.getType(), "version": version}
+            about = HypervisorInfo(self.uri, conn.getType(), version)
+            return capabilities.host_facts(conn.getCapabilities(), conn.getInfo(), about)
 
         return await self._call(facts)
 
-    async def supports_kvm(self) -> bool:
+    async def virt_type(self, wanted: str) -> str:
+        """The domain type guests get: ``test`` on the test driver, else ``wanted`` (qemu or
+        kvm), except that kvm falls back to qemu (TCG) on a host that offers no KVM."""
+        if self.uri.startswith("test:"):
+            return "test"
+        if wanted == "kvm" and not await self._supports_kvm():
+            log.warning("domain_type kvm asked for, but this host offers no KVM; falling back to qemu (TCG)")
+            return "qemu"
+        return wanted
+
+    async def _supports_kvm(self) -> bool:
         """Whether /dev/kvm is there and libvirt offers KVM domains on this host.
 
         It cannot tell whether a KVM guest will actually run (on some nested hosts KVM guests
@@ -207,9 +216,10 @@ class LibvirtDriver:
             return "suspended"
         return _STATE.get(state, "nostate")
 
-    async def launch(self, xml: str, start: bool) -> str:
-        """Define a domain and (optionally) start it; returns its power state."""
+    async def launch(self, guest: GuestSpec, start: bool) -> str:
+        """Define a guest's domain and (optionally) start it; returns its power state."""
         conn = await self._ready()
+        xml = build(guest)
 
         def run() -> str:
             dom = conn.defineXML(xml)
@@ -305,14 +315,14 @@ class LibvirtDriver:
 
         return await self._call(run)
 
-    async def attach_interface(self, uuid: str, device_xml: str, domain_xml: str) -> None:
+    async def attach_interface(self, uuid: str, iface: Interface, guest: GuestSpec) -> None:
         """Add an interface to a domain: live and persistent where the driver can hot-plug,
-        else (libvirt's test driver) in the persistent definition, taking effect at next start."""
-        await self._change_device(uuid, device_xml, domain_xml, attach=True)
+        else (libvirt's test driver) by defining ``guest``, taking effect at next start."""
+        await self._change_device(uuid, interface_xml(iface), build(guest), attach=True)
 
-    async def detach_interface(self, uuid: str, device_xml: str, domain_xml: str) -> None:
+    async def detach_interface(self, uuid: str, iface: Interface, guest: GuestSpec) -> None:
         """Remove an interface from a domain (see ``attach_interface``)."""
-        await self._change_device(uuid, device_xml, domain_xml, attach=False)
+        await self._change_device(uuid, interface_xml(iface), build(guest), attach=False)
 
     async def _change_device(self, uuid: str, device_xml: str, domain_xml: str, attach: bool) -> None:
         conn = await self._ready()
@@ -395,3 +405,26 @@ class LibvirtDriver:
             return found
 
         return await self._call(run)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def domain_stats(self, domains: Mapping[str, str]) -> dict[str, DomainStats]:
+        """Counters of the active domains in ``domains`` (domain UUID -> key), in one call.
+
+        Blocking, for a worker thread: a libvirt connection may be used from any thread, and
+        the stats read need not wait behind lifecycle calls in the driver's own workers.
+        """
+        conn = self._conn
+        if conn is None:
+            raise HypervisorError(f"no connection to the hypervisor at {self.uri}")
+        try:
+            return stats.read(conn, domains)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from None
+
+    def guest_pid(self, uuid: str) -> int | None:
+        """The pid of a running guest's QEMU process; None on the test driver, which runs
+        guests in its own process. NotFound when libvirt has no pid file for it. Blocking."""
+        if self.uri.startswith("test:"):
+            return None
+        return qemu_pid(domain_name(uuid), self.qemu_run_dir)

@@ -1,60 +1,14 @@
-"""The domain XML for an instance: what libvirt is asked to run, built from plain data."""
+"""The domain XML of a guest: a :class:`GuestSpec` rendered as libvirt wants it."""
 
 from __future__ import annotations
 
 from xml.sax.saxutils import escape
 
-import msgspec
+from fastcompute.hypervisor.libvirt.names import domain_name
+from fastcompute.hypervisor.spec import Disk, GuestSpec, Interface, Limits
 
 NAMESPACE = "http://fastcompute.org/xmlns/instance/1.0"
 PREFIX = "fastcompute"
-
-
-class DiskSpec(msgspec.Struct, frozen=True):
-    """The instance's root disk."""
-
-    path: str
-    format: str = "raw"
-
-
-class Interface(msgspec.Struct, frozen=True):
-    """A port's tap, made and plugged by the network module before the domain starts."""
-
-    tap: str
-    mac: str
-    mtu: int
-
-
-class GuestCell(msgspec.Struct, frozen=True):
-    """A guest NUMA cell and where it lives on the host."""
-
-    id: int
-    cpus: list[int]
-    memory_mb: int
-    host_cell: int
-    pagesize_kb: int | None = None
-
-
-class DomainSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything the XML needs about one instance."""
-
-    uuid: str
-    name: str
-    instance_name: str
-    project_id: str
-    vcpus: int
-    memory_mb: int
-    disk: DiskSpec | None
-    console_path: str
-    domain_type: str = "test"
-    arch: str = "x86_64"
-    interfaces: list[Interface] = []
-    numa: list[GuestCell] = []
-    vcpupin: dict[int, list[int]] = {}
-    emulatorpin: list[int] = []
-    cputune: dict[str, int] = {}
-    iotune: dict[str, int] = {}
-    oem_strings: list[str] = []
 
 
 def cpulist(cpus: list[int]) -> str:
@@ -71,11 +25,6 @@ def cpulist(cpus: list[int]) -> str:
     return ",".join(out)
 
 
-def domain_name(uuid: str) -> str:
-    """libvirt's name of an instance's domain."""
-    return "fc-" + uuid
-
-
 def _a(value: object) -> str:
     """Escape text for an XML attribute or element."""
     return escape(str(value), _QUOTES)
@@ -84,36 +33,43 @@ def _a(value: object) -> str:
 _QUOTES = {'"': "&quot;", "'": "&apos;"}
 
 
-def build(spec: DomainSpec) -> str:
-    """The domain XML of an instance.
+def build(spec: GuestSpec) -> str:
+    """The domain XML of a guest.
 
     Built as text from escaped parts rather than with ElementTree: in a boot storm the XML of
     every instance is built on the event loop, and this is several times cheaper.
     """
+    per_device_boot = any(d.boot_order is not None for d in spec.disks)
+    machine = f" machine='{_a(spec.machine)}'" if spec.machine else ""
+    firmware = " firmware='efi'" if spec.firmware == "uefi" else ""
     parts = [
-        f"<domain type='{_a(spec.domain_type)}'>",
+        f"<domain type='{_a(spec.virt_type)}'>",
         f"<name>{_a(domain_name(spec.uuid))}</name><uuid>{_a(spec.uuid)}</uuid>",
         f"<metadata><{PREFIX}:instance xmlns:{PREFIX}='{NAMESPACE}'>"
-        f"<{PREFIX}:name>{_a(spec.instance_name)}</{PREFIX}:name>"
+        f"<{PREFIX}:name>{_a(spec.name)}</{PREFIX}:name>"
         f"<{PREFIX}:project>{_a(spec.project_id)}</{PREFIX}:project>"
         f"</{PREFIX}:instance></metadata>",
         f"<memory unit='MiB'>{int(spec.memory_mb)}</memory><vcpu>{int(spec.vcpus)}</vcpu>",
         *_tuning(spec),
         *_sysinfo(spec.oem_strings),
-        f"<os><type arch='{_a(spec.arch)}'>hvm</type><boot dev='hd'/>"
+        # libvirt takes either per-device boot orders or <os><boot>, never both.
+        f"<os{firmware}><type arch='{_a(spec.arch)}'{machine}>hvm</type>"
+        + ("" if per_device_boot else "<boot dev='hd'/>")
         + ("<smbios mode='sysinfo'/>" if spec.oem_strings else "") + "</os>",
         "<features><acpi/></features>",
+        *_cpu(spec),
         # The power-state logic reads a powered-off or crashed guest from its domain state, so
         # the domain must stop (not restart) on both; a guest-initiated reboot restarts in place.
         "<on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>",
         "<devices>",
     ]
-    if spec.disk is not None:
-        parts.append(
-            f"<disk type='file' device='disk'><driver name='qemu' type='{_a(spec.disk.format)}'/>"
-            f"<source file='{_a(spec.disk.path)}'/><target dev='vda' bus='virtio'/>"
-            + _iotune(spec.iotune) + "</disk>"
-        )
+    iotune = _iotune(spec.limits)
+    used: dict[str, int] = {}
+    for disk in spec.disks:
+        prefix = _DEV_PREFIX[disk.bus]
+        index = used.get(prefix, 0)
+        used[prefix] = index + 1
+        parts.append(disk_xml(disk, _dev_name(prefix, index), iotune))
     parts.extend(interface_xml(i) for i in spec.interfaces)
     console = _a(spec.console_path)
     # append: a new QEMU process (start after stop, restore after suspend) must not wipe the
@@ -122,42 +78,82 @@ def build(spec: DomainSpec) -> str:
         f"<serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>"
         f"<console type='file'><source path='{console}' append='on'/><target type='serial' port='0'/></console>"
     )
-    if spec.domain_type in ("qemu", "kvm"):
+    if spec.virt_type in ("qemu", "kvm"):
         # No USB bus and no balloon: nothing in a cloud guest uses them, and they cost boot time.
         parts.append("<controller type='usb' model='none'/><memballoon model='none'/>")
     parts.append("</devices></domain>")
     return "".join(parts)
 
 
-# quota:* extra specs -> the cputune and iotune elements they set (Nova's libvirt driver does
-# the same mapping).
+_DEV_PREFIX = {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd"}
+
+
+def _dev_name(prefix: str, index: int) -> str:
+    """The guest device name of the index-th disk on a bus: vda..vdz, vdaa, vdab, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return prefix + letters
+
+
+def disk_xml(disk: Disk, dev: str, iotune: str = "") -> str:
+    """A ``<disk>`` on target ``dev`` (``vda``); ``iotune`` is its ``<iotune>`` element, if any."""
+    if disk.source_kind == "file":
+        source = f"<source file='{_a(disk.source)}'/>"
+    elif disk.source_kind == "block":
+        source = f"<source dev='{_a(disk.source)}'/>"
+    else:
+        hosts = "".join(f"<host name='{_a(h)}' port='{int(p)}'/>" for h, p in disk.hosts)
+        source = f"<source protocol='{_a(disk.protocol or '')}' name='{_a(disk.source)}'>{hosts}</source>"
+    boot = f"<boot order='{int(disk.boot_order)}'/>" if disk.boot_order is not None else ""
+    return (
+        f"<disk type='{disk.source_kind}' device='{disk.device}'>"
+        f"<driver name='qemu' type='{_a(disk.format)}'/>{source}"
+        f"<target dev='{dev}' bus='{disk.bus}'/>"
+        + ("<readonly/>" if disk.read_only else "") + boot + iotune + "</disk>"
+    )
+
+
+# Limits field -> the cputune or iotune element it sets (Nova's libvirt driver does the same).
 _CPUTUNE = (("cpu_shares", "shares"), ("cpu_period", "period"), ("cpu_quota", "quota"))
-_IOTUNE = ("read_bytes_sec", "write_bytes_sec", "read_iops_sec", "write_iops_sec")
+_IOTUNE = (("disk_read_bytes_sec", "read_bytes_sec"), ("disk_write_bytes_sec", "write_bytes_sec"),
+           ("disk_read_iops_sec", "read_iops_sec"), ("disk_write_iops_sec", "write_iops_sec"))
 
 
-def _tuning(spec: DomainSpec) -> list[str]:
+def _tuning(spec: GuestSpec) -> list[str]:
     parts: list[str] = []
-    pagesizes = [(c.id, c.pagesize_kb) for c in spec.numa if c.pagesize_kb and c.pagesize_kb > 4]
+    pagesizes = [(c.id, c.pagesize_kb) for c in spec.cells if c.pagesize_kb and c.pagesize_kb > 4]
     if pagesizes:
         parts.append("<memoryBacking><hugepages>" + "".join(
             f"<page size='{int(size)}' unit='KiB' nodeset='{int(cell)}'/>" for cell, size in pagesizes
         ) + "</hugepages></memoryBacking>")
-    tune = [f"<{tag}>{int(spec.cputune[key])}</{tag}>" for key, tag in _CPUTUNE if key in spec.cputune]
+    limits = spec.limits
+    tune = [f"<{tag}>{int(v)}</{tag}>" for key, tag in _CPUTUNE if (v := getattr(limits, key)) is not None]
     pins = [f"<vcpupin vcpu='{int(v)}' cpuset='{cpulist(p)}'/>" for v, p in sorted(spec.vcpupin.items())]
     if spec.emulatorpin:
         pins.append(f"<emulatorpin cpuset='{cpulist(spec.emulatorpin)}'/>")
     if tune or pins:
         parts.append("<cputune>" + "".join(tune + pins) + "</cputune>")
-    if spec.numa:
-        nodes = cpulist([c.host_cell for c in spec.numa])
+    if spec.cells:
+        nodes = cpulist([c.host_cell for c in spec.cells])
         parts.append(f"<numatune><memory mode='strict' nodeset='{nodes}'/>" + "".join(
-            f"<memnode cellid='{c.id}' mode='strict' nodeset='{c.host_cell}'/>" for c in spec.numa
+            f"<memnode cellid='{c.id}' mode='strict' nodeset='{c.host_cell}'/>" for c in spec.cells
         ) + "</numatune>")
-        parts.append("<cpu><numa>" + "".join(
-            f"<cell id='{c.id}' cpus='{cpulist(c.cpus)}' memory='{int(c.memory_mb)}' unit='MiB'/>"
-            for c in spec.numa
-        ) + "</numa></cpu>")
     return parts
+
+
+def _cpu(spec: GuestSpec) -> list[str]:
+    if not spec.cells and not spec.cpu_model:
+        return []
+    model = (f"<model fallback='forbid'>{_a(spec.cpu_model)}</model>" if spec.cpu_model else "")
+    numa = ("<numa>" + "".join(
+        f"<cell id='{c.id}' cpus='{cpulist(c.cpus)}' memory='{int(c.memory_mb)}' unit='MiB'/>"
+        for c in spec.cells
+    ) + "</numa>") if spec.cells else ""
+    mode = " mode='custom' match='exact'" if spec.cpu_model else ""
+    return [f"<cpu{mode}>{model}{numa}</cpu>"]
 
 
 def _sysinfo(entries: list[str]) -> list[str]:
@@ -169,8 +165,8 @@ def _sysinfo(entries: list[str]) -> list[str]:
             + "</oemStrings></sysinfo>"]
 
 
-def _iotune(limits: dict[str, int]) -> str:
-    inner = "".join(f"<{k}>{int(limits[k])}</{k}>" for k in _IOTUNE if k in limits)
+def _iotune(limits: Limits) -> str:
+    inner = "".join(f"<{tag}>{int(v)}</{tag}>" for key, tag in _IOTUNE if (v := getattr(limits, key)) is not None)
     return f"<iotune>{inner}</iotune>" if inner else ""
 
 

@@ -1,0 +1,92 @@
+"""The :class:`GuestSpec` of an instance: its record, its claim's NUMA placement, its ports
+and its disks, described for the hypervisor driver."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from fastcompute.hypervisor.spec import Disk, GuestCell, GuestSpec, Interface, Limits
+from fastcompute.protocol import InstanceRecord
+from fastcompute.protocol.ports import Port
+from fastcompute.resources.tracker import Claim
+
+QUOTA_LIMITS: dict[str, str] = {
+    "quota:cpu_shares": "cpu_shares",
+    "quota:cpu_period": "cpu_period",
+    "quota:cpu_quota": "cpu_quota",
+    "quota:disk_read_bytes_sec": "disk_read_bytes_sec",
+    "quota:disk_write_bytes_sec": "disk_write_bytes_sec",
+    "quota:disk_read_iops_sec": "disk_read_iops_sec",
+    "quota:disk_write_iops_sec": "disk_write_iops_sec",
+}
+"""A flavor's ``quota:*`` extra spec -> the :class:`Limits` field it sets."""
+
+
+def limits(extra_specs: dict[str, str]) -> Limits:
+    """The limits a flavor's (validated) ``quota:*`` extra specs set."""
+    return Limits(**{QUOTA_LIMITS[k]: int(v) for k, v in extra_specs.items() if k in QUOTA_LIMITS})
+
+
+def address_hints(ports: list[Port]) -> list[str]:
+    """``fc.ip=ADDR/PREFIX`` for the first port's first IPv4 address: how a guest without DHCP
+    (the project's test image, for one) learns the address its port's rules let through."""
+    for port in ports[:1]:
+        for fixed in port.fixed_ips:
+            if ipaddress.ip_address(fixed.ip).version == 4:
+                return [f"fc.ip={fixed.ip}/{fixed.prefix}"]
+    return []
+
+
+def _placement(claim: Claim | None, numa_host: dict[str, Any] | None
+               ) -> tuple[list[GuestCell], dict[int, list[int]], list[int]]:
+    """The guest NUMA cells, vCPU pins and emulator pins a claim's placement decided."""
+    if claim is None or claim.numa_request is None or claim.numa_placement is None or numa_host is None:
+        return [], {}, []
+    host_cells = {c["id"]: c for c in numa_host["cells"]}
+    cells: list[GuestCell] = []
+    vcpupin: dict[int, list[int]] = {}
+    for i, (want, got) in enumerate(zip(claim.numa_request["cells"], claim.numa_placement["cells"], strict=True)):
+        cells.append(GuestCell(i, sorted(want["cpuset"] + want["pcpuset"]), want["memory"], got["host_cell"],
+                               got.get("pagesize")))
+        for vcpu, pcpu in got["pinning"]:
+            vcpupin[vcpu] = [pcpu]
+        for vcpu in want["cpuset"]:
+            vcpupin[vcpu] = list(host_cells[got["host_cell"]]["cpuset"])
+    # Emulator threads go to the pCPUs reserved for them (emulator_threads_policy=isolate),
+    # else they share the guest's own CPUs, as Nova places them.
+    reserved = [p for got in claim.numa_placement["cells"] for p in (got.get("cpuset_reserved") or [])]
+    return cells, vcpupin, reserved or sorted({p for pins in vcpupin.values() for p in pins})
+
+
+def guest_spec(
+    rec: InstanceRecord,
+    ports: list[Port],
+    instance_dir: Path,
+    *,
+    disks: list[Disk],
+    interfaces: list[Interface],
+    claim: Claim | None,
+    numa_host: dict[str, Any] | None,
+    virt_type: str,
+) -> GuestSpec:
+    """The guest an instance is: ``interfaces`` its plugged ports' taps, ``claim`` what it
+    holds of the host (``numa_host`` the host's cells), ``virt_type`` the driver's choice."""
+    cells, vcpupin, emulatorpin = _placement(claim, numa_host)
+    return GuestSpec(
+        uuid=rec.uuid,
+        name=rec.name,
+        project_id=rec.project_id,
+        vcpus=rec.flavor.vcpus,
+        memory_mb=rec.flavor.memory_mb,
+        console_path=str(instance_dir / "console.log"),
+        disks=disks,
+        interfaces=interfaces,
+        cells=cells,
+        vcpupin=vcpupin,
+        emulatorpin=emulatorpin,
+        limits=limits(rec.flavor.extra_specs),
+        oem_strings=address_hints(ports),
+        virt_type=virt_type,
+    )

@@ -1,0 +1,154 @@
+"""What crosses the hypervisor boundary, as plain typed data.
+
+The manager describes a guest as a :class:`GuestSpec`; a driver turns it into whatever its
+hypervisor needs. Facts about the host (:class:`HostFacts`) and a guest's
+counters (:class:`DomainStats`) come back the same way. Nothing here knows any hypervisor.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+SourceKind = Literal["file", "block", "network"]
+DiskBus = Literal["virtio", "scsi", "sata", "ide"]
+DiskDevice = Literal["disk", "cdrom"]
+Firmware = Literal["bios", "uefi"]
+
+
+class Disk(msgspec.Struct, frozen=True, kw_only=True):
+    """One disk of a guest.
+
+    ``role`` is a name from ``fastcompute.images.disks.ROLES`` (root, ephemeral, swap, config,
+    rescue, volume); the driver does not interpret it. ``source`` is a file path (``file``), a
+    block device path (``block``) or the volume's name on its ``protocol``'s ``hosts``
+    (``network``, e.g. an RBD ``pool/image``). Disks are attached in list order; a disk with a
+    ``boot_order`` is a boot device, lowest first.
+    """
+
+    role: str
+    source: str
+    source_kind: SourceKind = "file"
+    format: str = "raw"
+    bus: DiskBus = "virtio"
+    device: DiskDevice = "disk"
+    boot_order: int | None = None
+    read_only: bool = False
+    protocol: str | None = None
+    hosts: list[tuple[str, int]] = []
+
+
+class Interface(msgspec.Struct, frozen=True):
+    """A port's tap, made and plugged by the network module before the guest starts."""
+
+    tap: str
+    mac: str
+    mtu: int
+
+
+class GuestCell(msgspec.Struct, frozen=True):
+    """A guest NUMA cell and the host cell it lives on (its memory strictly there)."""
+
+    id: int
+    cpus: list[int]
+    memory_mb: int
+    host_cell: int
+    pagesize_kb: int | None = None
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """CPU and disk I/O limits (the flavor's ``quota:*`` extra specs); None = no limit.
+
+    The disk limits apply to each disk of the guest.
+    """
+
+    cpu_shares: int | None = None
+    cpu_period: int | None = None
+    cpu_quota: int | None = None
+    disk_read_bytes_sec: int | None = None
+    disk_write_bytes_sec: int | None = None
+    disk_read_iops_sec: int | None = None
+    disk_write_iops_sec: int | None = None
+
+
+class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a driver needs to define one guest.
+
+    ``vcpupin`` maps a vCPU to the host CPUs it may run on and ``emulatorpin`` lists the host
+    CPUs of the emulator threads (both empty for a floating guest). ``cells`` are the guest's
+    NUMA cells as the claim placed them. ``virt_type`` is what ``Driver.virt_type`` chose.
+    """
+
+    uuid: str
+    name: str
+    project_id: str
+    vcpus: int
+    memory_mb: int
+    console_path: str
+    disks: list[Disk] = []
+    interfaces: list[Interface] = []
+    cells: list[GuestCell] = []
+    vcpupin: dict[int, list[int]] = {}
+    emulatorpin: list[int] = []
+    limits: Limits = Limits()
+    oem_strings: list[str] = []
+    virt_type: str = "test"
+    arch: str = "x86_64"
+    firmware: Firmware = "bios"
+    machine: str | None = None
+    cpu_model: str | None = None
+
+
+class PagePool(msgspec.Struct):
+    """One page size's pool on a host cell."""
+
+    size_kb: int
+    total: int
+
+
+class HostCell(msgspec.Struct):
+    """A host NUMA cell."""
+
+    id: int
+    cpus: list[int]
+    siblings: list[list[int]]
+    memory_mb: int
+    pages: list[PagePool]
+
+
+class HypervisorInfo(msgspec.Struct, frozen=True):
+    """Which hypervisor this is, as ``host.info`` reports it."""
+
+    uri: str
+    type: str
+    version: str
+
+
+class HostFacts(msgspec.Struct, frozen=True):
+    """What the hypervisor says of the host: its NUMA cells (CPUs, memory, page pools), the
+    host CPU's feature names (``avx2``, ``sse4.2``) and which hypervisor it is."""
+
+    cells: list[HostCell]
+    cpu_features: list[str]
+    hypervisor: HypervisorInfo
+
+
+class DomainStats(msgspec.Struct, frozen=True, kw_only=True):
+    """One reading of a guest's counters by the hypervisor; None where it does not say.
+
+    ``at`` is ``time.monotonic()`` at the read; CPU times are nanoseconds since the guest
+    started, memory bytes now, block and network counters summed over devices since start.
+    """
+
+    at: float
+    cpu_ns: int | None = None
+    user_ns: int | None = None
+    system_ns: int | None = None
+    memory_bytes: int | None = None
+    read_bytes: int | None = None
+    write_bytes: int | None = None
+    read_ops: int | None = None
+    write_ops: int | None = None
+    net_rx_bytes: int | None = None
+    net_tx_bytes: int | None = None

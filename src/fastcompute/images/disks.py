@@ -1,0 +1,112 @@
+"""The disks of an instance: the roles a disk can have, the file each role's disk is in the
+instance directory, and the making and removing of those files.
+
+A new disk role is one row of :data:`ROLES`: its file name, device, bus and format. Everything
+else (the guest's disk list, its devices in the hypervisor, the removal of an instance's files)
+follows from the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from fastcompute import _core
+from fastcompute.hypervisor.spec import Disk, DiskBus, DiskDevice
+from fastcompute.images.formats import create_overlay
+
+
+class Role(msgspec.Struct, frozen=True, kw_only=True):
+    """What a disk of one role is: ``file`` its name in the instance directory (None for a
+    disk that is not a file of the instance, a volume); ``format`` None means the instance
+    disk format of the cache (qcow2 overlays or raw copies)."""
+
+    file: str | None
+    device: DiskDevice = "disk"
+    bus: DiskBus = "virtio"
+    format: str | None = None
+    read_only: bool = False
+
+
+ROLES: dict[str, Role] = {
+    "root": Role(file="disk"),
+    "ephemeral": Role(file="disk.local"),
+    "swap": Role(file="disk.swap"),
+    # A config drive is an ISO 9660 image the guest reads once; a CD-ROM on SATA is what
+    # cloud-init looks for on every architecture that has no virtio CD-ROM.
+    "config": Role(file="disk.config", device="cdrom", bus="sata", format="raw", read_only=True),
+    "rescue": Role(file="disk.rescue"),
+    "volume": Role(file=None),
+}
+
+INFO = "disk.info"
+"""The root disk's record beside it: which base it was made from (the cache's users)."""
+
+
+def path(instance_dir: Path, role: str) -> Path:
+    """The file of an instance's disk of ``role``; ValueError for a role without a file."""
+    name = ROLES[role].file
+    if name is None:
+        raise ValueError(f"a {role} disk is not a file of the instance")
+    return instance_dir / name
+
+
+def _tmp(disk: Path) -> Path:
+    return disk.with_name(f".{disk.name}.tmp")
+
+
+def file_disk(instance_dir: Path, role: str, disk_format: str, boot_order: int | None = None) -> Disk:
+    """The :class:`Disk` of an instance's file disk of ``role``, in ``disk_format`` unless the
+    role has a format of its own."""
+    r = ROLES[role]
+    return Disk(role=role, source=str(path(instance_dir, role)), format=r.format or disk_format,
+                bus=r.bus, device=r.device, boot_order=boot_order, read_only=r.read_only)
+
+
+def spawn_disks(instance_dir: Path, disk_format: str) -> list[Disk]:
+    """The disks a spawned instance has: its root disk, made from its image, booted from."""
+    return [file_disk(instance_dir, "root", disk_format, boot_order=1)]
+
+
+def make_from_base(
+    disk: Path,
+    size: int,
+    base: Path,
+    mode: str,
+    progress: Callable[[int, int], object] | None = None,
+) -> None:
+    """Make ``disk`` of ``size`` bytes from the raw ``base``: a qcow2 overlay on it (``cow``) or
+    a private sparse copy (``flat``). Raises OSError; leaves no partial file behind."""
+    if mode == "cow":
+        # No fsync: a disk lost in a crash belongs to a spawn that did not finish, which
+        # start-up reconciliation rolls back anyway.
+        create_overlay(disk, size, str(base), "raw")
+        return
+    tmp = _tmp(disk)
+    _core.copy_file(str(base), str(tmp), progress)
+    try:
+        os.truncate(tmp, size)
+        os.rename(tmp, disk)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def remove_files(instance_dir: Path) -> None:
+    """Remove every disk file of an instance (and half-made ones, and the root disk's record),
+    then the directory if nothing else is left in it."""
+    for role in ROLES.values():
+        if role.file is not None:
+            disk = instance_dir / role.file
+            for p in (disk, _tmp(disk)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(instance_dir / INFO)
+    with contextlib.suppress(OSError):
+        instance_dir.rmdir()
