@@ -40,8 +40,7 @@ from network_fixtures import (
 )
 
 from fastcompute.errors import AgentError, BadRequest, Conflict, NotFound
-from fastcompute.network import Network, decode_ports, sg_chain
-from fastcompute.nftables import NftError
+from fastcompute.network import Network, NftError, decode_ports, sg_chain
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bridges, namespaces and nftables need root")
 
