@@ -224,24 +224,7 @@ class Network:
 
     async def _plug_batch(self, changes: list[Change]) -> None:
         """Admit each plug against the host and the batch so far, then make them all."""
-        admitted: list[tuple[Change, list[Plugged]]] = []
-        taken: set[str] = set()  # ports an earlier plug of this batch makes
-        for c in changes:
-            try:
-                check_ports(c.ports, self._index, instance_uuid=c.instance_uuid)
-                for port in c.ports:
-                    if port.network.vlan is not None and not self.cfg.physical_interface:
-                        raise bad("network.vlan", "this host has no physical_interface for VLAN networks")
-            except AgentError as exc:
-                settle(c, exc)
-                continue
-            new = [
-                self._plugged_for(c.instance_uuid, p) for p in c.ports if p.id not in self._ports and p.id not in taken
-            ]
-            for p in new:
-                self._index.add(p.port, c.instance_uuid)
-                taken.add(p.port.id)
-            admitted.append((c, new))
+        admitted = self._admit(changes)
         try:
             outcomes = await self._run(self._plug_sync, [new for _, new in admitted]) if admitted else []
         except BaseException:
@@ -262,6 +245,28 @@ class Network:
                 settle(c, AgentError(f"port {missing[0]} could not be plugged"))
             else:
                 settle(c, [self._ports[p.id].answer() for p in c.ports])
+
+    def _admit(self, changes: list[Change]) -> list[tuple[Change, list[Plugged]]]:
+        """Check each plug against the index (which takes its ports in) and settle those
+        refused; the others with the ports they make (none already plugged or made earlier)."""
+        admitted: list[tuple[Change, list[Plugged]]] = []
+        taken: set[str] = set()  # ports an earlier plug of this batch makes
+        for c in changes:
+            try:
+                check_ports(c.ports, self._index, instance_uuid=c.instance_uuid)
+                if not self.cfg.physical_interface and any(p.network.vlan is not None for p in c.ports):
+                    raise bad("network.vlan", "this host has no physical_interface for VLAN networks")
+            except AgentError as exc:
+                settle(c, exc)
+                continue
+            new = [
+                self._plugged_for(c.instance_uuid, p) for p in c.ports if p.id not in self._ports and p.id not in taken
+            ]
+            for p in new:
+                self._index.add(p.port, c.instance_uuid)
+                taken.add(p.port.id)
+            admitted.append((c, new))
+        return admitted
 
     async def _unplug_batch(self, changes: list[Change]) -> None:
         gone: list[Plugged] = []
