@@ -133,16 +133,16 @@ def plan_change(
     """One transaction for ports joining and leaving tables that are as ``state`` says."""
     port_cmds, refs, ids = _port_cmds(render, state, adds, removes)
     zone_cmds, zones = _zone_cmds(render, state, adds, removes, zones_from)
+    # Copies, and Python work only for what changes: this runs on every plug.
     bridges = state.bridge_refs.copy()
-    bridges.update(p.bridge for p in adds)
-    bridges.subtract(p.bridge for p in removes)
+    for p in adds:
+        bridges[p.bridge] += 1
+    for p in removes:
+        bridges[p.bridge] -= 1
+        if bridges[p.bridge] <= 0:
+            del bridges[p.bridge]
     after = TableState(
-        base_ready=True,
-        chain_ids={k: n for k, n in ids.items() if refs[k] > 0},
-        chain_refs=+refs,
-        foreign_ids=state.foreign_ids,
-        zones=zones,
-        bridge_refs=+bridges,
+        base_ready=True, chain_ids=ids, chain_refs=refs, foreign_ids=state.foreign_ids, zones=zones, bridge_refs=bridges
     )
     return zone_cmds + port_cmds, after
 
@@ -150,7 +150,7 @@ def plan_change(
 def _port_cmds(
     render: Renderer, state: TableState, adds: Sequence[Plugged], removes: Sequence[Plugged]
 ) -> tuple[list[Command], Counter[ChainKey], dict[ChainKey, int]]:
-    """Commands for ports leaving and joining, the chains' users after and their numbers."""
+    """Commands for ports leaving and joining, and the chains' users and numbers after."""
     gone = [p for p in removes if p.secured]
     new = [p for p in adds if p.secured]
     delta: Counter[ChainKey] = Counter()
@@ -179,7 +179,13 @@ def _port_cmds(
     for key, joining in new_elems.items():
         cmds += render.elements("add", key, joining - old_elems.get(key, set()))
     refs = state.chain_refs.copy()
-    refs.update(delta)
+    for key, change in delta.items():
+        users = refs[key] + change
+        if users > 0:
+            refs[key] = users
+        else:
+            refs.pop(key, None)
+            ids.pop(key, None)
     return cmds + dropped, refs, ids
 
 
