@@ -28,8 +28,7 @@ from typing import Any
 import msgspec
 from network_fixtures import EGRESS_ALL, Lab, group, make_lab, port, rule, sh
 
-from fastcompute.network import Renderer, decode_ports, number_chains, ruleset
-from fastcompute.nftables import Nft
+from fastcompute.network import Nft, Renderer, decode_ports, number_chains, ruleset
 from fastcompute.protocol.ports import Port
 
 ROUNDS = 6

@@ -136,5 +136,5 @@ def test_spawns_at_once_are_plugged_in_batches_the_metrics_count(net_agent: Any,
         changes = m[("fastcompute_network_batch_size_sum", (("kind", kind),))]
         batches = m[("fastcompute_network_batch_size_count", (("kind", kind),))]
         assert changes == 12, f"every {kind} is counted once"
-        assert 1 <= batches <= 12
+        assert 1 <= batches < 12, f"12 {kind}s at once ran as {batches} batches: none ran together"
         assert m[("fastcompute_network_batch_duration_seconds_count", (("kind", kind),))] == batches

@@ -11,7 +11,7 @@ import pytest
 from pyroute2 import Conntrack as PyrouteConntrack
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-from fastcompute.conntrack import Conntrack
+from fastcompute.network.conntrack import Conntrack
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="conntrack needs root")
 

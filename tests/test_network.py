@@ -40,8 +40,7 @@ from network_fixtures import (
 )
 
 from fastcompute.errors import AgentError, BadRequest, Conflict, NotFound
-from fastcompute.network import Network, decode_ports, sg_chain
-from fastcompute.nftables import NftError
+from fastcompute.network import Network, NftError, decode_ports, sg_chain
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="bridges, namespaces and nftables need root")
 
@@ -387,10 +386,17 @@ def test_reconcile_removes_strays_remakes_missing_and_is_idempotent(lab: Lab) ->
     expected = {sg_chain(p.security_groups, d)[0] for p in decode_ports(kept_ports) for d in ("egress", "ingress")}
     assert rule_chains(lab.owner) == expected
 
-    snapshot = tables(lab.owner), json.loads(sh("ip", "-j", "link", "show").stdout)
+    def owned() -> list[dict[str, Any]]:
+        """The links of the test, as ``ip link show`` lists them: those it made and every link
+        carrying the owner's tag (other links on the host may change meanwhile)."""
+        mine = {kept[0].tap, kept[1].tap, kept[0].bridge, untouched}
+        return [link for link in json.loads(sh("ip", "-j", "link", "show").stdout)
+                if link["ifname"] in mine or (link.get("ifalias") or "").startswith(lab.owner + ":")]  # fmt: skip
+
+    snapshot = tables(lab.owner), owned()
     again = run(restarted.reconcile(wanted))
     assert not again.changed, again
-    assert (tables(lab.owner), json.loads(sh("ip", "-j", "link", "show").stdout)) == snapshot
+    assert (tables(lab.owner), owned()) == snapshot
 
     a, b = lab.guest_for(kept[0], "10.0.0.1"), lab.guest_for(kept[1], "10.0.0.2")
     assert b.ping(a.ip) is False, "b has no egress rule after reconciliation either"
@@ -517,12 +523,15 @@ def test_plugs_and_unplugs_queued_together_run_as_batches_and_a_bad_one_fails_al
     not_a_bridge = port("10.0.0.99", network="netx", groups=icmp)
     not_a_bridge["network"]["bridge"] = "lo"  # fails while its links are made, in the worker
 
+    batches: list[tuple[str, int]] = []
+    lab.net.on_batch = lambda kind, changes, seconds: batches.append((kind, changes))
     *good, clashed, broken = run_together(
         *(lab.net.plug(u, [p]) for u, p in zip(instances, ports, strict=True)),
         lab.net.plug("99999999-0000-0000-0000-000000000001", [clash]),
         lab.net.plug("99999999-0000-0000-0000-000000000002", [not_a_bridge]),
         errors=True,
     )
+    assert batches == [("plug", 14)], "the 14 plugs, the two that fail among them, ran as one batch"
     assert isinstance(clashed, Conflict) and clashed.details is not None
     assert clashed.details["port_id"] == ports[0]["id"]
     assert isinstance(broken, Conflict), "lo is not a bridge"
@@ -534,7 +543,9 @@ def test_plugs_and_unplugs_queued_together_run_as_batches_and_a_bad_one_fails_al
     a, b, c = (lab.guest_for(good[i][0], f"10.0.0.{i + 1}") for i in range(3))  # type: ignore[index]
     assert a.ping(b.ip) and b.ping(c.ip)
 
+    batches.clear()
     run_together(*(lab.net.unplug(u) for u in instances[:1] + instances[3:]))
+    assert batches == [("unplug", 10)]
     assert {p.port_id for p in lab.net.plugged()} == {ports[1]["id"], ports[2]["id"]}
     assert link_names() - before == {good[i][0].tap for i in (1, 2)} | {good[0][0].bridge}  # type: ignore[index]
     assert b.ping(c.ip), "the ports left keep their links and rules"
@@ -557,7 +568,10 @@ def test_a_tap_a_dead_run_marked_for_deletion_survives_the_next_batch_of_unplugs
     lab.net.close()
     lab.net = Network(lab.cfg)
     run(lab.net.reconcile({u: p for u, p in zip(owners, ports, strict=True)}))
-    run_together(lab.net.unplug(owners[1]), lab.net.unplug(owners[2]))  # one batch: deleted by group
+    batches: list[tuple[str, int]] = []
+    lab.net.on_batch = lambda kind, changes, seconds: batches.append((kind, changes))
+    run_together(lab.net.unplug(owners[1]), lab.net.unplug(owners[2]))
+    assert batches == [("unplug", 2)], "one batch: its taps are deleted by group"
     assert kept.tap in link_names(), "reconciliation took the wanted tap out of the doomed group"
     assert [p.port_id for p in lab.net.plugged()] == [ports[0][0]["id"]]
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastcompute.nftables import Nft, NftError
+from fastcompute.network import Nft, NftError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nftables needs root")
 

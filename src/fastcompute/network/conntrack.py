@@ -10,7 +10,7 @@ One dump per zone (the kernel filters by zone; it walks its whole hash table eit
 the entry's original tuple exactly as the dump gave it, so every protocol and both address
 families are deleted alike. pyroute2's conntrack socket rebuilds tuples from parsed fields
 (TCP, UDP and ICMP only) and sends them without an address family, so this small request is
-packed here, as ``network._RawLinks`` packs its one hot rtnetlink request.
+packed here, as ``links.RawLinks`` packs its one hot rtnetlink request.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from fastcompute.netlink import (
+from fastcompute.network.netlink import (
     NLM_F_ACK,
     NLM_F_DUMP,
     NLM_F_REQUEST,

@@ -25,7 +25,6 @@ _CDEF: Final = """
 struct nft_ctx;
 struct nft_ctx *nft_ctx_new(uint32_t flags);
 void nft_ctx_free(struct nft_ctx *ctx);
-unsigned int nft_ctx_output_get_flags(struct nft_ctx *ctx);
 void nft_ctx_output_set_flags(struct nft_ctx *ctx, unsigned int flags);
 int nft_ctx_buffer_output(struct nft_ctx *ctx);
 const char *nft_ctx_get_output_buffer(struct nft_ctx *ctx);
@@ -36,11 +35,8 @@ int nft_run_cmd_from_buffer(struct nft_ctx *nft, const char *buf);
 
 _LIBRARY: Final = "libnftables.so.1"
 _CTX_DEFAULT: Final = 0
-# Output flags from <nftables/libnftables.h>.
-OUTPUT_HANDLE: Final = 1 << 3
-OUTPUT_JSON: Final = 1 << 4
-OUTPUT_ECHO: Final = 1 << 5
-OUTPUT_TERSE: Final = 1 << 11
+# Output flag from <nftables/libnftables.h>.
+_OUTPUT_JSON: Final = 1 << 4
 
 # libnftables builds and frees a cache of the whole ruleset on every call. In a worker
 # thread's malloc arena glibc hands that memory back to the kernel after each call and
@@ -76,19 +72,18 @@ class Nft:
     """One libnftables context: run JSON (or nft syntax) commands and read their output.
 
     ``Nft().json({"nftables": [...]})`` runs the commands as one atomic transaction and
-    returns nft's JSON output (the listing for ``list`` commands, the echoed objects with
-    handles when ``echo`` is set), or ``{}`` when a command prints nothing.
+    returns nft's JSON output (the listing for ``list`` commands), or ``{}`` when a command
+    prints nothing.
     """
 
-    def __init__(self, *, handles: bool = False) -> None:
+    def __init__(self) -> None:
         self._lib = _library()
         ctx = self._lib.nft_ctx_new(_CTX_DEFAULT)
         if ctx == _ffi.NULL:
             raise NftError("nft_ctx_new failed")
         self._ctx = ctx
         self._lock = threading.Lock()
-        flags = OUTPUT_JSON | (OUTPUT_HANDLE if handles else 0)
-        self._lib.nft_ctx_output_set_flags(ctx, flags)
+        self._lib.nft_ctx_output_set_flags(ctx, _OUTPUT_JSON)
         if self._lib.nft_ctx_buffer_output(ctx) != 0 or self._lib.nft_ctx_buffer_error(ctx) != 0:
             self._lib.nft_ctx_free(ctx)
             raise NftError("cannot buffer libnftables output")

@@ -1,5 +1,5 @@
 """Netlink messages and attributes, for the few requests packed by hand (a tap's set-up in
-``network``, conntrack dumps and deletes in ``conntrack``); everything else goes through
+``links``, conntrack dumps and deletes in ``conntrack``); everything else goes through
 pyroute2."""
 
 from __future__ import annotations
