@@ -55,10 +55,10 @@ class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[security]: CURVE and who may do what. Without a server key the agent binds only loopback or ipc://, and every client is admin."""
 
     server_secret_key_file: Annotated[str, _doc("CURVE secret key file of the agent (from `fastcompute keys`); empty = no CURVE")] = ""
-    client_public_keys: Annotated[list[str], _doc("Z85 public keys of the clients allowed to connect")] = (
+    client_public_keys: Annotated[list[str], _doc("Z85 public keys of the clients allowed to connect, as admins (every op, every project)")] = (
         msgspec.field(default_factory=list)
     )
-    client_public_keys_dir: Annotated[str, _doc("Directory of *.key public key files (from `fastcompute keys`), also allowed")] = ""
+    client_public_keys_dir: Annotated[str, _doc("Directory of *.key public key files (from `fastcompute keys`), also allowed as admins")] = ""
     clients: Annotated[list[ClientGrant], _doc("Tenant keys, as [[security.clients]] tables {key, role: admin|member|reader, projects: [..]}; a key may have several. Keys of client_public_keys and client_public_keys_dir are admin")] = (
         msgspec.field(default_factory=list)
     )
