@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
 from fastcompute.resources.tracker import Tracker, cpu_traits
+from fastcompute.rpc.replies import entry_size
 from fastcompute.rpc.server import Handler, Server
 from fastcompute.scheduler.placement import PlacementSync, claims_of
 from fastcompute.stats.collector import Source, StatsCollector, guest_source
@@ -159,7 +161,10 @@ class Agent:
     async def start(self) -> None:
         """Open everything and start serving."""
         cfg = self.cfg
+        # Guests' disks, consoles and the request log are tenants' data, whatever the umask.
+        os.umask(0o077)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)
         await self.store.open()
         server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request)
         self.server = server
@@ -180,11 +185,13 @@ class Agent:
             now = manager.host_info()
             await self.placement.start(now["inventory"], now["traits"], claims_of(tracker.claims))
         server.handlers = self._handlers(manager)
-        server.remember((await self.store.load()).replies)
+        server.project_of = lambda uuid: (s.record.project_id if (s := manager.instances.get(uuid)) else None)
+        server.remember(await self.store.load_replies(cfg.agent.idempotency_max_bytes, entry_size))
         server.bind()
         if cfg.stats.metrics:
             host, port = parse_endpoint(cfg.stats.metrics)
-            self.metrics_server = start_http_server(self.metrics, host, port)
+            self.metrics_server = start_http_server(self.metrics, host, port, cfg.stats.metrics_max_connections,
+                                                    cfg.stats.metrics_idle_timeout_s)
         server.start()
         loop = asyncio.get_running_loop()
         self._background = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -27,23 +27,41 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     events: Annotated[str, _doc("ZeroMQ PUB endpoint for events")] = "tcp://127.0.0.1:7781"
     state_dir: Annotated[str, _doc("Directory for the SQLite store, disks and logs")] = "/var/lib/fastcompute"
     max_frame_bytes: Annotated[int, _doc("Requests larger than this are refused undecoded")] = 1 << 20
-    idempotency_window_s: Annotated[float, _doc("How long a request id's reply is kept for retries")] = 600.0
+    max_message_bytes: Annotated[int, _doc("A peer sending a frame larger than this is disconnected without a reply (ZeroMQ's MAXMSGSIZE); frames between max_frame_bytes and this get BAD_REQUEST")] = 64 << 20
+    idempotency_window_s: Annotated[float, _doc("How long a mutating request's reply is kept for retries")] = 600.0
+    idempotency_max_bytes: Annotated[int, _doc("Memory the retry window may hold (replies and their keys); past it the oldest replies are read back from the store when retried")] = 64 << 20
     max_concurrent_builds: Annotated[int, _doc("Spawns that may be building at once (Nova's max_concurrent_builds)")] = 64
     worker_threads: Annotated[int, _doc("Threads for blocking file work and real-hypervisor calls (the test driver uses one)")] = 4
     max_inflight_requests: Annotated[int, _doc("Requests in flight before new ones get BUSY")] = 4096
+    max_inflight_per_peer: Annotated[int, _doc("Requests in flight from one connection before its new ones get BUSY")] = 1024
+    peer_send_queue: Annotated[int, _doc("Replies queued for one connection that does not read them; more are dropped (ZeroMQ SNDHWM, in messages)")] = 1000
+    peer_receive_queue: Annotated[int, _doc("Requests queued from one connection before the agent stops reading it (ZeroMQ RCVHWM, in messages)")] = 1000
     sync_power_state_interval_s: Annotated[float, _doc("Period of the power-state sync with the hypervisor")] = 10.0
     resources_interval_s: Annotated[float, _doc("host.resources is published at least this often")] = 10.0
     log_level: Annotated[str, _doc("DEBUG, INFO, WARNING or ERROR")] = "INFO"
 
 
-class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """[security]: CURVE. Without a server key the agent binds only loopback or ipc://."""
+class ClientGrant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One entry of ``[[security.clients]]``: what one CURVE client key may act for."""
 
-    server_secret_key_file: Annotated[str, _doc("CURVE secret key file of the agent (from `fastcompute keys`); empty = no CURVE")] = ""
-    client_public_keys: Annotated[list[str], _doc("Z85 public keys of the clients allowed to connect")] = (
+    key: Annotated[str, _doc("Z85 public key of the client, or the path of its *.key file")]
+    role: Annotated[Literal["admin", "member", "reader"], _doc("admin: every op; member: instance ops; reader: instance reads")]
+    projects: Annotated[list[str], _doc("Projects the role applies to; \"*\" = every project (ignored for admin)")] = (
         msgspec.field(default_factory=list)
     )
-    client_public_keys_dir: Annotated[str, _doc("Directory of *.key public key files (from `fastcompute keys`), also allowed")] = ""
+
+
+class SecurityConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[security]: CURVE and who may do what. Without a server key the agent binds only loopback or ipc://, and every client is admin."""
+
+    server_secret_key_file: Annotated[str, _doc("CURVE secret key file of the agent (from `fastcompute keys`); empty = no CURVE")] = ""
+    client_public_keys: Annotated[list[str], _doc("Z85 public keys of the clients allowed to connect, as admins (every op, every project)")] = (
+        msgspec.field(default_factory=list)
+    )
+    client_public_keys_dir: Annotated[str, _doc("Directory of *.key public key files (from `fastcompute keys`), also allowed as admins")] = ""
+    clients: Annotated[list[ClientGrant], _doc("Tenant keys, as [[security.clients]] tables {key, role: admin|member|reader, projects: [..]}; a key may have several. Keys of client_public_keys and client_public_keys_dir are admin")] = (
+        msgspec.field(default_factory=list)
+    )
 
 
 class HypervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -121,6 +139,8 @@ class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     interval_s: Annotated[float, _doc("Period of host.stats sampling and publication; 0 = off")] = 5.0
     metrics: Annotated[str, _doc("HOST:PORT of the Prometheus /metrics endpoint; empty = off")] = ""
+    metrics_max_connections: Annotated[int, msgspec.Meta(ge=1), _doc("Open /metrics connections; past it the one idle longest is closed (one thread serves them all)")] = 64
+    metrics_idle_timeout_s: Annotated[float, _doc("A /metrics connection that sends no complete request for this long is closed")] = 10.0
     source: Annotated[str, _doc("Where guest stats come from: auto = the QEMU process's cgroup when found, else libvirt's getAllDomainStats; cgroup; libvirt")] = "auto"
     qemu_run_dir: Annotated[str, _doc("Directory of libvirt's QEMU pid files (one {domain name}.pid per guest), used to find a guest's cgroup")] = "/run/libvirt/qemu"
     loop_lag_interval_s: Annotated[float, _doc("Period of the event-loop lag probe behind the event_loop_lag metric; 0 = off")] = 0.5

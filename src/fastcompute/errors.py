@@ -73,3 +73,9 @@ class Busy(AgentError):
     """The agent is overloaded or shutting down: retry later."""
 
     code = "BUSY"
+
+
+class Forbidden(AgentError):
+    """The client's key may not do this op, or not in this project (CURVE tenants)."""
+
+    code = "FORBIDDEN"

@@ -1,5 +1,7 @@
 """SQLite persistence: instances, their claims, and the request log for idempotent retries.
 
+The request log is keyed by (client, request id): a client never gets another's reply.
+
 One connection, owned by one thread: every statement runs there, never on the event loop.
 Writes are group-committed: while one transaction commits, the writes that arrive queue up
 and go into the next one together, so a storm of spawns costs a handful of fsyncs instead of
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,14 @@ CREATE TABLE IF NOT EXISTS claims (
     project_id TEXT NOT NULL,
     body BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS replies (
+    client BLOB NOT NULL,
+    id TEXT NOT NULL,
     reply BLOB NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    PRIMARY KEY (client, id)
 );
-CREATE INDEX IF NOT EXISTS requests_expires ON requests (expires);
+CREATE INDEX IF NOT EXISTS replies_expires ON replies (expires);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -45,6 +49,7 @@ CREATE TABLE IF NOT EXISTS settings (
 """
 
 Statement = tuple[str, Sequence[Any]]
+SizeOf = Callable[[tuple[bytes, str], bytes], int]
 
 
 class Loaded(msgspec.Struct):
@@ -52,8 +57,16 @@ class Loaded(msgspec.Struct):
 
     instances: list[tuple[str, str | None, bytes]]
     claims: list[tuple[str, bytes]]
-    replies: dict[str, bytes]
     settings: dict[str, Any]
+
+
+class StoredReplies(msgspec.Struct):
+    """The newest unexpired replies of the request log that fit a memory budget."""
+
+    replies: list[tuple[bytes, str, bytes, float]]
+    """(client, request id, reply, expires as Unix time), oldest first."""
+    left_out_until: float
+    """Unix time until which a reply left out (over the budget) stays valid; 0 = none was."""
 
 
 class Store:
@@ -80,7 +93,18 @@ class Store:
         # here: kill -9 mid-storm); only a power loss may drop the last transactions.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'").fetchone():
+            # The request log before replies were keyed by client: its replies belong to the
+            # anonymous client (no CURVE, no routing id), whom they were served to.
+            with conn:
+                conn.execute("INSERT OR IGNORE INTO replies SELECT x'', id, reply, expires FROM requests")
+                conn.execute("DROP TABLE requests")
         self._conn = conn
+        # Guests' records and the request log are tenants' data, whatever the umask was.
+        for suffix in ("", "-wal", "-shm"):
+            path = self.path.with_name(self.path.name + suffix)
+            if path.exists():
+                path.chmod(0o600)
 
     async def close(self) -> None:
         """Flush pending writes and close the database."""
@@ -164,11 +188,11 @@ class Store:
         return ("DELETE FROM claims WHERE uuid = ?", (uuid,))
 
     @staticmethod
-    def put_reply(request_id: str, reply: bytes, ttl_s: float) -> Statement:
-        """Remember a reply for retries of the same request id."""
+    def put_reply(client: bytes, request_id: str, reply: bytes, ttl_s: float) -> Statement:
+        """Remember a reply for retries of the same request id by the same client."""
         return (
-            "INSERT OR REPLACE INTO requests (id, reply, expires) VALUES (?, ?, ?)",
-            (request_id, reply, time.time() + ttl_s),
+            "INSERT OR REPLACE INTO replies (client, id, reply, expires) VALUES (?, ?, ?, ?)",
+            (client, request_id, reply, time.time() + ttl_s),
         )
 
     def put_setting(self, key: str, value: Any) -> Statement:
@@ -178,12 +202,12 @@ class Store:
     @staticmethod
     def expire_replies(now: float) -> Statement:
         """Forget replies past their retention window."""
-        return ("DELETE FROM requests WHERE expires < ?", (now,))
+        return ("DELETE FROM replies WHERE expires < ?", (now,))
 
     # -- reads (start-up only; the manager keeps the live state in memory) ------------------
 
     async def load(self) -> Loaded:
-        """Instances (uuid, request_id, body), claims (uuid, body), unexpired replies, settings."""
+        """Instances (uuid, request_id, body), claims (uuid, body), settings."""
         return await self._thread.run(self._load)
 
     def _load(self) -> Loaded:
@@ -191,11 +215,40 @@ class Store:
         assert conn is not None
         instances = list(conn.execute("SELECT uuid, request_id, body FROM instances"))
         claims = list(conn.execute("SELECT uuid, body FROM claims"))
-        replies = dict(
-            conn.execute("SELECT id, reply FROM requests WHERE expires >= ?", (time.time(),))
-        )
         settings = {k: msgspec.msgpack.decode(v) for k, v in conn.execute("SELECT key, value FROM settings")}
-        return Loaded(instances, claims, replies, settings)
+        return Loaded(instances, claims, settings)
+
+    async def load_replies(self, max_bytes: int, entry_size: SizeOf) -> StoredReplies:
+        """The newest unexpired replies whose ``entry_size`` adds up to at most ``max_bytes``."""
+        return await self._thread.run(self._load_replies, max_bytes, entry_size)
+
+    def _load_replies(self, max_bytes: int, entry_size: SizeOf) -> StoredReplies:
+        conn = self._conn
+        assert conn is not None
+        rows: list[tuple[bytes, str, bytes, float]] = []
+        used = 0
+        left_out_until = 0.0
+        for client, rid, reply, expires in conn.execute(
+                "SELECT client, id, reply, expires FROM replies WHERE expires >= ? ORDER BY expires DESC",
+                (time.time(),)):
+            used += entry_size((client, rid), reply)
+            if used > max_bytes:
+                left_out_until = expires  # the newest left out: every older one expires sooner
+                break
+            rows.append((client, rid, reply, expires))
+        rows.reverse()
+        return StoredReplies(rows, left_out_until)
+
+    async def get_reply(self, client: bytes, request_id: str) -> bytes | None:
+        """The unexpired reply logged for a client's request id, if any."""
+        return await self._thread.run(self._get_reply, client, request_id)
+
+    def _get_reply(self, client: bytes, request_id: str) -> bytes | None:
+        conn = self._conn
+        assert conn is not None
+        row = conn.execute("SELECT reply FROM replies WHERE client = ? AND id = ? AND expires >= ?",
+                           (client, request_id, time.time())).fetchone()
+        return None if row is None else bytes(row[0])
 
     @staticmethod
     def decode_rows(rows: Iterable[tuple[str, bytes]], type_: type[Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ and the manager's state transitions are all read from ``OPS``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 import msgspec
 from msgspec import Raw
@@ -38,6 +38,12 @@ from fastcompute.protocol.schema import (
 
 _ALIVE: Final = frozenset({"active", "paused", "stopped", "suspended"})
 
+Access = Literal["open", "host-read", "host-write", "spawn", "list", "stats", "read", "write"]
+"""What an op does, for authorization (``rpc.auth``): ``open`` anyone; ``host-read`` keys that
+read every project; ``host-write`` admins; ``spawn`` a member of the new instance's project;
+``list``/``stats`` anyone, the result filtered; ``read``/``write`` a reader/member of the
+instance's project."""
+
 
 class Transition(NamedTuple):
     """A lifecycle op's rule (Nova's): the vm_states it runs from, its task, where it leads."""
@@ -55,6 +61,7 @@ class Op:
     args: type[_Args]
     help: str
     mutating: bool = True
+    access: Access = "write"
     verb: str | None = None
     """The ``fastcompute`` verb that sends it (None: no verb of its own)."""
     transition: Transition | None = None
@@ -76,12 +83,13 @@ def _lifecycle(verb: str, args: type[_Args], help_: str, needs: frozenset[str], 
 
 
 OPS: Final[dict[str, Op]] = {op.name: op for op in (
-    Op("ping", NoArgs, "check that the agent answers", mutating=False, verb="ping"),
-    Op("host.info", NoArgs, "host inventory and usage", mutating=False, verb="host"),
-    Op("host.set_enabled", SetEnabledArgs, "take the host out of scheduling, or back in"),
-    Op("images.list", NoArgs, "the base image cache (size, age, users)", mutating=False, verb="images"),
-    Op("images.prune", PruneArgs, "remove cached base images no instance uses"),
-    Op("instance.spawn", SpawnArgs, "spawn one or many instances", verb="boot"),
+    Op("ping", NoArgs, "check that the agent answers", mutating=False, access="open", verb="ping"),
+    Op("host.info", NoArgs, "host inventory and usage", mutating=False, access="host-read", verb="host"),
+    Op("host.set_enabled", SetEnabledArgs, "take the host out of scheduling, or back in", access="host-write"),
+    Op("images.list", NoArgs, "the base image cache (size, age, users)", mutating=False, access="host-read",
+       verb="images"),
+    Op("images.prune", PruneArgs, "remove cached base images no instance uses", access="host-write"),
+    Op("instance.spawn", SpawnArgs, "spawn one or many instances", access="spawn", verb="boot"),
     _lifecycle("start", UuidArgs, "start stopped instances", frozenset({"stopped"}), "powering-on", "active"),
     _lifecycle("stop", StopArgs, "stop instances (graceful, then forced)",
                frozenset({"active", "paused", "suspended"}), "powering-off", "stopped"),
@@ -95,10 +103,10 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     _lifecycle("reboot", RebootArgs, "reboot instances", frozenset({"active"}), "rebooting", "active",
                hard=Transition(_ALIVE | {"error"}, "rebooting-hard", "active")),
     Op("instance.delete", UuidArgs, "delete instances", verb="delete"),
-    Op("instance.get", UuidArgs, "one instance in detail", mutating=False, verb="show"),
-    Op("instance.list", ListArgs, "list instances", mutating=False, verb="list"),
-    Op("instance.console", ConsoleArgs, "the serial console log", mutating=False, verb="console"),
-    Op("instance.stats", StatsArgs, "usage statistics of instances", mutating=False),
+    Op("instance.get", UuidArgs, "one instance in detail", mutating=False, access="read", verb="show"),
+    Op("instance.list", ListArgs, "list instances", mutating=False, access="list", verb="list"),
+    Op("instance.console", ConsoleArgs, "the serial console log", mutating=False, access="read", verb="console"),
+    Op("instance.stats", StatsArgs, "usage statistics of instances", mutating=False, access="stats"),
     Op("instance.attach_port", AttachPortArgs, "plug a port and add it to an instance"),
     Op("instance.detach_port", DetachPortArgs, "remove a port from an instance and unplug it"),
     Op("instance.set_security_groups", SecurityGroupsArgs, "replace a port's security groups"),

@@ -24,7 +24,7 @@ _CODES: dict[str, type[errors.AgentError]] = {
     cls.code: cls
     for cls in (
         errors.BadRequest, errors.UnknownOp, errors.NotFound, errors.Conflict, errors.NoCapacity,
-        errors.QuotaExceeded, errors.ImageError, errors.HypervisorError, errors.Busy,
+        errors.QuotaExceeded, errors.ImageError, errors.HypervisorError, errors.Busy, errors.Forbidden,
     )
 }
 

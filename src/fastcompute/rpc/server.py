@@ -1,9 +1,13 @@
 """The ZeroMQ face of the agent: ROUTER for requests, PUB for events, CURVE, idempotency.
 
-Each request frame is decoded and validated (``protocol``), dispatched to its handler in a task
-of its own (many in flight, replies in any order), and answered with the envelope it came
-with, so DEALER and REQ clients both work. Replies to mutating ops are kept in the store for
-the retention window: a retry with the same id gets the first reply, never a second execution.
+Each request frame is decoded and validated (``protocol``), authorized (``rpc.auth``: the
+client's key, the op, its args and the instance's project), dispatched to its handler in a
+task of its own (many in flight, replies in any order), and answered with the envelope it came
+with, so DEALER and REQ clients both work. Replies to mutating ops are kept, keyed by client
+and request id, in the store and (within a byte budget, ``rpc.replies``) in memory for the
+retention window: a retry with the same id gets the first reply, never a second execution.
+What one connection may hold of the agent is bounded: requests in flight, queued requests and
+queued replies (a peer that does not read loses replies, not the agent's memory).
 """
 
 from __future__ import annotations
@@ -25,13 +29,23 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from fastcompute import protocol
 from fastcompute.config import AgentConfig, SecurityConfig
 from fastcompute.errors import AgentError, BadRequest, Busy
-from fastcompute.store import Store
+from fastcompute.rpc.auth import Policy, ProjectOf
+from fastcompute.rpc.replies import Key, ReplyWindow
+from fastcompute.store import Store, StoredReplies
 
 log = logging.getLogger("fastcompute.server")
 
 Handler = Callable[[Any, str], Awaitable[Any]]
 Observer = Callable[[str, float, str | None], None]
 _TRANSIENT = frozenset({"BUSY", "HYPERVISOR_ERROR", "INTERNAL"})
+_CONTROL_DOMAIN = "control"
+_EVENTS_DOMAIN = "events"
+# Requests read from the ROUTER before the loop runs what they started.
+_DRAIN_BATCH = 64
+# Envelope frames are echoed in replies: routing ids (ZeroMQ caps them at 255 bytes), a REQ
+# delimiter, and those of a few proxies in between.
+_MAX_ENVELOPE_FRAMES = 16
+_MAX_ENVELOPE_FRAME = 255
 
 
 def is_local_endpoint(endpoint: str) -> bool:
@@ -50,26 +64,36 @@ def is_local_endpoint(endpoint: str) -> bool:
 
 
 class _KeyRing:
-    """ZAP credentials provider: admits only the configured client public keys."""
+    """ZAP credentials provider: admits the configured client keys; on the event socket, only
+    those that may read every project (PUB cannot filter what each subscriber gets)."""
 
-    def __init__(self, keys: set[bytes]) -> None:
-        self.keys = keys
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.keys = {k.decode() for k in policy.keys}
 
     def callback(self, domain: str, key: bytes) -> bool:
-        allowed = key in self.keys
-        if not allowed:
+        z85 = key.decode()
+        if z85 not in self.keys:
             log.warning("refused a CURVE client with an unknown public key")
-        return allowed
+            return False
+        if domain == _EVENTS_DOMAIN and not self.policy.may_subscribe(z85):
+            log.warning("refused events to CURVE key %s: it may not read every project", z85)
+            return False
+        return True
 
 
 def load_client_keys(sec: SecurityConfig) -> set[bytes]:
-    """The Z85 public keys allowed to connect, from the list and the key directory."""
+    """The Z85 public keys of the plain allow-list (admins), from the list and the key directory."""
     keys = {k.encode() for k in sec.client_public_keys}
     if sec.client_public_keys_dir:
         for path in sorted(Path(sec.client_public_keys_dir).glob("*.key")):
             public, _ = zmq.auth.load_certificate(path)
             keys.add(public)
     return keys
+
+
+def _project_unknown(_uuid: str) -> str | None:
+    return None
 
 
 class Server:
@@ -88,18 +112,27 @@ class Server:
         self.store = store
         self.handlers = handlers
         self.observe = observe
+        self.policy = Policy.from_config(security, load_client_keys(security))
+        # The project of an instance (None: no such instance), for the policy; the agent sets it.
+        self.project_of: ProjectOf = _project_unknown
         self.ctx = zmq.asyncio.Context()
         # Plain (non-asyncio) sockets: the ROUTER is read when the loop sees its descriptor
-        # change, and sends never block (no HWM on the ROUTER, NOBLOCK on the PUB). pyzmq's
+        # change, and sends never block (NOBLOCK; a peer over its queue loses the reply). pyzmq's
         # asyncio wrapper costs a future per message, more than the send or receive itself.
         self.router: zmq.Socket[bytes] | None = None
         self.pub: zmq.Socket[bytes] | None = None
         self._auth: AsyncioAuthenticator | None = None
-        self._replies: dict[str, tuple[float, bytes | asyncio.Future[bytes]]] = {}
+        self._window = ReplyWindow(cfg.idempotency_max_bytes)
+        self._running: dict[Key, asyncio.Future[bytes] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._inflight = 0
+        self._peers: dict[bytes, int] = {}
         self._accepting = True
         self._reading = False
+        self._drain_due = False
+        self._curve = bool(security.server_secret_key_file)
+        self.dropped_replies = 0
+        self._dropped_logged = 0.0
         self.endpoints: dict[str, str] = {}
 
     # -- set-up ----------------------------------------------------------------------------
@@ -107,8 +140,7 @@ class Server:
     def bind(self) -> None:
         """Bind ROUTER and PUB, with CURVE when a server key is configured."""
         sec = self.security
-        curve = bool(sec.server_secret_key_file)
-        if not curve:
+        if not self._curve:
             for ep in (self.cfg.control, self.cfg.events):
                 if not is_local_endpoint(ep):
                     raise ValueError(
@@ -120,18 +152,26 @@ class Server:
         self.pub = plain.socket(zmq.PUB)
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 1000)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.router.setsockopt(zmq.RCVHWM, 0)
-        self.router.setsockopt(zmq.SNDHWM, 0)
+        # What the agent holds for one peer is bounded: its replies queue up to SNDHWM, then
+        # sends fail at once (MANDATORY + NOBLOCK) and the reply is dropped; its requests queue
+        # up to RCVHWM, then ZeroMQ stops reading its connection; a frame over MAXMSGSIZE
+        # closes it.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.SNDHWM, self.cfg.peer_send_queue)
+        self.router.setsockopt(zmq.RCVHWM, self.cfg.peer_receive_queue)
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_bytes)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
-        if curve:
+        if self._curve:
             public, secret = zmq.auth.load_certificate(sec.server_secret_key_file)
             if secret is None:
                 raise ValueError(f"{sec.server_secret_key_file} holds no secret key")
             self._auth = AsyncioAuthenticator(self.ctx)
             self._auth.start()
-            self._auth.configure_curve_callback(domain="*", credentials_provider=_KeyRing(load_client_keys(sec)))
-            for sock in (self.router, self.pub):
+            ring = _KeyRing(self.policy)
+            for domain in (_CONTROL_DOMAIN, _EVENTS_DOMAIN):
+                self._auth.configure_curve_callback(domain=domain, credentials_provider=ring)
+            for sock, domain in ((self.router, _CONTROL_DOMAIN), (self.pub, _EVENTS_DOMAIN)):
+                sock.zap_domain = domain.encode()
                 sock.curve_server = True
                 sock.curve_publickey = public
                 sock.curve_secretkey = secret
@@ -142,11 +182,13 @@ class Server:
             "events": self.pub.getsockopt_string(zmq.LAST_ENDPOINT),
         }
 
-    def remember(self, replies: dict[str, bytes]) -> None:
+    def remember(self, stored: StoredReplies) -> None:
         """Take the stored replies of earlier runs (still within their window)."""
-        expires = time.monotonic() + self.cfg.idempotency_window_s
-        for rid, reply in replies.items():
-            self._replies[rid] = (expires, reply)
+        offset = time.monotonic() - time.time()
+        for client, rid, reply, expires in stored.replies:
+            self._window.put((client, rid), reply, expires + offset)
+        if stored.left_out_until:
+            self._window.spill(stored.left_out_until + offset)
 
     def start(self) -> None:
         """Start receiving requests."""
@@ -169,36 +211,94 @@ class Server:
     # -- requests --------------------------------------------------------------------------
 
     def _drain(self) -> None:
-        """Serve every request already queued on the ROUTER.
+        """Serve the requests queued on the ROUTER, a batch at a time.
 
         Called when the loop sees the socket's descriptor readable, and after every send:
         ZeroMQ's descriptor signals edges, and any operation on the socket may consume one, so
         the queue is emptied every time or a request could wait in it until another arrives.
+        A batch is bounded, and the next one waits for the loop's next turn, so that the
+        requests already taken (other peers' among them: ZeroMQ reads its peers in turn) run
+        before more are read: a flood from one peer cannot push another's request back.
         """
+        self._drain_due = False
         router = self.router
-        while router is not None and int(router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        copy = not self._curve
+        for _ in range(_DRAIN_BATCH):
+            if router is None or not int(router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                return
             try:
-                self._dispatch(router.recv_multipart(zmq.NOBLOCK))
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 return
+            self._accept(frames)
+        if not self._drain_due:
+            self._drain_due = True
+            asyncio.get_running_loop().call_soon(self._drain)
 
-    def _dispatch(self, frames: list[bytes]) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(frames))
+    def _accept(self, frames: list[Any]) -> None:
+        if self._curve:
+            # The client is its CURVE key (ZAP's User-Id), whatever connection it came on.
+            client = str(frames[-1].get("User-Id")).encode()
+            frames = [f.bytes for f in frames]
+        else:
+            # Without CURVE a client is the routing id it chose (ZMQ_ROUTING_ID); those ZeroMQ
+            # makes up start with a zero byte and change on every connection: the anonymous client.
+            client = frames[0] if frames[0][:1] not in (b"", b"\0") else b""
+        envelope, body = frames[:-1], frames[-1]
+        peer = envelope[0]
+        if len(envelope) > 1 and (len(envelope) > _MAX_ENVELOPE_FRAMES
+                                  or any(len(f) > _MAX_ENVELOPE_FRAME for f in envelope)):
+            # The envelope is echoed in the reply: an oversized one is answered to the peer
+            # alone, never sent back.
+            self._refuse([peer], BadRequest(
+                f"a request may come with at most {_MAX_ENVELOPE_FRAMES} envelope frames of at most "
+                f"{_MAX_ENVELOPE_FRAME} bytes each", {"field": "<envelope>", "reason": "too large"}))
+            return
+        n = self._peers.get(peer, 0)
+        if n >= self.cfg.max_inflight_per_peer:
+            rid = protocol.request_id_of(body) if len(body) <= self.cfg.max_frame_bytes else ""
+            self._refuse(envelope, Busy(f"{n} requests of this connection are in flight, the most one "
+                                        "connection may have; read the replies, then retry"), rid)
+            return
+        self._peers[peer] = n + 1
+        task = asyncio.get_running_loop().create_task(self._serve(envelope, body, client))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, frames: list[bytes]) -> None:
-        envelope, body = frames[:-1], frames[-1]
-        reply = await self.handle(body)
-        if self.router is not None:
-            try:
-                self.router.send_multipart([*envelope, reply], zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.info("could not deliver a reply: %s", exc)
+    def _refuse(self, envelope: list[bytes], error: AgentError, rid: str = "") -> None:
+        self._send([*envelope, protocol.encode_error(rid, error)])
+        if self.observe is not None:
+            self.observe("<refused>", 0.0, error.code)
+
+    def _send(self, frames: list[bytes]) -> None:
+        if self.router is None:
+            return
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # zmq.Again: the peer's queue is full (it does not read); EHOSTUNREACH: it is gone.
+            self.dropped_replies += 1
+            now = time.monotonic()
+            if now - self._dropped_logged > 10.0:
+                self._dropped_logged = now
+                log.warning("dropped a reply (%s); %d so far", exc, self.dropped_replies)
+
+    async def _serve(self, envelope: list[bytes], body: bytes, client: bytes) -> None:
+        peer = envelope[0]
+        try:
+            reply = await self.handle(body, client)
+        finally:
+            n = self._peers.get(peer, 1) - 1
+            if n:
+                self._peers[peer] = n
+            else:
+                self._peers.pop(peer, None)
+        self._send([*envelope, reply])
+        if not self._drain_due:
             self._drain()
 
-    async def handle(self, body: bytes) -> bytes:
-        """The reply to one request frame (never raises)."""
+    async def handle(self, body: bytes, client: bytes = b"") -> bytes:
+        """The reply to one request frame of ``client`` (never raises)."""
         started = time.perf_counter()
         op = "<invalid>"
         rid = ""
@@ -215,17 +315,22 @@ class Server:
                 rid = protocol.request_id_of(body)
                 raise
             rid, op = env.id, env.op
-            cached = self._replies.get(rid)
+            key = (client, rid)
+            cached = self._window.get(key)
             if cached is not None:
-                value = cached[1]
-                return value if isinstance(value, bytes) else await asyncio.shield(value)
+                return cached
+            if key in self._running:
+                running = self._running[key]
+                if running is None:
+                    running = self._running[key] = asyncio.get_running_loop().create_future()
+                return await asyncio.shield(running)
             if not self._accepting:
                 raise Busy("the agent is shutting down; retry on its successor")
             if self._inflight >= self.cfg.max_inflight_requests:
                 raise Busy(f"{self._inflight} requests are in flight, the most this agent takes; retry later")
             self._inflight += 1
             try:
-                return await self._execute(rid, op, env.args)
+                return await self._execute(key, op, env.args)
             finally:
                 self._inflight -= 1
         except AgentError as exc:
@@ -241,44 +346,56 @@ class Server:
                 label = op if op in protocol.OP_ARGS or op == "<invalid>" else "<unknown>"
                 self.observe(label, time.perf_counter() - started, code)
 
-    async def _execute(self, rid: str, op: str, raw: Any) -> bytes:
+    async def _execute(self, key: Key, op: str, raw: Any) -> bytes:
+        client, rid = key
         args = protocol.decode_args(op, raw)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        expires = time.monotonic() + self.cfg.idempotency_window_s
-        self._replies[rid] = (expires, fut)
+        grant = self.policy.grant(client)
+        if not grant.admin:
+            # Refusals are not remembered: they depend on the grants, not on the request.
+            self.policy.authorize(grant, op, args, self.project_of)
+        mutating = op in protocol.MUTATING_OPS
+        # A repeat arriving while this runs waits for this reply (reads included; its future
+        # is made only then); only the replies of mutating ops outlive their request.
+        self._running[key] = None
+        reply: bytes | None = None
         try:
-            result = await self.handlers[op](args, rid)
-        except AgentError as exc:
-            reply = protocol.encode_error(rid, exc)
-            if exc.code in _TRANSIENT:
+            if mutating and self._window.spilled:
+                reply = await self.store.get_reply(client, rid)
+                if reply is not None:
+                    return reply
+            try:
+                result = await self.handlers[op](args, rid)
+            except AgentError as exc:
+                reply = protocol.encode_error(rid, exc)
                 # A retry of a transient failure should run again, not replay the failure.
-                self._replies.pop(rid, None)
-                fut.set_result(reply)
-            else:
-                await self._remember(rid, op, reply, expires, fut)
-            raise
-        except BaseException:
-            self._replies.pop(rid, None)
-            fut.set_result(protocol.encode_error(rid, Busy("the request was interrupted; retry it")))
-            raise
-        reply = protocol.encode_ok(rid, result)
-        await self._remember(rid, op, reply, expires, fut)
-        return reply
-
-    async def _remember(self, rid: str, op: str, reply: bytes, expires: float,
-                        fut: asyncio.Future[bytes]) -> None:
-        try:
-            if op in protocol.MUTATING_OPS:
-                await self.store.write([Store.put_reply(rid, reply, self.cfg.idempotency_window_s)])
+                if mutating and exc.code not in _TRANSIENT:
+                    await self._remember(key, reply)
+                raise
+            except BaseException:
+                reply = protocol.encode_error(rid, Busy("the request was interrupted; retry it"))
+                raise
+            if not grant.admin:
+                result = self.policy.visible(grant, op, result, self.project_of)
+            reply = protocol.encode_ok(rid, result)
+            if mutating:
+                await self._remember(key, reply)
+            return reply
         finally:
-            self._replies[rid] = (expires, reply)
-            fut.set_result(reply)
+            waiter = self._running.pop(key, None)
+            if waiter is not None:
+                waiter.set_result(reply if reply is not None else protocol.encode_error(
+                    rid, AgentError(f"internal error; see the agent log for request {rid!r}")))
+
+    async def _remember(self, key: Key, reply: bytes) -> None:
+        window = self.cfg.idempotency_window_s
+        try:
+            await self.store.write([Store.put_reply(key[0], key[1], reply, window)])
+        finally:
+            self._window.put(key, reply, time.monotonic() + window)
 
     def expire(self) -> None:
         """Forget replies past the retention window."""
-        now = time.monotonic()
-        for rid in [r for r, (exp, v) in self._replies.items() if exp < now and isinstance(v, bytes)]:
-            del self._replies[rid]
+        self._window.expire()
 
     # -- shutdown --------------------------------------------------------------------------
 

@@ -4,9 +4,9 @@ One :class:`Metrics` object per agent holds every series; the server, the manage
 cache, the network and the stats collector call its small methods (``observe_request``,
 ``set_instances``, ``set_resources``, ``image_cache``, ``observe_network_batch``,
 ``observe_sampler``, ``observe_loop_lag``).
-:func:`start_http_server` serves ``/metrics`` from a thread (loopback by default) and returns a
-handle to stop it; :func:`loop_lag_probe` is a coroutine that measures how late the event loop
-wakes up.
+:func:`start_http_server` serves ``/metrics`` from one thread for all connections (loopback by
+default, bounded in connections and idle time) and returns a handle to stop it;
+:func:`loop_lag_probe` is a coroutine that measures how late the event loop wakes up.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -28,6 +27,8 @@ _LATENCY_BUCKETS = (
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SAMPLER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST.encode()
+_MAX_REQUEST_HEAD = 16384
 
 
 class Metrics:
@@ -143,14 +144,28 @@ class Metrics:
         return bytes(prometheus_client.generate_latest(self.registry))
 
 
-@dataclass
 class MetricsServer:
-    """A running ``/metrics`` endpoint; ``stop()`` closes it."""
+    """A running ``/metrics`` endpoint: one thread, its own event loop, every connection.
 
-    host: str
-    port: int
-    _server: Any
-    _thread: threading.Thread
+    A thread per connection (prometheus_client's server) lets each idle client cost a thread;
+    here a connection costs a few objects, at most ``max_connections`` are open (past it, the
+    one waiting longest for its request is closed), and one that sends no complete request
+    within ``idle_timeout_s`` is closed. Each answer closes its connection.
+    """
+
+    def __init__(self, metrics: Metrics, host: str, port: int, max_connections: int, idle_timeout_s: float) -> None:
+        self.host = host
+        self.port = port
+        self._metrics = metrics
+        self._max = max_connections
+        self._idle_timeout_s = idle_timeout_s
+        self._open = 0
+        self._waiting: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stopped: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="metrics-http", daemon=True)
 
     @property
     def url(self) -> str:
@@ -158,20 +173,83 @@ class MetricsServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 
+    def start(self) -> None:
+        """Bind and start serving; raises what the bind raised."""
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
     def stop(self) -> None:
-        """Stop serving and wait for the server thread to end."""
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop serving, close every connection and wait for the server thread to end."""
+        if self._stopped is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
         self._thread.join()
 
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._main())
+        finally:
+            self._loop.close()
 
-def start_http_server(metrics: Metrics, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
-    """Serve ``metrics`` on ``http://host:port/metrics`` from a daemon thread.
+    async def _main(self) -> None:
+        self._stopped = asyncio.Event()
+        try:
+            server = await asyncio.start_server(self._serve, self.host, self.port, limit=_MAX_REQUEST_HEAD)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self.port = int(server.sockets[0].getsockname()[1])
+        self._ready.set()
+        async with server:
+            await self._stopped.wait()
+            server.close()
+            for w in list(self._waiting):
+                w.transport.abort()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
+        self._waiting[writer] = None
+        if self._open > self._max:
+            oldest = next(iter(self._waiting))
+            oldest.transport.abort()  # its own task sees the connection end and cleans up
+            self._waiting.pop(oldest, None)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._idle_timeout_s)
+            self._waiting.pop(writer, None)
+            method, _, rest = head.partition(b" ")
+            path = rest.partition(b" ")[0].partition(b"?")[0]
+            if method not in (b"GET", b"HEAD"):
+                status, body = b"405 Method Not Allowed", b"only GET\n"
+            elif path not in (b"/metrics", b"/"):
+                status, body = b"404 Not Found", b"see /metrics\n"
+            else:
+                status, body = b"200 OK", self._metrics.render()
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + _CONTENT_TYPE
+                         + b"\r\nContent-Length: " + str(len(body)).encode()
+                         + b"\r\nConnection: close\r\n\r\n" + (body if method == b"GET" else b""))
+            await asyncio.wait_for(writer.drain(), self._idle_timeout_s)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._open -= 1
+            self._waiting.pop(writer, None)
+            writer.transport.abort()
+
+
+def start_http_server(metrics: Metrics, host: str = "127.0.0.1", port: int = 0, max_connections: int = 64,
+                      idle_timeout_s: float = 10.0) -> MetricsServer:
+    """Serve ``metrics`` on ``http://host:port/metrics`` from one daemon thread.
 
     ``port`` 0 picks a free port (read it back from the result). Blocking only for the bind.
     """
-    server, thread = prometheus_client.start_http_server(port, addr=host, registry=metrics.registry)
-    return MetricsServer(host, int(server.server_port), server, thread)
+    server = MetricsServer(metrics, host, port, max_connections, idle_timeout_s)
+    server.start()
+    return server
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
