@@ -21,41 +21,12 @@ Environment:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from agent_fixtures import AgentProcess, disk_dirs
-from fuzz_wire import Agent, Fuzzer
+from fuzz_wire import run_fuzz
 
-DEFAULT_SEED = 19
 DEFAULT_STEPS = 3000
-
-
-def fuzz_agent(agent: AgentProcess) -> Agent:
-    """The view of a started ``AgentProcess`` that the fuzzer needs."""
-    assert agent.proc is not None
-    proc = agent.proc
-    return Agent(control=agent.control, pid=proc.pid, alive=lambda: proc.poll() is None,
-                 disk_dirs=lambda: disk_dirs(agent), log=agent.log)
-
-
-def run_fuzz(agent: AgentProcess, image: Path, *, default_steps: int, time_limit_s: float,
-             check_every: int = 250, sweep_every: int = 1000) -> None:
-    """Run the fuzzer with the environment's seed and step count; fail with every violation."""
-    seed = int(os.environ.get("FASTCOMPUTE_FUZZ_SEED", DEFAULT_SEED))
-    steps = int(os.environ.get("FASTCOMPUTE_FUZZ_STEPS", default_steps))
-    failfast = os.environ.get("FASTCOMPUTE_FUZZ_FAILFAST", "") not in ("", "0")
-    fuzzer = Fuzzer(fuzz_agent(agent), image, seed, steps, check_every=check_every, sweep_every=sweep_every,
-                    time_limit_s=time_limit_s, failfast=failfast)
-    try:
-        violations = fuzzer.run()
-    finally:
-        fuzzer.close()
-    print("\n" + fuzzer.summary())
-    assert not violations, fuzzer.report()
-    # A run that did next to nothing proves nothing: the time limit must not eat the steps.
-    assert fuzzer.steps_run >= min(steps, 500), fuzzer.summary()
 
 
 def test_fuzz_wire(make_agent: Any, image_file: Path) -> None:
