@@ -33,6 +33,7 @@ from fastcompute.network import Network
 from fastcompute.protocol import Fault, Flavor, InstanceRecord, NumaCell, SpawnArgs
 from fastcompute.protocol.ports import Port, SecurityGroup
 from fastcompute.resources import numa
+from fastcompute.resources.numa_types import NumaRequest, Placement
 from fastcompute.resources.tracker import Claim, Tracker
 from fastcompute.store import Store
 
@@ -81,7 +82,7 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
-def flavor_request(flavor: Flavor) -> dict[str, Any] | None:
+def flavor_request(flavor: Flavor) -> NumaRequest | None:
     """Validate a flavor's extra specs; return its NUMA request (None for a floating guest).
 
     ``hw:`` keys are Nova's and checked by ``numa.constraints``; ``quota:`` keys must be known
@@ -110,13 +111,14 @@ def _image_spec(rec: InstanceRecord) -> ImageSpec:
     return ImageSpec(id=i.id, url=i.url, checksum=i.checksum, disk_format=i.disk_format)
 
 
-def numa_cells(request: dict[str, Any] | None, placement: dict[str, Any] | None) -> list[NumaCell] | None:
+def numa_cells(request: NumaRequest | None, placement: Placement | None) -> list[NumaCell] | None:
     """The record's ``numa`` field: one entry per guest cell, with its pinning if dedicated."""
     if request is None or placement is None:
         return None
     cells = []
     for i, (want, got) in enumerate(zip(request["cells"], placement["cells"], strict=True)):
-        pinning = {int(v): int(p) for v, p in got["pinning"]} or None
+        # String keys: a map on the wire has string keys, which any MessagePack client decodes.
+        pinning: dict[str | int, int] | None = {str(v): p for v, p in got["pinning"]} or None
         cells.append(NumaCell(cell=i, host_cell=got["host_cell"], cpus=sorted(want["cpuset"] + want["pcpuset"]),
                               memory_mb=want["memory"], pagesize_kb=got.get("pagesize"), pinning=pinning))
     return cells
