@@ -107,6 +107,23 @@ def test_no_capacity_for_a_flavor_larger_than_the_host(agent: AgentProcess, imag
     assert agent.call("host.info")["usage"] == dict.fromkeys(RCS, 0)
 
 
+def test_one_instance_may_not_have_more_than_max_unit(make_agent: Any, tmp_path: Path, image_file: Path) -> None:
+    """128 CPUs at ratio 16 hold 2,048 VCPU, but one instance gets at most 128 (Placement's
+    max_unit): a 1,024-vCPU guest is refused, a 128-vCPU one is not."""
+    uri = node_uri(tmp_path, nodes=2, sockets=2, cores=32, threads=1, memory_mib=262144)
+    agent = make_agent(hypervisor=uri)
+    inventory = agent.call("host.info")["inventory"]["VCPU"]
+    assert (inventory["total"], inventory["max_unit"], inventory["allocation_ratio"]) == (128, 128, 16.0)
+    huge = {"vcpus": 1024, "memory_mb": 64, "disk_gb": 1}
+    exc = call_error(agent, "instance.spawn", spawn_args(image_file, flavor=huge))
+    assert exc.code == "NO_CAPACITY"
+    assert exc.details["resource_class"] == "VCPU" and exc.details["max_unit"] == 128
+    assert agent.call("instance.list") == []
+    assert agent.call("host.info")["usage"]["VCPU"] == 0
+    rec = agent.call("instance.spawn", spawn_args(image_file, flavor={"vcpus": 128, "memory_mb": 64, "disk_gb": 1}))
+    assert rec["vm_state"] == "building"
+
+
 def test_no_capacity_when_full_then_room_after_delete(make_agent: Any, tmp_path: Path, image_file: Path) -> None:
     uri = node_uri(tmp_path, nodes=1, sockets=1, cores=2, threads=1, memory_mib=4096)
     agent = make_agent(hypervisor=uri, config="[resources]\ncpu_allocation_ratio = 1.0\ndisk_gb = 100\n")

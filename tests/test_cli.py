@@ -114,3 +114,12 @@ def test_config_output_runs_an_agent(make_agent: Any) -> None:
     """What ``fastcompute config`` prints is a valid config file for the agent."""
     agent: AgentProcess = make_agent(config=fc("config").stdout)
     assert agent.call("host.info")["hypervisor"]["uri"] == "test:///default"
+
+
+def test_a_misspelt_config_value_stops_the_agent_naming_the_key(tmp_path: Path) -> None:
+    """``source = "cgrop"`` is not taken as some default: the agent does not start."""
+    path = tmp_path / "agent.toml"
+    path.write_text('[stats]\nsource = "cgrop"\n')
+    proc = fc("agent", "--config", str(path), "--state-dir", str(tmp_path / "state"), check=False)
+    assert proc.returncode == 2
+    assert "stats.source" in proc.stderr and "cgrop" in proc.stderr
