@@ -73,8 +73,11 @@ def test_configured_ratios_and_reserves(make_agent: Any, tmp_path: Path, image_f
     assert inv["PCPU"]["total"] == 2
     assert (inv["MEMORY_MB"]["total"], inv["MEMORY_MB"]["reserved"]) == (8192, 1024)
     assert (inv["DISK_GB"]["total"], inv["DISK_GB"]["reserved"]) == (40, 10)
-    # (6 - 2) * 2 = 8 VCPUs may be given out: one instance of 8 fits, then nothing more.
-    agent.call("instance.spawn", spawn_args(image_file, wait=True, flavor={"vcpus": 8, "memory_mb": 64, "disk_gb": 1}))
+    # (6 - 2) * 2 = 8 VCPUs may be given out: two instances of 4 fit, then nothing more. (One
+    # of 8 would not: one instance gets at most max_unit = 6 VCPU, as Placement allows.)
+    four = {"vcpus": 4, "memory_mb": 64, "disk_gb": 1}
+    for name in ("a", "b"):
+        agent.call("instance.spawn", spawn_args(image_file, name=name, wait=True, flavor=four))
     one = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1}
     exc = call_error(agent, "instance.spawn", spawn_args(image_file, flavor=one))
     assert exc.code == "NO_CAPACITY" and exc.details["resource_class"] == "VCPU"
