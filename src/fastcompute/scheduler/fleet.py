@@ -130,6 +130,7 @@ class HostView:
         "members",
         "name",
         "numa_host",
+        "room",
         "sent_members",
         "traits",
         "unreported",
@@ -160,6 +161,7 @@ class HostView:
         self.held_back = [0, 0, 0, 0]
         self.link: Any = None  # the scheduler's connection to this agent
         self.free = [0, 0, 0, 0]
+        self.room = [0, 0, 0, 0]
         self.numa_host: HostUsage | None = None
         self._numa_compiled: _core.NumaHost | None = None
         self.limits = Limits(cpu_allocation_ratio=1.0, ram_allocation_ratio=1.0)
@@ -274,6 +276,9 @@ class HostView:
         for req in itertools.islice(self.inflight.values(), self.credit):
             self._add(free, req, 1)
         self.free = free
+        # What one more instance may have: free, but at most max_unit of each class.
+        most = self.max_unit
+        self.room = [min(free[0], most[0]), min(free[1], most[1]), min(free[2], most[2]), min(free[3], most[3])]
 
     def numa_fits(self, request: NumaRequest) -> bool:
         """The NUMA fitter's answer on this host's last published NUMA usage (True if unknown)."""
@@ -342,9 +347,8 @@ def select(hosts: Iterable[HostView], req: tuple[int, int, int, int], weights: W
                 reasons["capacity"] += 1
                 continue
         else:
-            free, most = h.free, h.max_unit
-            if (free[0] < v or free[1] < p or free[2] < m or free[3] < d
-                    or most[0] < v or most[1] < p or most[2] < m or most[3] < d):
+            free, room = h.free, h.room
+            if room[0] < v or room[1] < p or room[2] < m or room[3] < d:
                 reasons["capacity"] += 1
                 continue
         if (required and not required <= h.traits) or (forbidden and not forbidden.isdisjoint(h.traits)):
