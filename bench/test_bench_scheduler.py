@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hosts import write_test_host
 from scheduler_fixtures import SIZES, agent_config, spawns, start_fleet
 
+from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.rpc.client import AsyncClient
 from fastcompute.scheduler.fleet import Group, HostView, Scheduler, Weights, request_tuple, run_storm, select
 

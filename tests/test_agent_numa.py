@@ -6,7 +6,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+import zmq
 from agent_fixtures import spawn_args
 
 from fastcompute.errors import NoCapacity
@@ -60,6 +62,31 @@ def test_a_thousand_racing_pinned_spawns_fill_exactly_300_pcpus(make_agent: Any,
     again = agent.call("instance.spawn", spawn_args(image_file, flavor=PINNED, wait=True))
     assert again["vm_state"] == "active"
     assert pinned_pcpus([again]) == pinned_pcpus([freed])
+
+
+def test_pinned_record_decodes_with_a_plain_msgpack_client(make_agent: Any, tmp_path: Path,
+                                                            image_file: Path) -> None:
+    """A pinned guest's record, read by a client using msgpack's defaults (strict_map_key):
+    every map has string keys, and pinning maps guest vCPU "0".."n" to host pCPU."""
+    uri = write_test_host(tmp_path / "host.xml", cells=1, sockets=1, cores=8, threads=1, memory_gib=16)
+    agent = make_agent(config='[resources]\ncpu_dedicated_set = "4-7"\n', hypervisor=uri)
+    flavor = {**PINNED, "vcpus": 2}
+    s: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(agent.control)
+    try:
+        for i, (op, args) in enumerate((("instance.spawn", spawn_args(image_file, flavor=flavor, wait=True)),
+                                        ("instance.list", {}))):
+            s.send(msgpack.packb({"v": 1, "id": f"r{i}", "op": op, "args": args}))
+            assert s.poll(30_000)
+            reply = msgpack.unpackb(s.recv())
+            assert reply["ok"], reply
+            record = reply["result"] if op == "instance.spawn" else reply["result"][0]
+            pinning = record["numa"][0]["pinning"]
+            assert sorted(pinning) == ["0", "1"]
+            assert set(pinning.values()) <= {4, 5, 6, 7} and len(set(pinning.values())) == 2
+    finally:
+        s.close()
 
 
 def test_multi_node_guest_is_spread_and_recorded(make_agent: Any, tmp_path: Path, image_file: Path) -> None:

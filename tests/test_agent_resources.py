@@ -73,8 +73,11 @@ def test_configured_ratios_and_reserves(make_agent: Any, tmp_path: Path, image_f
     assert inv["PCPU"]["total"] == 2
     assert (inv["MEMORY_MB"]["total"], inv["MEMORY_MB"]["reserved"]) == (8192, 1024)
     assert (inv["DISK_GB"]["total"], inv["DISK_GB"]["reserved"]) == (40, 10)
-    # (6 - 2) * 2 = 8 VCPUs may be given out: one instance of 8 fits, then nothing more.
-    agent.call("instance.spawn", spawn_args(image_file, wait=True, flavor={"vcpus": 8, "memory_mb": 64, "disk_gb": 1}))
+    # (6 - 2) * 2 = 8 VCPUs may be given out: two instances of 4 fit, then nothing more. (One
+    # of 8 would not: one instance gets at most max_unit = 6 VCPU, as Placement allows.)
+    four = {"vcpus": 4, "memory_mb": 64, "disk_gb": 1}
+    for name in ("a", "b"):
+        agent.call("instance.spawn", spawn_args(image_file, name=name, wait=True, flavor=four))
     one = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1}
     exc = call_error(agent, "instance.spawn", spawn_args(image_file, flavor=one))
     assert exc.code == "NO_CAPACITY" and exc.details["resource_class"] == "VCPU"
@@ -105,6 +108,23 @@ def test_no_capacity_for_a_flavor_larger_than_the_host(agent: AgentProcess, imag
         assert exc.details["resource_class"] == rc and rc in exc.message
     assert agent.call("instance.list") == []
     assert agent.call("host.info")["usage"] == dict.fromkeys(RCS, 0)
+
+
+def test_one_instance_may_not_have_more_than_max_unit(make_agent: Any, tmp_path: Path, image_file: Path) -> None:
+    """128 CPUs at ratio 16 hold 2,048 VCPU, but one instance gets at most 128 (Placement's
+    max_unit): a 1,024-vCPU guest is refused, a 128-vCPU one is not."""
+    uri = node_uri(tmp_path, nodes=2, sockets=2, cores=32, threads=1, memory_mib=262144)
+    agent = make_agent(hypervisor=uri)
+    inventory = agent.call("host.info")["inventory"]["VCPU"]
+    assert (inventory["total"], inventory["max_unit"], inventory["allocation_ratio"]) == (128, 128, 16.0)
+    huge = {"vcpus": 1024, "memory_mb": 64, "disk_gb": 1}
+    exc = call_error(agent, "instance.spawn", spawn_args(image_file, flavor=huge))
+    assert exc.code == "NO_CAPACITY"
+    assert exc.details["resource_class"] == "VCPU" and exc.details["max_unit"] == 128
+    assert agent.call("instance.list") == []
+    assert agent.call("host.info")["usage"]["VCPU"] == 0
+    rec = agent.call("instance.spawn", spawn_args(image_file, flavor={"vcpus": 128, "memory_mb": 64, "disk_gb": 1}))
+    assert rec["vm_state"] == "building"
 
 
 def test_no_capacity_when_full_then_room_after_delete(make_agent: Any, tmp_path: Path, image_file: Path) -> None:

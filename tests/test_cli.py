@@ -186,3 +186,12 @@ def test_events_prints_a_line_per_event_and_json_with_json(agent: AgentProcess, 
     assert len(events) == 2
     for e in events:
         assert e["topic"] == "instance." + e["body"]["uuid"] and e["body"]["name"] == "watched"
+
+
+def test_a_misspelt_config_value_stops_the_agent_naming_the_key(tmp_path: Path) -> None:
+    """``source = "cgrop"`` is not taken as some default: the agent does not start."""
+    path = tmp_path / "agent.toml"
+    path.write_text('[stats]\nsource = "cgrop"\n')
+    proc = fc("agent", "--config", str(path), "--state-dir", str(tmp_path / "state"), check=False)
+    assert proc.returncode == 2
+    assert "stats.source" in proc.stderr and "cgrop" in proc.stderr

@@ -6,6 +6,7 @@ check that contradictory specs are BAD_REQUEST naming the extra spec.
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -138,3 +139,23 @@ def test_contradictory_specs_are_bad_requests_naming_the_key(
 def test_flavor_sizes_must_be_positive_integers(bad: dict[str, Any]) -> None:
     with pytest.raises(BadRequest):
         numa.constraints({**bad, "extra_specs": {}})
+
+
+@pytest.mark.parametrize("key, value", [("hw:numa_cpus.0", "0-9999999"), ("hw:numa_cpus.0", "0,^5-9999999"),
+                                        ("hw:cpu_dedicated_mask", "^0-9999999")])
+def test_huge_cpu_ranges_are_refused_before_they_are_expanded(key: str, value: str) -> None:
+    """A range far beyond the flavor's vCPUs is refused from its bounds: a 1-vCPU flavor naming
+    ten million vCPUs costs no memory to refuse (expanding it took 1.1 GiB and a second)."""
+    specs = {"hw:numa_nodes": "1", "hw:numa_mem.0": "1024", key: value}
+    if key == "hw:cpu_dedicated_mask":
+        specs = {"hw:cpu_policy": "mixed", key: value}
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadRequest) as err:
+            numa.constraints({"vcpus": 1, "memory_mb": 1024, "extra_specs": specs})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.details["field"] == key
+    assert "9999999" in err.value.message
+    assert peak < 1 << 20

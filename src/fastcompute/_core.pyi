@@ -1,6 +1,6 @@
 """Typing stub of the compiled core; one section per include file under core/."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 # --- core/copy.pxi: the image copier ---
@@ -30,12 +30,13 @@ class CgroupSampler:
 def cpuset_to_list(bitmap: bytes) -> list[int]: ...
 def cpuset_from_list(cpus: Iterable[int]) -> bytes: ...
 
+# The NUMA shapes are resources/numa_types.py's TypedDicts (dicts at run time, as the core needs).
 class NumaHost:
-    def __init__(self, host: dict[str, Any], previous: NumaHost | None = None) -> None: ...
+    def __init__(self, host: Mapping[str, Any], previous: NumaHost | None = None) -> None: ...
     def __len__(self) -> int: ...
 
 def numa_fit(
-    host: dict[str, Any] | NumaHost,
-    request: dict[str, Any],
-    limits: dict[str, Any] | None = None,
+    host: Mapping[str, Any] | NumaHost,
+    request: Mapping[str, Any],
+    limits: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None: ...

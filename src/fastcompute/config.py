@@ -3,7 +3,8 @@
 Each section is a ``msgspec.Struct``; the field's default is the documented default and the
 ``doc`` metadata says what it means. ``fastcompute config`` prints the whole file with its
 comments, so the documentation cannot drift from the code. Unknown keys are errors: a typo
-in a config file must not silently fall back to a default.
+in a config file must not silently fall back to a default, and keys that take one of a few
+words are ``Literal`` types, so that a misspelt value is an error at start-up naming the key.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     peer_receive_queue: Annotated[int, _doc("Requests queued from one connection before the agent stops reading it (ZeroMQ RCVHWM, in messages)")] = 1000
     sync_power_state_interval_s: Annotated[float, _doc("Period of the power-state sync with the hypervisor")] = 10.0
     resources_interval_s: Annotated[float, _doc("host.resources is published at least this often")] = 10.0
-    log_level: Annotated[str, _doc("DEBUG, INFO, WARNING or ERROR")] = "INFO"
+    log_level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], _doc("DEBUG, INFO, WARNING or ERROR")] = "INFO"
 
 
 class ClientGrant(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -68,7 +69,7 @@ class HypervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """[hypervisor]: the libvirt connection and domain defaults."""
 
     uri: Annotated[str, _doc("libvirt URI; test:///default is libvirt's in-process test hypervisor")] = "test:///default"
-    domain_type: Annotated[str, _doc("Domain type for qemu:// URIs: qemu (TCG) or kvm")] = "qemu"
+    domain_type: Annotated[Literal["qemu", "kvm"], _doc("Domain type for qemu:// URIs: qemu (TCG) or kvm")] = "qemu"
     shutdown_timeout_s: Annotated[float, _doc("Graceful (ACPI) shutdown wait before a forced stop")] = 60.0
 
 
@@ -99,7 +100,7 @@ class QuotaConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ImagesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[images]: image sources, the base-image cache and instance disks."""
 
-    disk_mode: Annotated[str, _doc("cow: qcow2 overlay on the cached base; flat: a private copy")] = "cow"
+    disk_mode: Annotated[Literal["cow", "flat"], _doc("cow: qcow2 overlay on the cached base; flat: a private copy")] = "cow"
     glance_endpoint: Annotated[str, _doc("Image service (Glance v2) URL for image ids, e.g. http://glance:9292; empty = ids refused")] = ""
     glance_token: Annotated[str, _doc("X-Auth-Token sent to the Image service; empty = none")] = ""
     glance_headers: Annotated[list[str], _doc("Extra 'Name: value' headers for the Image service (e.g. X-Project-Id without Keystone)")] = (
@@ -141,7 +142,7 @@ class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics: Annotated[str, _doc("HOST:PORT of the Prometheus /metrics endpoint; empty = off")] = ""
     metrics_max_connections: Annotated[int, msgspec.Meta(ge=1), _doc("Open /metrics connections; past it the one idle longest is closed (one thread serves them all)")] = 64
     metrics_idle_timeout_s: Annotated[float, _doc("A /metrics connection that sends no complete request for this long is closed")] = 10.0
-    source: Annotated[str, _doc("Where guest stats come from: auto = the QEMU process's cgroup when found, else libvirt's getAllDomainStats; cgroup; libvirt")] = "auto"
+    source: Annotated[Literal["auto", "cgroup", "libvirt"], _doc("Where guest stats come from: auto = the QEMU process's cgroup when found, else libvirt's getAllDomainStats; cgroup; libvirt")] = "auto"
     qemu_run_dir: Annotated[str, _doc("Directory of libvirt's QEMU pid files (one {domain name}.pid per guest), used to find a guest's cgroup")] = "/run/libvirt/qemu"
     loop_lag_interval_s: Annotated[float, _doc("Period of the event-loop lag probe behind the event_loop_lag metric; 0 = off")] = 0.5
 

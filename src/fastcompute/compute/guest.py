@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
 
 from fastcompute.hypervisor.spec import Disk, GuestCell, GuestSpec, Interface, Limits
 from fastcompute.protocol import InstanceRecord
 from fastcompute.protocol.ports import Port
+from fastcompute.resources.numa_types import HostUsage
 from fastcompute.resources.tracker import Claim
 
 QUOTA_LIMITS: dict[str, str] = {
@@ -39,7 +39,7 @@ def address_hints(ports: list[Port]) -> list[str]:
     return []
 
 
-def _placement(claim: Claim | None, numa_host: dict[str, Any] | None
+def _placement(claim: Claim | None, numa_host: HostUsage | None
                ) -> tuple[list[GuestCell], dict[int, list[int]], list[int]]:
     """The guest NUMA cells, vCPU pins and emulator pins a claim's placement decided."""
     if claim is None or claim.numa_request is None or claim.numa_placement is None or numa_host is None:
@@ -68,7 +68,7 @@ def guest_spec(
     disks: list[Disk],
     interfaces: list[Interface],
     claim: Claim | None,
-    numa_host: dict[str, Any] | None,
+    numa_host: HostUsage | None,
     virt_type: str,
 ) -> GuestSpec:
     """The guest an instance is: ``interfaces`` its plugged ports' taps, ``claim`` what it

@@ -34,6 +34,7 @@ from fastcompute.images.cache import ImageCache, ImageSpec
 from fastcompute.network import Network
 from fastcompute.protocol import Fault, InstanceRecord, NumaCell, SpawnArgs
 from fastcompute.protocol.ports import Port, SecurityGroup
+from fastcompute.resources.numa_types import NumaRequest, Placement
 from fastcompute.resources.tracker import Claim, Tracker
 from fastcompute.store import Store
 
@@ -74,13 +75,14 @@ def _image_spec(rec: InstanceRecord) -> ImageSpec:
     return ImageSpec(id=i.id, url=i.url, checksum=i.checksum, disk_format=i.disk_format)
 
 
-def numa_cells(request: dict[str, Any] | None, placement: dict[str, Any] | None) -> list[NumaCell] | None:
+def numa_cells(request: NumaRequest | None, placement: Placement | None) -> list[NumaCell] | None:
     """The record's ``numa`` field: one entry per guest cell, with its pinning if dedicated."""
     if request is None or placement is None:
         return None
     cells = []
     for i, (want, got) in enumerate(zip(request["cells"], placement["cells"], strict=True)):
-        pinning = {int(v): int(p) for v, p in got["pinning"]} or None
+        # String keys: a map on the wire has string keys, which any MessagePack client decodes.
+        pinning: dict[str | int, int] | None = {str(v): p for v, p in got["pinning"]} or None
         cells.append(NumaCell(cell=i, host_cell=got["host_cell"], cpus=sorted(want["cpuset"] + want["pcpuset"]),
                               memory_mb=want["memory"], pagesize_kb=got.get("pagesize"), pinning=pinning))
     return cells

@@ -21,6 +21,7 @@ from fastcompute.network import check_ports, check_rule
 from fastcompute.protocol import AttachPortArgs, Flavor, Image, SecurityGroupsArgs, SpawnArgs
 from fastcompute.protocol.ports import Port, SecurityGroup
 from fastcompute.resources import numa
+from fastcompute.resources.numa_types import NumaRequest
 
 QUOTA_KEYS: Final = frozenset(QUOTA_LIMITS)
 _INT64_MAX: Final = 2**63 - 1  # libvirt's cputune and iotune values are 64-bit
@@ -34,7 +35,7 @@ def _renamed(exc: BadRequest, field: str) -> BadRequest:
     return protocol.invalid(field, reason)
 
 
-def flavor_request(flavor: Flavor) -> dict[str, Any] | None:
+def flavor_request(flavor: Flavor) -> NumaRequest | None:
     """Check a flavor's extra specs; return its NUMA request (None for a floating guest).
 
     ``hw:`` keys are Nova's and checked by ``numa.constraints``; ``quota:`` keys must be known

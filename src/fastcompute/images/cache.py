@@ -144,7 +144,10 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
 def check_url(url: str) -> None:
     """Refuse an image URL this cache cannot fetch: a scheme other than ``file``, ``http`` or
     ``https``, an http(s) URL without a host, or a port outside 1-65535. BadRequest otherwise."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # an unclosed IPv6 bracket, for one
+        raise BadRequest(f"image url: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("file", "http", "https"):
         raise BadRequest(f"image url scheme {scheme!r} is not supported: use file, http or https")

@@ -185,7 +185,14 @@ class NumaCell(Struct, kw_only=True):
     cpus: list[int]
     memory_mb: int
     pagesize_kb: int | None = None
-    pinning: dict[int, int] | None = None
+    # Guest vCPU (its number as a string: every map on the wire has string keys, so that a
+    # MessagePack client with default settings decodes it) to host pCPU. Integer keys are
+    # still read, from records stored before, and made strings.
+    pinning: dict[str | int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.pinning is not None:
+            self.pinning = {str(vcpu): pcpu for vcpu, pcpu in self.pinning.items()}
 
 
 class Fault(Struct):

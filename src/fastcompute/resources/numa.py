@@ -10,27 +10,39 @@
   host with a placement's usage added or removed, so that a tracker can keep its host model
   exact across spawns and deletes.
 
-Requests, hosts and placements use the JSON shapes of the conformance corpus
-(``tests/data/numa-corpus.jsonl``, described in ``docs/NUMA.md``): memory in MiB, page sizes
-in KiB, CPU ids as sorted lists.
+Requests, hosts and placements are the typed dicts of ``numa_types``, the JSON shapes of the
+conformance corpus (``tests/data/numa-corpus.jsonl``, described in ``docs/NUMA.md``): memory
+in MiB, page sizes in KiB, CPU ids as sorted lists.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar, cast
 
 from fastcompute import _core
 from fastcompute.errors import BadRequest, Conflict
 from fastcompute.protocol.schema import parse_uint
+from fastcompute.resources import cpusets, units
+from fastcompute.resources.numa_types import (
+    CpuPolicy,
+    EmulatorPolicy,
+    HostCellUsage,
+    HostUsage,
+    Limits,
+    NumaRequest,
+    Placement,
+    ThreadPolicy,
+)
 
 PAGE_SMALL = -1
 PAGE_LARGE = -2
 PAGE_ANY = -3
 
-CPU_POLICIES = ("shared", "dedicated", "mixed")
-THREAD_POLICIES = ("prefer", "isolate", "require")
-EMULATOR_POLICIES = ("share", "isolate")
+CPU_POLICIES: tuple[CpuPolicy, ...] = ("shared", "dedicated", "mixed")
+THREAD_POLICIES: tuple[ThreadPolicy, ...] = ("prefer", "isolate", "require")
+EMULATOR_POLICIES: tuple[EmulatorPolicy, ...] = ("share", "isolate")
 
 # Keys this module interprets; hw:numa_cpus.N and hw:numa_mem.N are matched by pattern.
 _NUMA_KEYS = frozenset(
@@ -70,17 +82,16 @@ _OTHER_HW_KEYS = frozenset(
         "hw:video:ram_max_mb",
     }
 )
+_MAX_PAGE_KIB = 16 * 1024 * 1024  # 16 GiB, the largest page any architecture offers (POWER)
 # re.ASCII: ``\d`` alone also matches other scripts' digits, which int() reads.
 _PER_NODE_KEY = re.compile(r"^hw:numa_(cpus|mem)\.(\d+)$", re.ASCII)
-_PAGE_SIZE = re.compile(r"^(\d+)\s*([KMGT])(?:i)?B$", re.ASCII)
-_UNITS_KIB = {"K": 1, "M": 1024, "G": 1024 * 1024, "T": 1024 * 1024 * 1024}
 
 
 def _bad(key: str, reason: str) -> BadRequest:
     return BadRequest(f"flavor extra spec {key}: {reason}", details={"field": key, "reason": reason})
 
 
-def constraints(flavor: dict[str, Any]) -> dict[str, Any] | None:
+def constraints(flavor: Mapping[str, Any]) -> NumaRequest | None:
     """The NUMA request Nova 34 makes of ``flavor`` (``{vcpus, memory_mb, extra_specs}``).
 
     Returns None when nothing asks for a NUMA topology (no ``hw:numa_nodes``, no page size,
@@ -99,18 +110,22 @@ def constraints(flavor: dict[str, Any]) -> dict[str, Any] | None:
         raise BadRequest(
             "flavor memory_mb must be a positive integer", details={"field": "memory_mb"}
         )
-    specs: dict[str, Any] = flavor.get("extra_specs") or {}
-    for key, value in specs.items():
+    raw: Mapping[str, object] = flavor.get("extra_specs") or {}
+    for key, value in raw.items():
         if not key.startswith("hw:"):
             continue
         if key not in _NUMA_KEYS and key not in _OTHER_HW_KEYS and not _PER_NODE_KEY.match(key):
             raise _bad(key, "unknown hw: extra spec")
         if not isinstance(value, str):
             raise _bad(key, "extra spec values are strings")
+    # Every hw: value is a string now; the others are not read here.
+    specs = {k: v for k, v in raw.items() if k.startswith("hw:") and isinstance(v, str)}
 
-    cpu_policy = _choice(specs, "hw:cpu_policy", CPU_POLICIES)
-    thread_policy = _choice(specs, "hw:cpu_thread_policy", THREAD_POLICIES)
-    emulator_policy = _choice(specs, "hw:emulator_threads_policy", EMULATOR_POLICIES)
+    cpu_policy: CpuPolicy | None = _choice(specs, "hw:cpu_policy", CPU_POLICIES)
+    thread_policy: ThreadPolicy | None = _choice(specs, "hw:cpu_thread_policy", THREAD_POLICIES)
+    emulator_policy: EmulatorPolicy | None = _choice(
+        specs, "hw:emulator_threads_policy", EMULATOR_POLICIES
+    )
     pinned = cpu_policy in ("dedicated", "mixed")
     if thread_policy is not None and not pinned:
         raise _bad("hw:cpu_thread_policy", "a thread policy needs hw:cpu_policy dedicated or mixed")
@@ -131,7 +146,7 @@ def constraints(flavor: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
     nodes = nodes or 1
-    cpu_lists, mem_list = _per_node(specs, nodes)
+    cpu_lists, mem_list = _per_node(specs, nodes, vcpus)
     if cpu_lists is None or mem_list is None:
         cells_cpus, cells_mem = _auto_split(vcpus, memory_mb, nodes)
     else:
@@ -156,38 +171,34 @@ def constraints(flavor: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _choice(specs: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str | None:
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _choice(specs: Mapping[str, str], key: str, allowed: tuple[_Choice, ...]) -> _Choice | None:
     value = specs.get(key)
     if value is None:
         return None
-    if value not in allowed:
-        raise _bad(key, f"must be one of {', '.join(allowed)}")
-    return str(value)
+    for choice in allowed:
+        if value == choice:
+            return choice
+    raise _bad(key, f"must be one of {', '.join(allowed)}")
 
 
-def parse_cpu_spec(key: str, spec: str) -> set[int]:
-    """CPU ids of a Nova CPU spec such as ``0-3,^2,7``: ranges, singles and exclusions."""
-    include: set[int] = set()
-    exclude: set[int] = set()
-    for raw in spec.split(","):
-        part = raw.strip()
-        if not part:
-            continue
-        target = include
-        if part.startswith("^"):
-            target, part = exclude, part[1:].strip()
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part, re.ASCII)
-        if match is None:
-            raise _bad(key, f"invalid CPU spec {spec!r}")
-        low = int(match.group(1))
-        high = int(match.group(2)) if match.group(2) is not None else low
-        if high < low:
-            raise _bad(key, f"invalid CPU range {part!r}")
-        target.update(range(low, high + 1))
-    return include - exclude
+def parse_cpu_spec(key: str, spec: str, vcpus: int = cpusets.MAX_CPUS) -> set[int]:
+    """vCPU ids of a Nova CPU spec such as ``0-3,^2,7``: ranges, singles and exclusions.
+
+    Raises ``BadRequest`` naming ``key`` for malformed text and for ids at or above
+    ``vcpus``, checked before any range is expanded.
+    """
+    try:
+        return cpusets.parse(spec, vcpus, what="vCPU")
+    except cpusets.CpuOutOfRange as exc:
+        raise _bad(key, f"vCPU {exc.cpu} is beyond the flavor's {vcpus} vCPUs") from None
+    except cpusets.CpuListError as exc:
+        raise _bad(key, str(exc)) from None
 
 
-def _dedicated_cpus(specs: dict[str, Any], cpu_policy: str | None, vcpus: int) -> set[int]:
+def _dedicated_cpus(specs: Mapping[str, str], cpu_policy: CpuPolicy | None, vcpus: int) -> set[int]:
     key = "hw:cpu_dedicated_mask"
     mask = specs.get(key)
     if cpu_policy == "dedicated":
@@ -202,17 +213,15 @@ def _dedicated_cpus(specs: dict[str, Any], cpu_policy: str | None, vcpus: int) -
         raise _bad(key, "hw:cpu_policy=mixed needs a dedicated CPU mask")
     # A mask of exclusions only (^0-1) means "every vCPU but these".
     if mask.strip().startswith("^"):
-        dedicated = parse_cpu_spec(key, f"0-{vcpus - 1},{mask}")
+        dedicated = parse_cpu_spec(key, f"0-{vcpus - 1},{mask}", vcpus)
     else:
-        dedicated = parse_cpu_spec(key, mask)
-    if not dedicated.issubset(range(vcpus)):
-        raise _bad(key, f"the mask names vCPUs beyond the flavor's {vcpus}")
+        dedicated = parse_cpu_spec(key, mask, vcpus)
     if not dedicated or dedicated == set(range(vcpus)):
         raise _bad(key, "a mixed guest needs both dedicated and shared vCPUs")
     return dedicated
 
 
-def _node_count(specs: dict[str, Any]) -> int | None:
+def _node_count(specs: Mapping[str, str]) -> int | None:
     key = "hw:numa_nodes"
     value = specs.get(key)
     if value is None:
@@ -223,7 +232,7 @@ def _node_count(specs: dict[str, Any]) -> int | None:
     return count
 
 
-def _page_size(specs: dict[str, Any]) -> int | None:
+def _page_size(specs: Mapping[str, str]) -> int | None:
     """``small``/``large``/``any`` as -1/-2/-3, a size (``2048``, ``2MB``, ``1GiB``) in KiB."""
     key = "hw:mem_page_size"
     value = specs.get(key)
@@ -232,22 +241,20 @@ def _page_size(specs: dict[str, Any]) -> int | None:
     named = {"small": PAGE_SMALL, "large": PAGE_LARGE, "any": PAGE_ANY}
     if value in named:
         return named[value]
-    text = value.strip()
-    number = parse_uint(text)
-    if number is not None:
-        size = number
-    else:
-        match = _PAGE_SIZE.match(text)
-        if match is None:
-            raise _bad(key, "must be small, large, any or a size such as 2048, 2MB or 1GB")
-        size = int(match.group(1)) * _UNITS_KIB[match.group(2)]
+    try:
+        size = units.size_kib(value)
+    except ValueError:
+        raise _bad(key, "must be small, large, any or a size such as 2048, 2MB or 1GB") from None
     if size <= 0:
         raise _bad(key, "the page size must be positive")
+    if size > _MAX_PAGE_KIB:
+        # No machine has such pages; the compiled fitter takes sizes as C longs.
+        raise _bad(key, f"no page size is larger than {_MAX_PAGE_KIB // (1024 * 1024)} GiB")
     return size
 
 
 def _per_node(
-    specs: dict[str, Any], nodes: int
+    specs: Mapping[str, str], nodes: int, vcpus: int
 ) -> tuple[list[set[int]] | None, list[int] | None]:
     cpus: dict[int, set[int]] = {}
     mems: dict[int, int] = {}
@@ -259,7 +266,7 @@ def _per_node(
         if node >= nodes:
             raise _bad(key, f"the guest has only {nodes} NUMA node(s)")
         if match.group(1) == "cpus":
-            cpus[node] = parse_cpu_spec(key, value)
+            cpus[node] = parse_cpu_spec(key, value, vcpus)
             if not cpus[node]:
                 raise _bad(key, "a guest NUMA node needs at least one vCPU")
         else:
@@ -294,8 +301,6 @@ def _manual_split(
     seen: set[int] = set()
     for node, cpus in enumerate(cpu_lists):
         key = f"hw:numa_cpus.{node}"
-        if max(cpus) >= vcpus:
-            raise _bad(key, f"vCPU {max(cpus)} is beyond the flavor's {vcpus} vCPUs")
         if cpus & seen:
             raise _bad(key, f"vCPU {min(cpus & seen)} is already on another node")
         seen |= cpus
@@ -310,7 +315,7 @@ def _manual_split(
     return cpu_lists, mem_list
 
 
-def compile_host(host: dict[str, Any], previous: _core.NumaHost | None = None) -> _core.NumaHost:
+def compile_host(host: HostUsage, previous: _core.NumaHost | None = None) -> _core.NumaHost:
     """``host`` read once into the compiled fitter's arrays: an immutable snapshot to pass
     to ``fit`` instead of the dict when fitting several requests to the same host state
     (it skips re-reading the dicts, most of a small fit's cost). Build a new one after a
@@ -320,10 +325,10 @@ def compile_host(host: dict[str, Any], previous: _core.NumaHost | None = None) -
 
 
 def fit(
-    host: dict[str, Any] | _core.NumaHost,
-    request: dict[str, Any],
-    limits: dict[str, Any] | None = None,
-) -> dict[str, Any] | None:
+    host: HostUsage | _core.NumaHost,
+    request: NumaRequest,
+    limits: Limits | None = None,
+) -> Placement | None:
     """Place ``request`` on ``host`` exactly as Nova 34 would, or return None (no fit).
 
     ``host`` is the host dict or its ``compile_host`` snapshot. ``limits`` is None or
@@ -332,12 +337,10 @@ def fit(
     None | [pcpu], pagesize: None | KiB}, ...]}`` in guest-cell order. The search is
     polynomial in the number of cells (``docs/NUMA.md``) and runs without the GIL.
     """
-    return _core.numa_fit(host, request, limits)
+    return cast("Placement | None", _core.numa_fit(host, request, limits))
 
 
-def claim(
-    host: dict[str, Any], request: dict[str, Any], placement: dict[str, Any]
-) -> dict[str, Any]:
+def claim(host: HostUsage, request: NumaRequest, placement: Placement) -> HostUsage:
     """A new host with ``placement`` of ``request`` counted as usage (Nova's
     ``numa_usage_from_instance_numa``): memory, shared vCPUs, pinned and emulator pCPUs
     (whole cores for the isolate thread policy's vCPUs) and the huge pages of the chosen
@@ -350,9 +353,7 @@ def claim(
     return _account(host, request, placement, sign=1)
 
 
-def release(
-    host: dict[str, Any], request: dict[str, Any], placement: dict[str, Any]
-) -> dict[str, Any]:
+def release(host: HostUsage, request: NumaRequest, placement: Placement) -> HostUsage:
     """A new host with the usage ``claim`` added for ``placement`` taken away again.
 
     Raises ``Conflict`` if a pCPU to unpin is not pinned: the placement was never claimed.
@@ -360,15 +361,13 @@ def release(
     return _account(host, request, placement, sign=-1)
 
 
-def _account(
-    host: dict[str, Any], request: dict[str, Any], placement: dict[str, Any], sign: int
-) -> dict[str, Any]:
+def _account(host: HostUsage, request: NumaRequest, placement: Placement, sign: int) -> HostUsage:
     # Copy only the cells the placement touches (and their page pools): the other cells, and
     # the CPU lists that never change, are shared with the old host; pinned_cpus is replaced,
     # never mutated. On a many-cell host this is most of a claim's cost.
     touched = {placed["host_cell"] for placed in placement["cells"]}
-    new = {**host, "cells": [{**cell, "mempages": [dict(p) for p in cell["mempages"]]}
-                             if cell["id"] in touched else cell for cell in host["cells"]]}
+    new: HostUsage = {**host, "cells": [_copy_cell(cell) if cell["id"] in touched else cell
+                                        for cell in host["cells"]]}
     cells = {cell["id"]: cell for cell in new["cells"] if cell["id"] in touched}
     guest_cells = request["cells"]
     if len(placement["cells"]) != len(guest_cells):
@@ -408,3 +407,7 @@ def _account(
             pinned -= pcpus
         cell["pinned_cpus"] = sorted(pinned)
     return new
+
+
+def _copy_cell(cell: HostCellUsage) -> HostCellUsage:
+    return {**cell, "mempages": [p.copy() for p in cell["mempages"]]}

@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import msgspec
 
@@ -19,55 +19,40 @@ from fastcompute.config import QuotaConfig, ResourcesConfig
 from fastcompute.errors import NoCapacity, QuotaExceeded
 from fastcompute.hypervisor.spec import HostCell
 from fastcompute.hypervisor.spec import PagePool as PagePool  # re-exported: the host's cells are the driver's facts
-from fastcompute.resources import numa
-
-RESOURCE_CLASSES = ("VCPU", "PCPU", "MEMORY_MB", "DISK_GB")
+from fastcompute.resources import cpusets, numa, units
+from fastcompute.resources.classes import RESOURCE_CLASSES, ResourceClass
+from fastcompute.resources.numa_types import HostUsage, Limits, NumaRequest, PagePoolUsage, Placement
 
 
 class Claim(msgspec.Struct, kw_only=True):
     """What one instance holds of the host: amounts per resource class and its NUMA placement."""
 
     project_id: str
-    resources: dict[str, int]
+    resources: dict[ResourceClass, int]
     vcpus: int
     memory_mb: int
-    numa_request: dict[str, Any] | None = None
-    numa_placement: dict[str, Any] | None = None
+    numa_request: NumaRequest | None = None
+    numa_placement: Placement | None = None
 
 
-def parse_cpuset(spec: str) -> set[int]:
-    """Parse a Linux/Nova CPU list such as ``"0-3,8,^2"``."""
-    cpus: set[int] = set()
-    excluded: set[int] = set()
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        target = excluded if part.startswith("^") else cpus
-        part = part.lstrip("^")
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError(part)
-                target.update(range(lo, hi + 1))
-            else:
-                target.add(int(part))
-        except ValueError:
-            raise ValueError(f"invalid CPU list {spec!r}") from None
-    return cpus - excluded
+class Inventory(TypedDict):
+    """One resource class's inventory, in Placement's fields."""
+
+    total: int
+    reserved: int
+    allocation_ratio: float
+    min_unit: int
+    max_unit: int
+    step_size: int
 
 
 def parse_reserved_huge_pages(specs: list[str]) -> dict[tuple[int, int], int]:
     """Nova's ``reserved_huge_pages`` entries as {(node, size_kb): count}."""
-    units = {"": 1, "k": 1, "kb": 1, "kib": 1, "m": 1024, "mb": 1024, "mib": 1024,
-             "g": 1024**2, "gb": 1024**2, "gib": 1024**2}
     out: dict[tuple[int, int], int] = {}
     for spec in specs:
         try:
             fields = dict(part.split(":", 1) for part in spec.replace(" ", "").split(","))
-            size = fields["size"].lower()
-            digits = size.rstrip("kmgib")
-            kib = int(digits) * units[size[len(digits):]]
+            kib = units.size_kib(fields["size"])
             out[(int(fields["node"]), kib)] = int(fields["count"])
         except (KeyError, ValueError) as exc:
             raise ValueError(f"[resources] reserved_huge_pages: {spec!r} is not 'node:N,size:S,count:C'") from exc
@@ -75,7 +60,7 @@ def parse_reserved_huge_pages(specs: list[str]) -> dict[tuple[int, int], int]:
 
 
 def _numa_host(cells: list[HostCell], shared: set[int], dedicated: set[int],
-               reserved_pages: dict[tuple[int, int], int]) -> dict[str, Any]:
+               reserved_pages: dict[tuple[int, int], int]) -> HostUsage:
     """The host in the NUMA fitter's shape (``numa.fit``), with nothing used yet."""
     return {"cells": [
         {
@@ -88,8 +73,8 @@ def _numa_host(cells: list[HostCell], shared: set[int], dedicated: set[int],
             "cpu_usage": 0,
             "pinned_cpus": [],
             "socket": c.id,
-            "mempages": [{"size_kb": p.size_kb, "total": p.total, "used": 0,
-                          "reserved": reserved_pages.get((c.id, p.size_kb), 0)}
+            "mempages": [PagePoolUsage(size_kb=p.size_kb, total=p.total, used=0,
+                                       reserved=reserved_pages.get((c.id, p.size_kb), 0))
                          for p in sorted(c.pages, key=lambda p: p.size_kb)],
         }
         for c in cells
@@ -116,9 +101,9 @@ class Tracker:
         self.quota = quota
         all_cpus = {c for cell in cells for c in cell.cpus}
         try:
-            dedicated = parse_cpuset(cfg.cpu_dedicated_set) & all_cpus
-            shared = parse_cpuset(cfg.cpu_shared_set) & all_cpus if cfg.cpu_shared_set else all_cpus - dedicated
-        except ValueError as exc:
+            dedicated = cpusets.parse(cfg.cpu_dedicated_set) & all_cpus
+            shared = cpusets.parse(cfg.cpu_shared_set) & all_cpus if cfg.cpu_shared_set else all_cpus - dedicated
+        except cpusets.CpuListError as exc:
             raise ValueError(f"[resources] {exc}") from None
         memory_mb = sum(c.memory_mb for c in cells)
         if cfg.disk_gb:
@@ -126,7 +111,7 @@ class Tracker:
         else:
             st = os.statvfs(state_dir)
             disk_gb = st.f_blocks * st.f_frsize // (1024**3)
-        self.inventory: dict[str, dict[str, Any]] = {}
+        self.inventory: dict[ResourceClass, Inventory] = {}
         self._add("VCPU", len(shared), cfg.reserved_host_cpus, cfg.cpu_allocation_ratio)
         self._add("PCPU", len(dedicated), 0, 1.0)
         self._add("MEMORY_MB", memory_mb, cfg.reserved_host_memory_mb, cfg.ram_allocation_ratio)
@@ -134,31 +119,25 @@ class Tracker:
         self.numa_host = _numa_host(cells, shared, dedicated, parse_reserved_huge_pages(cfg.reserved_huge_pages))
         # The fitter's compiled copy of numa_host, rebuilt (from the last one) when it is stale.
         self._compiled: _core.NumaHost | None = None
-        self._compiled_for: dict[str, Any] | None = None
-        self.usage: dict[str, int] = dict.fromkeys(RESOURCE_CLASSES, 0)
+        self._compiled_for: HostUsage | None = None
+        self.usage: dict[ResourceClass, int] = dict.fromkeys(RESOURCE_CLASSES, 0)
         self.claims: dict[str, Claim] = {}
         # per project: (instances, vcpus, memory_mb) held, kept up to date for quota checks
         self._projects: dict[str, tuple[int, int, int]] = {}
         self.generation = 0
 
-    def _add(self, rc: str, total: int, reserved: int, ratio: float) -> None:
-        self.inventory[rc] = {
-            "total": total,
-            "reserved": reserved,
-            "allocation_ratio": ratio,
-            "min_unit": 1,
-            "max_unit": max(total, 1),
-            "step_size": 1,
-        }
+    def _add(self, rc: ResourceClass, total: int, reserved: int, ratio: float) -> None:
+        self.inventory[rc] = Inventory(total=total, reserved=reserved, allocation_ratio=ratio,
+                                       min_unit=1, max_unit=max(total, 1), step_size=1)
 
-    def capacity(self, rc: str) -> int:
+    def capacity(self, rc: ResourceClass) -> int:
         """How much of a resource class may be allocated in all."""
         inv = self.inventory[rc]
         return int((inv["total"] - inv["reserved"]) * inv["allocation_ratio"])
 
     @staticmethod
-    def request_of(vcpus: int, memory_mb: int, disk_gb: int, numa_request: dict[str, Any] | None
-                   ) -> dict[str, int]:
+    def request_of(vcpus: int, memory_mb: int, disk_gb: int, numa_request: NumaRequest | None
+                   ) -> dict[ResourceClass, int]:
         """The amounts per resource class a flavor asks for: pinned vCPUs are PCPU."""
         pinned = sum(len(c["pcpuset"]) for c in numa_request["cells"]) if numa_request else 0
         # An isolated emulator thread takes one more dedicated pCPU, as Nova reports to Placement.
@@ -181,7 +160,7 @@ class Tracker:
                 )
 
     def claim(self, uuid: str, project_id: str, vcpus: int, memory_mb: int, disk_gb: int,
-              numa_request: dict[str, Any] | None = None) -> Claim:
+              numa_request: NumaRequest | None = None) -> Claim:
         """Reserve everything an instance needs, or nothing (NoCapacity / QuotaExceeded).
 
         ``numa_request`` (from ``numa.constraints``) asks for a NUMA placement: host cells,
@@ -190,6 +169,14 @@ class Tracker:
         wanted = self.request_of(vcpus, memory_mb, disk_gb, numa_request)
         self.check_quota(project_id, vcpus, memory_mb)
         for rc, amount in wanted.items():
+            # Placement refuses an allocation above an inventory's max_unit (one instance may
+            # not have more VCPU than the host has CPUs, however high the ratio), so does this.
+            max_unit = self.inventory[rc]["max_unit"]
+            if amount > max_unit:
+                raise NoCapacity(
+                    f"{amount} {rc} requested, more than one instance may have on this host ({max_unit})",
+                    {"resource_class": rc, "requested": amount, "max_unit": max_unit},
+                )
             if amount and self.usage[rc] + amount > self.capacity(rc):
                 free = self.capacity(rc) - self.usage[rc]
                 raise NoCapacity(
@@ -198,8 +185,8 @@ class Tracker:
                 )
         placement = None
         if numa_request is not None:
-            limits = {"cpu_allocation_ratio": self.cfg.cpu_allocation_ratio,
-                      "ram_allocation_ratio": self.cfg.ram_allocation_ratio}
+            limits = Limits(cpu_allocation_ratio=self.cfg.cpu_allocation_ratio,
+                            ram_allocation_ratio=self.cfg.ram_allocation_ratio)
             if self._compiled_for is not self.numa_host:
                 self._compiled = numa.compile_host(self.numa_host, self._compiled)
                 self._compiled_for = self.numa_host

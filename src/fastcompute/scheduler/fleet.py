@@ -38,9 +38,12 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from fastcompute import _core
 from fastcompute.errors import AgentError, Busy, HypervisorError, NoCapacity, QuotaExceeded
 from fastcompute.protocol import SERVER_GROUP_KEY, SERVER_GROUP_POLICY_KEY
 from fastcompute.resources import numa
+from fastcompute.resources.classes import RESOURCE_CLASSES
+from fastcompute.resources.numa_types import HostUsage, Limits, NumaRequest
 from fastcompute.resources.tracker import Tracker
 from fastcompute.rpc.client import ClientTimeout, Link, error_from_reply
 from fastcompute.scheduler.placement import PlacementClient, Unavailable
@@ -101,8 +104,8 @@ class Placed:
     refused_by: list[str] = field(default_factory=list)
 
 
-# Requests are 4-tuples (VCPU, PCPU, MEMORY_MB, DISK_GB): indexes into HostView.free.
-_RCS = ("VCPU", "PCPU", "MEMORY_MB", "DISK_GB")
+# Requests are 4-tuples in RESOURCE_CLASSES' order (VCPU, PCPU, MEMORY_MB, DISK_GB): indexes
+# into HostView.free.
 
 
 class HostView:
@@ -123,9 +126,11 @@ class HostView:
         "instances",
         "limits",
         "link",
+        "max_unit",
         "members",
         "name",
         "numa_host",
+        "room",
         "sent_members",
         "traits",
         "unreported",
@@ -140,6 +145,8 @@ class HostView:
         self.traits: frozenset[str] = frozenset()
         self.disabled = False
         self.capacity = [0, 0, 0, 0]
+        # The most of each class one instance may have here (Placement's max_unit).
+        self.max_unit = [0, 0, 0, 0]
         self.usage = [0, 0, 0, 0]
         # Spawns sent and not answered: counted as used so that concurrent decisions spread.
         self.inflight: dict[str, tuple[int, int, int, int]] = {}
@@ -154,9 +161,10 @@ class HostView:
         self.held_back = [0, 0, 0, 0]
         self.link: Any = None  # the scheduler's connection to this agent
         self.free = [0, 0, 0, 0]
-        self.numa_host: dict[str, Any] | None = None
-        self._numa_compiled: Any = None
-        self.limits: dict[str, float] = {}
+        self.room = [0, 0, 0, 0]
+        self.numa_host: HostUsage | None = None
+        self._numa_compiled: _core.NumaHost | None = None
+        self.limits = Limits(cpu_allocation_ratio=1.0, ram_allocation_ratio=1.0)
         self.generation = -1
         self.members: dict[str, set[str]] = {}  # group -> instance uuids on this host
         # Members this scheduler sent here, and when: kept until an event has had time to list them.
@@ -167,20 +175,23 @@ class HostView:
         inv = info.get("inventory", {})
         usage = info.get("usage", {})
         cap = []
-        for rc in _RCS:
+        max_unit = []
+        for rc in RESOURCE_CLASSES:
             i = inv.get(rc)
             cap.append(int((i["total"] - i["reserved"]) * i["allocation_ratio"]) if i and i.get("total") else 0)
+            max_unit.append(int(i.get("max_unit", cap[-1])) if i and i.get("total") else 0)
         self.capacity = cap
-        self.usage = [int(usage.get(rc, 0)) for rc in _RCS]
+        self.max_unit = max_unit
+        self.usage = [int(usage.get(rc, 0)) for rc in RESOURCE_CLASSES]
         traits = info.get("traits", [])
         self.traits = frozenset(traits)
         self.disabled = DISABLED in self.traits or info.get("enabled") is False
         self.numa_host = info.get("numa_host")
         self._numa_compiled = None
-        self.limits = {
-            "cpu_allocation_ratio": float(inv.get("VCPU", {}).get("allocation_ratio", 1.0)),
-            "ram_allocation_ratio": float(inv.get("MEMORY_MB", {}).get("allocation_ratio", 1.0)),
-        }
+        self.limits = Limits(
+            cpu_allocation_ratio=float(inv.get("VCPU", {}).get("allocation_ratio", 1.0)),
+            ram_allocation_ratio=float(inv.get("MEMORY_MB", {}).get("allocation_ratio", 1.0)),
+        )
         self.generation = int(info.get("generation", self.generation))
         if "server_groups" in info:
             self.take_members(info["server_groups"])
@@ -265,8 +276,11 @@ class HostView:
         for req in itertools.islice(self.inflight.values(), self.credit):
             self._add(free, req, 1)
         self.free = free
+        # What one more instance may have: free, but at most max_unit of each class.
+        most = self.max_unit
+        self.room = [min(free[0], most[0]), min(free[1], most[1]), min(free[2], most[2]), min(free[3], most[3])]
 
-    def numa_fits(self, request: dict[str, Any]) -> bool:
+    def numa_fits(self, request: NumaRequest) -> bool:
         """The NUMA fitter's answer on this host's last published NUMA usage (True if unknown)."""
         if self.numa_host is None:
             return True
@@ -275,10 +289,10 @@ class HostView:
         return numa.fit(self._numa_compiled, request, self.limits) is not None
 
 
-_FLAVORS: dict[tuple[Any, ...], tuple[tuple[int, int, int, int], dict[str, Any] | None]] = {}
+_FLAVORS: dict[tuple[Any, ...], tuple[tuple[int, int, int, int], NumaRequest | None]] = {}
 
 
-def request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], dict[str, Any] | None]:
+def request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], NumaRequest | None]:
     """A flavor's amounts per class (pinned vCPUs as PCPU) and its NUMA request (or None).
 
     Raises BadRequest for invalid extra specs, before any host is asked. Storms repeat one
@@ -294,7 +308,7 @@ def request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], di
     return known
 
 
-def _request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], dict[str, Any] | None]:
+def _request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], NumaRequest | None]:
     numa_request = numa.constraints({"vcpus": flavor["vcpus"], "memory_mb": flavor["memory_mb"],
                                      "extra_specs": flavor.get("extra_specs", {})})
     amounts = Tracker.request_of(flavor["vcpus"], flavor["memory_mb"], flavor["disk_gb"], numa_request)
@@ -302,7 +316,7 @@ def _request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], d
 
 
 def select(hosts: Iterable[HostView], req: tuple[int, int, int, int], weights: Weights, *,
-           numa_request: dict[str, Any] | None = None, required: frozenset[str] = frozenset(),
+           numa_request: NumaRequest | None = None, required: frozenset[str] = frozenset(),
            forbidden: frozenset[str] = frozenset(), group: Group | None = None,
            exclude: frozenset[str] | set[str] = frozenset(), only: dict[str, list[int]] | None = None,
            ) -> tuple[HostView | None, dict[str, int]]:
@@ -333,8 +347,8 @@ def select(hosts: Iterable[HostView], req: tuple[int, int, int, int], weights: W
                 reasons["capacity"] += 1
                 continue
         else:
-            free = h.free
-            if free[0] < v or free[1] < p or free[2] < m or free[3] < d:
+            free, room = h.free, h.room
+            if room[0] < v or room[1] < p or room[2] < m or room[3] < d:
                 reasons["capacity"] += 1
                 continue
         if (required and not required <= h.traits) or (forbidden and not forbidden.isdisjoint(h.traits)):
@@ -615,7 +629,7 @@ class Scheduler:
                           forbidden: frozenset[str]) -> dict[str, list[int]]:
         """Hosts Placement offers for ``req``, with their free amounts by Placement's count."""
         assert self.placement is not None
-        resources = dict(zip(_RCS, req, strict=True))
+        resources = dict(zip(RESOURCE_CLASSES, req, strict=True))
         doc = await self.placement.allocation_candidates(resources, sorted(required), sorted(forbidden))
         if any(u not in self._rp_names for u in doc.get("provider_summaries", {})):
             rps = (await self.placement.get("/resource_providers"))["resource_providers"]
@@ -626,7 +640,7 @@ class Scheduler:
             if name is None:
                 continue
             res = summary.get("resources", {})
-            free = [int(res[rc]["capacity"] - res[rc]["used"]) if rc in res else 0 for rc in _RCS]
+            free = [int(res[rc]["capacity"] - res[rc]["used"]) if rc in res else 0 for rc in RESOURCE_CLASSES]
             view = self.hosts.get(name)
             if view is not None:
                 for r in view.inflight.values():
@@ -717,8 +731,8 @@ class Scheduler:
     @staticmethod
     def _learn_refusal(host: HostView, details: dict[str, Any]) -> None:
         rc, free = details.get("resource_class"), details.get("free")
-        if rc in _RCS and isinstance(free, int):
-            i = _RCS.index(rc)
+        if rc in RESOURCE_CLASSES and isinstance(free, int):
+            i = RESOURCE_CLASSES.index(rc)
             host.usage[i] = host.capacity[i] - free
             host.recompute()
 

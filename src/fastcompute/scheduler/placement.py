@@ -18,16 +18,18 @@ import asyncio
 import logging
 import random
 import uuid as uuid_mod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from fastcompute.config import PlacementConfig
+from fastcompute.resources.classes import RESOURCE_CLASSES, ResourceClass
+from fastcompute.resources.tracker import Claim
 
 log = logging.getLogger("fastcompute.placement")
 
-RESOURCE_CLASSES = ("VCPU", "PCPU", "MEMORY_MB", "DISK_GB")
 _INVENTORY_FIELDS = ("total", "reserved", "allocation_ratio", "min_unit", "max_unit", "step_size")
 CONSUMER_TYPE = "INSTANCE"
 
@@ -151,7 +153,7 @@ class PlacementClient:
         """Remove all of a consumer's allocations (no-op when it has none)."""
         await self.request("DELETE", f"/allocations/{consumer}", ok=(204, 404))
 
-    async def allocation_candidates(self, resources: dict[str, int], required: list[str] | None = None,
+    async def allocation_candidates(self, resources: Mapping[ResourceClass, int], required: list[str] | None = None,
                                     forbidden: list[str] | None = None, limit: int | None = None
                                     ) -> dict[str, Any]:
         """``GET /allocation_candidates``: providers that fit, with their summaries."""
@@ -191,9 +193,9 @@ def placement_inventory(inventory: dict[str, dict[str, Any]]) -> dict[str, dict[
     return out
 
 
-def claims_of(tracker_claims: dict[str, Any]) -> dict[str, tuple[str, dict[str, int]]]:
+def claims_of(tracker_claims: Mapping[str, Claim]) -> dict[str, tuple[str, dict[str, int]]]:
     """``Tracker.claims`` (uuid -> Claim) as ``PlacementSync`` takes allocations."""
-    return {u: (c.project_id, dict(c.resources)) for u, c in tracker_claims.items()}
+    return {u: (c.project_id, {rc: n for rc, n in c.resources.items()}) for u, c in tracker_claims.items()}
 
 
 def load_or_create_uuid(path: Path) -> str:

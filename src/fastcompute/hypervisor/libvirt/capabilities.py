@@ -6,17 +6,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from fastcompute.hypervisor.spec import HostCell, HostFacts, HypervisorInfo, PagePool
-
-
-def _cpus(spec: str) -> set[int]:
-    """A CPU list as libvirt writes it (``0-3,8``) as a set."""
-    cpus: set[int] = set()
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
+from fastcompute.resources import cpusets, units
 
 
 def topology(capabilities_xml: str, info: list[Any]) -> list[HostCell]:
@@ -32,14 +22,14 @@ def topology(capabilities_xml: str, info: list[Any]) -> list[HostCell]:
         siblings: list[list[int]] = []
         seen: set[int] = set()
         for c in cell.findall("./cpus/cpu"):
-            group = sorted(_cpus(c.get("siblings") or c.get("id") or "0"))
+            group = sorted(cpusets.parse(c.get("siblings") or c.get("id") or "0"))
             if group[0] not in seen:
                 seen.update(group)
                 siblings.append(group)
         mem = cell.find("./memory")
         mem_kib = int(mem.text or "0") if mem is not None else 0
         if mem is not None and mem.get("unit", "KiB") != "KiB":
-            mem_kib = _to_kib(mem_kib, mem.get("unit", "KiB"))
+            mem_kib = units.to_kib(mem_kib, mem.get("unit", "KiB"))
         pages = [
             PagePool(int(p.get("size", "4")), int(p.text or "0"))
             for p in cell.findall("./pages")
@@ -58,12 +48,6 @@ def topology(capabilities_xml: str, info: list[Any]) -> list[HostCell]:
         cell_mb = int(memory_mib) // nodes
         out.append(HostCell(n, cpus, sibs, cell_mb, [PagePool(4, cell_mb * 256)]))
     return out
-
-
-def _to_kib(value: int, unit: str) -> int:
-    factors = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib": 1024,
-               "g": 1024**2, "gib": 1024**2}
-    return int(value * factors.get(unit.lower(), 1))
 
 
 def cpu_features(capabilities_xml: str) -> list[str]:
