@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from agent_fixtures import AgentProcess
+from agent_fixtures import AgentProcess, recv_events, sub_socket
 
 TIMEOUT_MS = 20_000
 
@@ -104,6 +104,53 @@ def test_plain_client_runs_an_instance(agent: AgentProcess, image_file: Path, so
         assert c.call("instance.delete", {"uuid": rec["uuid"]})["result"] == {"uuid": rec["uuid"], "deleted": True}
         gone = c.call("instance.get", {"uuid": rec["uuid"]})
         assert gone["ok"] is False and gone["error"]["code"] == "NOT_FOUND"
+
+
+# The documented result shapes (docs/PROTOCOL.md), keys in the order the agent sends them.
+HOST_INFO_KEYS = ["hostname", "hypervisor", "topology", "inventory", "usage", "traits", "generation",
+                  "instances", "enabled", "disabled_reason", "numa_host", "server_groups"]
+INVENTORY_KEYS = ["total", "reserved", "allocation_ratio", "min_unit", "max_unit", "step_size"]
+CELL_KEYS = ["id", "cpus", "siblings", "memory_mb", "pages"]
+
+
+def assert_host_info_shape(info: dict[str, Any]) -> None:
+    assert list(info) == HOST_INFO_KEYS, list(info)
+    assert list(info["hypervisor"]) == ["uri", "type", "version"]
+    assert list(info["topology"]) == ["cells"] and info["topology"]["cells"]
+    for cell in info["topology"]["cells"]:
+        assert list(cell) == CELL_KEYS
+        assert all(list(pool) == ["size_kb", "total"] for pool in cell["pages"])
+    assert set(info["inventory"]) == {"VCPU", "PCPU", "MEMORY_MB", "DISK_GB"} == set(info["usage"])
+    assert all(list(inv) == INVENTORY_KEYS for inv in info["inventory"].values())
+    assert all(isinstance(n, int) for n in info["usage"].values())
+    assert isinstance(info["traits"], list) and isinstance(info["generation"], int)
+    assert isinstance(info["instances"], int) and isinstance(info["enabled"], bool)
+    assert list(info["numa_host"]) == ["cells"] and isinstance(info["server_groups"], dict)
+
+
+def test_host_results_and_events_keep_their_documented_shape(agent: AgentProcess, image_file: Path) -> None:
+    events = sub_socket(agent.events, ["host.resources"])
+    try:
+        with PlainClient(agent.control) as c:
+            pong = c.call("ping")["result"]
+            assert list(pong) == ["version", "uptime_s"] and isinstance(pong["uptime_s"], float)
+            info = c.call("host.info")["result"]
+            assert_host_info_shape(info)
+            assert info["enabled"] is True and info["disabled_reason"] is None and info["instances"] == 0
+            rec = c.call("instance.spawn", spawn(image_file, wait=True, metadata={
+                "fastcompute:server_group": "web"}))["result"]
+            got = recv_events(events, 10.0, until=lambda _t, body: body["instances"] == 1)
+            assert got and got[-1][0] == "host.resources"
+            assert_host_info_shape(got[-1][1])
+            assert got[-1][1]["server_groups"] == {"web": [rec["uuid"]]}
+            off = c.call("host.set_enabled", {"enabled": False, "reason": "maintenance"})["result"]
+            assert_host_info_shape(off)
+            assert off["enabled"] is False and off["disabled_reason"] == "maintenance"
+            assert "COMPUTE_STATUS_DISABLED" in off["traits"]
+            gone = c.call("instance.delete", {"uuid": rec["uuid"]})["result"]
+            assert list(gone.items()) == [("uuid", rec["uuid"]), ("deleted", True)]
+    finally:
+        events.close()
 
 
 @pytest.mark.parametrize("socket_type", [zmq.DEALER, zmq.REQ], ids=["DEALER", "REQ"])

@@ -177,13 +177,13 @@ class Agent:
         await self.driver.connect(manager.on_power_event)
         facts = await self.driver.host_facts()
         tracker = Tracker(facts.cells, cfg.resources, cfg.quota, self.state_dir)
-        await manager.start(tracker, msgspec.to_builtins(facts.hypervisor),
+        await manager.start(tracker, facts.hypervisor,
                             sorted(set(cpu_traits(facts.cpu_features)) | set(cfg.resources.custom_traits)))
         if cfg.placement.url:
             # Never waits for Placement: registration, inventory and healing run in the background.
             self.placement = PlacementSync(cfg.placement, manager.hostname, self.state_dir)
             now = manager.host_info()
-            await self.placement.start(now["inventory"], now["traits"], claims_of(tracker.claims))
+            await self.placement.start(now.inventory, now.traits, claims_of(tracker.claims))
         server.handlers = self._handlers(manager)
         server.project_of = lambda uuid: (s.record.project_id if (s := manager.instances.get(uuid)) else None)
         server.remember(await self.store.load_replies(cfg.agent.idempotency_max_bytes, entry_size))
@@ -261,21 +261,21 @@ class Agent:
             if m.take_resources_dirty() or due:
                 info = m.host_info()
                 s.publish("host.resources", info)
-                self._update_gauges(info)
+                self._update_gauges()
                 if self.placement is not None and m.tracker is not None:
-                    self.placement.update_inventory(info["inventory"], info["traits"])
+                    self.placement.update_inventory(info.inventory, info.traits)
                     self.placement.sync_claims(claims_of(m.tracker.claims))
                 last = time.monotonic()
 
-    def _update_gauges(self, info: dict[str, Any]) -> None:
+    def _update_gauges(self) -> None:
         m, t = self.manager, self.manager.tracker if self.manager else None
         assert m is not None and t is not None
         by_state: dict[str, int] = {}
         for st in m.instances.values():
             by_state[st.record.vm_state] = by_state.get(st.record.vm_state, 0) + 1
         self.metrics.set_instances(by_state)
-        claims = {rc: sum(1 for c in t.claims.values() if c.resources.get(rc)) for rc in info["usage"]}
-        self.metrics.set_resources({rc: (t.capacity(rc), used, claims[rc]) for rc, used in info["usage"].items()})
+        claims = {rc: sum(1 for c in t.claims.values() if c.resources.get(rc)) for rc in t.usage}
+        self.metrics.set_resources({rc: (t.capacity(rc), used, claims[rc]) for rc, used in t.usage.items()})
 
     def request_stop(self) -> None:
         """Ask the agent to shut down (signal handlers call this)."""

@@ -28,11 +28,11 @@ from fastcompute.compute import guest
 from fastcompute.compute.validate import flavor_request
 from fastcompute.config import Config
 from fastcompute.errors import AgentError, Conflict, HypervisorError, NotFound
-from fastcompute.hypervisor import DomainInfo, Driver, GuestSpec, Interface, PowerEvent
+from fastcompute.hypervisor import DomainInfo, Driver, GuestSpec, HypervisorInfo, Interface, PowerEvent
 from fastcompute.images import disks
 from fastcompute.images.cache import ImageCache, ImageSpec
 from fastcompute.network import Network
-from fastcompute.protocol import Fault, InstanceRecord, NumaCell, SpawnArgs
+from fastcompute.protocol import Deleted, Fault, HostInfo, InstanceRecord, Inventory, NumaCell, PingResult, SpawnArgs
 from fastcompute.protocol.ports import Port, SecurityGroup
 from fastcompute.resources.numa_types import NumaRequest, Placement
 from fastcompute.resources.tracker import Claim, Tracker
@@ -91,7 +91,7 @@ def numa_cells(request: NumaRequest | None, placement: Placement | None) -> list
 _PORT_STATES = frozenset({"active", "stopped", "paused", "suspended"})
 
 
-def _prefixed(details: dict[str, Any] | None, prefix: str) -> dict[str, Any] | None:
+def _prefixed(details: dict[str, object] | None, prefix: str) -> dict[str, object] | None:
     if not details or "field" not in details:
         return details
     return {**details, "field": prefix + str(details["field"])}
@@ -131,7 +131,7 @@ class Manager:
         self.hostname = cfg.agent.host or socket.gethostname()
         self.instances: dict[str, Stored] = {}
         self.tracker: Tracker | None = None
-        self.hypervisor_facts: dict[str, Any] = {}
+        self.hypervisor_facts: HypervisorInfo | None = None
         self.traits: list[str] = []
         self.enabled = True
         self.disabled_reason: str | None = None
@@ -155,7 +155,7 @@ class Manager:
 
     # -- start-up ------------------------------------------------------------------------------
 
-    async def start(self, tracker: Tracker, facts: dict[str, Any], traits: list[str]) -> None:
+    async def start(self, tracker: Tracker, facts: HypervisorInfo, traits: list[str]) -> None:
         """Load the store, take the stored claims, and reconcile with the hypervisor."""
         self.tracker = tracker
         self.hypervisor_facts = facts
@@ -310,30 +310,32 @@ class Manager:
 
     # -- queries ---------------------------------------------------------------------------------
 
-    def ping(self) -> dict[str, Any]:
+    def ping(self) -> PingResult:
         """``ping``."""
         from fastcompute import __version__
 
-        return {"version": __version__, "uptime_s": round(time.monotonic() - self.started_at, 3)}
+        return PingResult(__version__, round(time.monotonic() - self.started_at, 3))
 
-    def host_info(self) -> dict[str, Any]:
+    def host_info(self) -> HostInfo:
         """``host.info``."""
-        t = self.tracker
-        assert t is not None
-        return {
-            "hostname": self.hostname,
-            "hypervisor": self.hypervisor_facts,
-            "topology": t.topology(),
-            "inventory": t.inventory,
-            "usage": dict(t.usage),
-            "traits": self.traits + ([] if self.enabled else ["COMPUTE_STATUS_DISABLED"]),
-            "generation": t.generation,
-            "instances": len(self.instances),
-            "enabled": self.enabled,
-            "disabled_reason": self.disabled_reason,
-            "numa_host": t.numa_host,
-            "server_groups": self._server_groups(),
-        }
+        t, hypervisor = self.tracker, self.hypervisor_facts
+        assert t is not None and hypervisor is not None
+        inventory: dict[str, Inventory] = {rc: inv for rc, inv in t.inventory.items()}
+        usage: dict[str, int] = {rc: used for rc, used in t.usage.items()}
+        return HostInfo(
+            hostname=self.hostname,
+            hypervisor=hypervisor,
+            topology=t.topology(),
+            inventory=inventory,
+            usage=usage,
+            traits=self.traits + ([] if self.enabled else ["COMPUTE_STATUS_DISABLED"]),
+            generation=t.generation,
+            instances=len(self.instances),
+            enabled=self.enabled,
+            disabled_reason=self.disabled_reason,
+            numa_host=t.numa_host,
+            server_groups=self._server_groups(),
+        )
 
     def _server_groups(self) -> dict[str, list[str]]:
         """The instances of each server group on this host, as the scheduler marked them
@@ -345,7 +347,7 @@ class Manager:
                 groups.setdefault(name, []).append(uuid)
         return groups
 
-    async def set_enabled(self, enabled: bool, reason: str | None) -> dict[str, Any]:
+    async def set_enabled(self, enabled: bool, reason: str | None) -> HostInfo:
         """``host.set_enabled`` (extension): an operator takes the host out of scheduling or back.
 
         Schedulers see the ``COMPUTE_STATUS_DISABLED`` trait; spawns sent here directly still run.
@@ -726,7 +728,7 @@ class Manager:
                             for p in stored.ports]
             return await self._commit(uuid)
 
-    async def delete(self, uuid: str) -> dict[str, Any]:
+    async def delete(self, uuid: str) -> Deleted:
         """``instance.delete``: allowed from every state; releases disk, network and claim.
 
         The uuid is reserved from the request on (a spawn of it is CONFLICT) until the record is
@@ -746,7 +748,7 @@ class Manager:
             self._deleting[uuid] -= 1
             if not self._deleting[uuid]:
                 del self._deleting[uuid]
-        return {"uuid": uuid, "deleted": True}
+        return Deleted(uuid, True)
 
     async def _delete_locked(self, uuid: str) -> None:
         tracker = self.tracker

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import re
 import uuid as uuid_mod
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypedDict
 
 import msgspec
 from msgspec import Meta, Raw, Struct
 
 from fastcompute.errors import AgentError, BadRequest
+from fastcompute.hypervisor.spec import HostCell, HypervisorInfo
 from fastcompute.protocol.ports import Port, SecurityGroup
+from fastcompute.resources.numa_types import HostUsage
 
 VERSION: Final = 1
 
@@ -235,6 +237,7 @@ class ErrorBody(Struct, omit_defaults=True):
 
     code: str
     message: str
+    # Free-form: each error code has its own details (a field, a resource class, a uuid...).
     details: dict[str, Any] | None = None
 
 
@@ -245,6 +248,63 @@ class ErrorReply(Struct):
     id: str
     ok: bool
     error: ErrorBody
+
+
+# -- the results of the ops that do not reply with an instance record ---------------------------
+# Field order is the order of the keys on the wire.
+
+
+class PingResult(Struct):
+    """``ping``."""
+
+    version: str
+    uptime_s: float
+
+
+class Deleted(Struct):
+    """``instance.delete``."""
+
+    uuid: str
+    deleted: bool
+
+
+class Inventory(TypedDict):
+    """One resource class's inventory, in Placement's fields."""
+
+    total: int
+    reserved: int
+    allocation_ratio: float
+    min_unit: int
+    max_unit: int
+    step_size: int
+
+
+class Topology(Struct):
+    """``host.info``'s topology: the host's NUMA cells as the hypervisor reports them."""
+
+    cells: list[HostCell]
+
+
+class HostInfo(Struct, kw_only=True):
+    """``host.info`` and ``host.set_enabled``, and the body of ``host.resources`` events.
+
+    ``inventory`` and ``usage`` are keyed by Placement resource class (a string, so that a
+    scheduler reads an agent that knows a class it does not). ``generation``, ``instances``,
+    ``enabled``, ``disabled_reason``, ``numa_host`` and ``server_groups`` are extensions.
+    """
+
+    hostname: str
+    hypervisor: HypervisorInfo
+    topology: Topology
+    inventory: dict[str, Inventory]
+    usage: dict[str, int]
+    traits: list[str]
+    generation: int
+    instances: int
+    enabled: bool
+    disabled_reason: str | None
+    numa_host: HostUsage | None
+    server_groups: dict[str, list[str]]
 
 
 # Instance metadata keys a scheduler sets on the members of a server group; the agent reports

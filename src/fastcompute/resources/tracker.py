@@ -10,7 +10,6 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypedDict
 
 import msgspec
 
@@ -19,6 +18,8 @@ from fastcompute.config import QuotaConfig, ResourcesConfig
 from fastcompute.errors import NoCapacity, QuotaExceeded
 from fastcompute.hypervisor.spec import HostCell
 from fastcompute.hypervisor.spec import PagePool as PagePool  # re-exported: the host's cells are the driver's facts
+from fastcompute.protocol.schema import Inventory as Inventory  # re-exported: Placement's fields, as on the wire
+from fastcompute.protocol.schema import Topology
 from fastcompute.resources import cpusets, numa, units
 from fastcompute.resources.classes import RESOURCE_CLASSES, ResourceClass
 from fastcompute.resources.numa_types import HostUsage, Limits, NumaRequest, PagePoolUsage, Placement
@@ -33,17 +34,6 @@ class Claim(msgspec.Struct, kw_only=True):
     memory_mb: int
     numa_request: NumaRequest | None = None
     numa_placement: Placement | None = None
-
-
-class Inventory(TypedDict):
-    """One resource class's inventory, in Placement's fields."""
-
-    total: int
-    reserved: int
-    allocation_ratio: float
-    min_unit: int
-    max_unit: int
-    step_size: int
 
 
 def parse_reserved_huge_pages(specs: list[str]) -> dict[tuple[int, int], int]:
@@ -232,6 +222,6 @@ class Tracker:
         count, cores, ram = self._projects.get(claim.project_id, (0, 0, 0))
         self._projects[claim.project_id] = (count + sign, cores + sign * claim.vcpus, ram + sign * claim.memory_mb)
 
-    def topology(self) -> dict[str, Any]:
+    def topology(self) -> Topology:
         """The topology as host.info reports it."""
-        return {"cells": [msgspec.to_builtins(c) for c in self.cells]}
+        return Topology(self.cells)

@@ -178,7 +178,7 @@ class PlacementClient:
         await self._http.aclose()
 
 
-def placement_inventory(inventory: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def placement_inventory(inventory: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """host.info's inventory in Placement's shape: the standard classes with a total."""
     out: dict[str, dict[str, Any]] = {}
     for rc, inv in inventory.items():
@@ -248,7 +248,7 @@ class PlacementSync:
 
     # -- the agent's side: queue and return ------------------------------------------------------
 
-    async def start(self, inventory: dict[str, dict[str, Any]], traits: list[str],
+    async def start(self, inventory: Mapping[str, Mapping[str, Any]], traits: list[str],
                     allocations: dict[str, tuple[str, dict[str, int]]]) -> None:
         """Register, set inventory and traits and heal allocations, all in the background."""
         self.held = {c: (p, dict(r)) for c, (p, r) in allocations.items()}
@@ -257,7 +257,7 @@ class PlacementSync:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def update_inventory(self, inventory: dict[str, dict[str, Any]], traits: list[str]) -> None:
+    def update_inventory(self, inventory: Mapping[str, Mapping[str, Any]], traits: list[str]) -> None:
         """Queue the provider's new inventory and traits (the last call wins; no-op if unchanged)."""
         wanted = (placement_inventory(inventory), sorted(set(traits)))
         if wanted == self._inventory and self._generation is not None:
