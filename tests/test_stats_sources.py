@@ -19,6 +19,7 @@ from fastcompute.errors import NotFound
 from fastcompute.hypervisor.libvirt.stats import domain_stats_flags, from_domain_stats
 from fastcompute.hypervisor.spec import DomainStats
 from fastcompute.stats.collector import (
+    COUNTERS,
     CgroupLayout,
     CgroupPaths,
     InstanceSample,
@@ -183,6 +184,10 @@ def test_rates() -> None:
     assert second["write_bytes_per_s"] is None
     assert second["memory_bytes"] == MiB and second["interval_s"] == pytest.approx(2.0)
     assert second["at"] == 1234.0
+    # the documented record (docs/STATS.md), keys in the order clients receive them
+    assert list(second) == ["source", "at", *COUNTERS, "interval_s", "cpu_pct", "cpu_user_pct",
+                            "cpu_system_pct", "read_bytes_per_s", "write_bytes_per_s", "read_ops_per_s",
+                            "write_ops_per_s", "net_rx_bytes_per_s", "net_tx_bytes_per_s"]
     # a counter going backwards is a new cgroup: no rate, not a negative one
     third = rates.update({"a": InstanceSample(at=104.0, source="cgroup", cpu_ns=10, read_bytes=0)})
     assert third["a"]["cpu_pct"] is None and third["a"]["read_bytes_per_s"] is None

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import msgspec
 
@@ -468,15 +468,34 @@ class Sampler:
 # Rates
 
 
-_CPU = (("cpu_ns", "cpu_pct"), ("user_ns", "cpu_user_pct"), ("system_ns", "cpu_system_pct"))
-_RATES = (
-    ("read_bytes", "read_bytes_per_s"),
-    ("write_bytes", "write_bytes_per_s"),
-    ("read_ops", "read_ops_per_s"),
-    ("write_ops", "write_ops_per_s"),
-    ("net_rx_bytes", "net_rx_bytes_per_s"),
-    ("net_tx_bytes", "net_tx_bytes_per_s"),
-)
+class StatsRecord(TypedDict):
+    """One instance's record in ``host.stats`` and ``instance.stats`` (docs/STATS.md): the
+    sample's counters, then the rates since the previous sample; keys in wire order."""
+
+    source: str
+    at: float
+    cpu_ns: int | None
+    user_ns: int | None
+    system_ns: int | None
+    memory_bytes: int | None
+    memory_peak_bytes: int | None
+    swap_bytes: int | None
+    read_bytes: int | None
+    write_bytes: int | None
+    read_ops: int | None
+    write_ops: int | None
+    net_rx_bytes: int | None
+    net_tx_bytes: int | None
+    interval_s: float | None
+    cpu_pct: float | None
+    cpu_user_pct: float | None
+    cpu_system_pct: float | None
+    read_bytes_per_s: float | None
+    write_bytes_per_s: float | None
+    read_ops_per_s: float | None
+    write_ops_per_s: float | None
+    net_rx_bytes_per_s: float | None
+    net_tx_bytes_per_s: float | None
 
 
 def _delta(new: int | None, old: int | None) -> int | None:
@@ -486,14 +505,25 @@ def _delta(new: int | None, old: int | None) -> int | None:
     return new - old
 
 
+def _per_s(new: int | None, old: int | None, dt: float) -> float | None:
+    d = _delta(new, old)
+    return None if d is None else round(d / dt, 3)
+
+
+def _pct(new_ns: int | None, old_ns: int | None, dt: float) -> float | None:
+    # CPU time over the interval as a percentage of one CPU.
+    d = _delta(new_ns, old_ns)
+    return None if d is None else round(d / (dt * 1e9) * 100.0, 3)
+
+
 class Rates:
     """Successive samples per key -> rate records.
 
-    ``update(samples)`` returns, for every key in ``samples``, a record with the sample's
-    counters and: ``cpu_pct`` (100 = one host CPU busy), ``cpu_user_pct``, ``cpu_system_pct``,
-    ``*_per_s`` for I/O bytes and operations and network bytes, ``interval_s`` since that key's
-    previous sample, and ``at`` (Unix time). Rates are None on a key's first sample. Keys absent
-    from ``samples`` are forgotten.
+    ``update(samples)`` returns, for every key in ``samples``, a :class:`StatsRecord` with the
+    sample's counters and: ``cpu_pct`` (100 = one host CPU busy), ``cpu_user_pct``,
+    ``cpu_system_pct``, ``*_per_s`` for I/O bytes and operations and network bytes,
+    ``interval_s`` since that key's previous sample, and ``at`` (Unix time). Rates are None on
+    a key's first sample. Keys absent from ``samples`` are forgotten.
     """
 
     def __init__(self) -> None:
@@ -501,26 +531,38 @@ class Rates:
 
     def update(
         self, samples: Mapping[str, InstanceSample], wall: float | None = None
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, StatsRecord]:
         """Rate records for ``samples``; see the class docstring."""
         wall = time.time() if wall is None else wall
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, StatsRecord] = {}
+        none = _NO_SAMPLE
         for key, s in samples.items():
-            rec: dict[str, Any] = {"source": s.source, "at": wall}
-            for name in COUNTERS:
-                rec[name] = getattr(s, name)
             prev = self._prev.get(key)
             dt = s.at - prev.at if prev is not None else 0.0
-            rec["interval_s"] = dt if dt > 0 else None
-            for counter, pct in _CPU:
-                d = _delta(getattr(s, counter), getattr(prev, counter)) if prev and dt > 0 else None
-                rec[pct] = None if d is None else round(d / (dt * 1e9) * 100.0, 3)
-            for counter, rate in _RATES:
-                d = _delta(getattr(s, counter), getattr(prev, counter)) if prev and dt > 0 else None
-                rec[rate] = None if d is None else round(d / dt, 3)
-            out[key] = rec
+            p = prev if prev is not None and dt > 0 else none
+            out[key] = StatsRecord(
+                source=s.source, at=wall,
+                cpu_ns=s.cpu_ns, user_ns=s.user_ns, system_ns=s.system_ns, memory_bytes=s.memory_bytes,
+                memory_peak_bytes=s.memory_peak_bytes, swap_bytes=s.swap_bytes, read_bytes=s.read_bytes,
+                write_bytes=s.write_bytes, read_ops=s.read_ops, write_ops=s.write_ops,
+                net_rx_bytes=s.net_rx_bytes, net_tx_bytes=s.net_tx_bytes,
+                interval_s=dt if dt > 0 else None,
+                cpu_pct=_pct(s.cpu_ns, p.cpu_ns, dt),
+                cpu_user_pct=_pct(s.user_ns, p.user_ns, dt),
+                cpu_system_pct=_pct(s.system_ns, p.system_ns, dt),
+                read_bytes_per_s=_per_s(s.read_bytes, p.read_bytes, dt),
+                write_bytes_per_s=_per_s(s.write_bytes, p.write_bytes, dt),
+                read_ops_per_s=_per_s(s.read_ops, p.read_ops, dt),
+                write_ops_per_s=_per_s(s.write_ops, p.write_ops, dt),
+                net_rx_bytes_per_s=_per_s(s.net_rx_bytes, p.net_rx_bytes, dt),
+                net_tx_bytes_per_s=_per_s(s.net_tx_bytes, p.net_tx_bytes, dt),
+            )
         self._prev = dict(samples)
         return out
+
+
+# The previous sample of a key that has none (or none usable): every rate is None.
+_NO_SAMPLE = InstanceSample(at=0.0, source="")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,12 +605,12 @@ class StatsCollector:
         self._sampler = Sampler(layout=layout)
         self._sampled: dict[str, Source] = {}
         self._rates = Rates()
-        self._last: dict[str, dict[str, Any]] = {}
+        self._last: dict[str, StatsRecord] = {}
         self._gather_lock = threading.Lock()
         self.vanished: dict[str, int] = {}
         """Instances whose cgroup vanished in the last pass -> errno of the failed read."""
 
-    async def collect(self) -> dict[str, dict[str, Any]]:
+    async def collect(self) -> dict[str, StatsRecord]:
         """Sample every instance once and return its rate record, by instance UUID."""
         wanted = dict(self._sources())
         loop = asyncio.get_running_loop()
@@ -577,7 +619,7 @@ class StatsCollector:
         self._last = records
         return records
 
-    def last(self, uuid: str | None = None) -> dict[str, dict[str, Any]]:
+    def last(self, uuid: str | None = None) -> dict[str, StatsRecord]:
         """The last records: all of them, or ``{uuid: record}``; NotFound when it has none."""
         if uuid is None:
             return dict(self._last)
