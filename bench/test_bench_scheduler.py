@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scheduler_fixtures import SIZES, agent_config, spawns, start_fleet
+from scheduler_fixtures import SIZES, agent_config, spawns, start_fleet, synthetic_info
 
 from fastcompute.hypervisor.libvirt.testhost import write_test_host
+from fastcompute.protocol import Flavor
 from fastcompute.rpc.client import AsyncClient
 from fastcompute.scheduler.fleet import Group, HostView, Scheduler, Weights, request_tuple, run_storm, select
 
@@ -41,14 +42,11 @@ def synthetic_fleet(n: int, seed: int = 7) -> list[HostView]:
         cpus = rnd.choice((16, 32, 64, 128))
         mem = cpus * rnd.choice((4096, 8192))
         traits = ["HW_CPU_X86_AVX2"] + (["CUSTOM_GPU"] if i % 10 == 0 else [])
-        h.update({
-            "inventory": {"VCPU": {"total": cpus, "reserved": 0, "allocation_ratio": 16.0},
-                          "MEMORY_MB": {"total": mem, "reserved": 512, "allocation_ratio": 1.5},
-                          "DISK_GB": {"total": 2000, "reserved": 0, "allocation_ratio": 1.0}},
-            "usage": {"VCPU": rnd.randrange(cpus * 16), "MEMORY_MB": rnd.randrange(mem),
-                      "DISK_GB": rnd.randrange(2000)},
-            "traits": traits,
-        })
+        h.update(synthetic_info(
+            {"VCPU": (cpus, 0, 16.0), "MEMORY_MB": (mem, 512, 1.5), "DISK_GB": (2000, 0, 1.0)},
+            {"VCPU": rnd.randrange(cpus * 16), "MEMORY_MB": rnd.randrange(mem), "DISK_GB": rnd.randrange(2000)},
+            traits,
+        ))
         if i % 7 == 0:
             h.members = {"web": {f"vm-{i}"}}
         hosts.append(h)
@@ -57,7 +55,7 @@ def synthetic_fleet(n: int, seed: int = 7) -> list[HostView]:
 
 def test_decision_over_1000_hosts_under_1ms(benchmark: Any) -> None:
     hosts = synthetic_fleet(1000)
-    req, _ = request_tuple({"vcpus": 4, "memory_mb": 8192, "disk_gb": 20})
+    req, _ = request_tuple(Flavor(vcpus=4, memory_mb=8192, disk_gb=20))
     group = Group("web", "anti-affinity")
     need = frozenset({"HW_CPU_X86_AVX2"})
 

@@ -12,6 +12,8 @@ from typing import Any
 from agent_fixtures import AgentProcess
 
 from fastcompute.hypervisor.libvirt.testhost import write_test_host
+from fastcompute.hypervisor.spec import HypervisorInfo
+from fastcompute.protocol import HostInfo, Inventory, Topology
 from fastcompute.scheduler.fleet import Endpoint
 
 # name -> write_test_host arguments. VCPU capacity at the default 16x ratio: 64, 128, 512.
@@ -21,6 +23,18 @@ SIZES: dict[str, dict[str, int]] = {
     "large": {"cells": 2, "sockets": 2, "cores": 8, "threads": 2, "memory_gib": 64},
 }
 FLAVOR = {"vcpus": 1, "memory_mb": 128, "disk_gb": 1}
+
+
+def synthetic_info(inventory: dict[str, tuple[int, int, float]], usage: dict[str, int],
+                   traits: list[str]) -> HostInfo:
+    """A ``host.info`` as an agent would send it, for a view without an agent: ``inventory``
+    maps a class to (total, reserved, allocation_ratio); one instance may take all of it."""
+    inv = {rc: Inventory(total=total, reserved=reserved, allocation_ratio=ratio, min_unit=1,
+                         max_unit=int((total - reserved) * ratio), step_size=1)
+           for rc, (total, reserved, ratio) in inventory.items()}
+    return HostInfo(hostname="synthetic", hypervisor=HypervisorInfo("test:///default", "TEST", "0.0.0"),
+                    topology=Topology([]), inventory=inv, usage=usage, traits=traits, generation=0,
+                    instances=0, enabled=True, disabled_reason=None, numa_host=None, server_groups={})
 
 
 def agent_config(name: str, extra: str = "", traits: list[str] | None = None) -> str:

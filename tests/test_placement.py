@@ -268,7 +268,7 @@ def test_agents_keep_placement_in_step_through_storm_and_deletes(
     wait_in_step(placed_fleet, placement)
     by_host = {h: n for n, h in placed_fleet.hostnames.items()}
     for p in placed[::2]:
-        placed_fleet.agents[by_host[p.host]].call("instance.delete", {"uuid": p.record["uuid"]})
+        placed_fleet.agents[by_host[p.host]].call("instance.delete", {"uuid": p.record.uuid})
     wait_in_step(placed_fleet, placement)
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scheduler_fixtures import FLAVOR, Fleet, after, spawns, start_fleet
+from scheduler_fixtures import FLAVOR, Fleet, after, spawns, start_fleet, synthetic_info
 
 from fastcompute.errors import BadRequest
+from fastcompute.protocol import Flavor
 from fastcompute.scheduler.fleet import (
     DISABLED,
     Group,
@@ -49,7 +50,7 @@ def assert_agents_hold(fleet: Fleet, placed: list[Placed]) -> Counter[str]:
     per_host = Counter(p.host for p in placed)
     for name in fleet.agents:
         held = fleet.instances(name)
-        assert {p.record["uuid"] for p in placed if p.host == name} == held
+        assert {p.record.uuid for p in placed if p.host == name} == held
         info = fleet.info(name)
         for rc, used in info["usage"].items():
             inv = info["inventory"][rc]
@@ -136,7 +137,7 @@ def test_anti_affinity_group_of_three_lands_on_three_hosts_and_a_fourth_is_refus
         async with Scheduler(fleet.endpoints(), timeout_s=20) as s:
             with pytest.raises(NoValidHost):
                 await s.spawn(spawns(image_file, 1, prefix="web-5")[0], group=group)
-            on_small = next(p.record["uuid"] for p in placed if p.host == "small")
+            on_small = next(p.record.uuid for p in placed if p.host == "small")
             await asyncio.to_thread(fleet.agents["small"].call, "instance.delete", {"uuid": on_small})
             deadline = time.monotonic() + 10.0
             while True:
@@ -149,7 +150,7 @@ def test_anti_affinity_group_of_three_lands_on_three_hosts_and_a_fourth_is_refus
 
     sixth = asyncio.run(again())
     assert sixth.host == "small"
-    assert fleet.agents["small"].call("host.info")["server_groups"] == {"web": [sixth.record["uuid"]]}
+    assert fleet.agents["small"].call("host.info")["server_groups"] == {"web": [sixth.record.uuid]}
 
 
 def test_affinity_group_stays_on_one_host(fleet: Fleet, image_file: Path) -> None:
@@ -229,19 +230,17 @@ def test_cli_schedules_with_json_output(fleet: Fleet, image_file: Path) -> None:
 def view(name: str, vcpu: int = 64, mem: int = 65536, used_vcpu: int = 0, traits: tuple[str, ...] = ()) -> HostView:
     h = HostView(name)
     h.alive = True
-    inv = {"VCPU": {"total": vcpu, "reserved": 0, "allocation_ratio": 1.0},
-           "MEMORY_MB": {"total": mem, "reserved": 0, "allocation_ratio": 1.0},
-           "DISK_GB": {"total": 1000, "reserved": 0, "allocation_ratio": 1.0}}
-    h.update({"inventory": inv, "usage": {"VCPU": used_vcpu}, "traits": list(traits)})
+    inv = {"VCPU": (vcpu, 0, 1.0), "MEMORY_MB": (mem, 0, 1.0), "DISK_GB": (1000, 0, 1.0)}
+    h.update(synthetic_info(inv, {"VCPU": used_vcpu}, list(traits)))
     return h
 
 
 def test_select_spreads_to_the_most_free_and_packs_to_the_least() -> None:
     hosts = [view("a", used_vcpu=10), view("b", used_vcpu=50), view("c", used_vcpu=30)]
-    req, _ = request_tuple({"vcpus": 4, "memory_mb": 512, "disk_gb": 1})
+    req, _ = request_tuple(Flavor(vcpus=4, memory_mb=512, disk_gb=1))
     assert select(hosts, req, Weights(ram=0.0))[0].name == "a"  # type: ignore[union-attr]
     assert select(hosts, req, Weights(ram=0.0, strategy="pack"))[0].name == "b"  # type: ignore[union-attr]
-    big, _ = request_tuple({"vcpus": 20, "memory_mb": 512, "disk_gb": 1})
+    big, _ = request_tuple(Flavor(vcpus=20, memory_mb=512, disk_gb=1))
     assert select(hosts, big, Weights(ram=0.0, strategy="pack"))[0].name == "c"  # type: ignore[union-attr]
 
 
@@ -250,7 +249,7 @@ def test_select_filters_and_says_why() -> None:
     down = view("x")
     down.alive = False
     hosts = [view("a", traits=("CUSTOM_GPU",)), view("b", used_vcpu=64), disabled, down]
-    req, _ = request_tuple({"vcpus": 1, "memory_mb": 512, "disk_gb": 1})
+    req, _ = request_tuple(Flavor(vcpus=1, memory_mb=512, disk_gb=1))
     chosen, _ = select(hosts, req, Weights(), required=frozenset({"CUSTOM_GPU"}))
     assert chosen is not None and chosen.name == "a"
     chosen, why = select(hosts, req, Weights(), forbidden=frozenset({"CUSTOM_GPU"}))
@@ -260,7 +259,7 @@ def test_select_filters_and_says_why() -> None:
 def test_weights_combine_like_novas_normalised_weighers() -> None:
     # a has more free RAM, b more free VCPU: the larger multiplier decides.
     a, b = view("a", vcpu=16, mem=100_000), view("b", vcpu=64, mem=10_000)
-    req, _ = request_tuple({"vcpus": 1, "memory_mb": 512, "disk_gb": 1})
+    req, _ = request_tuple(Flavor(vcpus=1, memory_mb=512, disk_gb=1))
     assert select([a, b], req, Weights(ram=2.0, cpu=1.0))[0] is a
     assert select([a, b], req, Weights(ram=1.0, cpu=2.0))[0] is b
 

@@ -40,7 +40,15 @@ from zmq.utils.monitor import parse_monitor_message
 
 from fastcompute import _core
 from fastcompute.errors import AgentError, Busy, HypervisorError, NoCapacity, QuotaExceeded
-from fastcompute.protocol import SERVER_GROUP_KEY, SERVER_GROUP_POLICY_KEY
+from fastcompute.protocol import (
+    SERVER_GROUP_KEY,
+    SERVER_GROUP_POLICY_KEY,
+    Flavor,
+    HostInfo,
+    InstanceRecord,
+    SpawnArgs,
+    invalid_from,
+)
 from fastcompute.resources import numa
 from fastcompute.resources.classes import RESOURCE_CLASSES
 from fastcompute.resources.numa_types import HostUsage, Limits, NumaRequest
@@ -99,7 +107,7 @@ class Placed:
     """A spawn the scheduler placed: the agent's record, where, and after how many attempts."""
 
     host: str
-    record: dict[str, Any]
+    record: InstanceRecord
     attempts: int
     refused_by: list[str] = field(default_factory=list)
 
@@ -170,32 +178,34 @@ class HostView:
         # Members this scheduler sent here, and when: kept until an event has had time to list them.
         self.sent_members: dict[str, tuple[str, float]] = {}
 
-    def update(self, info: dict[str, Any]) -> None:
+    def update(self, info: HostInfo) -> None:
         """Take an agent's ``host.info`` / ``host.resources`` body."""
-        inv = info.get("inventory", {})
-        usage = info.get("usage", {})
+        inv, usage = info.inventory, info.usage
         cap = []
         max_unit = []
         for rc in RESOURCE_CLASSES:
             i = inv.get(rc)
-            cap.append(int((i["total"] - i["reserved"]) * i["allocation_ratio"]) if i and i.get("total") else 0)
-            max_unit.append(int(i.get("max_unit", cap[-1])) if i and i.get("total") else 0)
+            if i and i["total"]:
+                cap.append(int((i["total"] - i["reserved"]) * i["allocation_ratio"]))
+                max_unit.append(i["max_unit"])
+            else:
+                cap.append(0)
+                max_unit.append(0)
         self.capacity = cap
         self.max_unit = max_unit
-        self.usage = [int(usage.get(rc, 0)) for rc in RESOURCE_CLASSES]
-        traits = info.get("traits", [])
-        self.traits = frozenset(traits)
-        self.disabled = DISABLED in self.traits or info.get("enabled") is False
-        self.numa_host = info.get("numa_host")
+        self.usage = [usage.get(rc, 0) for rc in RESOURCE_CLASSES]
+        self.traits = frozenset(info.traits)
+        self.disabled = DISABLED in self.traits or not info.enabled
+        self.numa_host = info.numa_host
         self._numa_compiled = None
+        vcpu, ram = inv.get("VCPU"), inv.get("MEMORY_MB")
         self.limits = Limits(
-            cpu_allocation_ratio=float(inv.get("VCPU", {}).get("allocation_ratio", 1.0)),
-            ram_allocation_ratio=float(inv.get("MEMORY_MB", {}).get("allocation_ratio", 1.0)),
+            cpu_allocation_ratio=vcpu["allocation_ratio"] if vcpu else 1.0,
+            ram_allocation_ratio=ram["allocation_ratio"] if ram else 1.0,
         )
-        self.generation = int(info.get("generation", self.generation))
-        if "server_groups" in info:
-            self.take_members(info["server_groups"])
-        count = int(info.get("instances", 0))
+        self.generation = info.generation
+        self.take_members(info.server_groups)
+        count = info.instances
         grown = max(0, count - self.instances) if self.instances >= 0 else 0
         self.instances = count
         horizon = time.monotonic() - UNREPORTED_TTL_S
@@ -292,14 +302,13 @@ class HostView:
 _FLAVORS: dict[tuple[Any, ...], tuple[tuple[int, int, int, int], NumaRequest | None]] = {}
 
 
-def request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], NumaRequest | None]:
+def request_tuple(flavor: Flavor) -> tuple[tuple[int, int, int, int], NumaRequest | None]:
     """A flavor's amounts per class (pinned vCPUs as PCPU) and its NUMA request (or None).
 
     Raises BadRequest for invalid extra specs, before any host is asked. Storms repeat one
     flavor: the answer is remembered (the request is only read, never changed).
     """
-    specs = flavor.get("extra_specs") or {}
-    key = (flavor["vcpus"], flavor["memory_mb"], flavor["disk_gb"], tuple(sorted(specs.items())))
+    key = (flavor.vcpus, flavor.memory_mb, flavor.disk_gb, tuple(sorted(flavor.extra_specs.items())))
     known = _FLAVORS.get(key)
     if known is None:
         if len(_FLAVORS) > 4096:
@@ -308,10 +317,10 @@ def request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], Nu
     return known
 
 
-def _request_tuple(flavor: dict[str, Any]) -> tuple[tuple[int, int, int, int], NumaRequest | None]:
-    numa_request = numa.constraints({"vcpus": flavor["vcpus"], "memory_mb": flavor["memory_mb"],
-                                     "extra_specs": flavor.get("extra_specs", {})})
-    amounts = Tracker.request_of(flavor["vcpus"], flavor["memory_mb"], flavor["disk_gb"], numa_request)
+def _request_tuple(flavor: Flavor) -> tuple[tuple[int, int, int, int], NumaRequest | None]:
+    numa_request = numa.constraints({"vcpus": flavor.vcpus, "memory_mb": flavor.memory_mb,
+                                     "extra_specs": flavor.extra_specs})
+    amounts = Tracker.request_of(flavor.vcpus, flavor.memory_mb, flavor.disk_gb, numa_request)
     return (amounts["VCPU"], amounts["PCPU"], amounts["MEMORY_MB"], amounts["DISK_GB"]), numa_request
 
 
@@ -411,7 +420,7 @@ class _Agent:
         self._prefix = os.urandom(6).hex() + "-"
         self._ids = itertools.count(1)
         self._link = Link(self.sock)
-        self._dec = msgspec.msgpack.Decoder()
+        self._dec = msgspec.msgpack.Decoder(HostInfo)
         self.tasks: list[asyncio.Task[None]] = []
         self.connected = asyncio.Event()
         # A refresh rebuilds the view (group members too) from the agent: one at a time.
@@ -565,28 +574,31 @@ class Scheduler:
             log.warning("agent %s: no connection", agent.view.control)
             return
         try:
-            info = await agent.call("host.info", None, min(self.timeout_s, 10.0))
-            records = await agent.call("instance.list", None, self.timeout_s)
+            info = msgspec.convert(await agent.call("host.info", None, min(self.timeout_s, 10.0)), HostInfo)
+            records = msgspec.convert(await agent.call("instance.list", None, self.timeout_s), list[InstanceRecord])
         except (ClientTimeout, HostDown, AgentError) as exc:
             log.warning("agent %s does not answer: %s", agent.view.control, exc)
             return
+        except msgspec.ValidationError as exc:
+            log.warning("agent %s answers in another shape: %s", agent.view.control, exc)
+            return
         view = agent.view
-        name = str(info.get("hostname") or view.name)
+        name = info.hostname or view.name
         if view.name != name:
             self.hosts.pop(view.name, None)
             view.name = name
         if name in self.hosts and self.hosts[name] is not view:
             raise ValueError(f"two agents report the host name {name!r}: give each its own [agent] host")
         self.hosts[name] = view
-        held = {r["uuid"] for r in records}
+        held = {r.uuid for r in records}
         orphans = [u for u, h in self.orphans.items() if h == name and u in held]
         for u in [u for u, h in self.orphans.items() if h == name and u not in held]:
             del self.orphans[u]  # it never claimed it
         # Orphans are about to be deleted: they are no group's members here.
         groups = {g: [u for u in uuids if u not in orphans]
-                  for g, uuids in info.get("server_groups", {}).items()}
+                  for g, uuids in info.server_groups.items()}
         view.reset()
-        view.update({**info, "server_groups": groups})
+        view.update(msgspec.structs.replace(info, server_groups=groups))
         agent.mark_up()
         self._changed()
         for instance in orphans:
@@ -603,10 +615,10 @@ class Scheduler:
         log.info("deleted orphan %s on %s (placed elsewhere while it was down)", instance, agent.view.name)
         self.orphans.pop(instance, None)
 
-    def _on_resources(self, view: HostView, info: dict[str, Any]) -> None:
+    def _on_resources(self, view: HostView, info: HostInfo) -> None:
         if view.name not in self.hosts:
             return
-        gen = int(info.get("generation", -1))
+        gen = info.generation
         # A smaller generation is either an older event or a restarted agent; the latter
         # comes with a reconnection, which refreshes the view from host.info.
         if gen < view.generation:
@@ -656,12 +668,17 @@ class Scheduler:
         Raises NoValidHost when no host passes or every attempt was refused, and the agent's
         error for failures that are not the host's (BAD_REQUEST, IMAGE_ERROR, CONFLICT...).
         """
+        try:
+            wanted = msgspec.convert(args, SpawnArgs)
+        except msgspec.ValidationError as exc:
+            raise invalid_from(exc, "args") from None
+        # The scheduler reads the typed copy; the agent gets the caller's map as written.
         args = dict(args)
-        instance = str(args.get("uuid") or uuid_mod.uuid4())
+        instance = wanted.uuid or str(uuid_mod.uuid4())
         args["uuid"] = instance
-        req, numa_request = request_tuple(args["flavor"])
+        req, numa_request = request_tuple(wanted.flavor)
         if group is not None:
-            args["metadata"] = {**args.get("metadata", {}), SERVER_GROUP_KEY: group.name,
+            args["metadata"] = {**wanted.metadata, SERVER_GROUP_KEY: group.name,
                                 SERVER_GROUP_POLICY_KEY: group.policy}
         need, avoid = frozenset(required), frozenset(forbidden)
         tried: list[str] = []
@@ -707,7 +724,7 @@ class Scheduler:
                           {"refusals": refusals, "uuid": instance})
 
     async def _send(self, host: HostView, instance: str, req: tuple[int, int, int, int],
-                    args: dict[str, Any], group: Group | None) -> dict[str, Any]:
+                    args: dict[str, Any], group: Group | None) -> InstanceRecord:
         agent: _Agent = host.link
         host.sent(instance, req)
         if group is not None:
@@ -715,9 +732,9 @@ class Scheduler:
         self.inflight += 1
         ok = False
         try:
-            rec = await agent.call("instance.spawn", args, self.timeout_s)
+            rec = msgspec.convert(await agent.call("instance.spawn", args, self.timeout_s), InstanceRecord)
             ok = True
-            return rec  # type: ignore[no-any-return]
+            return rec
         finally:
             self.inflight -= 1
             if ok:
@@ -814,7 +831,7 @@ async def _main_async(a: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
-    image: dict[str, Any] = {}
+    image: dict[str, str] = {}
     if a.image:
         image["url"] = a.image if "://" in a.image else Path(a.image).resolve().as_uri()
     if a.image_id:
@@ -841,7 +858,7 @@ async def _main_async(a: argparse.Namespace) -> int:
         per_host[p.host] = per_host.get(p.host, 0) + 1
     if a.json:
         print(json.dumps({
-            "placed": [{"uuid": p.record["uuid"], "name": p.record["name"], "host": p.host,
+            "placed": [{"uuid": p.record.uuid, "name": p.record.name, "host": p.host,
                         "attempts": p.attempts, "refused_by": p.refused_by} for p in placed],
             "failed": [{"name": s["name"], "code": e.code, "message": e.message} for s, e in failed],
             "per_host": per_host, "elapsed_s": round(elapsed, 3),
