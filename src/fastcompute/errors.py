@@ -15,6 +15,7 @@ class AgentError(Exception):
 
     code: ClassVar[str] = "INTERNAL"
 
+    # Free-form: each code has its own details (a field, a resource class, a uuid...).
     def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message

@@ -29,7 +29,7 @@ def _spec_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def _boot(a: argparse.Namespace) -> int:
-    image: dict[str, Any] = {}
+    image: dict[str, str] = {}
     if a.image:
         image["url"] = a.image if "://" in a.image else Path(a.image).resolve().as_uri()
     if a.image_id:

@@ -57,6 +57,8 @@ class Conflict(PlacementError):
         return "placement.concurrent_update" in self.text
 
 
+# Placement's request and response bodies are its JSON documents (providers, inventories,
+# allocations, candidates), kept as decoded maps: Placement's API, not ours, defines them.
 class PlacementClient:
     """The Placement REST calls the agent and the scheduler need, over one httpx client."""
 
