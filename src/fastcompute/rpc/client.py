@@ -34,7 +34,7 @@ class ClientTimeout(TimeoutError):
 
 
 # Requests and replies here are maps of any op: a client passes args and gets results as decoded
-# MessagePack (dict[str, Any]), whatever the op; the typed shapes live in fastcompute.protocol.
+# MessagePack maps, whatever the op; the typed shapes live in fastcompute.protocol.
 def error_from_reply(error: dict[str, Any]) -> errors.AgentError:
     """The typed exception for an error reply."""
     cls = _CODES.get(error.get("code", ""), errors.AgentError)

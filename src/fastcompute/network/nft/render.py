@@ -21,7 +21,7 @@ from fastcompute.network.ports import ICMP_PROTOCOLS, PORT_PROTOCOLS, protocol_n
 from fastcompute.protocol.ports import Port, SecurityGroup, SecurityGroupRule
 
 ChainKey = tuple[str, str]  # (family, chain name)
-# Every dict[str, Any] here is libnftables' JSON (nft -j): objects of many kinds, as nft defines them.
+# The maps here are libnftables' JSON (nft -j): objects of many kinds, as nft defines them.
 Rules = list[list[dict[str, Any]]]  # a chain's rules, each a list of expressions
 
 BASE_CHAINS: Final = frozenset(
