@@ -247,7 +247,7 @@ def plan_sync(
             zones=zones,
             bridge_refs=Counter(p.bridge for p in ports),
         )
-        cmds = ruleset(render.table, [(p.port, p.tap) for p in secured], zones)
+        cmds = ruleset(render.table, [(p.port, p.tap) for p in secured], zones, render.metadata)
         return SyncPlan(cmds, after, rebuilt=True, made_ports=[p.port.id for p in secured])
     want_chains: dict[ChainKey, Rules] = {}
     refs: Counter[ChainKey] = Counter()

@@ -122,15 +122,18 @@ def number_chains(ports: Iterable[Port]) -> dict[ChainKey, int]:
 
 
 def ruleset(
-    table: str, ports: Iterable[tuple[Port, str]], zones: Mapping[str, int] | None = None
+    table: str,
+    ports: Iterable[tuple[Port, str]],
+    zones: Mapping[str, int] | None = None,
+    metadata: tuple[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One transaction that replaces both tables with the rules of ``(port, tap)`` pairs and
-    the conntrack ``zones`` of bridges.
+    the conntrack ``zones`` of bridges (and the metadata service's chains, see :class:`Renderer`).
 
     What the agent sends when it finds its tables missing or of another layout, e.g. at the
     first start-up with instances to restore.
     """
-    render = Renderer(table)
+    render = Renderer(table, metadata)
     pairs = list(ports)
     ids = number_chains(port for port, _ in pairs)
     elements: dict[SetKey, set[Elem]] = {k: set() for k in SETS}
