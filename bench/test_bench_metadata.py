@@ -15,6 +15,7 @@ import statistics
 import time
 from typing import Any
 
+import uvloop
 from metadata_fixtures import METADATA_IP, metadata_world, off_loop
 from network_fixtures import in_netns
 
@@ -67,7 +68,8 @@ def test_metadata_p99_of_10000_requests_from_100_guests(benchmark: Any) -> None:
                 for s, _ in socks:
                     s.close()
 
-    times = asyncio.run(scenario())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the agent's loop
+        times = runner.run(scenario())
     ms = sorted(t * 1e3 for t in times)
     p50, p99 = statistics.median(ms), ms[int(len(ms) * 0.99) - 1]
     benchmark.pedantic(lambda: None, rounds=1)
