@@ -10,8 +10,9 @@ import socket
 import msgspec
 import pytest
 from metadata_fixtures import METADATA_IP, http_get, metadata_world, off_loop
-from network_fixtures import in_netns, sh
+from network_fixtures import in_netns, sh, tables
 
+from fastcompute.network import Network
 from fastcompute.network.metadata import answer, instance_documents
 
 pytestmark = pytest.mark.anyio
@@ -198,3 +199,21 @@ def test_the_paths_of_both_trees() -> None:
     assert answer(docs, "/latest/meta-data/placement/availability-zone") == b"nova"
     assert answer(docs, "/latest/meta-data/../../etc/passwd") is None
     assert b"meta-data/" in (answer(docs, "/latest") or b"")
+
+
+async def test_reconciliation_keeps_the_metadata_chains_and_turning_it_off_removes_them() -> None:
+    async with metadata_world() as w:
+        guest, rec = await w.guest("10.69.0.5")
+        wanted = {rec.uuid: w.instances[rec.uuid][1]}
+        assert not (await w.lab.net.reconcile(wanted)).changed
+        assert await meta_uuid(guest.ns) == rec.uuid
+        names = {c["chain"]["name"] for c in tables(w.lab.owner)["inet"] if "chain" in c}
+        assert names >= {"metadata_nat", "metadata_in"}
+        plain = Network(w.lab.cfg)  # the same tables, the service off: a different layout
+        try:
+            assert (await plain.reconcile(wanted)).rebuilt_tables
+            names = {c["chain"]["name"] for c in tables(w.lab.owner)["inet"] if "chain" in c}
+            assert not names & {"metadata_nat", "metadata_in"}
+            assert not (await plain.reconcile(wanted)).changed
+        finally:
+            plain.close()
