@@ -28,6 +28,7 @@ from fastcompute.errors import NotFound
 from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
+from fastcompute.network.metadata import Documents, MetadataService, documents_lookup, instance_documents
 from fastcompute.resources.tracker import Tracker, cpu_traits
 from fastcompute.rpc.replies import entry_size
 from fastcompute.rpc.server import Handler, Server
@@ -52,6 +53,7 @@ class Agent:
         self.io_pool = ThreadPoolExecutor(max_workers=cfg.agent.worker_threads, thread_name_prefix="io")
         self.images: ImageCache | None = None
         self.network: Network | None = None
+        self.metadata: MetadataService | None = None
         self.placement: PlacementSync | None = None
         self.manager: Manager | None = None
         self.server: Server | None = None
@@ -170,10 +172,15 @@ class Agent:
         self.server = server
         self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
         self.images.on_lookup = self.metrics.image_cache
-        self.network = Network(cfg.network, self.io_pool)
+        md = cfg.metadata
+        self.network = Network(cfg.network, self.io_pool, (md.address, md.port) if md.enabled else None)
         self.network.on_batch = self.metrics.observe_network_batch
         manager = Manager(cfg, self.store, self.driver, self.images, self.network, server.publish)
         self.manager = manager
+        if md.enabled:
+            # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
+            self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))
+            self.metadata.follow(self.network)
         await self.driver.connect(manager.on_power_event)
         facts = await self.driver.host_facts()
         tracker = Tracker(facts.cells, cfg.resources, cfg.quota, self.state_dir)
@@ -209,6 +216,11 @@ class Agent:
                  cfg.hypervisor.uri, self.state_dir)
         if self.metrics_server is not None:
             log.info("metrics at %s", self.metrics_server.url)
+
+    def _documents(self, uuid: str) -> Documents | None:
+        """The metadata documents of an instance (the metadata service's lookup)."""
+        st = self.manager.instances.get(uuid) if self.manager is not None else None
+        return None if st is None else instance_documents(st.record, st.ports)
 
     async def _every(self, period: float, fn: Any) -> None:
         while True:
@@ -319,6 +331,8 @@ class Agent:
             await self.placement.close()
         if self.images is not None:
             await self.images.close()
+        if self.metadata is not None:
+            await self.metadata.close()
         if self.network is not None:
             self.network.close()
         await self.store.close()

@@ -135,6 +135,16 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     conntrack_zones_from: Annotated[int, msgspec.Meta(ge=0, le=65535), _doc("Connection tracking zones: each bridge with ports gets its own, numbered up from here, so that networks with the same addresses never share connection state; 0 = no zones (all networks share one)")] = 4096
 
 
+class MetadataConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[metadata]: the metadata service guests reach at 169.254.169.254 (see docs/NETWORK.md)."""
+
+    enabled: Annotated[bool, _doc("Answer guests' requests to http://169.254.169.254/ (OpenStack and EC2 paths) for ports with port security")] = True
+    address: Annotated[str, _doc("Link-local IPv4 address the listeners bind on each bridge with ports; requests to 169.254.169.254:80 are DNATed to it")] = "169.254.169.252"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535), _doc("TCP port of the listeners (Nova's metadata API port)")] = 8775
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=256, le=65536), _doc("Largest request head accepted; a longer one is answered 431 and the connection closed")] = 4096
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0), _doc("A keep-alive connection idle for this long is closed")] = 30.0
+
+
 class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[stats]: sampling and metrics."""
 
@@ -170,6 +180,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
     images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
+    metadata: MetadataConfig = msgspec.field(default_factory=MetadataConfig)
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -65,18 +66,27 @@ class Network:
     every instance's ports before plugging anything, so the record matches the host.
     """
 
-    def __init__(self, cfg: NetworkConfig, executor: concurrent.futures.Executor | None = None) -> None:
+    def __init__(
+        self,
+        cfg: NetworkConfig,
+        executor: concurrent.futures.Executor | None = None,
+        metadata: tuple[str, int] | None = None,
+    ) -> None:
+        """``metadata``: the (address, port) the metadata service listens on, whose steering
+        rules the tables then carry; None when it is off."""
         self.cfg = cfg
         self._executor = executor
         self._changes = ChangeQueue(self._plug_batch, self._unplug_batch)
         self._sync_lock = threading.Lock()
         self._names = Names(cfg)
         self._links = Links(self._names)
-        self._tables = Tables(cfg.owner, cfg.conntrack_zones_from)
+        self._tables = Tables(cfg.owner, cfg.conntrack_zones_from, metadata)
         self._ct: Conntrack | None = None
         self._ports: dict[str, Plugged] = {}
         self._of: dict[str, dict[str, Plugged]] = {}  # instance uuid -> its ports, by id
         self._index = PortIndex()  # the plugged ports, and those of the batch being plugged
+        self._at: dict[tuple[str, str], Plugged] = {}  # (bridge, address) -> its secured port
+        self.on_ports: Callable[[], object] | None = None
 
     @property
     def on_batch(self) -> Callable[[str, int, float], object] | None:
@@ -171,11 +181,14 @@ class Network:
                 wanted[port.id] = self._plugged_for(uuid, port)
 
         async def change() -> ReconcileReport:
-            self._ports, self._of, self._index = {}, {}, PortIndex()
+            self._ports, self._of, self._index, self._at = {}, {}, PortIndex(), {}
             for p in wanted.values():
                 self._remember(p)
                 self._index.add(p.port, p.instance_uuid)
-            return await self._run(self._reconcile_sync, list(self._ports.values()))
+            try:
+                return await self._run(self._reconcile_sync, list(self._ports.values()))
+            finally:
+                self._ports_changed()
 
         report: ReconcileReport = await self._changes.submit(self._changes.change("other", call=change))
         return report
@@ -185,6 +198,27 @@ class Network:
         if instance_uuid is None:
             return [p.answer() for p in self._ports.values()]
         return [p.answer() for p in self._of.get(instance_uuid, {}).values()]
+
+    def port_at(self, bridge: str, address: str) -> tuple[str, str] | None:
+        """(instance uuid, port id) of the port with port security on ``bridge`` that owns
+        ``address`` (a fixed IP, in its normal form), or None.
+
+        The spoof chain drops what such a port sends from any other address, so a packet from
+        ``address`` that came in on ``bridge`` with our mark is this port's.
+        """
+        p = self._at.get((bridge, address))
+        return None if p is None else (p.instance_uuid, p.port.id)
+
+    def secured_bridges(self) -> set[str]:
+        """The bridges that have at least one port with port security."""
+        return {bridge for bridge, _ in self._at}
+
+    def _ports_changed(self) -> None:
+        if self.on_ports is not None:
+            try:
+                self.on_ports()
+            except Exception:
+                log.exception("on_ports observer failed")
 
     def close(self) -> None:
         """Close the netlink socket and the nftables context."""
@@ -204,6 +238,9 @@ class Network:
     def _remember(self, p: Plugged) -> None:
         self._ports[p.port.id] = p
         self._of.setdefault(p.instance_uuid, {})[p.port.id] = p
+        if p.secured:
+            for f in p.port.fixed_ips:
+                self._at[(p.bridge, str(ipaddress.ip_address(f.ip)))] = p
 
     def _forget(self, p: Plugged) -> None:
         self._ports.pop(p.port.id, None)
@@ -212,6 +249,10 @@ class Network:
         if not mine:
             self._of.pop(p.instance_uuid, None)
         self._index.discard(p.port)
+        for f in p.port.fixed_ips:
+            key = (p.bridge, str(ipaddress.ip_address(f.ip)))
+            if self._at.get(key) is p:
+                del self._at[key]
 
     async def _plug_batch(self, changes: list[Change]) -> None:
         """Admit each plug against the host and the batch so far, then make them all."""
@@ -236,6 +277,7 @@ class Network:
                 settle(c, AgentError(f"port {missing[0]} could not be plugged"))
             else:
                 settle(c, [self._ports[p.id].answer() for p in c.ports])
+        self._ports_changed()
 
     def _admit(self, changes: list[Change]) -> list[tuple[Change, list[Plugged]]]:
         """Check each plug against the index (which takes its ports in) and settle those
@@ -271,8 +313,11 @@ class Network:
                 elif p.instance_uuid == c.instance_uuid:
                     self._forget(p)
                     gone.append(p)
-        if gone or unknown:
-            await self._run(self._unplug_sync, gone, unknown)
+        try:
+            if gone or unknown:
+                await self._run(self._unplug_sync, gone, unknown)
+        finally:
+            self._ports_changed()
         for c in changes:
             settle(c, None)
 

@@ -19,10 +19,10 @@ from fastcompute.network.ports import Plugged
 class Tables:
     """The tables named ``owner`` (families bridge and inet), changed one transaction at a time."""
 
-    def __init__(self, owner: str, zones_from: int) -> None:
+    def __init__(self, owner: str, zones_from: int, metadata: tuple[str, int] | None = None) -> None:
         self.owner = owner
         self.zones_from = zones_from
-        self.render = Renderer(owner)
+        self.render = Renderer(owner, metadata)
         self.state = TableState()
         self._nft: Nft | None = None
 
@@ -79,7 +79,7 @@ class Tables:
                     continue
                 raise
             listing += out.get("nftables", [])
-        return plan.parse_listing(listing, self.render.base_tag)
+        return plan.parse_listing(listing, self.render.base_tag, self.render.base_chains)
 
     def drop(self) -> bool:
         """Delete both tables; True when there was one to delete."""

@@ -56,8 +56,10 @@ class Listing:
         return ids
 
 
-def parse_listing(listing: Iterable[dict[str, Any]], base_tag: str) -> Listing:
-    """Read a listing of both tables; ``base_tag`` is the comment of intact base chains."""
+def parse_listing(
+    listing: Iterable[dict[str, Any]], base_tag: str, base_chains: frozenset[ChainKey] = BASE_CHAINS
+) -> Listing:
+    """Read a listing of both tables; ``base_tag`` is the comment of intact ``base_chains``."""
     state = Listing()
     base_tags = 0
     for obj in listing:
@@ -79,7 +81,7 @@ def parse_listing(listing: Iterable[dict[str, Any]], base_tag: str) -> Listing:
             elif state.chain_tags.get(key) == "":
                 # The first rule has no tag: the chain is not as we wrote it.
                 state.chain_tags[key] = "?"
-    state.base_ok = base_tags == len(BASE_CHAINS) and all(k in state.elements for k in SETS)
+    state.base_ok = base_tags == len(base_chains) and all(k in state.elements for k in SETS)
     return state
 
 
@@ -245,7 +247,7 @@ def plan_sync(
             zones=zones,
             bridge_refs=Counter(p.bridge for p in ports),
         )
-        cmds = ruleset(render.table, [(p.port, p.tap) for p in secured], zones)
+        cmds = ruleset(render.table, [(p.port, p.tap) for p in secured], zones, render.metadata)
         return SyncPlan(cmds, after, rebuilt=True, made_ports=[p.port.id for p in secured])
     want_chains: dict[ChainKey, Rules] = {}
     refs: Counter[ChainKey] = Counter()
@@ -264,7 +266,8 @@ def plan_sync(
         cmds += render.elements("delete", key, extra[key])
     for key in SETS:
         cmds += render.elements("add", key, want[key] - listing.have(key))
-    keep = {*want_chains, *BASE_CHAINS, *foreign, *(("inet", encoding.zone_chain(z)) for z in kept_zones.values())}
+    zone_chains = (("inet", encoding.zone_chain(z)) for z in kept_zones.values())
+    keep = {*want_chains, *render.base_chains, *foreign, *zone_chains}
     for key in listing.chain_tags:
         if key not in keep:
             cmds += render.drop_chain(*key, None)

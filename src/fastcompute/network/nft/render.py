@@ -16,7 +16,7 @@ from typing import Any, Final
 import msgspec
 
 from fastcompute.network.nft import encoding
-from fastcompute.network.nft.encoding import MARK_PORT_BITS, SETS, ZONES, Elem, SetKey
+from fastcompute.network.nft.encoding import MARK_OURS, MARK_PORT_BITS, SETS, ZONES, Elem, SetKey
 from fastcompute.network.ports import ICMP_PROTOCOLS, PORT_PROTOCOLS, protocol_number
 from fastcompute.protocol.ports import Port, SecurityGroup, SecurityGroupRule
 
@@ -35,6 +35,10 @@ BASE_CHAINS: Final = frozenset(
         ("inet", "forward"),
     }
 )
+# With the metadata service on: the DNAT of 169.254.169.254:80 to its listeners, and the
+# filter that lets only those DNATed connections of our ports reach them.
+METADATA_CHAINS: Final = frozenset({("inet", "metadata_nat"), ("inet", "metadata_in")})
+METADATA_ADDRESS: Final = "169.254.169.254"
 
 
 def _meta(key: str) -> dict[str, Any]:
@@ -119,15 +123,18 @@ def number_chains(ports: Iterable[Port]) -> dict[ChainKey, int]:
 
 
 def ruleset(
-    table: str, ports: Iterable[tuple[Port, str]], zones: Mapping[str, int] | None = None
+    table: str,
+    ports: Iterable[tuple[Port, str]],
+    zones: Mapping[str, int] | None = None,
+    metadata: tuple[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One transaction that replaces both tables with the rules of ``(port, tap)`` pairs and
-    the conntrack ``zones`` of bridges.
+    the conntrack ``zones`` of bridges (and the metadata service's chains, see :class:`Renderer`).
 
     What the agent sends when it finds its tables missing or of another layout, e.g. at the
     first start-up with instances to restore.
     """
-    render = Renderer(table)
+    render = Renderer(table, metadata)
     pairs = list(ports)
     ids = number_chains(port for port, _ in pairs)
     elements: dict[SetKey, set[Elem]] = {k: set() for k in SETS}
@@ -150,11 +157,16 @@ def ruleset(
 
 
 class Renderer:
-    """Builds the JSON commands of the two tables named ``table``."""
+    """Builds the JSON commands of the two tables named ``table``.
 
-    def __init__(self, table: str) -> None:
+    ``metadata`` is the (address, port) of the metadata service's listeners, None when it is off.
+    """
+
+    def __init__(self, table: str, metadata: tuple[str, int] | None = None) -> None:
         self.table = table
         self.mark = encoding.owner_mark(table)
+        self.metadata = metadata
+        self.base_chains = BASE_CHAINS | METADATA_CHAINS if metadata is not None else BASE_CHAINS
         self.base_tag = "fc-base:" + _digest(self._base(""))
 
     @staticmethod
@@ -283,11 +295,49 @@ class Renderer:
             *judge("prerouting", -150, nd_out, (68, 67), (546, 547), "egress"),
             *judge("forward", 0, nd_in, (67, 68), (547, 546), "ingress"),
         ]
+        inet += self._metadata(tag, ours)
         tables = [
             {"add": {"table": {"family": "bridge", "name": self.table}}},
             {"add": {"table": {"family": "inet", "name": self.table}}},
         ]
         return [*tables, *sets, *bridge, *inet]
+
+    def _metadata(self, tag: str, ours: dict[str, Any]) -> list[dict[str, Any]]:
+        """The metadata service's chains (none when it is off).
+
+        Only packets of our ports (our mark: the spoof chain has vouched for their source) to
+        169.254.169.254:80 are sent to the listeners' address, which is on each bridge; the
+        address change is what makes br_netfilter hand the frame to the host even when the
+        guest sent it to its gateway's MAC. Anything else to that address is dropped, which
+        keeps the host's own services and the listeners out of reach of other traffic.
+        """
+        if self.metadata is None:
+            return []
+        address, port = self.metadata
+        ipv4, tcp = _match(_meta("nfproto"), "ipv4"), _match(_meta("l4proto"), 6)
+        dport = _payload("th", "dport")
+        to_listener = _match(_payload("ip", "daddr"), address)
+
+        def chain(name: str, kind: str, hook: str, prio: int) -> dict[str, Any]:
+            return {"add": self._obj("inet", "chain", name=name, type=kind, hook=hook, prio=prio, policy="accept")}
+
+        dnat = {"dnat": {"family": "ip", "addr": address, "port": port}}
+        dnatted = _match({"ct": {"key": "status"}}, "dnat", "in")
+        either = sorted({address, METADATA_ADDRESS})
+        daddr = _payload("ip", "daddr")
+        someones = _match({"&": [_meta("mark"), MARK_OURS]}, MARK_OURS)
+        return [
+            chain("metadata_nat", "nat", "prerouting", -100),
+            self._rule("inet", "metadata_nat", [ours, ipv4, _match(daddr, METADATA_ADDRESS), tcp, _match(dport, 80),
+                                                dnat], tag),
+            chain("metadata_in", "filter", "input", 0),
+            self._rule("inet", "metadata_in", [ipv4, to_listener, ours, dnatted, tcp, _match(dport, port),
+                                               {"accept": None}], tag),
+            self._rule("inet", "metadata_in", [ipv4, _match(daddr, {"set": either}), ours, {"drop": None}]),
+            # Another agent's ports (tables of another owner) are that agent's to judge.
+            self._rule("inet", "metadata_in", [ipv4, _match(daddr, {"set": either}), someones, {"accept": None}]),
+            self._rule("inet", "metadata_in", [ipv4, _match(daddr, {"set": either}), {"drop": None}]),
+        ]  # fmt: skip
 
     def rebuild(self) -> list[dict[str, Any]]:
         """Commands that replace both tables by empty ones ("add" first: valid when absent)."""
