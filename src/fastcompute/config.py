@@ -116,6 +116,13 @@ class NetworkConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     conntrack_zones_from: Annotated[int, msgspec.Meta(ge=0, le=65535), _doc("Connection tracking zones: each bridge with ports gets its own, numbered up from here, so that networks with the same addresses never share connection state; 0 = no zones (all networks share one)")] = 4096
 
 
+class GuestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[guest]: what guests are told at boot (config drive, metadata)."""
+
+    config_drive: Annotated[bool, _doc("Give every guest a config drive (a spawn's config_drive says otherwise for its own)")] = True
+    availability_zone: Annotated[str, _doc("The availability zone this host is in, as guests' metadata reports it")] = "nova"
+
+
 class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[stats]: sampling and metrics."""
 
@@ -149,6 +156,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     quota: QuotaConfig = msgspec.field(default_factory=QuotaConfig)
     images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
+    guest: GuestConfig = msgspec.field(default_factory=GuestConfig)
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
 

@@ -3,6 +3,7 @@ declared once (``ops``), and the wire shapes of ports and security groups (``por
 
 from fastcompute.protocol.ops import MUTATING_OPS, OP_ARGS, OPS, Op, Transition, decode_args
 from fastcompute.protocol.schema import (
+    MAX_USER_DATA,
     SERVER_GROUP_KEY,
     SERVER_GROUP_POLICY_KEY,
     VERSION,
@@ -17,6 +18,7 @@ from fastcompute.protocol.schema import (
     Flavor,
     Image,
     InstanceRecord,
+    KeyPair,
     ListArgs,
     Name,
     NoArgs,
@@ -45,6 +47,7 @@ from fastcompute.protocol.schema import (
 )
 
 __all__ = [
+    "MAX_USER_DATA",
     "MUTATING_OPS",
     "OPS",
     "OP_ARGS",
@@ -62,6 +65,7 @@ __all__ = [
     "Flavor",
     "Image",
     "InstanceRecord",
+    "KeyPair",
     "ListArgs",
     "Name",
     "NoArgs",
