@@ -303,3 +303,17 @@ def test_the_document_builder_is_pure() -> None:
     assert json.loads(files["openstack/latest/network_data.json"])["links"][0]["mtu"] == 1400
     assert files["openstack/latest/user_data"] == files["ec2/latest/user-data"] == b"u"
     assert all(isinstance(v, bytes) for v in files.values())
+
+
+def test_images_of_one_layout_carry_each_their_own_files(tmp_path: Path) -> None:
+    """The layout is made once; files of any size (none, a sector, a byte past it) read back
+    whole by isoinfo in every image made from it."""
+    from fastcompute.images import iso
+
+    for sizes in ((0, 1, 2048), (2049, 0, 65535), (5, 4096, 1)):
+        files = {"a/x.json": os.urandom(sizes[0]), "a/b/user_data": os.urandom(sizes[1]), "c": os.urandom(sizes[2])}
+        out = tmp_path / f"{sizes}.iso"
+        iso.write(out, files, "config-2")
+        tree = tmp_path / f"tree{sizes}"
+        extract(out, tree)
+        assert {p: (tree / p).read_bytes() for p in files} == files
