@@ -284,8 +284,8 @@ class Manager:
         files = configdrive.instance_metadata(stored.record, stored.ports, stored.bootstrap,
                                               default_mtu=self.cfg.network.default_mtu)
         drive = disks.path(self.instance_dir(uuid), "config")
-        # pycdlib is pure Python: ~ms of CPU a drive, kept off the event loop's own turn.
-        await asyncio.get_running_loop().run_in_executor(None, iso.write, drive, files, configdrive.LABEL)
+        # On the loop: ~0.2 ms of work (images.iso), less than a hand-off to a thread costs.
+        iso.write(drive, files, configdrive.LABEL)
 
     async def _commit(self, uuid: str, *, extra: list[Any] | None = None, **changes: Any) -> InstanceRecord:
         """Apply state changes, make them durable, then publish the event."""

@@ -115,15 +115,21 @@ def image(files: Mapping[str, bytes], label: str, publisher: str = "fastcompute"
     head = bytearray(layout.head)
     parts: list[bytes | bytearray] = [head]
     sector = len(head) // SECTOR
+    # Files of the same bytes (a document in every version directory) share one extent, as
+    # hard links do: a drive is then its layout and a few sectors of data.
+    placed: dict[bytes, int] = {}
     for path in layout.order:
         data = files[path]
+        at = placed.get(data)
+        if at is None:
+            at = placed[data] = sector
+            parts.append(data)
+            pad = -len(data) % SECTOR
+            if pad:
+                parts.append(bytes(pad))
+            sector += (len(data) + pad) // SECTOR
         for offset in layout.fields[path]:
-            head[offset:offset + 16] = _both(sector) + _both(len(data))
-        parts.append(data)
-        pad = -len(data) % SECTOR
-        if pad:
-            parts.append(bytes(pad))
-        sector += (len(data) + pad) // SECTOR
+            head[offset:offset + 16] = _both(at) + _both(len(data))
     for offset in layout.descriptors:
         head[offset:offset + 8] = _both(sector)
     return b"".join(parts)
