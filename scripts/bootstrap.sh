@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # build: compiler, headers and pkg-config for libvirt-python and the Cython core;
-# run/test: qemu-img (disk images), nftables (security groups), iproute2.
-APT_PACKAGES=(build-essential pkg-config libvirt-dev qemu-utils libnftables1 nftables iproute2)
+# run/test: qemu-img (disk images), nftables (security groups), iproute2;
+# test/bench: cloud-init (its own code reads the config drives in the tests) and genisoimage
+# (the rival of the config drive writer: what Nova runs).
+APT_PACKAGES=(build-essential pkg-config libvirt-dev qemu-utils libnftables1 nftables iproute2
+  cloud-init genisoimage)
 
 source scripts/apt.sh
 mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")

@@ -26,6 +26,9 @@ MODULES=(
   drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci drivers/block/virtio_blk
   net/core/failover drivers/net/net_failover drivers/net/virtio_net
   drivers/acpi/button drivers/input/evdev
+  # the config drive: an IDE CD-ROM (ata_piix on the pc machine type) holding ISO 9660
+  drivers/scsi/scsi_common drivers/scsi/scsi_mod drivers/ata/libata drivers/ata/ata_piix
+  drivers/cdrom/cdrom drivers/scsi/sr_mod fs/isofs/isofs
 )
 APT_PACKAGES=(syslinux syslinux-common mtools dosfstools busybox-static cpio)
 
@@ -78,20 +81,51 @@ fi
 # Per-guest settings come as fc.KEY=VALUE words, from the kernel command line (direct kernel boot)
 # or from SMBIOS OEM strings (type 11), which libvirt sets per domain through <sysinfo>.
 settings="$(cat /proc/cmdline) $(strings -n 3 /sys/firmware/dmi/entries/11-*/raw 2>/dev/null)"
-ip=; gw=
+ip=; gw=; from=smbios
 for w in $settings; do
   case "$w" in
     fc.ip=*) ip=${w#fc.ip=} ;;
     fc.gw=*) gw=${w#fc.gw=} ;;
   esac
 done
+
+# The config drive (ISO 9660 labelled config-2, OpenStack's layout), when there is one: who we
+# are, our keys, and our address, which then replaces the SMBIOS one. busybox has no JSON
+# parser; the documents are compact JSON, cut at each '{' into one object a line.
+cd_dev=
+for i in 1 2 3 4 5 6 7 8 9 10; do
+  cd_dev=$(findfs LABEL=config-2 2>/dev/null) && break
+  cd_dev=
+  [ -b /dev/sr0 ] && cd_dev=/dev/sr0 && break
+  sleep 0.2
+done
+if [ -n "$cd_dev" ] && mkdir -p /mnt/config && mount -t iso9660 -o ro "$cd_dev" /mnt/config; then
+  md=/mnt/config/openstack/latest/meta_data.json
+  nd=/mnt/config/openstack/latest/network_data.json
+  cd_uuid=$(tr '{' '\n' <"$md" | sed -n 's/^"uuid":"\([^"]*\)".*/\1/p')
+  cd_host=$(tr '{' '\n' <"$md" | sed -n 's/.*"hostname":"\([^"]*\)".*/\1/p' | head -n 1)
+  cd_keys=$(tr '{' '\n' <"$md" | sed -n 's/^"name":"\([^"]*\)","type":.*/\1/p' | tr '\n' ',')
+  [ -n "$cd_host" ] && hostname "$cd_host"
+  echo "FASTCOMPUTE-CONFIG-DRIVE dev=$cd_dev uuid=$cd_uuid hostname=$cd_host keys=${cd_keys%,}"
+  # The first IPv4 network: its address and netmask, and the first default route after it.
+  set -- $(tr '{' '\n' <"$nd" | awk -F'"' '
+    /"type":"ipv4"/ && !ip { for (i = 1; i < NF; i++) { if ($i == "ip_address") ip = $(i + 2)
+                                                        if ($i == "netmask") mask = $(i + 2) }; next }
+    ip && !gw && /"network":"0\.0\.0\.0","netmask":"0\.0\.0\.0"/ {
+      for (i = 1; i < NF; i++) if ($i == "gateway") gw = $(i + 2) }
+    END { print ip, mask, gw }')
+  if [ -n "${1:-}" ] && [ -n "${2:-}" ]; then
+    eval "$(ipcalc -p "$1" "$2")"
+    ip="$1/$PREFIX"; gw=${3:-}; from=config-drive
+  fi
+fi
 if [ -n "$ip" ]; then
   ip link set lo up
   ip link set eth0 up && ip addr add "$ip" dev eth0
   [ -n "$gw" ] && ip route add default via "$gw"
   mkdir -p /www && echo "fastcompute-guest $uuid" >/www/index.html
   httpd -p 80 -h /www
-  echo "FASTCOMPUTE-NET ip=$ip gw=${gw:-none}"
+  echo "FASTCOMPUTE-NET ip=$ip gw=${gw:-none} from=$from"
 fi
 
 echo "FASTCOMPUTE-GUEST-READY"
@@ -124,7 +158,7 @@ build() {
   dpkg -x "$deb" kernel
   kver="$(ls kernel/lib/modules)"
 
-  mkdir -p root/bin root/sbin root/proc root/sys root/dev root/tmp root/etc/acpi/PWRF root/lib/modules
+  mkdir -p root/bin root/sbin root/proc root/sys root/dev root/tmp root/mnt root/etc/acpi/PWRF root/lib/modules
   cp /bin/busybox root/bin/busybox
   for a in $(root/bin/busybox --list); do
     [ "$a" = busybox ] || ln -s busybox "root/bin/$a"

@@ -13,9 +13,10 @@ from typing import Any
 
 from network_fixtures import EGRESS_ALL, Guest, Lab, group, in_netns, port, sh
 
+from fastcompute.compute.configdrive import Bootstrap, default_hostname, instance_metadata
 from fastcompute.config import MetadataConfig, NetworkConfig
 from fastcompute.network import Network
-from fastcompute.network.metadata import Documents, MetadataService, documents_lookup, instance_documents
+from fastcompute.network.metadata import Documents, MetadataService, documents_lookup
 from fastcompute.protocol.ports import Port
 from fastcompute.protocol.schema import Flavor, Image, InstanceRecord
 
@@ -31,6 +32,11 @@ def record(name: str, project: str = "p1", meta: dict[str, str] | None = None) -
     )  # fmt: skip
 
 
+def documents_of(rec: InstanceRecord, ports: list[Port]) -> Documents:
+    """An instance's documents as the agent builds them for one spawned with nothing to bootstrap."""
+    return instance_metadata(rec, ports, Bootstrap(hostname=default_hostname(rec.name, rec.uuid)))
+
+
 class World:
     """A Lab, its metadata service and the instances it knows (uuid -> (record, ports))."""
 
@@ -44,7 +50,7 @@ class World:
     def documents(self, instance_uuid: str) -> Documents | None:
         """The lookup's documents, built as the agent builds them."""
         found = self.instances.get(instance_uuid)
-        return None if found is None else instance_documents(*found)
+        return None if found is None else documents_of(*found)
 
     async def guest(self, ip: str, *, network: str = "net1", meta: dict[str, str] | None = None,
                     **kw: Any) -> tuple[Guest, InstanceRecord]:  # fmt: skip

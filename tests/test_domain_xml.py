@@ -106,9 +106,9 @@ def test_several_disks_with_boot_order_round_trip_through_libvirt() -> None:
     by_dev = sorted(_disks(root), key=lambda d: str(d["dev"]))
     assert by_dev == [
         # the config drive's role fixes its format, device and bus, whatever the instance disks are
-        {"type": "file", "device": "cdrom", "dev": "sda", "bus": "sata", "source": str(idir / "disk.config"),
+        {"type": "file", "device": "cdrom", "dev": "hda", "bus": "ide", "source": str(idir / "disk.config"),
          "format": "raw", "boot": None, "readonly": "yes"},
-        {"type": "network", "device": "disk", "dev": "sdb", "bus": "scsi", "source": "pool/vol-2",
+        {"type": "network", "device": "disk", "dev": "sda", "bus": "scsi", "source": "pool/vol-2",
          "format": "raw", "boot": None, "readonly": None},
         {"type": "file", "device": "disk", "dev": "vda", "bus": "virtio", "source": str(idir / "disk.rescue"),
          "format": "qcow2", "boot": "1", "readonly": None},

@@ -13,7 +13,7 @@ from metadata_fixtures import METADATA_IP, http_get, metadata_world, off_loop
 from network_fixtures import in_netns, sh, tables
 
 from fastcompute.network import Network
-from fastcompute.network.metadata import answer, instance_documents
+from fastcompute.network.metadata import answer
 
 pytestmark = pytest.mark.anyio
 
@@ -186,9 +186,9 @@ async def test_keep_alive_get_only_and_bounded_requests() -> None:
 
 
 def test_the_paths_of_both_trees() -> None:
-    from metadata_fixtures import record
+    from metadata_fixtures import documents_of, record
 
-    docs = instance_documents(record("a"), [])
+    docs = documents_of(record("a"), [])
     meta = msgspec.json.decode(docs["openstack/latest/meta_data.json"])
     for version in ("latest", "2012-08-10", "2018-08-27"):
         assert answer(docs, f"/openstack/{version}/meta_data.json") == docs["openstack/latest/meta_data.json"]

@@ -28,7 +28,7 @@ from fastcompute.errors import NotFound
 from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
-from fastcompute.network.metadata import Documents, MetadataService, documents_lookup, instance_documents
+from fastcompute.network.metadata import Documents, MetadataService, documents_lookup
 from fastcompute.resources.tracker import Tracker, cpu_traits
 from fastcompute.rpc.replies import entry_size
 from fastcompute.rpc.server import Handler, Server
@@ -219,8 +219,7 @@ class Agent:
 
     def _documents(self, uuid: str) -> Documents | None:
         """The metadata documents of an instance (the metadata service's lookup)."""
-        st = self.manager.instances.get(uuid) if self.manager is not None else None
-        return None if st is None else instance_documents(st.record, st.ports)
+        return self.manager.metadata_documents(uuid) if self.manager is not None else None
 
     async def _every(self, period: float, fn: Any) -> None:
         while True:

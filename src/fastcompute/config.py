@@ -145,6 +145,13 @@ class MetadataConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0), _doc("A keep-alive connection idle for this long is closed")] = 30.0
 
 
+class GuestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[guest]: what guests are told at boot (config drive, metadata)."""
+
+    config_drive: Annotated[bool, _doc("Give every guest a config drive (a spawn's config_drive says otherwise for its own)")] = True
+    availability_zone: Annotated[str, _doc("The availability zone this host is in, as guests' metadata reports it")] = "nova"
+
+
 class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[stats]: sampling and metrics."""
 
@@ -181,6 +188,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     metadata: MetadataConfig = msgspec.field(default_factory=MetadataConfig)
+    guest: GuestConfig = msgspec.field(default_factory=GuestConfig)
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
 

@@ -12,6 +12,7 @@ manager promise "committed before the reply or the event".
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -87,6 +88,10 @@ class Store:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner only: instances' bootstrap data (user data, admin passwords) is kept here, and
+        # SQLite gives its -wal and -shm files the database's permissions.
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         # WAL with synchronous=NORMAL survives a crash of the agent (the case that matters

@@ -10,21 +10,35 @@ instance holds, an instance's vm_state, capacity) stays with the manager.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
+import msgspec
+
 from fastcompute import protocol
+from fastcompute.compute.configdrive import decode_user_data
 from fastcompute.compute.guest import QUOTA_LIMITS
 from fastcompute.errors import BadRequest
 from fastcompute.images.cache import check_url, parse_checksum
 from fastcompute.network import check_ports, check_rule
-from fastcompute.protocol import AttachPortArgs, Flavor, Image, SecurityGroupsArgs, SpawnArgs
+from fastcompute.protocol import MAX_USER_DATA, AttachPortArgs, Flavor, Image, KeyPair, SecurityGroupsArgs, SpawnArgs
 from fastcompute.protocol.ports import Port, SecurityGroup
 from fastcompute.resources import numa
 from fastcompute.resources.numa_types import NumaRequest
 
 QUOTA_KEYS: Final = frozenset(QUOTA_LIMITS)
 _INT64_MAX: Final = 2**63 - 1  # libvirt's cputune and iotune values are 64-bit
+MAX_VENDOR_DATA: Final = 65535
+"""The most bytes of a spawn's vendor data, encoded as JSON."""
+# One authorized_keys line: the key's type, its base64 blob, a comment (no line break: a
+# second line would be a second key).
+_SSH_KEY = re.compile(r"^(?:ssh-(?:rsa|dss|ed25519)|ecdsa-sha2-nistp(?:256|384|521)"
+                      r"|sk-(?:ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) ([A-Za-z0-9+/]+={0,2})(?: [^\r\n]*)?$")
+_PEM = re.compile(r"^-----BEGIN CERTIFICATE-----\r?\n([A-Za-z0-9+/=\r\n]+)-----END CERTIFICATE-----\r?\n?$")
 
 _A = TypeVar("_A")
 
@@ -95,14 +109,87 @@ def check_groups(groups: Sequence[SecurityGroup], field: str) -> None:
                 raise _renamed(exc, str((exc.details or {}).get("field", where))) from None
 
 
+def _base64_ok(blob: str) -> bool:
+    try:
+        base64.b64decode("".join(blob.split()), validate=True)
+    except binascii.Error:
+        return False
+    return True
+
+
+def check_key_pairs(keys: Sequence[KeyPair], field: str) -> None:
+    """Key names are unique; an SSH key is one ``authorized_keys`` line, an x509 key one PEM
+    certificate, each with a readable base64 body."""
+    seen: set[str] = set()
+    for i, key in enumerate(keys):
+        if key.name in seen:
+            raise protocol.invalid(f"{field}[{i}].name", f"key pair {key.name!r} is given twice")
+        seen.add(key.name)
+        m = (_SSH_KEY if key.type == "ssh" else _PEM).match(key.public_key.strip() if key.type == "ssh"
+                                                          else key.public_key)
+        if m is None or not _base64_ok(m.group(1)):
+            what = ("an SSH public key on one line (type, base64 key, optional comment)" if key.type == "ssh"
+                    else "one PEM certificate (-----BEGIN CERTIFICATE-----)")
+            raise protocol.invalid(f"{field}[{i}].public_key", f"must be {what}")
+
+
+def check_subnets(ports: Sequence[Port], field: str, one: bool = False) -> None:
+    """The gateway, DNS servers and routes of ports' fixed IPs are addresses (a route's
+    destination a network) of the fixed IP's own family."""
+    for p, port in enumerate(ports):
+        for f, fixed in enumerate(port.fixed_ips):
+            where = f"{field}.fixed_ips[{f}]" if one else f"{field}[{p}].fixed_ips[{f}]"
+            family = ipaddress.ip_address(fixed.ip).version  # check_port_forms read it already
+            wanted: list[tuple[str, str, bool]] = []
+            if fixed.gateway is not None:
+                wanted.append((f"{where}.gateway", fixed.gateway, False))
+            wanted += [(f"{where}.dns_nameservers[{d}]", a, False) for d, a in enumerate(fixed.dns_nameservers)]
+            for r, route in enumerate(fixed.routes):
+                wanted += [(f"{where}.routes[{r}].destination", route.destination, True),
+                           (f"{where}.routes[{r}].nexthop", route.nexthop, False)]
+            for name, text, is_network in wanted:
+                try:
+                    value = (ipaddress.ip_network(text, strict=False) if is_network
+                             else ipaddress.ip_address(text))
+                except ValueError:
+                    raise protocol.invalid(name, f"{text!r} is not an IP {'network' if is_network else 'address'}"
+                                           ) from None
+                if value.version != family:
+                    raise protocol.invalid(name, f"must be IPv{family}, as the fixed IP {fixed.ip} is")
+
+
+def check_bootstrap(a: SpawnArgs) -> None:
+    """User data is base64 of at most MAX_USER_DATA bytes, vendor data JSON of at most
+    MAX_VENDOR_DATA bytes, key pairs well formed (the hostname's form is the schema's)."""
+    if a.user_data is not None:
+        try:
+            size = len(decode_user_data(a.user_data))
+        except binascii.Error:
+            raise protocol.invalid("args.user_data", "must be base64") from None
+        if size > MAX_USER_DATA:
+            raise protocol.invalid("args.user_data", f"is {size} bytes decoded; at most {MAX_USER_DATA} are allowed")
+    if a.vendor_data is not None:
+        try:
+            size = len(msgspec.json.encode(a.vendor_data))
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise protocol.invalid("args.vendor_data", f"must be JSON: {exc}") from None
+        if size > MAX_VENDOR_DATA:
+            raise protocol.invalid("args.vendor_data",
+                                   f"is {size} bytes as JSON; at most {MAX_VENDOR_DATA} are allowed")
+    check_key_pairs(a.key_pairs, "args.key_pairs")
+
+
 def _spawn(a: SpawnArgs) -> None:
     check_image(a.image)
     flavor_request(a.flavor)
     check_port_forms(a.networks, "args.networks")
+    check_subnets(a.networks, "args.networks")
+    check_bootstrap(a)
 
 
 def _attach(a: AttachPortArgs) -> None:
     check_port_forms([a.port], "args.port", one=True)
+    check_subnets([a.port], "args.port", one=True)
 
 
 def _groups(a: SecurityGroupsArgs) -> None:

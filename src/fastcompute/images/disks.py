@@ -36,9 +36,10 @@ ROLES: dict[str, Role] = {
     "root": Role(file="disk"),
     "ephemeral": Role(file="disk.local"),
     "swap": Role(file="disk.swap"),
-    # A config drive is an ISO 9660 image the guest reads once; a CD-ROM on SATA is what
-    # cloud-init looks for on every architecture that has no virtio CD-ROM.
-    "config": Role(file="disk.config", device="cdrom", bus="sata", format="raw", read_only=True),
+    # A config drive is an ISO 9660 image the guest reads at boot, a read-only CD-ROM. IDE (on
+    # the default pc machine type): the Debian cloud kernel has ata_piix, sr_mod and iso9660 as
+    # modules, and no AHCI driver for a SATA one.
+    "config": Role(file="disk.config", device="cdrom", bus="ide", format="raw", read_only=True),
     "rescue": Role(file="disk.rescue"),
     "volume": Role(file=None),
 }
@@ -67,9 +68,11 @@ def file_disk(instance_dir: Path, role: str, disk_format: str, boot_order: int |
                 bus=r.bus, device=r.device, boot_order=boot_order, read_only=r.read_only)
 
 
-def spawn_disks(instance_dir: Path, disk_format: str) -> list[Disk]:
-    """The disks a spawned instance has: its root disk, made from its image, booted from."""
-    return [file_disk(instance_dir, "root", disk_format, boot_order=1)]
+def spawn_disks(instance_dir: Path, disk_format: str, config_drive: bool = False) -> list[Disk]:
+    """The disks a spawned instance has: its root disk, made from its image, booted from; and
+    its config drive if it has one."""
+    root = [file_disk(instance_dir, "root", disk_format, boot_order=1)]
+    return [*root, file_disk(instance_dir, "config", "raw")] if config_drive else root
 
 
 def make_from_base(

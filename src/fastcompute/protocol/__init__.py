@@ -3,6 +3,7 @@ declared once (``ops``), and the wire shapes of ports and security groups (``por
 
 from fastcompute.protocol.ops import MUTATING_OPS, OP_ARGS, OPS, Op, Transition, decode_args
 from fastcompute.protocol.schema import (
+    MAX_USER_DATA,
     SERVER_GROUP_KEY,
     SERVER_GROUP_POLICY_KEY,
     VERSION,
@@ -20,6 +21,7 @@ from fastcompute.protocol.schema import (
     Image,
     InstanceRecord,
     Inventory,
+    KeyPair,
     ListArgs,
     Name,
     NoArgs,
@@ -50,6 +52,7 @@ from fastcompute.protocol.schema import (
 )
 
 __all__ = [
+    "MAX_USER_DATA",
     "MUTATING_OPS",
     "OPS",
     "OP_ARGS",
@@ -70,6 +73,7 @@ __all__ = [
     "Image",
     "InstanceRecord",
     "Inventory",
+    "KeyPair",
     "ListArgs",
     "Name",
     "NoArgs",

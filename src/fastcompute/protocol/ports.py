@@ -40,11 +40,23 @@ class SecurityGroup(Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tru
     rules: list[SecurityGroupRule] = []
 
 
+class HostRoute(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """A route of a subnet (Neutron's ``host_routes`` entry): ``destination`` a CIDR."""
+
+    destination: Address
+    nexthop: Address
+
+
 class FixedIp(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """An address of the port and the prefix length of its subnet."""
+    """An address of the port and the prefix length of its subnet; the subnet's gateway, DNS
+    servers and routes (Neutron's ``gateway_ip``, ``dns_nameservers``, ``host_routes``) are
+    optional and reach the guest in its config drive's ``network_data.json``."""
 
     ip: Address
     prefix: Annotated[int, Meta(ge=0, le=128)]
+    gateway: Address | None = None
+    dns_nameservers: Annotated[list[Address], Meta(max_length=16)] = []
+    routes: Annotated[list[HostRoute], Meta(max_length=64)] = []
 
 
 class PortNetwork(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

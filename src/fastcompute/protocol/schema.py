@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid as uuid_mod
-from typing import Annotated, Any, Final, TypedDict
+from typing import Annotated, Any, Final, Literal, TypedDict
 
 import msgspec
 from msgspec import Meta, Raw, Struct
@@ -88,8 +88,29 @@ class SpawnImage(Image):
         return Image(id=self.id, url=self.url, checksum=self.checksum, disk_format=self.disk_format)
 
 
+# RFC 1123 host name label: ASCII letters, digits and inner hyphens, 63 at most.
+Hostname = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")]
+MAX_USER_DATA: Final = 65535
+"""The most bytes of user data a spawn may carry, once decoded (Nova's limit)."""
+# Base64 of MAX_USER_DATA bytes, with room for line breaks some encoders put in.
+_USER_DATA_B64 = 4 * ((MAX_USER_DATA + 2) // 3) + 4096
+
+
+class KeyPair(_Args):
+    """A tenant's key pair as Nova's ``os-keypairs`` gives it: an SSH public key (one
+    ``authorized_keys`` line) or an x509 certificate in PEM."""
+
+    name: Name
+    public_key: Annotated[str, Meta(min_length=1, max_length=16384)]
+    type: Literal["ssh", "x509"] = "ssh"
+
+
 class SpawnArgs(_Args):
-    """``instance.spawn``."""
+    """``instance.spawn``.
+
+    ``hostname`` .. ``config_drive`` are what the guest is told at boot (its config drive and
+    metadata): ``user_data`` is base64; ``config_drive`` None means ``[guest] config_drive``.
+    """
 
     name: Name
     flavor: Flavor
@@ -99,6 +120,13 @@ class SpawnArgs(_Args):
     networks: list[Port] = []
     metadata: Annotated[dict[ShortStr, ShortStr], Meta(max_length=128)] = {}
     wait: bool = False
+    hostname: Hostname | None = None
+    user_data: Annotated[str, Meta(max_length=_USER_DATA_B64)] | None = None
+    key_pairs: Annotated[list[KeyPair], Meta(max_length=100)] = []
+    admin_pass: Annotated[str, Meta(min_length=1, max_length=255, pattern=_PRINTABLE)] | None = None
+    vendor_data: dict[ShortStr, Any] | None = None
+    config_drive: bool | None = None
+    launch_index: Annotated[int, Meta(ge=0, le=65535)] = 0
 
 
 class UuidArgs(_Args):

@@ -26,18 +26,17 @@ from typing import Any, Final, cast
 import msgspec
 
 from fastcompute.config import MetadataConfig
-from fastcompute.network.metadata.documents import EC2_JSON, OPENSTACK, USER_DATA, Documents
 
 log = logging.getLogger(__name__)
+
+# An instance's documents by path, as its config drive holds them (``compute.configdrive``'s
+# ``instance_metadata``: ``openstack/<version>/meta_data.json``, ``ec2/latest/meta-data.json``...).
+# The versions served are the ones the documents hold.
+Documents = Mapping[str, bytes]
 
 # (bridge, source address) -> the documents of the instance whose port that is, or None.
 Lookup = Callable[[str, str], Mapping[str, bytes] | None]
 
-# The versions cloud-init and other readers ask for; every one is served from "latest".
-OPENSTACK_VERSIONS: Final = ("2012-08-10", "2013-04-04", "2013-10-17", "2015-10-15", "2016-06-30",
-                             "2016-10-06", "2017-02-22", "2018-08-27", "2020-10-14", "latest")  # fmt: skip
-EC2_VERSIONS: Final = ("1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15",
-                       "2008-02-01", "2008-09-01", "2009-04-04", "latest")  # fmt: skip
 _REASONS: Final = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
                    405: "Method Not Allowed", 431: "Request Header Fields Too Large"}  # fmt: skip
 
@@ -61,28 +60,32 @@ def _ec2(tree: Any, parts: list[str]) -> bytes | None:
     return str(node).encode()
 
 
-def answer(docs: Mapping[str, bytes], path: str) -> bytes | None:
+def _versions(docs: Documents, tree: str) -> list[str]:
+    return sorted({k.split("/")[1] for k in docs if k.startswith(tree + "/")}, key=lambda v: (v == "latest", v))
+
+
+def answer(docs: Documents, path: str) -> bytes | None:
     """The body served at ``path`` from an instance's documents, or None (404)."""
     parts = [p for p in path.split("?", 1)[0].split("/") if p]
     if not parts:
-        return _listing([*EC2_VERSIONS, "openstack"])
+        return _listing([*_versions(docs, "ec2"), "openstack"])
     if parts[0] == "openstack":
         if len(parts) == 1:
-            return _listing(OPENSTACK_VERSIONS)
-        if parts[1] not in OPENSTACK_VERSIONS:
-            return None
+            return _listing(_versions(docs, "openstack"))
+        version = f"openstack/{parts[1]}/"
         if len(parts) == 2:
-            names = sorted(k.removeprefix(OPENSTACK) for k in docs if k.startswith(OPENSTACK))
-            return _listing(names)
-        return docs.get(OPENSTACK + "/".join(parts[2:]))
-    if parts[0] not in EC2_VERSIONS:
+            return _listing(sorted(k.removeprefix(version) for k in docs if k.startswith(version))) \
+                if any(k.startswith(version) for k in docs) else None
+        return docs.get(version + "/".join(parts[2:]))
+    ec2 = f"ec2/{parts[0]}/"
+    if ec2 + "meta-data.json" not in docs:
         return None
     if len(parts) == 1:
-        return _listing(["meta-data/", *(["user-data"] if USER_DATA in docs else [])])
+        return _listing(["meta-data/", *(["user-data"] if ec2 + "user-data" in docs else [])])
     if parts[1] == "user-data" and len(parts) == 2:
-        return docs.get(USER_DATA)
-    if parts[1] == "meta-data" and EC2_JSON in docs:
-        return _ec2(msgspec.json.decode(docs[EC2_JSON]), parts[2:])
+        return docs.get(ec2 + "user-data")
+    if parts[1] == "meta-data":
+        return _ec2(msgspec.json.decode(docs[ec2 + "meta-data.json"]), parts[2:])
     return None
 
 

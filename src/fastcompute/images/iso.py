@@ -1,0 +1,151 @@
+"""ISO 9660 images (with Joliet and Rock Ridge) written in-process: config drives.
+
+pycdlib lays out an image once per set of paths (its directories, records, path tables and
+Rock Ridge entries); each image of those paths is that layout with the extents and lengths of
+its own files patched in and their data after it. pycdlib puts file data last, a file's two
+records (ISO 9660 and Joliet) hold nothing of it but its extent and length, and the volume
+descriptors its total size: so a drive costs a copy and a few patches (~0.1 ms), where pycdlib
+building one whole costs ~7 ms and Nova's genisoimage process ~14 ms for the same drive.
+
+Readers see the Rock Ridge names (Linux, isoinfo -R) or the Joliet ones (Windows); the plain
+ISO 9660 names, in upper case and with ``_`` for other characters, are for readers of neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import re
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+import pycdlib
+
+SECTOR = 2048
+_NOT_DCHAR = re.compile(r"[^A-Z0-9_]")
+_LE, _BE = struct.Struct("<I"), struct.Struct(">I")
+_VOLUME_SPACE_SIZE = 80  # in a primary or supplementary volume descriptor, both-endian
+
+
+def _iso_name(part: str, is_file: bool) -> str:
+    """A path component as an interchange level 3 identifier (d-characters, 30 at most)."""
+    if not is_file:
+        return _NOT_DCHAR.sub("_", part.upper())[:30]
+    stem, _, ext = part.rpartition(".") if "." in part else (part, "", "")
+    stem, ext = _NOT_DCHAR.sub("_", stem.upper()), _NOT_DCHAR.sub("_", ext.upper())
+    return f"{stem[:29 - len(ext)]}.{ext};1"
+
+
+def _both(value: int) -> bytes:
+    return _LE.pack(value) + _BE.pack(value)
+
+
+def _pycdlib_image(files: Mapping[str, bytes], label: str, publisher: str) -> tuple[bytes, dict[str, int]]:
+    """The image pycdlib writes of ``files``, and the extent of each file's data."""
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=label, pub_ident_str=publisher)
+    made: dict[str, str] = {"": ""}
+    try:
+        for path, data in files.items():
+            parts = path.split("/")
+            for i in range(1, len(parts)):
+                rel = "/".join(parts[:i])
+                if rel not in made:
+                    made[rel] = made["/".join(parts[:i - 1])] + "/" + _iso_name(parts[i - 1], False)
+                    iso.add_directory(made[rel], rr_name=parts[i - 1], joliet_path="/" + rel)
+            parent = made["/".join(parts[:-1])]
+            iso.add_fp(io.BytesIO(data), len(data), parent + "/" + _iso_name(parts[-1], True),
+                       rr_name=parts[-1], joliet_path="/" + path)
+        out = io.BytesIO()
+        iso.write_fp(out)
+        extents = {path: iso.get_record(joliet_path="/" + path).extent_location() for path in files}
+        return out.getvalue(), extents
+    finally:
+        iso.close()
+
+
+class _Layout(msgspec.Struct, frozen=True):
+    """An image's metadata for one set of paths: ``head`` the image up to the first file's
+    data, ``order`` the paths in the order of their data, ``fields`` the offsets of each
+    path's records' extent fields (its length follows), ``descriptors`` those of the volume
+    descriptors' size fields."""
+
+    head: bytes
+    order: tuple[str, ...]
+    fields: dict[str, tuple[int, ...]]
+    descriptors: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=32)
+def _layout(paths: tuple[str, ...], label: str, publisher: str) -> _Layout:
+    # One byte a file: each gets a sector of its own, and its extent and length are a pattern
+    # found exactly where its two records are.
+    image, extents = _pycdlib_image(dict.fromkeys(paths, b"\x00"), label, publisher)
+    order = tuple(sorted(paths, key=extents.__getitem__))
+    first = extents[order[0]] if order else len(image) // SECTOR
+    last = first + len(order)
+    if [extents[p] for p in order] != list(range(first, last)) or len(image) != last * SECTOR:
+        raise RuntimeError("pycdlib no longer puts file data last, one sector after another")
+    head = image[:first * SECTOR]
+    fields: dict[str, tuple[int, ...]] = {}
+    for path in order:
+        pattern = _both(extents[path]) + _both(1)
+        found = [m.start() for m in re.finditer(re.escape(pattern), head)]
+        if len(found) != 2:
+            raise RuntimeError(f"found {len(found)} directory records of {path}, not its ISO 9660 and Joliet ones")
+        fields[path] = tuple(found)
+    descriptors = []
+    for sector in range(16, first):
+        kind = head[sector * SECTOR]
+        if kind == 255:
+            break
+        if kind in (1, 2):
+            descriptors.append(sector * SECTOR + _VOLUME_SPACE_SIZE)
+    return _Layout(head, order, fields, tuple(descriptors))
+
+
+def image(files: Mapping[str, bytes], label: str, publisher: str = "fastcompute") -> bytes:
+    """The ISO image of ``files`` (relative paths with ``/``, directories made as needed),
+    labelled ``label``."""
+    layout = _layout(tuple(files), label, publisher)
+    head = bytearray(layout.head)
+    parts: list[bytes | bytearray] = [head]
+    sector = len(head) // SECTOR
+    # Files of the same bytes (a document in every version directory) share one extent, as
+    # hard links do: a drive is then its layout and a few sectors of data.
+    placed: dict[bytes, int] = {}
+    for path in layout.order:
+        data = files[path]
+        at = placed.get(data)
+        if at is None:
+            at = placed[data] = sector
+            parts.append(data)
+            pad = -len(data) % SECTOR
+            if pad:
+                parts.append(bytes(pad))
+            sector += (len(data) + pad) // SECTOR
+        for offset in layout.fields[path]:
+            head[offset:offset + 16] = _both(at) + _both(len(data))
+    for offset in layout.descriptors:
+        head[offset:offset + 8] = _both(sector)
+    return b"".join(parts)
+
+
+def write(path: Path, files: Mapping[str, bytes], label: str) -> None:
+    """Write the image of ``files`` to ``path``, readable by its owner only (a config drive
+    holds the tenant's user data and password), replacing it whole or not at all."""
+    data = image(files, label)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
