@@ -7,6 +7,7 @@ stand-in guests in namespaces (see network_fixtures) and removes it afterwards.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import random
@@ -181,13 +182,26 @@ def test_a_port_taking_a_deleted_ports_address_does_not_inherit_its_connections(
     assert client.ping(new.ip), "the new port itself works"
 
 
+def _unrouted_subnet() -> tuple[str, str]:
+    """Host and guest addresses in a /24 that no route of the host covers yet: the host's end
+    goes on the test's bridge, and a second bridge with the same subnet (another run of this
+    test on the host) would take the test's packets."""
+    routes = json.loads(sh("ip", "-j", "route", "show").stdout)
+    routed = [ipaddress.ip_network(r["dst"]) for r in routes if r["dst"] != "default"]
+    while True:
+        net = ipaddress.ip_network(f"10.{random.randrange(128, 255)}.{random.randrange(256)}.0/24")
+        if not any(net.overlaps(r) for r in routed):
+            return str(net[1]), str(net[2])
+
+
 def test_the_host_and_a_port_talk_both_ways_through_the_bridge(lab: Lab) -> None:
     # The host's packets into a bridge take the bridge's conntrack zone as the replies coming
     # out of it do; were they in different zones, every reply would look like a new packet.
-    web = port("10.254.77.2", groups=[group(EGRESS_ALL, rule("ingress", "tcp", 8080))])
+    host_ip, guest_ip = _unrouted_subnet()
+    web = port(guest_ip, groups=[group(EGRESS_ALL, rule("ingress", "tcp", 8080))])
     plugged = run(lab.net.plug(str(uuid.uuid4()), [web]))
-    guest = lab.guest_for(plugged[0], "10.254.77.2")
-    sh("ip", "addr", "add", "10.254.77.1/24", "dev", plugged[0].bridge)
+    guest = lab.guest_for(plugged[0], guest_ip)
+    sh("ip", "addr", "add", f"{host_ip}/24", "dev", plugged[0].bridge)
     with guest.listen(8080) as server, socket.create_connection((guest.ip, 8080), timeout=2) as to_guest:
         accepted, _ = server.accept()
         with accepted:
@@ -196,9 +210,9 @@ def test_the_host_and_a_port_talk_both_ways_through_the_bridge(lab: Lab) -> None
             accepted.sendall(b"pong")
             assert to_guest.recv(10) == b"pong"
     with socket.socket() as host_server:
-        host_server.bind(("10.254.77.1", 0))
+        host_server.bind((host_ip, 0))
         host_server.listen(1)
-        conn = guest.connect("10.254.77.1", host_server.getsockname()[1], timeout=2)
+        conn = guest.connect(host_ip, host_server.getsockname()[1], timeout=2)
         assert conn is not None, "the guest reaches the host"
         conn.close()
 
