@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -263,6 +263,26 @@ class Lab:
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         return Guest(ns, ip, plugged.mac, plugged)
+
+    def links(self, ports: Iterable[Mapping[str, Any]] = (), names: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+        """The host's links that could be this test's, by name, with their details: those whose
+        alias carries the owner's tag, those named with the bridge prefix (tagged or not: a leak
+        may come before the tag), the taps of ``ports`` (wire ports the test plugs), the test's
+        ``extra_links`` and ``names``. Links of other owners, which other tests and agents on
+        the host make and change meanwhile, are left out, so comparing two of these snapshots
+        sees exactly what this test's network did."""
+        mine = {self.net.tap_name(p["id"]) for p in ports} | set(self.extra_links) | set(names)
+        return {
+            name: link
+            for name, link in links().items()
+            if name in mine
+            or name.startswith(self.cfg.bridge_prefix)
+            or (link.get("ifalias") or "").startswith(self.owner + ":")
+        }
+
+    def link_names(self, ports: Iterable[Mapping[str, Any]] = (), names: Iterable[str] = ()) -> set[str]:
+        """Names of the links that could be this test's (see ``links``)."""
+        return set(self.links(ports, names))
 
     def cleanup(self) -> None:
         """Remove every namespace, link and table this test made, whatever state it is in."""

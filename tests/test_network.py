@@ -7,6 +7,7 @@ stand-in guests in namespaces (see network_fixtures) and removes it afterwards.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import random
@@ -181,13 +182,26 @@ def test_a_port_taking_a_deleted_ports_address_does_not_inherit_its_connections(
     assert client.ping(new.ip), "the new port itself works"
 
 
+def _unrouted_subnet() -> tuple[str, str]:
+    """Host and guest addresses in a /24 that no route of the host covers yet: the host's end
+    goes on the test's bridge, and a second bridge with the same subnet (another run of this
+    test on the host) would take the test's packets."""
+    routes = json.loads(sh("ip", "-j", "route", "show").stdout)
+    routed = [ipaddress.ip_network(r["dst"]) for r in routes if r["dst"] != "default"]
+    while True:
+        net = ipaddress.ip_network(f"10.{random.randrange(128, 255)}.{random.randrange(256)}.0/24")
+        if not any(net.overlaps(r) for r in routed):
+            return str(net[1]), str(net[2])
+
+
 def test_the_host_and_a_port_talk_both_ways_through_the_bridge(lab: Lab) -> None:
     # The host's packets into a bridge take the bridge's conntrack zone as the replies coming
     # out of it do; were they in different zones, every reply would look like a new packet.
-    web = port("10.254.77.2", groups=[group(EGRESS_ALL, rule("ingress", "tcp", 8080))])
+    host_ip, guest_ip = _unrouted_subnet()
+    web = port(guest_ip, groups=[group(EGRESS_ALL, rule("ingress", "tcp", 8080))])
     plugged = run(lab.net.plug(str(uuid.uuid4()), [web]))
-    guest = lab.guest_for(plugged[0], "10.254.77.2")
-    sh("ip", "addr", "add", "10.254.77.1/24", "dev", plugged[0].bridge)
+    guest = lab.guest_for(plugged[0], guest_ip)
+    sh("ip", "addr", "add", f"{host_ip}/24", "dev", plugged[0].bridge)
     with guest.listen(8080) as server, socket.create_connection((guest.ip, 8080), timeout=2) as to_guest:
         accepted, _ = server.accept()
         with accepted:
@@ -196,9 +210,9 @@ def test_the_host_and_a_port_talk_both_ways_through_the_bridge(lab: Lab) -> None
             accepted.sendall(b"pong")
             assert to_guest.recv(10) == b"pong"
     with socket.socket() as host_server:
-        host_server.bind(("10.254.77.1", 0))
+        host_server.bind((host_ip, 0))
         host_server.listen(1)
-        conn = guest.connect("10.254.77.1", host_server.getsockname()[1], timeout=2)
+        conn = guest.connect(host_ip, host_server.getsockname()[1], timeout=2)
         assert conn is not None, "the guest reaches the host"
         conn.close()
 
@@ -260,17 +274,17 @@ def test_port_without_port_security_is_not_filtered(lab: Lab) -> None:
 
 
 def test_unplug_leaves_no_tap_rule_or_bridge_it_made(lab: Lab) -> None:
-    before = link_names()
     instance = "44444444-4444-4444-4444-444444444444"
     ports = [port("10.0.0.1", groups=[group(EGRESS_ALL)]), port("10.0.0.2", groups=[group(EGRESS_ALL)])]
+    before = lab.link_names(ports)
     plugged = run(lab.net.plug(instance, ports))
     lab.guest_for(plugged[0], "10.0.0.1")  # a veth in the tap's place goes the same way
-    made = link_names() - before
+    made = lab.link_names(ports) - before
     assert {p.tap for p in plugged} | {plugged[0].bridge} <= made
     assert len(rule_chains(lab.owner)) == 2, "ports with the same groups share one egress and one ingress chain"
     assert all(mentions(lab.owner, p.tap) for p in plugged)
     run(lab.net.unplug(instance))
-    assert link_names() - before == set()
+    assert lab.link_names(ports) - before == set()
     assert rule_chains(lab.owner) == set()
     assert all(elems == [] for elems in elements(lab.owner).values()), elements(lab.owner)
     run(lab.net.unplug(instance))  # a retried delete is a no-op
@@ -342,10 +356,11 @@ def test_vlan_port_fails_cleanly_on_a_kernel_without_vlans(nic: str) -> None:
     if _kernel_has_vlans(nic):
         pytest.skip("this kernel makes VLAN interfaces")
     with make_lab(physical_interface=nic) as lab:
-        before = link_names()
+        p = port("10.0.0.1", vlan=101)
+        before = lab.link_names([p], names=[f"{nic}.101"])
         with pytest.raises(AgentError, match=r"802\.1Q"):
-            run(lab.net.plug("66666666-6666-6666-6666-666666666666", [port("10.0.0.1", vlan=101)]))
-        assert link_names() == before, "the bridge made for the port is rolled back"
+            run(lab.net.plug("66666666-6666-6666-6666-666666666666", [p]))
+        assert lab.link_names([p], names=[f"{nic}.101"]) == before, "the bridge made for the port is rolled back"
         assert lab.net.plugged() == []
 
 
@@ -386,12 +401,14 @@ def test_reconcile_removes_strays_remakes_missing_and_is_idempotent(lab: Lab) ->
     expected = {sg_chain(p.security_groups, d)[0] for p in decode_ports(kept_ports) for d in ("egress", "ingress")}
     assert rule_chains(lab.owner) == expected
 
-    def owned() -> list[dict[str, Any]]:
-        """The links of the test, as ``ip link show`` lists them: those it made and every link
-        carrying the owner's tag (other links on the host may change meanwhile)."""
-        mine = {kept[0].tap, kept[1].tap, kept[0].bridge, untouched}
-        return [link for link in json.loads(sh("ip", "-j", "link", "show").stdout)
-                if link["ifname"] in mine or (link.get("ifalias") or "").startswith(lab.owner + ":")]  # fmt: skip
+    def owned() -> dict[str, tuple[Any, ...]]:
+        """What a reconciliation could change of each link that could be the test's: not the
+        carrier and operational state, which the kernel settles on its own meanwhile."""
+        return {
+            name: (link["ifindex"], link.get("master"), link["mtu"], link.get("address"), link.get("ifalias"),
+                   link.get("group"), "UP" in link["flags"])
+            for name, link in lab.links(kept_ports + dropped).items()
+        }  # fmt: skip
 
     snapshot = tables(lab.owner), owned()
     again = run(restarted.reconcile(wanted))
@@ -506,22 +523,24 @@ def test_a_tap_name_taken_by_a_foreign_link_is_a_conflict_and_leaves_nothing(lab
     foreign = lab.net.tap_name(p["id"])
     sh("ip", "link", "add", foreign, "type", "bridge")  # someone else's link, no alias
     lab.extra_links.append(foreign)
-    before = link_names()
+    before = lab.link_names([p])
+    assert foreign in before
     with pytest.raises(Conflict):
         run(lab.net.plug("eeeeeeee-eeee-eeee-eeee-eeeeeeeeeeee", [p]))
-    assert link_names() == before, "the bridge made for the port is rolled back, the foreign link kept"
+    assert lab.link_names([p]) == before, "the bridge made for the port is rolled back, the foreign link kept"
     assert not mentions(lab.owner, foreign)
     assert lab.net.plugged() == []
 
 
 def test_plugs_and_unplugs_queued_together_run_as_batches_and_a_bad_one_fails_alone(lab: Lab) -> None:
-    before = link_names()
     icmp = [group(EGRESS_ALL, rule("ingress", "icmp"))]
     instances = [f"{i:08d}-1111-1111-1111-111111111111" for i in range(12)]
     ports = [port(f"10.0.0.{i + 1}", groups=icmp) for i in range(12)]
     clash = port("10.0.0.1", mac="fa:16:3e:00:00:77", groups=icmp)  # ports[0]'s address, same batch
     not_a_bridge = port("10.0.0.99", network="netx", groups=icmp)
     not_a_bridge["network"]["bridge"] = "lo"  # fails while its links are made, in the worker
+    everyone = [*ports, clash, not_a_bridge]
+    before = lab.link_names(everyone)
 
     batches: list[tuple[str, int]] = []
     lab.net.on_batch = lambda kind, changes, seconds: batches.append((kind, changes))
@@ -547,13 +566,13 @@ def test_plugs_and_unplugs_queued_together_run_as_batches_and_a_bad_one_fails_al
     run_together(*(lab.net.unplug(u) for u in instances[:1] + instances[3:]))
     assert batches == [("unplug", 10)]
     assert {p.port_id for p in lab.net.plugged()} == {ports[1]["id"], ports[2]["id"]}
-    assert link_names() - before == {good[i][0].tap for i in (1, 2)} | {good[0][0].bridge}  # type: ignore[index]
+    assert lab.link_names(everyone) - before == {good[i][0].tap for i in (1, 2)} | {good[0][0].bridge}  # type: ignore[index]
     assert b.ping(c.ip), "the ports left keep their links and rules"
     assert not mentions(lab.owner, good[0][0].tap)  # type: ignore[index]
     run(lab.net.plug("99999999-0000-0000-0000-000000000001", [clash]))  # its address is free now
     run(lab.net.unplug("99999999-0000-0000-0000-000000000001"))
     run_together(lab.net.unplug(instances[1]), lab.net.unplug(instances[2]))
-    assert link_names() - before == set()
+    assert lab.link_names(everyone) - before == set()
     assert rule_chains(lab.owner) == set()
     assert all(elems == [] for elems in elements(lab.owner).values()), elements(lab.owner)
 
@@ -653,15 +672,13 @@ def test_plugs_whose_transaction_the_kernel_refuses_fail_and_leave_no_tap(lab: L
     instances = [f"{i:08d}-4444-4444-4444-444444444444" for i in range(4)]
     first = port("10.0.0.1", groups=[group(EGRESS_ALL)])
     run(lab.net.plug(instances[0], [first]))
-    before = link_names()
+    refused = [port(f"10.0.0.{i + 2}", groups=[group(EGRESS_ALL)]) for i in range(len(instances[1:]))]
+    before = lab.link_names([first, *refused])
     sh("nft", "delete", "table", "bridge", lab.owner)  # behind the agent's back
 
-    results = run_together(
-        *(lab.net.plug(u, [port(f"10.0.0.{i + 2}", groups=[group(EGRESS_ALL)])]) for i, u in enumerate(instances[1:])),
-        errors=True,
-    )
+    results = run_together(*(lab.net.plug(u, [p]) for u, p in zip(instances[1:], refused, strict=True)), errors=True)
     assert all(isinstance(r, NftError) for r in results), results
-    assert link_names() == before, "each refused plug took its tap back"
+    assert lab.link_names([first, *refused]) == before, "each refused plug took its tap back"
     assert [p.port_id for p in lab.net.plugged()] == [p.port_id for p in lab.net.plugged(instances[0])]
     run(lab.net.reconcile({instances[0]: [first]}))  # repairs the tables
     assert run(lab.net.plug(instances[1], [port("10.0.0.2", groups=[group(EGRESS_ALL)])]))
