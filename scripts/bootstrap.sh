@@ -6,11 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # build: compiler, headers and pkg-config for libvirt-python and the Cython core;
-# run/test: qemu-img (disk images), nftables (security groups), iproute2;
+# run/test: qemu-img (disk images), nftables (security groups), iproute2; virt-xml-validate
+# (libvirt-clients, with xmllint from libxml2-utils) checks the KVM domain XML against libvirt's
+# schema on hosts that cannot run KVM guests;
 # test/bench: cloud-init (its own code reads the config drives in the tests) and genisoimage
 # (the rival of the config drive writer: what Nova runs).
 APT_PACKAGES=(build-essential pkg-config libvirt-dev qemu-utils libnftables1 nftables iproute2
-  cloud-init genisoimage)
+  libvirt-clients libxml2-utils cloud-init genisoimage)
 
 source scripts/apt.sh
 mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")

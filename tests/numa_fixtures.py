@@ -98,8 +98,15 @@ def placement_problems(
                 free_kb = (pool["total"] - pool["used"] - pool["reserved"]) * chosen
                 if memory * 1024 > free_kb or (memory * 1024) % chosen:
                     problems.append(f"{where}: {memory} MiB do not fit {chosen} KiB pages")
-        if pinned_policy and memory > cell["memory"] - cell["memory_usage"]:
-            problems.append(f"{where}: {memory} MiB pinned exceed the free memory")
+        if pinned_policy and not pagesize_req:
+            # Pinned small pages: the smallest pool's free pages, or the cell's free memory
+            # when it reports no pools (with a page size, its pool was checked above).
+            if sizes:
+                small = next(p for p in cell["mempages"] if p["size_kb"] == sizes[0])
+                if memory * 1024 > (small["total"] - small["used"] - small["reserved"]) * sizes[0]:
+                    problems.append(f"{where}: {memory} MiB pinned exceed the free small pages")
+            elif memory > cell["memory"] - cell["memory_usage"]:
+                problems.append(f"{where}: {memory} MiB pinned exceed the free memory")
         if not pinned_policy and not pagesize_req and memory > cell["memory"]:
             problems.append(f"{where}: {memory} MiB exceed the cell")
         if policy in (None, "shared", "mixed"):

@@ -64,6 +64,33 @@ def test_claim_counts_memory_pins_and_pages_and_release_undoes_it() -> None:
     assert numa.release(after, request, placement) == pristine
 
 
+def test_small_pages_are_charged_to_the_smallest_pool_and_huge_pages_stay_usable() -> None:
+    """A guest without a page size takes the smallest pool's pages (Nova's accounting), which
+    is what bounds the next pinned small-page guest; a huge-page guest is held to its own pool
+    even when the cell's memory is used up."""
+    pristine = host()
+    current = copy.deepcopy(pristine)
+    taken = []
+    small = flavor(2, 3072, hw__cpu_policy="dedicated")
+    for cell_id in (0, 1):
+        placement = numa.fit(current, small)
+        assert placement is not None and placement["cells"][0]["host_cell"] == cell_id
+        current = numa.claim(current, small, placement)
+        taken.append((small, placement))
+        assert current["cells"][cell_id]["mempages"][0]["used"] == 3072 * 256
+    assert numa.fit(current, flavor(2, 2048, hw__cpu_policy="dedicated")) is None
+    huge = flavor(2, 2048, hw__cpu_policy="dedicated", hw__mem_page_size="large")
+    placement = numa.fit(current, huge)
+    assert placement is not None
+    assert (placement["cells"][0]["host_cell"], placement["cells"][0]["pagesize"]) == (1, 2048)
+    current = numa.claim(current, huge, placement)
+    assert current["cells"][1]["memory_usage"] > current["cells"][1]["memory"]
+    assert current["cells"][1]["mempages"][0]["used"] == 3072 * 256
+    for request, placed in reversed([*taken, (huge, placement)]):
+        current = numa.release(current, request, placed)
+    assert current == pristine
+
+
 def test_isolate_claims_whole_cores_and_the_emulator_pcpu_alone() -> None:
     request = flavor(
         2, 1024, hw__cpu_policy="dedicated", hw__cpu_thread_policy="isolate",

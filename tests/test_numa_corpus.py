@@ -77,7 +77,7 @@ def test_corpus_covers_every_family_and_quirk() -> None:
     """The copy in tests/data is the whole corpus, with Nova's known bugs in it."""
     families = {case["family"] for case in CASES.values()}
     quirks = {q for case in CASES.values() for q in case["checks"]["quirks"]}
-    assert len(CASES) == 1226
+    assert len(CASES) == 1230
     assert {"random", "hard_8cell_128pcpu"} <= families
     assert {"nova_false_fit", "nova_false_nofit", "nova_result_invalid"} <= quirks
 
@@ -95,6 +95,22 @@ def test_quirk_cases_follow_intended_not_nova() -> None:
             got = answer(name, case["id"])
             assert (got is None) == (case["intended"] is None)
             assert (got is None) != (case["result"] is None)
+
+
+def test_huge_pages_fit_where_small_page_memory_is_used_up() -> None:
+    """Nova 34 checks a requested page size against its pool, not the cell's free memory: a
+    pinned huge-page guest fits a cell whose small-page memory other guests have used up."""
+    cases = [c for c in CASES.values() if c["family"] == "handmade:hugepages_free_pool_small_memory_used"]
+    assert len(cases) == 4
+    for case in cases:
+        cell = case["host"]["cells"][0]
+        if case["request"]["cells"][0]["pagesize"] and case["request"]["cells"][0]["cpu_policy"] == "dedicated":
+            assert cell["memory"] - cell["memory_usage"] < case["request"]["cells"][0]["memory"]
+        for name in FITTERS:
+            got = answer(name, case["id"])
+            assert (got is None) == (case["result"] is None), (name, case["id"])
+            if got is not None:
+                assert got["cells"][0]["host_cell"] == 0 and got["cells"][0]["pagesize"] == 2048
 
 
 def test_validity_checker_flags_novas_invalid_answers() -> None:

@@ -185,7 +185,8 @@ class Agent:
         facts = await self.driver.host_facts()
         tracker = Tracker(facts.cells, cfg.resources, cfg.quota, self.state_dir)
         await manager.start(tracker, facts.hypervisor,
-                            sorted(set(cpu_traits(facts.cpu_features)) | set(cfg.resources.custom_traits)))
+                            sorted(set(cpu_traits(facts.cpu_features)) | set(cfg.resources.custom_traits)),
+                            facts.cpu_features)
         if cfg.placement.url:
             # Never waits for Placement: registration, inventory and healing run in the background.
             self.placement = PlacementSync(cfg.placement, manager.hostname, self.state_dir)

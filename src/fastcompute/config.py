@@ -69,7 +69,10 @@ class HypervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     """[hypervisor]: the libvirt connection and domain defaults."""
 
     uri: Annotated[str, _doc("libvirt URI; test:///default is libvirt's in-process test hypervisor")] = "test:///default"
-    domain_type: Annotated[Literal["qemu", "kvm"], _doc("Domain type for qemu:// URIs: qemu (TCG) or kvm")] = "qemu"
+    domain_type: Annotated[Literal["auto", "qemu", "kvm"], _doc("Domain type for qemu:// URIs: qemu (TCG), kvm (falls back to qemu, with a warning, where /dev/kvm is missing or libvirt offers no KVM domain), or auto (kvm where both are there, else qemu); the choice and its reason are logged at start. Not auto by default: some hosts have a /dev/kvm that cannot run ordinary guests (docs/GUESTS.md)")] = "qemu"
+    cpu_mode: Annotated[Literal["auto", "host-model", "host-passthrough", "custom"], _doc("Guest CPU: host-model (the host CPU's model and features, migratable), host-passthrough (the host CPU as it is), custom (cpu_models[0] with cpu_model_extra_flags), or auto: host-model on kvm, custom on qemu (TCG: cpu_models[0], else qemu64, QEMU's own TCG model) and host-model on the test hypervisor. A mode other than auto that libvirt reports unsupported for the domain type stops the agent at start; auto then falls back to the custom model")] = "auto"
+    cpu_models: Annotated[list[str], _doc("CPU models for cpu_mode custom, e.g. ['Haswell-noTSX']; the first is used (it must exist: libvirt's fallback is forbid)")] = msgspec.field(default_factory=list)
+    cpu_model_extra_flags: Annotated[list[str], _doc("CPU features every guest must have besides its model's, e.g. ['pcid', 'avx2'] (Nova's cpu_model_extra_flags); a flavor's required HW_CPU_X86_* traits add their own per guest")] = msgspec.field(default_factory=list)
     shutdown_timeout_s: Annotated[float, _doc("Graceful (ACPI) shutdown wait before a forced stop")] = 60.0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+from fastcompute.compute.cpu import HostCpu, guest_features
 from fastcompute.hypervisor.spec import Disk, GuestCell, GuestSpec, Interface, Limits
 from fastcompute.protocol import InstanceRecord
 from fastcompute.protocol.ports import Port
@@ -39,11 +40,14 @@ def address_hints(ports: list[Port]) -> list[str]:
     return []
 
 
-def _placement(claim: Claim | None, numa_host: HostUsage | None
-               ) -> tuple[list[GuestCell], dict[int, list[int]], list[int]]:
-    """The guest NUMA cells, vCPU pins and emulator pins a claim's placement decided."""
+def _placement(claim: Claim | None, numa_host: HostUsage | None, host_cpu: HostCpu | None
+               ) -> tuple[list[GuestCell], list[int], dict[int, list[int]], list[int]]:
+    """The guest NUMA cells, the floating vCPUs' host CPUs, the vCPU pins and the emulator
+    pins a claim's placement decided, as Nova's libvirt driver places them."""
+    shared = host_cpu.shared if host_cpu is not None else []
     if claim is None or claim.numa_request is None or claim.numa_placement is None or numa_host is None:
-        return [], {}, []
+        # A floating guest, vCPUs and emulator threads alike, stays on the shared CPUs.
+        return [], shared, {}, shared
     host_cells = {c["id"]: c for c in numa_host["cells"]}
     cells: list[GuestCell] = []
     vcpupin: dict[int, list[int]] = {}
@@ -54,10 +58,17 @@ def _placement(claim: Claim | None, numa_host: HostUsage | None
             vcpupin[vcpu] = [pcpu]
         for vcpu in want["cpuset"]:
             vcpupin[vcpu] = list(host_cells[got["host_cell"]]["cpuset"])
-    # Emulator threads go to the pCPUs reserved for them (emulator_threads_policy=isolate),
-    # else they share the guest's own CPUs, as Nova places them.
+    # Emulator threads: on the pCPU reserved for them (isolate); on cpu_shared_set when the
+    # flavor says share and the operator set one; else across the guest's own CPUs.
+    policy = claim.numa_request.get("emulator_threads_policy")
     reserved = [p for got in claim.numa_placement["cells"] for p in (got.get("cpuset_reserved") or [])]
-    return cells, vcpupin, reserved or sorted({p for pins in vcpupin.values() for p in pins})
+    if policy == "isolate" and reserved:
+        emulator = reserved
+    elif policy == "share" and host_cpu is not None and host_cpu.shared_configured and shared:
+        emulator = shared
+    else:
+        emulator = sorted({p for pins in vcpupin.values() for p in pins})
+    return cells, [], vcpupin, emulator
 
 
 def guest_spec(
@@ -70,10 +81,14 @@ def guest_spec(
     claim: Claim | None,
     numa_host: HostUsage | None,
     virt_type: str,
+    host_cpu: HostCpu | None = None,
 ) -> GuestSpec:
     """The guest an instance is: ``interfaces`` its plugged ports' taps, ``claim`` what it
-    holds of the host (``numa_host`` the host's cells), ``virt_type`` the driver's choice."""
-    cells, vcpupin, emulatorpin = _placement(claim, numa_host)
+    holds of the host (``numa_host`` the host's cells), ``virt_type`` the driver's choice,
+    ``host_cpu`` the host's shared CPUs and guest CPU (None: no CPU sets, the hypervisor's
+    default CPU)."""
+    cells, cpuset, vcpupin, emulatorpin = _placement(claim, numa_host, host_cpu)
+    specs = rec.flavor.extra_specs
     return GuestSpec(
         uuid=rec.uuid,
         name=rec.name,
@@ -84,9 +99,13 @@ def guest_spec(
         disks=disks,
         interfaces=interfaces,
         cells=cells,
+        cpuset=cpuset,
         vcpupin=vcpupin,
         emulatorpin=emulatorpin,
-        limits=limits(rec.flavor.extra_specs),
+        limits=limits(specs),
         oem_strings=address_hints(ports),
         virt_type=virt_type,
+        cpu_mode=host_cpu.mode if host_cpu is not None else None,
+        cpu_model=host_cpu.model if host_cpu is not None else None,
+        cpu_features=guest_features(specs, host_cpu) if host_cpu is not None else [],
     )

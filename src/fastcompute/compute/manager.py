@@ -25,6 +25,7 @@ import msgspec
 
 from fastcompute import protocol
 from fastcompute.compute import configdrive, guest
+from fastcompute.compute.cpu import HostCpu, check_traits, trait_features
 from fastcompute.compute.validate import flavor_request
 from fastcompute.config import Config
 from fastcompute.errors import AgentError, Conflict, HypervisorError, NotFound
@@ -137,6 +138,7 @@ class Manager:
         self.enabled = True
         self.disabled_reason: str | None = None
         self.domain_type = "test"
+        self.host_cpu: HostCpu | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         # port id -> the instance it is given to, so that a spawn's check does not walk them all
         self._port_owners: dict[str, str] = {}
@@ -156,12 +158,20 @@ class Manager:
 
     # -- start-up ------------------------------------------------------------------------------
 
-    async def start(self, tracker: Tracker, facts: HypervisorInfo, traits: list[str]) -> None:
-        """Load the store, take the stored claims, and reconcile with the hypervisor."""
+    async def start(self, tracker: Tracker, facts: HypervisorInfo, traits: list[str],
+                    cpu_features: Iterable[str] = ()) -> None:
+        """Load the store, take the stored claims, and reconcile with the hypervisor.
+
+        ``traits`` are the host's traits, ``cpu_features`` its CPU's feature names."""
         self.tracker = tracker
         self.hypervisor_facts = facts
         self.traits = traits
         self.domain_type = await self.driver.virt_type(self.cfg.hypervisor.domain_type)
+        hv = self.cfg.hypervisor
+        mode, model = await self.driver.guest_cpu(self.domain_type, hv.cpu_mode, hv.cpu_models)
+        self.host_cpu = HostCpu(shared=tracker.shared_cpus, shared_configured=bool(self.cfg.resources.cpu_shared_set),
+                                mode=mode, model=model, extra_flags=hv.cpu_model_extra_flags,
+                                features=trait_features(cpu_features), traits=frozenset(traits))
         loaded = await self.store.load()
         status = loaded.settings.get("host_status") or {}
         self.enabled = bool(status.get("enabled", True))
@@ -273,6 +283,7 @@ class Manager:
             claim=tracker.claims.get(uuid) if tracker is not None else None,
             numa_host=tracker.numa_host if tracker is not None else None,
             virt_type=self.domain_type,
+            host_cpu=self.host_cpu,
         )
 
     def _drive_wanted(self, uuid: str) -> bool:
@@ -443,6 +454,8 @@ class Manager:
             if existing.digest != digest:
                 raise Conflict(f"instance {uuid} exists with other arguments", {"uuid": uuid})
             return await self._after_spawn(uuid, args.wait)
+        if self.host_cpu is not None:
+            check_traits(args.flavor.extra_specs, self.host_cpu)
         claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb,
                               args.flavor.disk_gb, numa_request)
         ts = now()

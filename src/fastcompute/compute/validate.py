@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from fastcompute import protocol
+from fastcompute.compute import cpu
 from fastcompute.compute.configdrive import decode_user_data
 from fastcompute.compute.guest import QUOTA_LIMITS
 from fastcompute.errors import BadRequest
@@ -53,11 +54,14 @@ def flavor_request(flavor: Flavor) -> NumaRequest | None:
     """Check a flavor's extra specs; return its NUMA request (None for a floating guest).
 
     ``hw:`` keys are Nova's and checked by ``numa.constraints``; ``quota:`` keys must be known
-    and non-negative integers in ASCII digits. Keys of other namespaces are left to the
-    scheduler, as Nova leaves them. Errors are BAD_REQUEST naming the key.
+    and non-negative integers in ASCII digits; ``trait:`` keys name a trait and say required or
+    forbidden. Keys of other namespaces are left to the scheduler, as Nova leaves them.
+    Errors are BAD_REQUEST naming the key.
     """
     prefix = "args.flavor.extra_specs."
     for key, value in flavor.extra_specs.items():
+        if key.startswith(cpu.TRAIT_PREFIX) and (problem := cpu.trait_problem(key, value)) is not None:
+            raise protocol.invalid(prefix + key, problem)
         if key.startswith("quota:"):
             if key not in QUOTA_KEYS:
                 raise protocol.invalid(prefix + key, f"unknown quota: key; known: {', '.join(sorted(QUOTA_KEYS))}")

@@ -453,6 +453,12 @@ cdef bint _nf_fit_pair(_NfWork *w, Py_ssize_t gi, Py_ssize_t pos) noexcept nogil
                 smallest = i
         if not _nf_pool_fits(pools + 4 * smallest, g.memory * 1024, pinned):
             return False
+    elif pinned:
+        # Only a cell that reports no page pools holds pinned guests to its free memory: with
+        # pools, the pool the guest's pages come from is the whole check (Nova 34), so huge
+        # pages stay usable when small-page guests have used up the cell's memory.
+        if c.memory - c.memory_usage < g.memory:
+            return False
     elif g.memory > c.memory:
         return False
     if pinned and g.vcpu_n + reserve > c.n_dedicated:
@@ -461,8 +467,6 @@ cdef bint _nf_fit_pair(_NfWork *w, Py_ssize_t gi, Py_ssize_t pos) noexcept nogil
         return False
     if pinned:
         if c.n_free < g.vcpu_n + reserve:
-            return False
-        if c.memory - c.memory_usage < g.memory:
             return False
         if not _nf_pack(w, c, g, reserve, w.pins + w.pin_base[gi] + pos * g.vcpu_n,
                         &w.reserved[slot]):

@@ -15,6 +15,7 @@ SourceKind = Literal["file", "block", "network"]
 DiskBus = Literal["virtio", "scsi", "sata", "ide"]
 DiskDevice = Literal["disk", "cdrom"]
 Firmware = Literal["bios", "uefi"]
+CpuMode = Literal["host-model", "host-passthrough", "custom"]
 
 
 class Disk(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,9 +76,13 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
 class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a driver needs to define one guest.
 
-    ``vcpupin`` maps a vCPU to the host CPUs it may run on and ``emulatorpin`` lists the host
-    CPUs of the emulator threads (both empty for a floating guest). ``cells`` are the guest's
-    NUMA cells as the claim placed them. ``virt_type`` is what ``Driver.virt_type`` chose.
+    ``vcpupin`` maps a vCPU to the host CPUs it may run on (empty for a floating guest, whose
+    vCPUs all run on ``cpuset``: the host's shared CPUs); ``emulatorpin`` lists the host CPUs
+    of the emulator threads. Empty ``cpuset`` and ``emulatorpin`` mean anywhere. ``cells`` are
+    the guest's NUMA cells as the claim placed them. ``virt_type`` is what
+    ``Driver.virt_type`` chose. ``cpu_mode`` is the guest CPU (None: the hypervisor's
+    default), ``cpu_model`` its model in ``custom`` mode, ``cpu_features`` the host CPU
+    features the guest must see (it does not start without them).
     """
 
     uuid: str
@@ -89,6 +94,7 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     disks: list[Disk] = []
     interfaces: list[Interface] = []
     cells: list[GuestCell] = []
+    cpuset: list[int] = []
     vcpupin: dict[int, list[int]] = {}
     emulatorpin: list[int] = []
     limits: Limits = Limits()
@@ -97,7 +103,9 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     arch: str = "x86_64"
     firmware: Firmware = "bios"
     machine: str | None = None
+    cpu_mode: CpuMode | None = None
     cpu_model: str | None = None
+    cpu_features: list[str] = []
 
 
 class PagePool(msgspec.Struct):

@@ -343,8 +343,8 @@ def fit(
 def claim(host: HostUsage, request: NumaRequest, placement: Placement) -> HostUsage:
     """A new host with ``placement`` of ``request`` counted as usage (Nova's
     ``numa_usage_from_instance_numa``): memory, shared vCPUs, pinned and emulator pCPUs
-    (whole cores for the isolate thread policy's vCPUs) and the huge pages of the chosen
-    size.
+    (whole cores for the isolate thread policy's vCPUs) and the pages of the chosen size
+    (the smallest pool's when no size was chosen).
 
     ``host`` is left as it was; the new host shares its unchanged lists (cpuset, pcpuset,
     siblings), so treat both as read-only. Raises ``Conflict`` if a pCPU to pin is already
@@ -384,6 +384,11 @@ def _account(host: HostUsage, request: NumaRequest, placement: Placement, sign: 
             if pool is None:
                 raise Conflict(f"host cell {cell['id']} has no {pagesize} KiB pages")
             pool["used"] += sign * (guest["memory"] * 1024 // pagesize)
+        elif cell["mempages"]:
+            # A guest with no page size takes small pages: the fitter holds the next pinned
+            # guest to that pool's free pages, not to the cell's memory (Nova 34's accounting).
+            pool = min(cell["mempages"], key=lambda p: p["size_kb"])
+            pool["used"] += sign * (guest["memory"] * 1024 // pool["size_kb"])
         pcpus = {p for _, p in placed["pinning"]}
         if guest.get("cpu_thread_policy") == "isolate":
             # Isolated guests own their whole cores (the fitter only gives them fully free

@@ -143,6 +143,12 @@ def fit_cell(
         smallest = min(host_cell["mempages"], key=lambda p: p["size_kb"])
         if not _pool_fits(smallest, memory * 1024, use_free=pinned):
             return None
+    elif pinned:
+        # Only without page pools is a pinned guest held to the cell's free memory: with
+        # pools, the pool its pages come from decides (Nova 34), so a huge-page guest fits a
+        # cell whose small-page memory other guests have used up.
+        if host_cell["memory"] - host_cell["memory_usage"] < memory:
+            return None
     elif memory > host_cell["memory"]:
         return None
 
@@ -155,8 +161,6 @@ def fit_cell(
     reserved: list[int] | None = None
     if pinned:
         if len(free_pcpus(host_cell)) < len(guest_cell["pcpuset"]) + reserve:
-            return None
-        if host_cell["memory"] - host_cell["memory_usage"] < memory:
             return None
         packed = pack_onto_cores(host_cell, guest_cell, reserve)
         if packed is None:

@@ -95,6 +95,8 @@ class Tracker:
             shared = cpusets.parse(cfg.cpu_shared_set) & all_cpus if cfg.cpu_shared_set else all_cpus - dedicated
         except cpusets.CpuListError as exc:
             raise ValueError(f"[resources] {exc}") from None
+        # The host CPUs of unpinned vCPUs and of pinned ones, for the guests' CPU sets.
+        self.shared_cpus, self.dedicated_cpus = sorted(shared), sorted(dedicated)
         memory_mb = sum(c.memory_mb for c in cells)
         if cfg.disk_gb:
             disk_gb = cfg.disk_gb

@@ -58,6 +58,12 @@ def cpu_features(capabilities_xml: str) -> list[str]:
     return sorted(n for n in names if n)
 
 
+def cpu_modes(domain_capabilities_xml: str) -> dict[str, bool]:
+    """The guest CPU modes of libvirt's domain capabilities: {mode name: supported}."""
+    root = ET.fromstring(domain_capabilities_xml)
+    return {m.get("name", ""): m.get("supported") == "yes" for m in root.findall("./cpu/mode")}
+
+
 def host_facts(capabilities_xml: str, info: list[Any], hypervisor: HypervisorInfo) -> HostFacts:
     """Everything :class:`HostFacts` holds, from what libvirt said."""
     return HostFacts(topology(capabilities_xml, info), cpu_features(capabilities_xml), hypervisor)

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import libvirt
 import libvirtaio
@@ -19,7 +19,7 @@ from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
 from fastcompute.hypervisor.libvirt import capabilities, stats
 from fastcompute.hypervisor.libvirt.names import domain_name, qemu_pid
 from fastcompute.hypervisor.libvirt.xml import NAMESPACE, build, interface_xml
-from fastcompute.hypervisor.spec import DomainStats, GuestSpec, HostFacts, HypervisorInfo, Interface
+from fastcompute.hypervisor.spec import CpuMode, DomainStats, GuestSpec, HostFacts, HypervisorInfo, Interface
 from fastcompute.workers import Workers
 
 log = logging.getLogger("fastcompute.hypervisor")
@@ -180,29 +180,88 @@ class LibvirtDriver:
         return await self._call(facts)
 
     async def virt_type(self, wanted: str) -> str:
-        """The domain type guests get: ``test`` on the test driver, else ``wanted`` (qemu or
-        kvm), except that kvm falls back to qemu (TCG) on a host that offers no KVM."""
+        """The domain type guests get, logged with the reason: ``test`` on the test driver;
+        for ``wanted`` auto, kvm where the host offers it, else qemu (TCG); kvm falls back to
+        qemu on a host that offers no KVM; qemu stays qemu."""
         if self.uri.startswith("test:"):
+            log.info("domain type test: %s is libvirt's test hypervisor", self.uri)
             return "test"
-        if wanted == "kvm" and not await self._supports_kvm():
-            log.warning("domain_type kvm asked for, but this host offers no KVM; falling back to qemu (TCG)")
+        if wanted == "qemu":
+            log.info("domain type qemu (TCG): [hypervisor] domain_type is qemu")
             return "qemu"
-        return wanted
+        missing = await self._kvm_missing()
+        if missing is None:
+            log.info("domain type kvm: domain_type is %s, /dev/kvm is there and libvirt offers KVM domains", wanted)
+            return "kvm"
+        if wanted == "kvm":
+            log.warning("domain_type kvm asked for, but %s; falling back to qemu (TCG)", missing)
+        else:
+            log.info("domain type qemu (TCG): domain_type is auto and %s", missing)
+        return "qemu"
 
-    async def _supports_kvm(self) -> bool:
-        """Whether /dev/kvm is there and libvirt offers KVM domains on this host.
+    async def _kvm_missing(self) -> str | None:
+        """Why this host cannot have KVM guests, or None when /dev/kvm is there and libvirt
+        offers KVM domains.
 
         It cannot tell whether a KVM guest will actually run (on some nested hosts KVM guests
-        stop with an emulation failure), which is why ``kvm`` is an operator's choice.
+        stop with an emulation failure), which is why ``auto`` is not the default.
         """
         if not os.path.exists("/dev/kvm"):
-            return False
+            return "there is no /dev/kvm"
         conn = await self._ready()
         try:
             await self._call(conn.getDomainCapabilities, None, None, None, "kvm")
+        except HypervisorError as exc:
+            return f"libvirt offers no KVM domain ({exc.message})"
+        return None
+
+    async def guest_cpu(self, virt_type: str, wanted: str, models: list[str]) -> tuple[CpuMode, str | None]:
+        """The CPU mode (and, for ``custom``, the model) guests get, logged with the reason.
+
+        ``auto`` is host-model on kvm and on the test hypervisor, and on qemu (TCG) the custom
+        model ``models[0]`` or qemu64 (QEMU's own TCG model: a host-model CPU would be
+        emulated feature by feature); where libvirt's domain capabilities report host-model
+        unsupported, the custom model too. A configured mode they report unsupported for
+        ``virt_type`` (host-passthrough on TCG) is a HypervisorError, as is custom without a
+        model.
+        """
+        mode: CpuMode
+        if wanted == "auto":
+            mode = "custom" if virt_type == "qemu" else "host-model"
+        elif wanted in ("host-model", "host-passthrough", "custom"):
+            mode = cast("CpuMode", wanted)
+        else:
+            raise HypervisorError(f"[hypervisor] cpu_mode {wanted!r} is not a CPU mode")
+        model = None
+        if mode == "custom":
+            if models:
+                model = models[0]
+            elif wanted == "auto":
+                model = "qemu64"
+            else:
+                raise HypervisorError("[hypervisor] cpu_mode custom needs a model in cpu_models")
+        if not self.uri.startswith("test:"):
+            supported = await self._cpu_modes(virt_type)
+            if supported is not None and not supported.get(mode, False):
+                if wanted != "auto":
+                    raise HypervisorError(f"[hypervisor] cpu_mode {mode}: libvirt reports it unsupported for "
+                                          f"{virt_type} domains on this host")
+                log.warning("libvirt reports %s unsupported for %s domains here; guests get a custom CPU",
+                            mode, virt_type)
+                mode, model = "custom", models[0] if models else "qemu64"
+        log.info("guest CPU: %s%s (cpu_mode %s, domain type %s)", mode, f" {model}" if model else "",
+                 wanted, virt_type)
+        return mode, model
+
+    async def _cpu_modes(self, virt_type: str) -> dict[str, bool] | None:
+        """Which CPU modes libvirt supports for ``virt_type`` domains (domain capabilities),
+        or None when it cannot say."""
+        conn = await self._ready()
+        try:
+            caps = await self._call(conn.getDomainCapabilities, None, None, None, virt_type)
         except HypervisorError:
-            return False
-        return True
+            return None
+        return capabilities.cpu_modes(caps)
 
     # -- domains -------------------------------------------------------------------------------
 
@@ -405,6 +464,12 @@ class LibvirtDriver:
             return found
 
         return await self._call(run)
+
+    async def domain_xml(self, uuid: str) -> str:
+        """A domain's XML as libvirt holds it (for tests and an operator's debugging; the
+        test hypervisor lives inside the agent's process, so this is the only way to see it)."""
+        conn = await self._ready()
+        return await self._call(lambda: str(self._lookup(conn, uuid).XMLDesc(0)))
 
     # -- statistics ----------------------------------------------------------------------------
 

@@ -49,7 +49,11 @@ def build(spec: GuestSpec) -> str:
         f"<{PREFIX}:name>{_a(spec.name)}</{PREFIX}:name>"
         f"<{PREFIX}:project>{_a(spec.project_id)}</{PREFIX}:project>"
         f"</{PREFIX}:instance></metadata>",
-        f"<memory unit='MiB'>{int(spec.memory_mb)}</memory><vcpu>{int(spec.vcpus)}</vcpu>",
+        f"<memory unit='MiB'>{int(spec.memory_mb)}</memory>",
+        # A floating guest's vCPUs (and, unless pinned apart, its emulator threads) stay on the
+        # host's shared CPUs, off the pCPUs pinned guests were promised exclusively.
+        (f"<vcpu cpuset='{cpulist(spec.cpuset)}'>{int(spec.vcpus)}</vcpu>" if spec.cpuset
+         else f"<vcpu>{int(spec.vcpus)}</vcpu>"),
         *_tuning(spec),
         *_sysinfo(spec.oem_strings),
         # libvirt takes either per-device boot orders or <os><boot>, never both.
@@ -145,15 +149,24 @@ def _tuning(spec: GuestSpec) -> list[str]:
 
 
 def _cpu(spec: GuestSpec) -> list[str]:
-    if not spec.cells and not spec.cpu_model:
+    mode = spec.cpu_mode or ("custom" if spec.cpu_model else None)
+    if not spec.cells and mode is None and not spec.cpu_features:
         return []
-    model = (f"<model fallback='forbid'>{_a(spec.cpu_model)}</model>" if spec.cpu_model else "")
+    attrs = ""
+    if mode == "custom":
+        attrs = " mode='custom' match='exact'"
+    elif mode is not None:
+        attrs = f" mode='{mode}'"
+    # fallback='forbid': a model the hypervisor lacks is an error, not a silent other model.
+    model = f"<model fallback='forbid'>{_a(spec.cpu_model)}</model>" if mode == "custom" and spec.cpu_model else ""
+    # policy='require': the guest does not start on a CPU without the feature, rather than
+    # running without what its flavor asked for.
+    features = "".join(f"<feature policy='require' name='{_a(f)}'/>" for f in spec.cpu_features)
     numa = ("<numa>" + "".join(
         f"<cell id='{c.id}' cpus='{cpulist(c.cpus)}' memory='{int(c.memory_mb)}' unit='MiB'/>"
         for c in spec.cells
     ) + "</numa>") if spec.cells else ""
-    mode = " mode='custom' match='exact'" if spec.cpu_model else ""
-    return [f"<cpu{mode}>{model}{numa}</cpu>"]
+    return [f"<cpu{attrs}>{model}{features}{numa}</cpu>"]
 
 
 def _sysinfo(entries: list[str]) -> list[str]:
