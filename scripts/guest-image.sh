@@ -128,6 +128,27 @@ if [ -n "$ip" ]; then
   echo "FASTCOMPUTE-NET ip=$ip gw=${gw:-none} from=$from"
 fi
 
+# The metadata service: who we are, asked of http://169.254.169.254/. The address has no on-link
+# answer, so only a guest with a default gateway can reach it. In the background, so the boot
+# never waits for it: where there is no service (or no gateway answering yet) it costs a few
+# bounded attempts (busybox wget has no timeout of its own) and nothing on the way to READY.
+if [ -n "$gw" ]; then
+  (
+    md_uuid=
+    for i in 1 2 3 4 5; do
+      md_uuid=$(timeout 4 wget -q -O - http://169.254.169.254/openstack/latest/meta_data.json 2>/dev/null |
+                tr '{' '\n' | sed -n 's/^"uuid":"\([^"]*\)".*/\1/p')
+      [ -n "$md_uuid" ] && break
+      sleep 1
+    done
+    if [ -n "$md_uuid" ]; then
+      echo "FASTCOMPUTE-METADATA uuid=$md_uuid attempts=$i"
+    else
+      echo "FASTCOMPUTE-METADATA unreachable attempts=$i"
+    fi
+  ) &
+fi
+
 echo "FASTCOMPUTE-GUEST-READY"
 while :; do sleep 3600; done
 INIT
