@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hosts import write_test_host
 
 from fastcompute.config import ImagesConfig
+from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.images.cache import ImageCache, ImageSpec, copy
 from fastcompute.images.formats import create_overlay
 from fastcompute.rpc.client import AsyncClient
