@@ -22,12 +22,18 @@ from typing import Any
 
 import pytest
 
+from fastcompute import _core
 from fastcompute.config import ImagesConfig
 from fastcompute.errors import BadRequest, Conflict, ImageError
-from fastcompute.images.cache import ImageCache, ImageSpec, copy
+from fastcompute.images.cache import ImageCache, ImageSpec
 from fastcompute.images.formats import FormatError, create_overlay, inspect
 
 # The tests' file:// images live in their temporary directories; by default no file:// image is taken.
+
+def copy_file(src: os.PathLike[str], dst: os.PathLike[str], progress: Any = None) -> tuple[int, str]:
+    """The compiled copier on paths (it takes strings)."""
+    return _core.copy_file(os.fspath(src), os.fspath(dst), progress)
+
 TEMP_ROOTS = [tempfile.gettempdir()]
 # Their http images are served on loopback; by default no http(s) image is taken either.
 LOOPBACK = ["127.0.0.1"]
@@ -621,7 +627,7 @@ def test_copier_keeps_bytes_and_holes(tmp_path: Path, kind: str) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     _make(src, kind)
     calls: list[tuple[int, int]] = []
-    copied, method = copy(src, dst, lambda d, t: calls.append((d, t)))
+    copied, method = copy_file(src, dst, lambda d, t: calls.append((d, t)))
     assert dst.read_bytes() == src.read_bytes()
     assert dst.stat().st_size == src.stat().st_size
     assert _allocated(dst) <= _allocated(src) + (64 << 10)
@@ -638,15 +644,15 @@ def test_copier_cleans_up_on_error(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     _make(src, "dense")
     with pytest.raises(FileNotFoundError):
-        copy(tmp_path / "missing", dst)
+        copy_file(tmp_path / "missing", dst)
     with pytest.raises(FileNotFoundError):
-        copy(src, tmp_path / "no-dir" / "dst")
+        copy_file(src, tmp_path / "no-dir" / "dst")
 
     def boom(done: int, total: int) -> None:
         raise RuntimeError("cancelled")
 
     with pytest.raises(RuntimeError, match="cancelled"):
-        copy(src, dst, boom)
+        copy_file(src, dst, boom)
     assert not dst.exists()
 
 
@@ -666,7 +672,7 @@ def test_copier_releases_the_gil(tmp_path: Path) -> None:
     t.start()
     try:
         for _ in range(3):
-            copy(src, dst)
+            copy_file(src, dst)
     finally:
         done.set()
         t.join()
@@ -735,7 +741,7 @@ def test_copier_refuses_to_copy_a_file_onto_itself(tmp_path: Path) -> None:
     before = src.read_bytes()
     os.link(src, tmp_path / "alias")
     with pytest.raises(OSError):
-        copy(src, tmp_path / "alias")
+        copy_file(src, tmp_path / "alias")
     assert src.read_bytes() == before
 
 
@@ -746,7 +752,7 @@ def test_copier_falls_back_across_file_systems(tmp_path: Path) -> None:
     src = shm / f"fastcompute-test-{os.getpid()}"
     try:
         _make(src, "odd")
-        copied, method = copy(src, tmp_path / "dst")
+        copied, method = copy_file(src, tmp_path / "dst")
         assert (tmp_path / "dst").read_bytes() == src.read_bytes()
         assert method in ("copy_file_range", "sendfile", "readwrite") and copied > 0
     finally:

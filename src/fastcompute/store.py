@@ -80,7 +80,6 @@ class Store:
         self._pending: list[tuple[list[Statement], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._encoder = msgspec.msgpack.Encoder()
-        self.commits = 0
 
     async def open(self) -> None:
         """Open (creating if needed) the database."""
@@ -122,10 +121,6 @@ class Store:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def encode(self, obj: Any) -> bytes:
-        """Encode a row body."""
-        return self._encoder.encode(obj)
-
     async def write(self, statements: list[Statement]) -> None:
         """Run statements in a transaction (grouped with concurrent writers); wait until durable."""
         loop = asyncio.get_running_loop()
@@ -164,7 +159,6 @@ class Store:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self.commits += 1
 
     # -- statement builders -----------------------------------------------------------------
 

@@ -43,7 +43,6 @@ from typing import Any
 
 import msgspec
 
-from fastcompute import _core
 from fastcompute.config import ImagesConfig
 from fastcompute.errors import BadRequest, Conflict, ImageError
 from fastcompute.images import disks
@@ -111,21 +110,6 @@ class _Meta(msgspec.Struct, kw_only=True):
 class _DiskInfo(msgspec.Struct, kw_only=True):
     base: str
     mode: str
-
-
-def copy(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    progress: Callable[[int, int], object] | None = None,
-) -> tuple[int, str]:
-    """Copy ``src`` to ``dst`` with the Cython copier, keeping holes, and fsync it.
-
-    Returns ``(data_bytes, method)``: the bytes of data copied (holes excluded) and how
-    (``reflink``, ``copy_file_range``, ``sendfile``, ``readwrite`` or ``none``).
-    ``progress(done, total)`` is called every 256 MiB of data and at the end; the GIL is
-    released while copying. On error ``dst`` is removed and ``OSError`` raised.
-    """
-    return _core.copy_file(os.fspath(src), os.fspath(dst), progress)
 
 
 def parse_checksum(checksum: str) -> tuple[str, str]:
@@ -876,4 +860,4 @@ def _unlink_quietly(path: Path) -> None:
             raise
 
 
-__all__ = ["BaseInfo", "ImageCache", "ImageSpec", "copy", "parse_checksum"]
+__all__ = ["BaseInfo", "ImageCache", "ImageSpec", "parse_checksum"]

@@ -194,7 +194,7 @@ class Network:
         return report
 
     def plugged(self, instance_uuid: str | None = None) -> list[PluggedPort]:
-        """The ports plugged here (of one instance, or all), as the domain XML needs them."""
+        """The ports plugged here (of one instance, or all), as the guests' interfaces need them."""
         if instance_uuid is None:
             return [p.answer() for p in self._ports.values()]
         return [p.answer() for p in self._of.get(instance_uuid, {}).values()]

@@ -36,7 +36,7 @@ ICMP_PROTOCOLS: Final = frozenset({1, 58})
 
 
 class PluggedPort(Struct, kw_only=True, frozen=True):
-    """What the domain XML needs of a plugged port: ``<interface type='ethernet'>`` on ``tap``."""
+    """What the guest's interface needs of a plugged port: an ethernet device on ``tap``."""
 
     port_id: str
     tap: str
@@ -66,7 +66,7 @@ class Plugged:
         return normal_mac(self.port.mac) or self.port.mac
 
     def answer(self) -> PluggedPort:
-        """What the domain XML needs of this port."""
+        """What the guest's interface needs of this port."""
         return PluggedPort(port_id=self.port.id, tap=self.tap, mac=self.mac, mtu=self.mtu, bridge=self.bridge)
 
 

@@ -25,7 +25,7 @@ VERSION: Final = 1
 
 VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "error", "deleted")
 
-# Control characters (C0, DEL, C1) end up in domain XML, logs and terminals, where a NUL cuts a
+# Control characters (C0, DEL, C1) end up in the hypervisor's definitions, logs and terminals, where a NUL cuts a
 # name short and an escape sequence rewrites a person's screen: no text field carries them.
 _PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
