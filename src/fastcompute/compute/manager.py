@@ -567,9 +567,13 @@ class Manager:
     async def _fetch_image(self, uuid: str, rec: InstanceRecord) -> bool:
         """Fetch a build's image; False when a delete or the agent stopping cancelled it (the
         instance is then left as it is: to the delete, or to the next start-up's resume)."""
+        token = self._image_tokens.pop(uuid, None)
+        image = _image_spec(rec)
+        if token is None and self.images.is_cached(image):
+            # A boot storm of a cached image: nothing to fetch, so no task to cancel either.
+            return True
         fetch = asyncio.get_running_loop().create_task(self.images.fetch_base(
-            _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid),
-            token=self._image_tokens.pop(uuid, None),
+            image, rec.flavor.disk_gb, self._progress(uuid), token=token,
         ))
         self._fetches[uuid] = fetch
         try:

@@ -263,6 +263,15 @@ class ImageCache:
         with self._pinned(key):
             await self._ensure_base(key, source, image, progress, self._fetch_limit(disk_gb), token)
 
+    def is_cached(self, image: ImageSpec) -> bool:
+        """Whether ``image``'s base is cached and verified already (``fetch_base`` would fetch
+        nothing); a malformed spec is not, and ``fetch_base`` then raises its error."""
+        try:
+            key, _ = self._source_key(image)
+        except (BadRequest, ImageError):
+            return False
+        return key in self._known and key not in self._pruning
+
     @contextlib.contextmanager
     def _pinned(self, key: str) -> Iterator[None]:
         self._pins[key] = self._pins.get(key, 0) + 1

@@ -68,6 +68,8 @@ class Metrics:
             "fastcompute_image_cache_lookups", "Base-image cache lookups, by result (hit or miss)",
             ["result"], registry=r,
         )
+        self._cache_hits = self.image_cache_lookups.labels("hit")
+        self._cache_misses = self.image_cache_lookups.labels("miss")
         self.network_batch_size = Histogram(
             "fastcompute_network_batch_size", "Changes run together by the network (plug, unplug, other)",
             ["kind"], buckets=_BATCH_SIZE_BUCKETS, registry=r,
@@ -92,12 +94,20 @@ class Metrics:
             registry=r,
         )
         self._vm_states: set[str] = set()
+        self._request_children: dict[str, tuple[Counter, Counter, Histogram]] = {}
         self._resource_classes: set[str] = set()
 
     def observe_request(self, op: str, seconds: float, error_code: str | None = None) -> None:
         """One request of ``op`` answered after ``seconds``; ``error_code`` when it failed."""
-        self.requests.labels(op, "ok" if error_code is None else "error").inc()
-        self.request_seconds.labels(op).observe(seconds)
+        # labels() hashes and validates its arguments on every call: the children of the few
+        # ops are kept, since this runs for every request.
+        children = self._request_children.get(op)
+        if children is None:
+            children = self._request_children[op] = (
+                self.requests.labels(op, "ok"), self.requests.labels(op, "error"), self.request_seconds.labels(op))
+        ok, failed, seconds_of_op = children
+        (ok if error_code is None else failed).inc()
+        seconds_of_op.observe(seconds)
         if error_code is not None:
             self.errors.labels(op, error_code).inc()
 
@@ -122,7 +132,7 @@ class Metrics:
 
     def image_cache(self, hit: bool) -> None:
         """One base-image cache lookup, a hit or a miss."""
-        self.image_cache_lookups.labels("hit" if hit else "miss").inc()
+        (self._cache_hits if hit else self._cache_misses).inc()
 
     def observe_network_batch(self, kind: str, size: int, seconds: float) -> None:
         """The network ran ``size`` changes of ``kind`` as one batch in ``seconds``."""

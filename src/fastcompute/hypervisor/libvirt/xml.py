@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from xml.sax.saxutils import escape
 
 from fastcompute.hypervisor.libvirt.names import domain_name
@@ -11,8 +13,14 @@ NAMESPACE = "http://fastcompute.org/xmlns/instance/1.0"
 PREFIX = "fastcompute"
 
 
-def cpulist(cpus: list[int]) -> str:
+def cpulist(cpus: Iterable[int]) -> str:
     """A CPU list as libvirt writes it (``0-3,8``)."""
+    return _cpulist(tuple(cpus))
+
+
+# Every floating guest of a host carries the same shared set: rendered once, not per spawn.
+@functools.lru_cache(maxsize=4096)
+def _cpulist(cpus: tuple[int, ...]) -> str:
     out: list[str] = []
     ordered = sorted(set(cpus))
     i = 0
