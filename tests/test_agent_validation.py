@@ -71,6 +71,11 @@ BAD_SPAWNS: list[tuple[str, dict[str, Any], str]] = [
      "args.flavor.extra_specs.hw:numa_nodes"),
     ("NUL in name", {"name": "vm\x00one"}, "args.name"),
     ("newline in name", {"name": "vm\none"}, "args.name"),
+    ("trailing newline in name", {"name": "vm\n"}, "args.name"),
+    ("trailing newline in a uuid", {"uuid": "6f741a5f-3ca3-407b-a748-9b17fbe63f05\n"}, "args.uuid"),
+    ("space in a quota", {"flavor": {"vcpus": 1, "memory_mb": 64, "disk_gb": 1,
+                                     "extra_specs": {"quota:cpu_period": " 1"}}},
+     "args.flavor.extra_specs.quota:cpu_period"),
     ("NUL in project", {"project_id": "p\x00"}, "args.project_id"),
     ("superscript digit rule protocol", {"networks": [{
         "id": "p1", "mac": "fa:16:3e:00:00:01", "network": {"id": "n1"},

@@ -88,7 +88,7 @@ class ResourcesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     disk_gb: Annotated[int, _doc("DISK_GB total; 0 = the size of the file system holding state_dir")] = 0
     cpu_dedicated_set: Annotated[str, _doc("Host CPUs for pinned guests (PCPU), e.g. '4-15'; empty = none")] = ""
     cpu_shared_set: Annotated[str, _doc("Host CPUs for unpinned guests (VCPU); empty = all not dedicated")] = ""
-    custom_traits: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"^CUSTOM_[A-Z0-9_]{1,248}$")]], _doc("Traits this host reports besides its CPU features (Placement's CUSTOM_* names, e.g. CUSTOM_GPU), for schedulers to require or forbid")] = msgspec.field(default_factory=list)
+    custom_traits: Annotated[list[Annotated[str, msgspec.Meta(pattern=r"^CUSTOM_[A-Z0-9_]{1,248}\Z")]], _doc("Traits this host reports besides its CPU features (Placement's CUSTOM_* names, e.g. CUSTOM_GPU), for schedulers to require or forbid")] = msgspec.field(default_factory=list)
     reserved_huge_pages: Annotated[list[str], _doc("Huge pages kept for the host, as Nova writes them: 'node:0,size:2048,count:64' (size in KiB, or with a unit: 2MB, 1GB)")] = msgspec.field(default_factory=list)
 
 

@@ -65,7 +65,8 @@ def flavor_request(flavor: Flavor) -> NumaRequest | None:
         if key.startswith("quota:"):
             if key not in QUOTA_KEYS:
                 raise protocol.invalid(prefix + key, f"unknown quota: key; known: {', '.join(sorted(QUOTA_KEYS))}")
-            number = protocol.parse_uint(value)
+            # Digits alone: libvirt takes the value as written, so " 1" is no number here.
+            number = protocol.parse_uint(value) if value.isascii() and value.isdigit() else None
             if number is None or number > _INT64_MAX:
                 raise protocol.invalid(prefix + key, f"must be a non-negative integer, not {value!r}")
     try:

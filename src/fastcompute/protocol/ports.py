@@ -15,7 +15,7 @@ from msgspec import Meta, Struct
 IFNAMSIZ: Final = 15
 """The longest Linux interface name (the kernel's IFNAMSIZ less the NUL)."""
 
-ShortId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+ShortId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+\Z")]
 PortNumber = Annotated[int, Meta(ge=0, le=65535)]
 # What the kernel takes as an interface name: no '/', ':', whitespace or control characters.
 IfName = Annotated[str, Meta(min_length=1, max_length=IFNAMSIZ, pattern=r"^[^/:\s\x00-\x1f\x7f]+$")]

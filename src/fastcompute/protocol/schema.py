@@ -27,13 +27,15 @@ VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "err
 
 # Control characters (C0, DEL, C1) end up in the hypervisor's definitions, logs and terminals, where a NUL cuts a
 # name short and an escape sequence rewrites a person's screen: no text field carries them.
-_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# Patterns end in \Z, not $: msgspec matches with re.search, where $ also matches before a
+# final newline ("active\n" would pass as "active").
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]*\Z"
 RequestId = Annotated[str, Meta(min_length=1, max_length=128)]
 Name = Annotated[str, Meta(min_length=1, max_length=255, pattern=_PRINTABLE)]
 ShortStr = Annotated[str, Meta(max_length=255, pattern=_PRINTABLE)]
 Id = Annotated[str, Meta(min_length=1, max_length=255, pattern=_PRINTABLE)]
 _HEX = "[0-9a-fA-F]"
-UuidStr = Annotated[str, Meta(pattern=f"^{_HEX}{{8}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{12}}$")]
+UuidStr = Annotated[str, Meta(pattern=f"^{_HEX}{{8}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{12}}\\Z")]
 
 
 class _Args(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -74,7 +76,7 @@ class Image(_Args):
     id: Id | None = None
     url: Annotated[str, Meta(min_length=1, max_length=4096, pattern=_PRINTABLE)] | None = None
     checksum: Id | None = None
-    disk_format: Annotated[str, Meta(pattern="^(raw|qcow2)$")] | None = None
+    disk_format: Annotated[str, Meta(pattern=r"^(raw|qcow2)\Z")] | None = None
 
 
 class SpawnImage(Image):
@@ -89,7 +91,8 @@ class SpawnImage(Image):
 
 
 # RFC 1123 host name label: ASCII letters, digits and inner hyphens, 63 at most.
-Hostname = Annotated[str, Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")]
+Hostname = Annotated[str, Meta(min_length=1, max_length=63,
+                               pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")]
 MAX_USER_DATA: Final = 65535
 """The most bytes of user data a spawn may carry, once decoded (Nova's limit)."""
 # Base64 of MAX_USER_DATA bytes, with room for line breaks some encoders put in.
@@ -156,7 +159,7 @@ class ListArgs(_Args):
     """``instance.list``."""
 
     project_id: Id | None = None
-    vm_state: Annotated[str, Meta(pattern="^(" + "|".join(VM_STATES) + ")$")] | None = None
+    vm_state: Annotated[str, Meta(pattern="^(" + "|".join(VM_STATES) + r")\Z")] | None = None
 
 
 class ConsoleArgs(_Args):
