@@ -1,0 +1,53 @@
+"""A real QEMU guest (TCG) of the project's image booted through the agent under UEFI (OVMF,
+picked by libvirt) with an emulated TPM 2.0 (swtpm): its init sees ``/sys/firmware/efi`` and
+``/dev/tpm0`` and says so on the serial console; deleting it removes its NVRAM."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fixtures import AgentProcess
+from guest_fixtures import READY, guest_image, libvirtd
+from test_guest_agent import MEMORY_MB, conn, guest_agent, wait_console
+
+pytest.importorskip("libvirt")
+
+pytestmark = pytest.mark.guest
+__all__ = ["conn", "guest_agent", "guest_image", "libvirtd"]
+
+
+def test_a_real_guest_boots_its_disk_under_uefi_with_a_vtpm(
+        guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path) -> None:
+    if not Path("/usr/share/qemu/firmware").is_dir() or not Path("/usr/bin/swtpm").exists():
+        pytest.skip("OVMF or swtpm is not installed (scripts/bootstrap.sh installs both)")
+    agent = guest_agent()
+    rec = agent.call("instance.spawn", {
+        "name": "uefi", "image": {"url": guest_image.as_uri()}, "wait": True,
+        "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1,
+                   "extra_specs": {"hw:firmware_type": "uefi", "hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}},
+    })
+    uuid = rec["uuid"]
+    assert rec["vm_state"] == "active", rec
+    dom = ET.fromstring(conn.lookupByUUIDString(uuid).XMLDesc(0))
+    loader, nvram = dom.find("os/loader"), dom.find("os/nvram")
+    assert loader is not None and (loader.text or "").startswith("/usr/share/OVMF/"), "libvirt picked OVMF"
+    assert loader.get("secure") in (None, "no")
+    assert nvram is not None and nvram.text
+    assert Path(nvram.text).exists(), "the domain has its own NVRAM"
+    tpm = dom.find("devices/tpm")
+    assert tpm is not None and tpm.get("model") == "tpm-crb"
+    backend = tpm.find("backend")
+    assert backend is not None and (backend.get("type"), backend.get("version")) == ("emulator", "2.0")
+
+    text = wait_console(agent, uuid, READY).decode(errors="replace")
+    assert re.search(r"FASTCOMPUTE-EFI runtime=", text), text[-1500:]
+    assert "FASTCOMPUTE-TPM dev=/dev/tpm0 version=2" in text, text[-1500:]
+    assert re.search(r"FASTCOMPUTE-DISK dev=vda bytes=1048576 md5=[0-9a-f]{32}", text)
+
+    agent.call("instance.delete", {"uuid": uuid})
+    assert not Path(nvram.text).exists(), "the NVRAM went with the domain"
