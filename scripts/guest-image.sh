@@ -70,7 +70,7 @@ read -r up _ </proc/uptime
 clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)
 echo "FASTCOMPUTE-GUEST-UP uptime=$up uuid=$uuid clock=${clock:-unknown}"
 # The firmware the guest booted from, and its TPM (the CRB and TIS drivers are built in).
-[ -d /sys/firmware/efi ] && echo "FASTCOMPUTE-EFI runtime=$(cat /sys/firmware/efi/runtime 2>/dev/null || echo none)"
+[ -d /sys/firmware/efi ] && echo "FASTCOMPUTE-EFI bits=$(cat /sys/firmware/efi/fw_platform_size 2>/dev/null)"
 [ -c /dev/tpm0 ] && echo "FASTCOMPUTE-TPM dev=/dev/tpm0 version=$(cat /sys/class/tpm/tpm0/tpm_version_major)"
 
 # Read our own boot disk: the first MiB through the block layer, so a host can check that the
