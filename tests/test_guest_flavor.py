@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ from agent_fixtures import spawn_args
 from test_guest_cpu import kvm_guest, running_agent
 
 from fastcompute.compute import hardware
+from fastcompute.compute.guest import guest_spec
 from fastcompute.errors import BadRequest, NoCapacity
 from fastcompute.hypervisor.libvirt import capabilities
 from fastcompute.hypervisor.libvirt.xml import build
-from fastcompute.hypervisor.spec import CpuTopology, HostFeatures, Interface, Limits, Rng, Tpm
+from fastcompute.hypervisor.spec import CpuTopology, GuestSpec, HostFeatures, Interface, Limits, Rng, Tpm
+from fastcompute.protocol import Flavor, Image, InstanceRecord
 from fastcompute.resources import numa
 
 
@@ -270,3 +273,22 @@ def test_the_devices_domain_xml_is_valid_for_libvirts_schema(tmp_path: Path, ove
     assert VALIDATE is not None
     run = subprocess.run([VALIDATE, str(path), "domain"], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_a_stored_instance_with_a_key_now_refused_keeps_the_default_devices(tmp_path: Path) -> None:
+    """An instance an older agent recorded with a key it accepted and dropped (and that a spawn
+    would now refuse) is still described, as it was made, rather than failing on restart."""
+    def record(specs: dict[str, str]) -> InstanceRecord:
+        return InstanceRecord(uuid=str(uuid_mod.uuid4()), name="vm", project_id="p", vm_state="active",
+                              task_state=None, power_state="running",
+                              flavor=Flavor(vcpus=2, memory_mb=64, disk_gb=1, extra_specs=specs), image=Image(id="i"),
+                              host="h", numa=None, created_at="t", updated_at="t")
+
+    def spec(specs: dict[str, str]) -> GuestSpec:
+        return guest_spec(record(specs), [], tmp_path, disks=[], interfaces=[], claim=None, numa_host=None,
+                          virt_type="test")
+
+    old = spec({"hw:mem_encryption": "true", "hw:watchdog_action": "reset"})
+    assert (old.watchdog, old.rng, old.firmware) == (None, Rng(), "bios")
+    new = spec({"hw:watchdog_action": "reset", "hw:cpu_threads": "2"})
+    assert (new.watchdog, new.topology) == ("reset", CpuTopology(1, 1, 2))

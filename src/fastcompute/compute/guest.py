@@ -4,12 +4,14 @@ and its disks, described for the hypervisor driver."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 
 import msgspec
 
 from fastcompute.compute.cpu import HostCpu, guest_features
-from fastcompute.compute.hardware import hardware
+from fastcompute.compute.hardware import Hardware, hardware
+from fastcompute.errors import BadRequest
 from fastcompute.hypervisor.spec import Disk, GuestCell, GuestSpec, Interface, Limits
 from fastcompute.protocol import InstanceRecord
 from fastcompute.protocol.ports import Port
@@ -34,6 +36,8 @@ QUOTA_LIMITS: dict[str, str] = {
     "quota:vif_outbound_burst": "vif_outbound_burst",
 }
 """A flavor's ``quota:*`` extra spec -> the :class:`Limits` field it sets."""
+
+log = logging.getLogger("fastcompute.guest")
 
 
 def limits(extra_specs: dict[str, str]) -> Limits:
@@ -100,7 +104,13 @@ def guest_spec(
     default CPU)."""
     cells, cpuset, vcpupin, emulatorpin = _placement(claim, numa_host, host_cpu)
     specs = rec.flavor.extra_specs
-    hw = hardware(specs, rec.flavor.vcpus)
+    try:
+        hw = hardware(specs, rec.flavor.vcpus)
+    except BadRequest as exc:
+        # Only an instance stored by an agent that accepted and dropped this key gets here (a
+        # spawn is validated first): it keeps running as it was made.
+        log.warning("instance %s: %s; its guest gets the default machine and devices", rec.uuid, exc.message)
+        hw = Hardware()
     if hw.machine is not None and "q35" in hw.machine:
         # q35 has no IDE bus: its CD-ROMs (the config drive) hang off the AHCI controller.
         disks = [msgspec.structs.replace(d, bus="sata") if d.bus == "ide" else d for d in disks]
