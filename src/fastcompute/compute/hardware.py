@@ -182,9 +182,11 @@ def _hardware(specs: Mapping[str, str], extra_specs: Mapping[str, str], vcpus: i
         # Nova's rule: locked memory is only allowed with a page size, whose memory is
         # accounted per NUMA cell, so that locked guests cannot overcommit a host.
         raise _bad("hw:locked_memory", "locked memory needs hw:mem_page_size")
-    # Nova's "disabled" is no watchdog at all.
-    watchdog = None if specs.get("hw:watchdog_action") == "disabled" else _choice(
-        specs, "hw:watchdog_action", WATCHDOG_ACTIONS)
+    # Nova's "disabled" (its default) is no watchdog at all.
+    action = specs.get("hw:watchdog_action")
+    watchdog = next((w for w in WATCHDOG_ACTIONS if w == action), None)
+    if action is not None and watchdog is None and action != "disabled":
+        raise _bad("hw:watchdog_action", f"must be one of disabled, {', '.join(WATCHDOG_ACTIONS)}, not {action!r}")
     return Hardware(
         machine=machine,
         firmware=firmware,
