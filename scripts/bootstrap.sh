@@ -10,9 +10,11 @@ cd "$(dirname "$0")/.."
 # (libvirt-clients, with xmllint from libxml2-utils) checks the KVM domain XML against libvirt's
 # schema on hosts that cannot run KVM guests;
 # test/bench: cloud-init (its own code reads the config drives in the tests) and genisoimage
-# (the rival of the config drive writer: what Nova runs).
+# (the rival of the config drive writer: what Nova runs); run/test: ovmf (the UEFI firmware
+# libvirt picks for hw:firmware_type=uefi) and swtpm with swtpm-tools (swtpm_setup, which libvirt
+# runs to make a vTPM's state) for hw:tpm_version guests.
 APT_PACKAGES=(build-essential pkg-config libvirt-dev qemu-utils libnftables1 nftables iproute2
-  libvirt-clients libxml2-utils cloud-init genisoimage)
+  libvirt-clients libxml2-utils cloud-init genisoimage ovmf swtpm swtpm-tools)
 
 source scripts/apt.sh
 mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")

@@ -4,7 +4,9 @@
 # The image is a raw disk holding a FAT file system with syslinux in its boot sector, a Debian
 # cloud kernel (unpacked from the Debian package, not installed) and a busybox-static initramfs,
 # so a guest boots it BIOS -> syslinux -> kernel exactly as it would boot a cloud image, from a
-# qcow2 overlay. Everything is made without mounting anything (mkfs.vfat, syslinux, mcopy), so it
+# qcow2 overlay. The same file system is an EFI system partition too: UEFI firmware (OVMF) finds
+# systemd-boot at the removable-media path EFI/BOOT/BOOTX64.EFI, which boots the same kernel and
+# initramfs with the same command line. Everything is made without mounting anything (mkfs.vfat, syslinux, mcopy), so it
 # works in an unprivileged-looking container as well. docs/GUESTS.md describes what the guest does.
 #
 # The result is cached under .cache/guest-image/<hash of this script>/disk.img (or
@@ -30,7 +32,11 @@ MODULES=(
   drivers/scsi/scsi_common drivers/scsi/scsi_mod drivers/ata/libata drivers/ata/ata_piix
   drivers/cdrom/cdrom drivers/scsi/sr_mod fs/isofs/isofs
 )
-APT_PACKAGES=(syslinux syslinux-common mtools dosfstools busybox-static cpio)
+APT_PACKAGES=(syslinux syslinux-common mtools dosfstools busybox-static cpio systemd-boot-efi)
+# Under TCG on a loaded host the vCPU can miss the kernel's early timer check, which then
+# panics ("IO-APIC + timer doesn't work"), and the TSC calibrates wrong, so uptime ran several
+# times faster than the wall clock: skip the check and keep time by the HPET.
+CMDLINE="console=ttyS0 quiet no_timer_check clocksource=hpet"
 
 log() { echo "guest-image: $*" >&2; }
 
@@ -63,6 +69,9 @@ uuid=$(cat /sys/class/dmi/id/product_uuid 2>/dev/null || echo unknown)
 read -r up _ </proc/uptime
 clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)
 echo "FASTCOMPUTE-GUEST-UP uptime=$up uuid=$uuid clock=${clock:-unknown}"
+# The firmware the guest booted from, and its TPM (the CRB and TIS drivers are built in).
+[ -d /sys/firmware/efi ] && echo "FASTCOMPUTE-EFI bits=$(cat /sys/firmware/efi/fw_platform_size 2>/dev/null)"
+[ -c /dev/tpm0 ] && echo "FASTCOMPUTE-TPM dev=/dev/tpm0 version=$(cat /sys/class/tpm/tpm0/tpm_version_major)"
 
 # Read our own boot disk: the first MiB through the block layer, so a host can check that the
 # guest sees the bytes it was given.
@@ -194,9 +203,6 @@ build() {
   write_init root/init
   (cd root && find . | LC_ALL=C sort | cpio -o -H newc --quiet --owner 0:0) | gzip -9n >initrd.gz
 
-  # Under TCG on a loaded host the vCPU can miss the kernel's early timer check, which then
-  # panics ("IO-APIC + timer doesn't work"), and the TSC calibrates wrong, so uptime ran several
-  # times faster than the wall clock: skip the check and keep time by the HPET.
   cat >syslinux.cfg <<EOF
 DEFAULT linux
 PROMPT 0
@@ -204,19 +210,26 @@ TIMEOUT 0
 LABEL linux
   KERNEL vmlinuz
   INITRD initrd.gz
-  APPEND console=ttyS0 quiet no_timer_check clocksource=hpet
+  APPEND $CMDLINE
 EOF
+  printf 'timeout 0\ndefault fastcompute.conf\n' >loader.conf
+  printf 'title fastcompute guest\nlinux /vmlinuz\ninitrd /initrd.gz\noptions %s\n' "$CMDLINE" >fastcompute.conf
   truncate -s "${IMAGE_MIB}M" disk.img
   mkfs.vfat -n FCGUEST disk.img >/dev/null
   syslinux --install disk.img
   mcopy -i disk.img "kernel/boot/vmlinuz-$kver" ::vmlinuz
   mcopy -i disk.img initrd.gz ::initrd.gz
   mcopy -i disk.img syslinux.cfg ::syslinux.cfg
+  mmd -i disk.img ::EFI ::EFI/BOOT ::loader ::loader/entries
+  mcopy -i disk.img /usr/lib/systemd/boot/efi/systemd-bootx64.efi ::EFI/BOOT/BOOTX64.EFI
+  mcopy -i disk.img loader.conf ::loader/loader.conf
+  mcopy -i disk.img fastcompute.conf ::loader/entries/fastcompute.conf
   {
     echo "kernel=$kver"
     echo "kernel_package=$(basename "$deb")"
     echo "busybox=$(dpkg-query -W -f='${Version}' busybox-static)"
     echo "syslinux=$(dpkg-query -W -f='${Version}' syslinux)"
+    echo "systemd_boot=$(dpkg-query -W -f='${Version}' systemd-boot-efi)"
     echo "first_mib_md5=$(head -c 1048576 disk.img | md5sum | cut -d' ' -f1)"
   } >manifest
 }

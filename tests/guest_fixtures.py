@@ -303,7 +303,7 @@ def remove_domains_under(conn: Any, root: Path) -> list[str]:
             if dom.isPersistent():
                 if dom.hasManagedSaveImage():
                     dom.managedSaveRemove()
-                dom.undefine()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)  # a UEFI guest's NVRAM too
         except libvirt.libvirtError as e:
             if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise

@@ -4,9 +4,14 @@ and its disks, described for the hypervisor driver."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
 
+import msgspec
+
 from fastcompute.compute.cpu import HostCpu, guest_features
+from fastcompute.compute.hardware import Hardware, hardware
+from fastcompute.errors import BadRequest
 from fastcompute.hypervisor.spec import Disk, GuestCell, GuestSpec, Interface, Limits
 from fastcompute.protocol import InstanceRecord
 from fastcompute.protocol.ports import Port
@@ -21,8 +26,18 @@ QUOTA_LIMITS: dict[str, str] = {
     "quota:disk_write_bytes_sec": "disk_write_bytes_sec",
     "quota:disk_read_iops_sec": "disk_read_iops_sec",
     "quota:disk_write_iops_sec": "disk_write_iops_sec",
+    "quota:disk_total_bytes_sec": "disk_total_bytes_sec",
+    "quota:disk_total_iops_sec": "disk_total_iops_sec",
+    "quota:vif_inbound_average": "vif_inbound_average",
+    "quota:vif_inbound_peak": "vif_inbound_peak",
+    "quota:vif_inbound_burst": "vif_inbound_burst",
+    "quota:vif_outbound_average": "vif_outbound_average",
+    "quota:vif_outbound_peak": "vif_outbound_peak",
+    "quota:vif_outbound_burst": "vif_outbound_burst",
 }
 """A flavor's ``quota:*`` extra spec -> the :class:`Limits` field it sets."""
+
+log = logging.getLogger("fastcompute.guest")
 
 
 def limits(extra_specs: dict[str, str]) -> Limits:
@@ -89,6 +104,16 @@ def guest_spec(
     default CPU)."""
     cells, cpuset, vcpupin, emulatorpin = _placement(claim, numa_host, host_cpu)
     specs = rec.flavor.extra_specs
+    try:
+        hw = hardware(specs, rec.flavor.vcpus)
+    except BadRequest as exc:
+        # Only an instance stored by an agent that accepted and dropped this key gets here (a
+        # spawn is validated first): it keeps running as it was made.
+        log.warning("instance %s: %s; its guest gets the default machine and devices", rec.uuid, exc.message)
+        hw = Hardware()
+    if hw.machine is not None and "q35" in hw.machine:
+        # q35 has no IDE bus: its CD-ROMs (the config drive) hang off the AHCI controller.
+        disks = [msgspec.structs.replace(d, bus="sata") if d.bus == "ide" else d for d in disks]
     return GuestSpec(
         uuid=rec.uuid,
         name=rec.name,
@@ -108,4 +133,18 @@ def guest_spec(
         cpu_mode=host_cpu.mode if host_cpu is not None else None,
         cpu_model=host_cpu.model if host_cpu is not None else None,
         cpu_features=guest_features(specs, host_cpu) if host_cpu is not None else [],
+        topology=hw.topology,
+        machine=hw.machine,
+        firmware=hw.firmware,
+        secure_boot=hw.secure_boot,
+        tpm=hw.tpm,
+        watchdog=hw.watchdog,
+        rng=hw.rng,
+        video=hw.video,
+        serial_ports=hw.serial_ports,
+        boot_menu=hw.boot_menu,
+        pmu=hw.pmu,
+        hide_hypervisor=hw.hide_hypervisor,
+        locked_memory=hw.locked_memory,
+        packed_ring=hw.packed_ring,
     )

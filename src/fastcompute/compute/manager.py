@@ -26,10 +26,12 @@ import msgspec
 from fastcompute import protocol
 from fastcompute.compute import configdrive, guest
 from fastcompute.compute.cpu import HostCpu, check_traits, trait_features
+from fastcompute.compute.hardware import check_host, hardware
 from fastcompute.compute.validate import flavor_request
 from fastcompute.config import Config
 from fastcompute.errors import AgentError, Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor import DomainInfo, Driver, GuestSpec, HypervisorInfo, Interface, PowerEvent
+from fastcompute.hypervisor.spec import HostFeatures
 from fastcompute.images import disks, iso
 from fastcompute.images.cache import ImageCache, ImageSpec
 from fastcompute.network import Network
@@ -139,6 +141,7 @@ class Manager:
         self.disabled_reason: str | None = None
         self.domain_type = "test"
         self.host_cpu: HostCpu | None = None
+        self.host_features = HostFeatures()
         self._locks: dict[str, asyncio.Lock] = {}
         # port id -> the instance it is given to, so that a spawn's check does not walk them all
         self._port_owners: dict[str, str] = {}
@@ -172,6 +175,7 @@ class Manager:
         self.host_cpu = HostCpu(shared=tracker.shared_cpus, shared_configured=bool(self.cfg.resources.cpu_shared_set),
                                 mode=mode, model=model, extra_flags=hv.cpu_model_extra_flags,
                                 features=trait_features(cpu_features), traits=frozenset(traits))
+        self.host_features = await self.driver.host_features(self.domain_type)
         loaded = await self.store.load()
         status = loaded.settings.get("host_status") or {}
         self.enabled = bool(status.get("enabled", True))
@@ -456,6 +460,7 @@ class Manager:
             return await self._after_spawn(uuid, args.wait)
         if self.host_cpu is not None:
             check_traits(args.flavor.extra_specs, self.host_cpu)
+        check_host(hardware(args.flavor.extra_specs, args.flavor.vcpus), self.host_features)
         claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb,
                               args.flavor.disk_gb, numa_request)
         ts = now()

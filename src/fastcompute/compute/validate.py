@@ -20,7 +20,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from fastcompute import protocol
-from fastcompute.compute import cpu
+from fastcompute.compute import cpu, hardware
 from fastcompute.compute.configdrive import decode_user_data
 from fastcompute.compute.guest import QUOTA_LIMITS
 from fastcompute.errors import BadRequest
@@ -53,10 +53,13 @@ def _renamed(exc: BadRequest, field: str) -> BadRequest:
 def flavor_request(flavor: Flavor) -> NumaRequest | None:
     """Check a flavor's extra specs; return its NUMA request (None for a floating guest).
 
-    ``hw:`` keys are Nova's and checked by ``numa.constraints``; ``quota:`` keys must be known
-    and non-negative integers in ASCII digits; ``trait:`` keys name a trait and say required or
-    forbidden. Keys of other namespaces are left to the scheduler, as Nova leaves them.
-    Errors are BAD_REQUEST naming the key.
+    ``hw:`` keys are Nova's and checked by ``numa.constraints`` (the NUMA and CPU-policy ones)
+    and ``hardware.hardware`` (machine, firmware, devices, CPU topology; also ``os:``,
+    ``hw_rng:``, ``hw_video:`` and the image-property spellings it takes); ``quota:`` keys must
+    be known and non-negative integers in ASCII digits, disk totals not mixed with their read
+    and write halves, a network peak or burst only with its average; ``trait:`` keys name a
+    trait and say required or forbidden. Keys of other namespaces are left to the scheduler,
+    as Nova leaves them. Errors are BAD_REQUEST naming the key.
     """
     prefix = "args.flavor.extra_specs."
     for key, value in flavor.extra_specs.items():
@@ -69,12 +72,32 @@ def flavor_request(flavor: Flavor) -> NumaRequest | None:
             number = protocol.parse_uint(value) if value.isascii() and value.isdigit() else None
             if number is None or number > _INT64_MAX:
                 raise protocol.invalid(prefix + key, f"must be a non-negative integer, not {value!r}")
+    _quota_combinations(flavor.extra_specs, prefix)
+    try:
+        hardware.hardware(flavor.extra_specs, flavor.vcpus)
+    except BadRequest as exc:
+        raise _renamed(exc, prefix + str((exc.details or {}).get("field", ""))) from None
     try:
         return numa.constraints(
             {"vcpus": flavor.vcpus, "memory_mb": flavor.memory_mb, "extra_specs": flavor.extra_specs})
     except BadRequest as exc:
         field = str((exc.details or {}).get("field", ""))
         raise _renamed(exc, prefix + field if field.startswith("hw:") else "args.flavor." + field) from None
+
+
+def _quota_combinations(specs: dict[str, str], prefix: str) -> None:
+    # libvirt refuses a total limit beside a read or write one of the same kind, and a
+    # bandwidth peak or burst without its average.
+    for kind in ("bytes", "iops"):
+        total = f"quota:disk_total_{kind}_sec"
+        if total in specs and any(f"quota:disk_{d}_{kind}_sec" in specs for d in ("read", "write")):
+            raise protocol.invalid(prefix + total, f"cannot be set with quota:disk_read_{kind}_sec or "
+                                                   f"quota:disk_write_{kind}_sec")
+    for way in ("inbound", "outbound"):
+        for what in ("peak", "burst"):
+            key = f"quota:vif_{way}_{what}"
+            if key in specs and f"quota:vif_{way}_average" not in specs:
+                raise protocol.invalid(prefix + key, f"needs quota:vif_{way}_average")
 
 
 def check_image(image: Image) -> None:

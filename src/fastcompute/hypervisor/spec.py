@@ -16,6 +16,10 @@ DiskBus = Literal["virtio", "scsi", "sata", "ide"]
 DiskDevice = Literal["disk", "cdrom"]
 Firmware = Literal["bios", "uefi"]
 CpuMode = Literal["host-model", "host-passthrough", "custom"]
+TpmModel = Literal["tpm-tis", "tpm-crb"]
+TpmVersion = Literal["1.2", "2.0"]
+WatchdogAction = Literal["none", "pause", "poweroff", "reset"]
+VideoModel = Literal["vga", "cirrus", "qxl", "virtio", "bochs", "none"]
 
 
 class Disk(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,10 +62,34 @@ class GuestCell(msgspec.Struct, frozen=True):
     pagesize_kb: int | None = None
 
 
-class Limits(msgspec.Struct, frozen=True, kw_only=True):
-    """CPU and disk I/O limits (the flavor's ``quota:*`` extra specs); None = no limit.
+class Tpm(msgspec.Struct, frozen=True):
+    """An emulated TPM (swtpm on the host)."""
 
-    The disk limits apply to each disk of the guest.
+    model: TpmModel
+    version: TpmVersion
+
+
+class Rng(msgspec.Struct, frozen=True):
+    """A virtio RNG fed from the host's ``/dev/urandom``, at most ``rate_bytes`` per
+    ``rate_period`` ms when ``rate_bytes`` is set."""
+
+    rate_bytes: int | None = None
+    rate_period: int | None = None
+
+
+class CpuTopology(msgspec.Struct, frozen=True):
+    """How the guest's vCPUs look to it: sockets x cores x threads = vCPUs."""
+
+    sockets: int
+    cores: int
+    threads: int
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """CPU, disk I/O and network limits (the flavor's ``quota:*`` extra specs); None = no limit.
+
+    The disk limits apply to each disk of the guest, the ``vif_*`` ones (KiB/s for average
+    and peak, KiB for burst) to each interface.
     """
 
     cpu_shares: int | None = None
@@ -71,6 +99,14 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     disk_write_bytes_sec: int | None = None
     disk_read_iops_sec: int | None = None
     disk_write_iops_sec: int | None = None
+    disk_total_bytes_sec: int | None = None
+    disk_total_iops_sec: int | None = None
+    vif_inbound_average: int | None = None
+    vif_inbound_peak: int | None = None
+    vif_inbound_burst: int | None = None
+    vif_outbound_average: int | None = None
+    vif_outbound_peak: int | None = None
+    vif_outbound_burst: int | None = None
 
 
 class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,7 +118,17 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     the guest's NUMA cells as the claim placed them. ``virt_type`` is what
     ``Driver.virt_type`` chose. ``cpu_mode`` is the guest CPU (None: the hypervisor's
     default), ``cpu_model`` its model in ``custom`` mode, ``cpu_features`` the host CPU
-    features the guest must see (it does not start without them).
+    features the guest must see (it does not start without them), ``topology`` its sockets,
+    cores and threads (None: the hypervisor's default).
+
+    The machine and its devices: ``machine`` the machine type (None: the hypervisor's
+    default), ``firmware`` and ``secure_boot`` (UEFI only), ``tpm`` an emulated TPM,
+    ``watchdog`` the action of an i6300esb watchdog (None: no watchdog), ``rng`` a virtio
+    RNG (None: none), ``video`` the video model (None: the hypervisor's default),
+    ``serial_ports`` the serial ports (port 0 is the console log, the others are ptys),
+    ``boot_menu``, ``pmu`` (None: the hypervisor's default), ``hide_hypervisor``,
+    ``locked_memory`` (guest memory never swapped) and ``packed_ring`` (virtio packed
+    virtqueues on disks and interfaces).
     """
 
     uuid: str
@@ -106,6 +152,18 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     cpu_mode: CpuMode | None = None
     cpu_model: str | None = None
     cpu_features: list[str] = []
+    topology: CpuTopology | None = None
+    secure_boot: bool = False
+    tpm: Tpm | None = None
+    watchdog: WatchdogAction | None = None
+    rng: Rng | None = None
+    video: VideoModel | None = None
+    serial_ports: int = 1
+    boot_menu: bool = False
+    pmu: bool | None = None
+    hide_hypervisor: bool = False
+    locked_memory: bool = False
+    packed_ring: bool = False
 
 
 class PagePool(msgspec.Struct):
@@ -140,6 +198,19 @@ class HostFacts(msgspec.Struct, frozen=True):
     cells: list[HostCell]
     cpu_features: list[str]
     hypervisor: HypervisorInfo
+
+
+class HostFeatures(msgspec.Struct, frozen=True, kw_only=True):
+    """What the hypervisor can give guests beyond CPUs and memory, read once at start:
+    ``machines`` the machine types it offers (empty: it does not say), UEFI firmware,
+    secure-boot firmware (on q35), and the emulated TPM's versions and models (empty: no
+    swtpm)."""
+
+    machines: list[str] = []
+    uefi: bool = False
+    secure_boot: bool = False
+    tpm_versions: list[str] = []
+    tpm_models: list[str] = []
 
 
 class DomainStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from fastcompute.hypervisor.spec import HostCell, HostFacts, HypervisorInfo, PagePool
+from fastcompute.hypervisor.spec import HostCell, HostFacts, HostFeatures, HypervisorInfo, PagePool
 from fastcompute.resources import cpusets, units
 
 
@@ -62,6 +62,42 @@ def cpu_modes(domain_capabilities_xml: str) -> dict[str, bool]:
     """The guest CPU modes of libvirt's domain capabilities: {mode name: supported}."""
     root = ET.fromstring(domain_capabilities_xml)
     return {m.get("name", ""): m.get("supported") == "yes" for m in root.findall("./cpu/mode")}
+
+
+def machines(capabilities_xml: str, arch: str = "x86_64") -> list[str]:
+    """The machine types (names and their canonical versioned names) libvirt offers for
+    ``arch`` hvm guests, sorted."""
+    root = ET.fromstring(capabilities_xml)
+    names: set[str] = set()
+    for guest in root.findall("./guest"):
+        if guest.findtext("os_type") != "hvm" or guest.find(f"./arch[@name='{arch}']") is None:
+            continue
+        for m in guest.findall(f"./arch[@name='{arch}']//machine"):
+            names.update(n for n in (m.text, m.get("canonical")) if n)
+    return sorted(names)
+
+
+def _enum(root: ET.Element, path: str, name: str) -> list[str]:
+    return [v.text or "" for v in root.findall(f"{path}/enum[@name='{name}']/value")]
+
+
+def host_features(pc_domcaps: str, q35_domcaps: str | None, capabilities_xml: str) -> HostFeatures:
+    """What guests can have beyond CPUs and memory, from libvirt's domain capabilities for the
+    default (i440fx) and the q35 machine (secure-boot OVMF runs only on q35) and its host
+    capabilities (the machine types). A TPM without a version list is taken to do both, as
+    swtpm does."""
+    pc = ET.fromstring(pc_domcaps)
+    q35 = ET.fromstring(q35_domcaps) if q35_domcaps is not None else None
+    tpm = pc.find("./devices/tpm")
+    emulated = tpm is not None and tpm.get("supported") == "yes" and "emulator" in _enum(pc, "./devices/tpm",
+                                                                                          "backendModel")
+    return HostFeatures(
+        machines=machines(capabilities_xml),
+        uefi="efi" in _enum(pc, "./os", "firmware"),
+        secure_boot=q35 is not None and "yes" in _enum(q35, "./os/loader", "secure"),
+        tpm_versions=(_enum(pc, "./devices/tpm", "backendVersion") or ["1.2", "2.0"]) if emulated else [],
+        tpm_models=_enum(pc, "./devices/tpm", "model") if emulated else [],
+    )
 
 
 def host_facts(capabilities_xml: str, info: list[Any], hypervisor: HypervisorInfo) -> HostFacts:

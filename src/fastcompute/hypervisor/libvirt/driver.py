@@ -19,7 +19,15 @@ from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
 from fastcompute.hypervisor.libvirt import capabilities, stats
 from fastcompute.hypervisor.libvirt.names import domain_name, qemu_pid
 from fastcompute.hypervisor.libvirt.xml import NAMESPACE, build, interface_xml
-from fastcompute.hypervisor.spec import CpuMode, DomainStats, GuestSpec, HostFacts, HypervisorInfo, Interface
+from fastcompute.hypervisor.spec import (
+    CpuMode,
+    DomainStats,
+    GuestSpec,
+    HostFacts,
+    HostFeatures,
+    HypervisorInfo,
+    Interface,
+)
 from fastcompute.workers import Workers
 
 log = logging.getLogger("fastcompute.hypervisor")
@@ -77,6 +85,12 @@ class LibvirtDriver:
         self._closing = False
         self._reconnect: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+
+    @property
+    def _undefine(self) -> int:
+        # A UEFI guest's NVRAM (its firmware variables) goes with its domain, where a plain
+        # undefine refuses; the test hypervisor has no NVRAM and takes no flag.
+        return 0 if self.uri.startswith("test:") else libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -263,6 +277,30 @@ class LibvirtDriver:
             return None
         return capabilities.cpu_modes(caps)
 
+    async def host_features(self, virt_type: str) -> HostFeatures:
+        """What guests of ``virt_type`` can have here (UEFI, secure boot, vTPM, machine types),
+        from libvirt's capabilities, logged. The test hypervisor is taken to have everything;
+        a host whose libvirt cannot say has none of it."""
+        if self.uri.startswith("test:"):
+            return HostFeatures(uefi=True, secure_boot=True, tpm_versions=["1.2", "2.0"],
+                                tpm_models=["tpm-tis", "tpm-crb"])
+        conn = await self._ready()
+        try:
+            caps = await self._call(conn.getCapabilities)
+            pc = await self._call(conn.getDomainCapabilities, None, "x86_64", None, virt_type)
+        except HypervisorError as exc:
+            log.warning("no domain capabilities (%s): guests get no UEFI, secure boot or vTPM", exc.message)
+            return HostFeatures()
+        try:
+            q35: str | None = await self._call(conn.getDomainCapabilities, None, "x86_64", "q35", virt_type)
+        except HypervisorError:
+            q35 = None
+        found = capabilities.host_features(pc, q35, caps)
+        log.info("guest features: UEFI %s, secure boot %s, vTPM versions %s (models %s), %d machine types",
+                 "yes" if found.uefi else "no", "yes" if found.secure_boot else "no",
+                 ", ".join(found.tpm_versions) or "none", ", ".join(found.tpm_models) or "none", len(found.machines))
+        return found
+
     # -- domains -------------------------------------------------------------------------------
 
     def _lookup(self, conn: Any, uuid: str) -> Any:
@@ -286,7 +324,7 @@ class LibvirtDriver:
                 try:
                     start_domain(dom)
                 except libvirt.libvirtError:
-                    dom.undefine()
+                    dom.undefineFlags(self._undefine)
                     raise
                 return "running"
             return "shutdown"
@@ -377,11 +415,11 @@ class LibvirtDriver:
     async def attach_interface(self, uuid: str, iface: Interface, guest: GuestSpec) -> None:
         """Add an interface to a domain: live and persistent where the driver can hot-plug,
         else (libvirt's test driver) by defining ``guest``, taking effect at next start."""
-        await self._change_device(uuid, interface_xml(iface), build(guest), attach=True)
+        await self._change_device(uuid, interface_xml(iface, guest), build(guest), attach=True)
 
     async def detach_interface(self, uuid: str, iface: Interface, guest: GuestSpec) -> None:
         """Remove an interface from a domain (see ``attach_interface``)."""
-        await self._change_device(uuid, interface_xml(iface), build(guest), attach=False)
+        await self._change_device(uuid, interface_xml(iface, guest), build(guest), attach=False)
 
     async def _change_device(self, uuid: str, device_xml: str, domain_xml: str, attach: bool) -> None:
         conn = await self._ready()
@@ -416,7 +454,7 @@ class LibvirtDriver:
                 dom.destroy()
             if dom.hasManagedSaveImage():
                 dom.managedSaveRemove()
-            dom.undefine()
+            dom.undefineFlags(self._undefine)
             if self.uri.startswith("qemu:"):
                 # libvirt keeps the QEMU log of a domain forever; a deleted instance leaves nothing.
                 with contextlib.suppress(FileNotFoundError):

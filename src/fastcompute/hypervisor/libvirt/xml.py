@@ -49,7 +49,6 @@ def build(spec: GuestSpec) -> str:
     """
     per_device_boot = any(d.boot_order is not None for d in spec.disks)
     machine = f" machine='{_a(spec.machine)}'" if spec.machine else ""
-    firmware = " firmware='efi'" if spec.firmware == "uefi" else ""
     parts = [
         f"<domain type='{_a(spec.virt_type)}'>",
         f"<name>{_a(domain_name(spec.uuid))}</name><uuid>{_a(spec.uuid)}</uuid>",
@@ -65,10 +64,11 @@ def build(spec: GuestSpec) -> str:
         *_tuning(spec),
         *_sysinfo(spec.oem_strings),
         # libvirt takes either per-device boot orders or <os><boot>, never both.
-        f"<os{firmware}><type arch='{_a(spec.arch)}'{machine}>hvm</type>"
+        _os_open(spec) + f"<type arch='{_a(spec.arch)}'{machine}>hvm</type>"
         + ("" if per_device_boot else "<boot dev='hd'/>")
+        + ("<bootmenu enable='yes'/>" if spec.boot_menu else "")
         + ("<smbios mode='sysinfo'/>" if spec.oem_strings else "") + "</os>",
-        "<features><acpi/></features>",
+        _features(spec),
         *_cpu(spec),
         # The power-state logic reads a powered-off or crashed guest from its domain state, so
         # the domain must stop (not restart) on both; a guest-initiated reboot restarts in place.
@@ -81,8 +81,8 @@ def build(spec: GuestSpec) -> str:
         prefix = _DEV_PREFIX[disk.bus]
         index = used.get(prefix, 0)
         used[prefix] = index + 1
-        parts.append(disk_xml(disk, _dev_name(prefix, index), iotune))
-    parts.extend(interface_xml(i) for i in spec.interfaces)
+        parts.append(disk_xml(disk, _dev_name(prefix, index), iotune, spec.packed_ring))
+    parts.extend(interface_xml(i, spec) for i in spec.interfaces)
     console = _a(spec.console_path)
     # append: a new QEMU process (start after stop, restore after suspend) must not wipe the
     # console history that instance.console returns.
@@ -90,6 +90,7 @@ def build(spec: GuestSpec) -> str:
         f"<serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>"
         f"<console type='file'><source path='{console}' append='on'/><target type='serial' port='0'/></console>"
     )
+    parts.extend(_devices(spec))
     if spec.virt_type in ("qemu", "kvm"):
         # No USB bus and no balloon: nothing in a cloud guest uses them, and they cost boot time.
         parts.append("<controller type='usb' model='none'/><memballoon model='none'/>")
@@ -110,8 +111,9 @@ def _dev_name(prefix: str, index: int) -> str:
     return prefix + letters
 
 
-def disk_xml(disk: Disk, dev: str, iotune: str = "") -> str:
-    """A ``<disk>`` on target ``dev`` (``vda``); ``iotune`` is its ``<iotune>`` element, if any."""
+def disk_xml(disk: Disk, dev: str, iotune: str = "", packed: bool = False) -> str:
+    """A ``<disk>`` on target ``dev`` (``vda``); ``iotune`` is its ``<iotune>`` element, if any;
+    ``packed``: virtio packed virtqueues (virtio disks only)."""
     if disk.source_kind == "file":
         source = f"<source file='{_a(disk.source)}'/>"
     elif disk.source_kind == "block":
@@ -122,7 +124,8 @@ def disk_xml(disk: Disk, dev: str, iotune: str = "") -> str:
     boot = f"<boot order='{int(disk.boot_order)}'/>" if disk.boot_order is not None else ""
     return (
         f"<disk type='{disk.source_kind}' device='{disk.device}'>"
-        f"<driver name='qemu' type='{_a(disk.format)}'/>{source}"
+        f"<driver name='qemu' type='{_a(disk.format)}'"
+        + (" packed='on'" if packed and disk.bus == "virtio" else "") + f"/>{source}"
         f"<target dev='{dev}' bus='{disk.bus}'/>"
         + ("<readonly/>" if disk.read_only else "") + boot + iotune + "</disk>"
     )
@@ -131,16 +134,20 @@ def disk_xml(disk: Disk, dev: str, iotune: str = "") -> str:
 # Limits field -> the cputune or iotune element it sets (Nova's libvirt driver does the same).
 _CPUTUNE = (("cpu_shares", "shares"), ("cpu_period", "period"), ("cpu_quota", "quota"))
 _IOTUNE = (("disk_read_bytes_sec", "read_bytes_sec"), ("disk_write_bytes_sec", "write_bytes_sec"),
-           ("disk_read_iops_sec", "read_iops_sec"), ("disk_write_iops_sec", "write_iops_sec"))
+           ("disk_read_iops_sec", "read_iops_sec"), ("disk_write_iops_sec", "write_iops_sec"),
+           ("disk_total_bytes_sec", "total_bytes_sec"), ("disk_total_iops_sec", "total_iops_sec"))
 
 
 def _tuning(spec: GuestSpec) -> list[str]:
     parts: list[str] = []
     pagesizes = [(c.id, c.pagesize_kb) for c in spec.cells if c.pagesize_kb and c.pagesize_kb > 4]
-    if pagesizes:
-        parts.append("<memoryBacking><hugepages>" + "".join(
-            f"<page size='{int(size)}' unit='KiB' nodeset='{int(cell)}'/>" for cell, size in pagesizes
-        ) + "</hugepages></memoryBacking>")
+    backing = ("<hugepages>" + "".join(
+        f"<page size='{int(size)}' unit='KiB' nodeset='{int(cell)}'/>" for cell, size in pagesizes
+    ) + "</hugepages>") if pagesizes else ""
+    if spec.locked_memory:
+        backing += "<locked/>"
+    if backing:
+        parts.append(f"<memoryBacking>{backing}</memoryBacking>")
     limits = spec.limits
     tune = [f"<{tag}>{int(v)}</{tag}>" for key, tag in _CPUTUNE if (v := getattr(limits, key)) is not None]
     pins = [f"<vcpupin vcpu='{int(v)}' cpuset='{cpulist(p)}'/>" for v, p in sorted(spec.vcpupin.items())]
@@ -158,7 +165,7 @@ def _tuning(spec: GuestSpec) -> list[str]:
 
 def _cpu(spec: GuestSpec) -> list[str]:
     mode = spec.cpu_mode or ("custom" if spec.cpu_model else None)
-    if not spec.cells and mode is None and not spec.cpu_features:
+    if not spec.cells and mode is None and not spec.cpu_features and spec.topology is None:
         return []
     attrs = ""
     if mode == "custom":
@@ -170,6 +177,10 @@ def _cpu(spec: GuestSpec) -> list[str]:
     # policy='require': the guest does not start on a CPU without the feature, rather than
     # running without what its flavor asked for.
     features = "".join(f"<feature policy='require' name='{_a(f)}'/>" for f in spec.cpu_features)
+    if spec.topology is not None:
+        t = spec.topology
+        features = (f"<topology sockets='{int(t.sockets)}' cores='{int(t.cores)}' threads='{int(t.threads)}'/>"
+                    + features)
     numa = ("<numa>" + "".join(
         f"<cell id='{c.id}' cpus='{cpulist(c.cpus)}' memory='{int(c.memory_mb)}' unit='MiB'/>"
         for c in spec.cells
@@ -191,10 +202,66 @@ def _iotune(limits: Limits) -> str:
     return f"<iotune>{inner}</iotune>" if inner else ""
 
 
-def interface_xml(iface: Interface) -> str:
-    """An ``<interface type='ethernet'>`` on a tap the agent made (libvirt must not manage it)."""
+def interface_xml(iface: Interface, guest: GuestSpec | None = None) -> str:
+    """An ``<interface type='ethernet'>`` on a tap the agent made (libvirt must not manage it),
+    with the ``guest``'s bandwidth limits and virtqueue format."""
+    packed = "<driver packed='on'/>" if guest is not None and guest.packed_ring else ""
     return (
         f"<interface type='ethernet'><mac address='{_a(iface.mac)}'/>"
-        f"<target dev='{_a(iface.tap)}' managed='no'/><model type='virtio'/>"
-        f"<mtu size='{int(iface.mtu)}'/></interface>"
+        f"<target dev='{_a(iface.tap)}' managed='no'/><model type='virtio'/>{packed}"
+        + (_bandwidth(guest.limits) if guest is not None else "")
+        + f"<mtu size='{int(iface.mtu)}'/></interface>"
     )
+
+
+def _bandwidth(limits: Limits) -> str:
+    ways = []
+    for way in ("inbound", "outbound"):
+        attrs = "".join(f" {what}='{int(v)}'" for what in ("average", "peak", "burst")
+                        if (v := getattr(limits, f"vif_{way}_{what}")) is not None)
+        if attrs:
+            ways.append(f"<{way}{attrs}/>")
+    return f"<bandwidth>{''.join(ways)}</bandwidth>" if ways else ""
+
+
+def _os_open(spec: GuestSpec) -> str:
+    # UEFI: libvirt picks the OVMF build whose descriptor has the features asked for, and
+    # gives the domain its own NVRAM from that build's template. Without secure boot the
+    # build without it is asked for explicitly: it runs on every machine type.
+    if spec.firmware != "uefi":
+        return "<os>"
+    on = "yes" if spec.secure_boot else "no"
+    return (f"<os firmware='efi'><firmware><feature enabled='{on}' name='secure-boot'/>"
+            f"<feature enabled='{on}' name='enrolled-keys'/></firmware>")
+
+
+def _features(spec: GuestSpec) -> str:
+    parts = ["<acpi/>"]
+    if spec.pmu is not None:
+        parts.append(f"<pmu state='{'on' if spec.pmu else 'off'}'/>")
+    if spec.hide_hypervisor:
+        parts.append("<kvm><hidden state='on'/></kvm>")
+    if spec.secure_boot:
+        # Secure-boot OVMF keeps its variables safe from the guest OS in SMM.
+        parts.append("<smm state='on'/>")
+    return "<features>" + "".join(parts) + "</features>"
+
+
+def _devices(spec: GuestSpec) -> list[str]:
+    """The flavor's devices beyond disks, interfaces and the console."""
+    parts = [
+        f"<serial type='pty'><target port='{port}'/></serial>" for port in range(1, spec.serial_ports)
+    ]
+    if spec.watchdog is not None:
+        parts.append(f"<watchdog model='i6300esb' action='{spec.watchdog}'/>")
+    if spec.rng is not None:
+        rate = ""
+        if spec.rng.rate_bytes is not None:
+            period = f" period='{int(spec.rng.rate_period)}'" if spec.rng.rate_period else ""
+            rate = f"<rate bytes='{int(spec.rng.rate_bytes)}'{period}/>"
+        parts.append(f"<rng model='virtio'>{rate}<backend model='random'>/dev/urandom</backend></rng>")
+    if spec.tpm is not None:
+        parts.append(f"<tpm model='{spec.tpm.model}'><backend type='emulator' version='{spec.tpm.version}'/></tpm>")
+    if spec.video is not None:
+        parts.append(f"<video><model type='{spec.video}'/></video>")
+    return parts
