@@ -16,6 +16,8 @@ DiskBus = Literal["virtio", "scsi", "sata", "ide"]
 DiskDevice = Literal["disk", "cdrom"]
 Firmware = Literal["bios", "uefi"]
 CpuMode = Literal["host-model", "host-passthrough", "custom"]
+GraphicsType = Literal["vnc", "spice"]
+ConsoleKind = Literal["vnc", "spice", "serial"]
 
 
 class Disk(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +75,24 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     disk_write_iops_sec: int | None = None
 
 
+class Graphics(msgspec.Struct, frozen=True):
+    """A graphical console server of the guest, listening on a host address (the hypervisor
+    picks the port)."""
+
+    type: GraphicsType
+    listen: str
+
+
+class ConsoleEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a running guest's console is reached on this host: ``host`` and ``port`` for a
+    graphical console, ``path`` (a unix socket) for the interactive serial console."""
+
+    kind: ConsoleKind
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+
 class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a driver needs to define one guest.
 
@@ -82,7 +102,10 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     the guest's NUMA cells as the claim placed them. ``virt_type`` is what
     ``Driver.virt_type`` chose. ``cpu_mode`` is the guest CPU (None: the hypervisor's
     default), ``cpu_model`` its model in ``custom`` mode, ``cpu_features`` the host CPU
-    features the guest must see (it does not start without them).
+    features the guest must see (it does not start without them). The serial console is
+    logged to ``console_path``; with ``console_socket`` it is also a unix socket an
+    interactive session connects to (the log keeps everything either way). ``graphics`` are
+    its graphical consoles.
     """
 
     uuid: str
@@ -91,6 +114,8 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     vcpus: int
     memory_mb: int
     console_path: str
+    console_socket: str | None = None
+    graphics: list[Graphics] = []
     disks: list[Disk] = []
     interfaces: list[Interface] = []
     cells: list[GuestCell] = []
