@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 # (libvirt-clients, with xmllint from libxml2-utils) checks the KVM domain XML against libvirt's
 # schema on hosts that cannot run KVM guests;
 # test/bench: cloud-init (its own code reads the config drives in the tests) and genisoimage
-# (the rival of the config drive writer: what Nova runs).
+# (the rival of the config drive writer: what Nova runs); novnc (the console proxy serves its
+# page) and chromium (the console test opens that page headless).
 APT_PACKAGES=(build-essential pkg-config libvirt-dev qemu-utils libnftables1 nftables iproute2
-  libvirt-clients libxml2-utils cloud-init genisoimage)
+  libvirt-clients libxml2-utils cloud-init genisoimage novnc chromium)
 
 source scripts/apt.sh
 mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")
