@@ -101,29 +101,29 @@ def refused(url: str) -> tuple[int, bytes]:
 
 
 @contextlib.contextmanager
-def chromium(profile: Path) -> Iterator[str]:
+def chromium(workdir: Path) -> Iterator[str]:
     """Headless Chromium with its DevTools endpoint; the endpoint's HTTP base. Skips the
     test (saying why) only when Chromium is not installed or cannot start here."""
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (Debian package chromium)")
-    proc = subprocess.Popen(
-        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", "--window-size=1024,768",
-         f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    err = workdir / "chromium.log"
+    # stderr to a file, not a pipe: Chromium keeps logging, and a pipe no one reads would stall it.
+    with err.open("wb") as sink:
+        proc = subprocess.Popen(
+            [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", "--window-size=1024,768",
+             f"--user-data-dir={workdir / 'profile'}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=sink)
     try:
-        assert proc.stderr is not None
         deadline = time.monotonic() + 60
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            m = re.search(r"DevTools listening on ws://([^/]+)/", line)
+        while time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"DevTools listening on ws://([^/]+)/", err.read_text(errors="replace"))
             if m:
                 yield f"http://{m[1]}"
                 return
-            if time.monotonic() > deadline:
-                break
-        pytest.skip("chromium cannot start here: " + "".join(seen[-5:]))
+            time.sleep(0.1)
+        pytest.skip("chromium cannot start here: " + err.read_text(errors="replace")[-1000:])
     finally:
         proc.kill()
         proc.wait()
@@ -200,8 +200,8 @@ def test_a_real_guests_consoles_through_the_proxy(guest_agent: Callable[..., Age
     assert time.time() < got["expires_at"] <= time.time() + 120
     with connect(ws_of(got["url"]), subprotocols=["binary"], max_size=None, open_timeout=30) as ws:  # type: ignore[list-item]
         width, height, pixels = rfb_session(ws)
-    assert (width, height) >= (640, 400)
-    assert len(pixels) == width * height * 4 and pixels.strip(b"\x00"), "the guest's screen is all black"
+    assert width >= 640 and height >= 400
+    assert pixels.strip(b"\x00"), "the guest's screen is all black"
     # One time only.
     assert refused(ws_of(got["url"])) == (403, b"unknown or already used console token\n")
 

@@ -17,6 +17,7 @@ import http
 import logging
 import mimetypes
 import posixpath
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
@@ -63,7 +64,8 @@ class ConsoleProxy:
         self.locate = locate
         self.novnc_dir = Path(cfg.novnc_dir)
         self._server: Server | None = None
-        self._grants: dict[ServerConnection, Grant] = {}
+        # Weak: a handshake that fails after its token was redeemed never reaches a session.
+        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
         self.sessions = 0
 
     @property
