@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from agent_fixtures import AgentProcess, call_error, free_port, spawn_args
 from test_agent_tenants import client, tenants
+from test_cli import fc
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
@@ -64,6 +65,9 @@ def test_tokens_through_the_agents_proxy(make_agent: Any, tmp_path: Path, image_
         ws.recv(timeout=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
     assert status_of(got["url"]) == 403  # spent
+    # The command prints a fresh URL, by the instance's name too.
+    printed = fc("console-url", "vm", "--type", "serial", "--endpoint", agent.control).stdout.strip()
+    assert printed.startswith(f"ws://127.0.0.1:{port}/serial/{uuid}?token=") and printed != got["url"]
     # Dead with the instance.
     late = agent.call("instance.get_console", {"uuid": uuid, "type": "serial"})["url"]
     agent.call("instance.delete", {"uuid": uuid})
