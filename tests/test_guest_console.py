@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
@@ -179,7 +180,7 @@ def test_a_real_guests_consoles_through_the_proxy(guest_agent: Callable[..., Age
                                                   guest_image: Path, socket_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     agent = guest_agent(agent_config() + f'[console]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
-                        f'socket_dir = "{socket_dir}"\ntoken_ttl_s = 120\n')
+                        f'socket_dir = "{socket_dir}"\ntoken_ttl_s = 120\nspice = true\n')
     rec = agent.call("instance.spawn", {
         "name": "console", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
         "image": {"url": guest_image.as_uri()}, "wait": True,
@@ -193,6 +194,10 @@ def test_a_real_guests_consoles_through_the_proxy(guest_agent: Callable[..., Age
     assert devices is not None
     vnc = devices.find("graphics[@type='vnc']")
     assert vnc is not None and vnc.get("listen") == "127.0.0.1" and int(vnc.get("port", "-1")) >= 5900
+    # SPICE too (Debian's QEMU has it), on the same address, its port answering.
+    spice = devices.find("graphics[@type='spice']")
+    assert spice is not None and spice.get("listen") == "127.0.0.1"
+    socket.create_connection(("127.0.0.1", int(spice.get("port", "-1"))), timeout=10).close()
     serial = devices.find("serial[@type='unix']")
     assert serial is not None
     assert serial.find("source").get("path") == str(socket_dir / f"{uuid}.sock")  # type: ignore[union-attr]
