@@ -159,7 +159,11 @@ if [ -n "$gw" ]; then
 fi
 
 echo "FASTCOMPUTE-GUEST-READY"
-while :; do sleep 3600; done
+# Something for a graphical (VNC) console to show: the kernel prints only on ttyS0.
+echo "fastcompute guest $uuid ready" >/dev/tty0 2>/dev/null
+# A shell on the serial console, for interactive sessions (the console proxy's); what it
+# prints lands in the console log too.
+while :; do sh; sleep 1; done
 INIT
   chmod 755 "$1"
 }

@@ -24,11 +24,13 @@ from fastcompute import protocol
 from fastcompute.compute import validate
 from fastcompute.compute.manager import Manager
 from fastcompute.config import Config
-from fastcompute.errors import NotFound
+from fastcompute.console import ConsoleProxy, Tokens
+from fastcompute.errors import Conflict, NotFound
 from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
 from fastcompute.network.metadata import Documents, MetadataService, documents_lookup
+from fastcompute.protocol.schema import GetConsoleArgs
 from fastcompute.resources.tracker import Tracker, cpu_traits
 from fastcompute.rpc.replies import entry_size
 from fastcompute.rpc.server import Handler, Server
@@ -54,6 +56,7 @@ class Agent:
         self.images: ImageCache | None = None
         self.network: Network | None = None
         self.metadata: MetadataService | None = None
+        self.consoles: ConsoleProxy | None = None
         self.placement: PlacementSync | None = None
         self.manager: Manager | None = None
         self.server: Server | None = None
@@ -90,6 +93,11 @@ class Agent:
         async def console(a: protocol.ConsoleArgs) -> Any:
             return await m.console(a.uuid, a.tail_bytes)
 
+        async def get_console(a: GetConsoleArgs) -> Any:
+            if self.consoles is None:
+                raise Conflict("consoles are not enabled on this host ([console] enabled)", {"type": a.type})
+            return await self.consoles.get_console(m.get(a.uuid), a.type)
+
         async def attach_port(a: protocol.AttachPortArgs) -> Any:
             return await m.attach_port(a.uuid, a.port)
 
@@ -124,6 +132,7 @@ class Agent:
             "instance.get": get,
             "instance.list": list_,
             "instance.console": console,
+            "instance.get_console": get_console,
             "instance.stats": stats,
             "host.set_enabled": set_enabled,
             "images.list": images_list,
@@ -181,6 +190,11 @@ class Agent:
             # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
             self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))
             self.metadata.follow(self.network)
+        if cfg.console.enabled:
+            # Before any domain is (re)started: QEMU binds the guests' serial sockets there.
+            sockets = Path(cfg.console.socket_dir)
+            sockets.mkdir(parents=True, exist_ok=True)
+            sockets.chmod(0o700)
         await self.driver.connect(manager.on_power_event)
         facts = await self.driver.host_facts()
         tracker = Tracker(facts.cells, cfg.resources, cfg.quota, self.state_dir)
@@ -196,6 +210,10 @@ class Agent:
         server.project_of = lambda uuid: (s.record.project_id if (s := manager.instances.get(uuid)) else None)
         server.remember(await self.store.load_replies(cfg.agent.idempotency_max_bytes, entry_size))
         server.bind()
+        if cfg.console.enabled:
+            self.consoles = ConsoleProxy(cfg.console, Tokens(self.store, cfg.console.token_ttl_s),
+                                         self.driver.console_endpoint)
+            await self.consoles.start()
         if cfg.stats.metrics:
             host, port = parse_endpoint(cfg.stats.metrics)
             self.metrics_server = start_http_server(self.metrics, host, port, cfg.stats.metrics_max_connections,
@@ -233,7 +251,8 @@ class Agent:
     async def _expire(self) -> None:
         assert self.server is not None
         self.server.expire()
-        await self.store.write([Store.expire_replies(time.time())])
+        now = time.time()
+        await self.store.write([Store.expire_replies(now), Store.expire_console_tokens(now)])
 
     async def _publish_stats(self) -> None:
         """Sample every running guest and publish ``host.stats``."""
@@ -322,6 +341,8 @@ class Agent:
             await self.server.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self.consoles is not None:
+            await self.consoles.close()
         self.stats.close()
         if self.placement is not None:
             if self.manager is not None and self.manager.tracker is not None:

@@ -155,6 +155,19 @@ class GuestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     availability_zone: Annotated[str, _doc("The availability zone this host is in, as guests' metadata reports it")] = "nova"
 
 
+class ConsoleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[console]: guests' consoles, opened through instance.get_console and the agent's console proxy (see docs/GUESTS.md)."""
+
+    enabled: Annotated[bool, _doc("Give guests a VNC server and an interactive serial console, and run the console proxy. Off by default: the proxy takes a TCP port (listen)")] = False
+    listen: Annotated[str, _doc("HOST:PORT the console proxy listens on (noVNC's page and websockets, the serial console's websockets)")] = "127.0.0.1:6080"
+    base_url: Annotated[str, _doc("The proxy as clients reach it, e.g. https://console.example.com:6080 (behind a TLS terminator); empty = http://LISTEN")] = ""
+    address: Annotated[str, _doc("Host address the guests' VNC (and SPICE) servers listen on; the proxy connects there, clients never do")] = "127.0.0.1"
+    spice: Annotated[bool, _doc("Also give guests a SPICE server on address, for SPICE clients an operator points at it (get_console serves novnc and serial); only where QEMU has SPICE (Debian's does), or guests do not start")] = False
+    token_ttl_s: Annotated[float, msgspec.Meta(gt=0), _doc("A console URL's token must be used within this long (once; Nova's token_ttl)")] = 600.0
+    socket_dir: Annotated[str, _doc("Directory (made 0700) of the guests' serial console sockets, {uuid}.sock; short, as a unix socket's path must be")] = "/run/fastcompute/consoles"
+    novnc_dir: Annotated[str, _doc("Directory of noVNC's files (vnc_lite.html, core/, vendor/), served by the proxy; Debian's novnc package puts them here")] = "/usr/share/novnc"
+
+
 class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """[stats]: sampling and metrics."""
 
@@ -192,6 +205,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     network: NetworkConfig = msgspec.field(default_factory=NetworkConfig)
     metadata: MetadataConfig = msgspec.field(default_factory=MetadataConfig)
     guest: GuestConfig = msgspec.field(default_factory=GuestConfig)
+    console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
 

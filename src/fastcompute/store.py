@@ -43,6 +43,13 @@ CREATE TABLE IF NOT EXISTS replies (
     PRIMARY KEY (client, id)
 );
 CREATE INDEX IF NOT EXISTS replies_expires ON replies (expires);
+CREATE TABLE IF NOT EXISTS console_tokens (
+    hash BLOB PRIMARY KEY,
+    uuid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS console_tokens_uuid ON console_tokens (uuid);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -202,6 +209,35 @@ class Store:
     def expire_replies(now: float) -> Statement:
         """Forget replies past their retention window."""
         return ("DELETE FROM replies WHERE expires < ?", (now,))
+
+    @staticmethod
+    def put_console_token(digest: bytes, uuid: str, kind: str, expires: float) -> Statement:
+        """Remember a console token (by its hash only) for an instance's console of a kind."""
+        return ("INSERT INTO console_tokens (hash, uuid, kind, expires) VALUES (?, ?, ?, ?)",
+                (digest, uuid, kind, expires))
+
+    @staticmethod
+    def delete_console_tokens(uuid: str) -> Statement:
+        """Forget every console token of an instance."""
+        return ("DELETE FROM console_tokens WHERE uuid = ?", (uuid,))
+
+    @staticmethod
+    def expire_console_tokens(now: float) -> Statement:
+        """Forget console tokens past their expiry."""
+        return ("DELETE FROM console_tokens WHERE expires < ?", (now,))
+
+    async def take_console_token(self, digest: bytes) -> tuple[str, str, float] | None:
+        """Remove a console token and return its (uuid, kind, expires), or None if there is
+        none: in one statement, so that two connections presenting it cannot both have it."""
+        return await self._thread.run(self._take_console_token, digest)
+
+    def _take_console_token(self, digest: bytes) -> tuple[str, str, float] | None:
+        conn = self._conn
+        assert conn is not None
+        # fetchall: the statement (and so its implicit transaction) must run to its end.
+        rows = conn.execute("DELETE FROM console_tokens WHERE hash = ? RETURNING uuid, kind, expires",
+                            (digest,)).fetchall()
+        return (str(rows[0][0]), str(rows[0][1]), float(rows[0][2])) if rows else None
 
     # -- reads (start-up only; the manager keeps the live state in memory) ------------------
 

@@ -73,6 +73,16 @@ def _console(a: argparse.Namespace) -> int:
     return 0
 
 
+def _console_url(a: argparse.Namespace) -> int:
+    with client(a) as c:
+        r = c.call("instance.get_console", {"uuid": resolve(c, [a.uuid])[0], "type": a.type})
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(r["url"])
+    return 0
+
+
 def _each(op: protocol.Op, options: list[str]) -> Callable[[argparse.Namespace], int]:
     def run(a: argparse.Namespace) -> int:
         extra = {name: getattr(a, name) for name in options if getattr(a, name) is not None}
@@ -148,6 +158,11 @@ def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     co.add_argument("uuid", help="uuid, uuid prefix or name")
     co.add_argument("--tail", type=int, default=64 * 1024, help="bytes from the end")
     co.set_defaults(fn=_console)
+
+    cu = sub.add_parser("console-url", parents=[common], help=ops["instance.get_console"].help)
+    cu.add_argument("uuid", help="uuid, uuid prefix or name")
+    cu.add_argument("--type", choices=["novnc", "serial"], default="novnc", help="which console")
+    cu.set_defaults(fn=_console_url)
 
     for op in ops.values():
         if op.verb is None or not (op.transition is not None or op.name == "instance.delete"):

@@ -11,8 +11,9 @@ import msgspec
 
 from fastcompute.compute.cpu import HostCpu, guest_features
 from fastcompute.compute.hardware import Hardware, hardware
+from fastcompute.config import ConsoleConfig
 from fastcompute.errors import BadRequest
-from fastcompute.hypervisor.spec import Disk, GuestCell, GuestSpec, Interface, Limits
+from fastcompute.hypervisor.spec import Disk, Graphics, GuestCell, GuestSpec, Interface, Limits
 from fastcompute.protocol import InstanceRecord
 from fastcompute.protocol.ports import Port
 from fastcompute.resources.numa_types import HostUsage
@@ -86,6 +87,14 @@ def _placement(claim: Claim | None, numa_host: HostUsage | None, host_cpu: HostC
     return cells, [], vcpupin, emulator
 
 
+def consoles(uuid: str, cfg: ConsoleConfig | None) -> tuple[str | None, list[Graphics]]:
+    """The serial console's socket and the graphics servers of a guest (none with consoles off)."""
+    if cfg is None or not cfg.enabled:
+        return None, []
+    graphics = [Graphics("vnc", cfg.address)] + ([Graphics("spice", cfg.address)] if cfg.spice else [])
+    return str(Path(cfg.socket_dir) / f"{uuid}.sock"), graphics
+
+
 def guest_spec(
     rec: InstanceRecord,
     ports: list[Port],
@@ -97,11 +106,12 @@ def guest_spec(
     numa_host: HostUsage | None,
     virt_type: str,
     host_cpu: HostCpu | None = None,
+    console: ConsoleConfig | None = None,
 ) -> GuestSpec:
     """The guest an instance is: ``interfaces`` its plugged ports' taps, ``claim`` what it
     holds of the host (``numa_host`` the host's cells), ``virt_type`` the driver's choice,
     ``host_cpu`` the host's shared CPUs and guest CPU (None: no CPU sets, the hypervisor's
-    default CPU)."""
+    default CPU), ``console`` the host's console settings (None: a serial log only)."""
     cells, cpuset, vcpupin, emulatorpin = _placement(claim, numa_host, host_cpu)
     specs = rec.flavor.extra_specs
     try:
@@ -114,6 +124,7 @@ def guest_spec(
     if hw.machine is not None and "q35" in hw.machine:
         # q35 has no IDE bus: its CD-ROMs (the config drive) hang off the AHCI controller.
         disks = [msgspec.structs.replace(d, bus="sata") if d.bus == "ide" else d for d in disks]
+    console_socket, graphics = consoles(rec.uuid, console)
     return GuestSpec(
         uuid=rec.uuid,
         name=rec.name,
@@ -121,6 +132,8 @@ def guest_spec(
         vcpus=rec.flavor.vcpus,
         memory_mb=rec.flavor.memory_mb,
         console_path=str(instance_dir / "console.log"),
+        console_socket=console_socket,
+        graphics=graphics,
         disks=disks,
         interfaces=interfaces,
         cells=cells,

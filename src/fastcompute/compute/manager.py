@@ -288,6 +288,7 @@ class Manager:
             numa_host=tracker.numa_host if tracker is not None else None,
             virt_type=self.domain_type,
             host_cpu=self.host_cpu,
+            console=self.cfg.console,
         )
 
     def _drive_wanted(self, uuid: str) -> bool:
@@ -829,7 +830,8 @@ class Manager:
         await self.images.remove_disk(uuid)
         await self.network.unplug(uuid)
         stored = self.instances[uuid]
-        await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid)])
+        await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid),
+                                Store.delete_console_tokens(uuid)])
         tracker.release(uuid)
         del self.instances[uuid]
         # Whoever still waits for this lock finds the instance gone; a new spawn gets its own.

@@ -11,7 +11,16 @@ from typing import Protocol
 
 import msgspec
 
-from fastcompute.hypervisor.spec import CpuMode, DomainStats, GuestSpec, HostFacts, HostFeatures, Interface
+from fastcompute.hypervisor.spec import (
+    ConsoleEndpoint,
+    ConsoleKind,
+    CpuMode,
+    DomainStats,
+    GuestSpec,
+    HostFacts,
+    HostFeatures,
+    Interface,
+)
 
 
 class DomainInfo(msgspec.Struct, frozen=True):
@@ -37,7 +46,8 @@ class Driver(Protocol):
     a hypervisor that can only change a device by defining the guest again. ``domain_stats``
     and ``guest_pid`` block (call them from a worker thread); ``domain_stats`` maps the
     hypervisor's domain UUIDs to the keys to report them under, and leaves out domains it does
-    not find.
+    not find. ``console_endpoint`` says where a running guest's console of a kind is reached
+    (Conflict when it has none or does not run).
     """
 
     async def connect(self, on_power_event: Callable[[PowerEvent], None]) -> None: ...
@@ -58,5 +68,6 @@ class Driver(Protocol):
     async def destroy(self, uuid: str) -> None: ...
     async def info(self, uuid: str) -> DomainInfo | None: ...
     async def list_domains(self) -> list[DomainInfo]: ...
+    async def console_endpoint(self, uuid: str, kind: ConsoleKind) -> ConsoleEndpoint: ...
     def domain_stats(self, domains: Mapping[str, str]) -> dict[str, DomainStats]: ...
     def guest_pid(self, uuid: str) -> int | None: ...

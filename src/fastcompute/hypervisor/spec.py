@@ -20,6 +20,8 @@ TpmModel = Literal["tpm-tis", "tpm-crb"]
 TpmVersion = Literal["1.2", "2.0"]
 WatchdogAction = Literal["none", "pause", "poweroff", "reset"]
 VideoModel = Literal["vga", "cirrus", "qxl", "virtio", "bochs", "none"]
+GraphicsType = Literal["vnc", "spice"]
+ConsoleKind = Literal["vnc", "spice", "serial"]
 
 
 class Disk(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,6 +111,24 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     vif_outbound_burst: int | None = None
 
 
+class Graphics(msgspec.Struct, frozen=True):
+    """A graphical console server of the guest, listening on a host address (the hypervisor
+    picks the port)."""
+
+    type: GraphicsType
+    listen: str
+
+
+class ConsoleEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a running guest's console is reached on this host: ``host`` and ``port`` for a
+    graphical console, ``path`` (a unix socket) for the interactive serial console."""
+
+    kind: ConsoleKind
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+
 class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a driver needs to define one guest.
 
@@ -119,13 +139,15 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     ``Driver.virt_type`` chose. ``cpu_mode`` is the guest CPU (None: the hypervisor's
     default), ``cpu_model`` its model in ``custom`` mode, ``cpu_features`` the host CPU
     features the guest must see (it does not start without them), ``topology`` its sockets,
-    cores and threads (None: the hypervisor's default).
+    cores and threads (None: the hypervisor's default). The serial console is logged to
+    ``console_path``; with ``console_socket`` it is also a unix socket an interactive session
+    connects to (the log keeps everything either way). ``graphics`` are its graphical consoles.
 
     The machine and its devices: ``machine`` the machine type (None: the hypervisor's
     default), ``firmware`` and ``secure_boot`` (UEFI only), ``tpm`` an emulated TPM,
     ``watchdog`` the action of an i6300esb watchdog (None: no watchdog), ``rng`` a virtio
     RNG (None: none), ``video`` the video model (None: the hypervisor's default),
-    ``serial_ports`` the serial ports (port 0 is the console log, the others are ptys),
+    ``serial_ports`` the serial ports (port 0 is the console, the others are ptys),
     ``boot_menu``, ``pmu`` (None: the hypervisor's default), ``hide_hypervisor``,
     ``locked_memory`` (guest memory never swapped) and ``packed_ring`` (virtio packed
     virtqueues on disks and interfaces).
@@ -137,6 +159,8 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     vcpus: int
     memory_mb: int
     console_path: str
+    console_socket: str | None = None
+    graphics: list[Graphics] = []
     disks: list[Disk] = []
     interfaces: list[Interface] = []
     cells: list[GuestCell] = []

@@ -21,6 +21,7 @@ from fastcompute.protocol.schema import (
     AttachPortArgs,
     ConsoleArgs,
     DetachPortArgs,
+    GetConsoleArgs,
     ListArgs,
     NoArgs,
     PruneArgs,
@@ -106,6 +107,10 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     Op("instance.get", UuidArgs, "one instance in detail", mutating=False, access="read", verb="show"),
     Op("instance.list", ListArgs, "list instances", mutating=False, access="list", verb="list"),
     Op("instance.console", ConsoleArgs, "the serial console log", mutating=False, access="read", verb="console"),
+    # Not mutating: its reply holds a live one-time token, which must never be written to the
+    # store's reply log (the store keeps only its hash). A member's op: it opens the guest.
+    Op("instance.get_console", GetConsoleArgs, "a one-time URL of an instance's noVNC or serial console",
+       mutating=False, access="write", verb="console-url"),
     Op("instance.stats", StatsArgs, "usage statistics of instances", mutating=False, access="stats"),
     Op("instance.attach_port", AttachPortArgs, "plug a port and add it to an instance"),
     Op("instance.detach_port", DetachPortArgs, "remove a port from an instance and unplug it"),

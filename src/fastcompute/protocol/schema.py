@@ -169,6 +169,23 @@ class ConsoleArgs(_Args):
     tail_bytes: Annotated[int, Meta(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
 
 
+class GetConsoleArgs(_Args):
+    """``instance.get_console``: a one-time URL of an instance's console."""
+
+    uuid: UuidStr
+    type: Literal["novnc", "serial"]
+
+
+class ConsoleUrl(msgspec.Struct, frozen=True):
+    """The reply of ``instance.get_console``: the URL holds a one-time token that expires at
+    ``expires_at`` (Unix time)."""
+
+    uuid: str
+    type: str
+    url: str
+    expires_at: float
+
+
 class AttachPortArgs(_Args):
     """``instance.attach_port`` (extension)."""
 

@@ -14,12 +14,14 @@ from typing import Any, Final, TypeVar, cast
 import libvirt
 import libvirtaio
 
-from fastcompute.errors import HypervisorError
+from fastcompute.errors import HypervisorError, NotFound
 from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
-from fastcompute.hypervisor.libvirt import capabilities, stats
+from fastcompute.hypervisor.libvirt import capabilities, consoles, stats
 from fastcompute.hypervisor.libvirt.names import domain_name, qemu_pid
 from fastcompute.hypervisor.libvirt.xml import NAMESPACE, build, interface_xml
 from fastcompute.hypervisor.spec import (
+    ConsoleEndpoint,
+    ConsoleKind,
     CpuMode,
     DomainStats,
     GuestSpec,
@@ -508,6 +510,21 @@ class LibvirtDriver:
         test hypervisor lives inside the agent's process, so this is the only way to see it)."""
         conn = await self._ready()
         return await self._call(lambda: str(self._lookup(conn, uuid).XMLDesc(0)))
+
+    async def console_endpoint(self, uuid: str, kind: ConsoleKind) -> ConsoleEndpoint:
+        """Where the running domain's ``kind`` console is, from its live XML (NotFound without
+        a domain, Conflict when it has no such console or does not run)."""
+        conn = await self._ready()
+
+        def run() -> str:
+            try:
+                return str(self._lookup(conn, uuid).XMLDesc(0))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise NotFound(f"no domain for instance {uuid}", {"uuid": uuid}) from None
+                raise
+
+        return consoles.endpoint(await self._call(run), kind, uuid)
 
     # -- statistics ----------------------------------------------------------------------------
 

@@ -83,12 +83,10 @@ def build(spec: GuestSpec) -> str:
         used[prefix] = index + 1
         parts.append(disk_xml(disk, _dev_name(prefix, index), iotune, spec.packed_ring))
     parts.extend(interface_xml(i, spec) for i in spec.interfaces)
-    console = _a(spec.console_path)
-    # append: a new QEMU process (start after stop, restore after suspend) must not wipe the
-    # console history that instance.console returns.
-    parts.append(
-        f"<serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>"
-        f"<console type='file'><source path='{console}' append='on'/><target type='serial' port='0'/></console>"
+    parts.append(_serial(spec))
+    parts.extend(
+        f"<graphics type='{g.type}' autoport='yes' listen='{_a(g.listen)}'>"
+        f"<listen type='address' address='{_a(g.listen)}'/></graphics>" for g in spec.graphics
     )
     parts.extend(_devices(spec))
     if spec.virt_type in ("qemu", "kvm"):
@@ -186,6 +184,22 @@ def _cpu(spec: GuestSpec) -> list[str]:
         for c in spec.cells
     ) + "</numa>") if spec.cells else ""
     return [f"<cpu{attrs}>{model}{features}{numa}</cpu>"]
+
+
+def _serial(spec: GuestSpec) -> str:
+    """The serial console: a log file, or a unix socket (QEMU listening) that also logs there."""
+    console = _a(spec.console_path)
+    # append: a new QEMU process (start after stop, restore after suspend) must not wipe the
+    # console history that instance.console returns.
+    if spec.console_socket is None:
+        chardev, source = "file", f"<source path='{console}' append='on'/>"
+    else:
+        # libvirt's <log> inside the chardev: whatever goes through the socket, and whatever
+        # the guest writes while no one is connected, still lands in the log.
+        chardev = "unix"
+        source = f"<source mode='bind' path='{_a(spec.console_socket)}'/><log file='{console}' append='on'/>"
+    return (f"<serial type='{chardev}'>{source}<target port='0'/></serial>"
+            f"<console type='{chardev}'>{source}<target type='serial' port='0'/></console>")
 
 
 def _sysinfo(entries: list[str]) -> list[str]:
