@@ -15,6 +15,7 @@ may give them under either spelling. ``docs/GUESTS.md`` has the table of every k
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Final, TypeVar
@@ -145,6 +146,14 @@ def hardware(extra_specs: Mapping[str, str], vcpus: int) -> Hardware:
     """The machine and devices a flavor of ``vcpus`` vCPUs asks for; BAD_REQUEST naming the
     key (as the flavor spells it) for values, combinations and features this agent does not
     apply."""
+    return _hardware_of(tuple(sorted(extra_specs.items())), vcpus)
+
+
+# Validation, the host check and the guest's description each ask, for every spawn of a storm
+# of the same flavor: the answer (frozen) is kept; a refusal is raised again each time.
+@functools.lru_cache(maxsize=1024)
+def _hardware_of(items: tuple[tuple[str, str], ...], vcpus: int) -> Hardware:
+    extra_specs = dict(items)
     specs = flavor_keys(extra_specs)
     try:
         return _hardware(specs, extra_specs, vcpus)
