@@ -3,7 +3,7 @@
 - floor: a Python loop that only calls ``os.pread`` on the same already-open descriptors (no
   parsing); gate: ``sample()`` at most 1.5x the floor;
 - plain Python: open/read/close and parse every file (``fastcompute.stats_reference``), what an
-  agent without the core would do; the goal is ``sample()`` 10x faster, the gate 8x (PLAIN_GATE);
+  agent without the core would do; the goal is ``sample()`` 10x faster, the gate 4x (PLAIN_GATE, see there why);
 - psutil: per-process CPU times, memory and I/O counters of as many processes as guests (a
   QEMU guest is one process): reported, not gated (it reads other files and misses swap and
   peak memory, and per-process I/O counters are not the block device's).
@@ -139,7 +139,14 @@ def test_sample_vs_floor(thousand: list[str], benchmark: pytest.FixtureRequest) 
 # pinned to CPU 0, which takes this VM's interrupts, it ran at 5.7-6.8 us, on CPU 1 at 4.0-4.1
 # (the rival, interpreter-bound, moves little), so a gate at 10x would fail some runs. Gated
 # at 8x, which any regression of the C path (a Python-level parse is ~2x) falls far below.
-PLAIN_GATE = 8
+# On the machine of 2026-12-04 the kernel's own reads of these files cost three times as much
+# at this scale (a bare pread loop over the 7,000 open files: 13-15 us a cgroup, 0.5 us a file
+# for 10 cgroups, 2 us a file for 1,000), so the sampler sits on that floor (0.89-0.96x) and the
+# ratio to plain Python, whose extra cost is interpreter-bound, read 5.2-5.8x; the code from
+# before that session read 5.1x there in the same conditions. The ratio is the kernel's as much
+# as ours, so the gate is 4x (a Python-level parse would still fall below it) and the floor gate
+# above is what holds the C path; the goal stays printed.
+PLAIN_GATE = 4
 
 
 def test_sample_vs_plain_python(thousand: list[str]) -> None:
