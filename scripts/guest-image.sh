@@ -67,7 +67,7 @@ for m in $(cat /etc/modules); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
 # and reboot; a press before this point is lost.
 acpid -c /etc/acpi -l /dev/null
 # The guest agent (docs/GUESTS.md), in the background: it waits for its port.
-fc-qga &
+fc-qga </dev/null &
 
 uuid=$(cat /sys/class/dmi/id/product_uuid 2>/dev/null || echo unknown)
 read -r up _ </proc/uptime

@@ -10,6 +10,9 @@ directory, its log, its events). The refusal of a guest that runs no agent needs
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +125,16 @@ def test_every_guest_has_the_guest_agent_channel() -> None:
         conn.close()
     assert f"<target type='virtio' name='{GUEST_AGENT_CHANNEL}'/>" in xml
     assert "<channel type='unix'>" in xml
+
+
+def test_the_cli_reads_the_password_from_standard_input(agent: AgentProcess, image_file: Path) -> None:
+    uuid = spawn_in_state(agent, image_file, "active")["uuid"]
+    cli = [sys.executable, "-m", "fastcompute.cli"]
+    proc = subprocess.run([*cli, "set-password", uuid[:8], "--user", "admin", "--json", "--endpoint", agent.control],
+                          input=PASSWORD + "\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"uuid": uuid, "user": "admin"}
+    proc = subprocess.run([*cli, "quiesce", uuid, "--json", "--endpoint", agent.control],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["results"] == [{"uuid": uuid, "filesystems": 2}]
