@@ -28,6 +28,8 @@ MODULES=(
   drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci drivers/block/virtio_blk
   net/core/failover drivers/net/net_failover drivers/net/virtio_net
   drivers/acpi/button drivers/input/evdev
+  # the guest agent's virtio-serial port (org.qemu.guest_agent.0), answered by /bin/fc-qga
+  drivers/char/virtio_console
   # the config drive: an IDE CD-ROM (ata_piix on the pc machine type) holding ISO 9660
   drivers/scsi/scsi_common drivers/scsi/scsi_mod drivers/ata/libata drivers/ata/ata_piix
   drivers/cdrom/cdrom drivers/scsi/sr_mod fs/isofs/isofs
@@ -64,6 +66,8 @@ for m in $(cat /etc/modules); do insmod "/lib/modules/$m.ko" 2>/dev/null; done
 # It starts before the marker, so that a host which saw the marker can rely on ACPI power-off
 # and reboot; a press before this point is lost.
 acpid -c /etc/acpi -l /dev/null
+# The guest agent (docs/GUESTS.md), in the background: it waits for its port.
+fc-qga </dev/null &
 
 uuid=$(cat /sys/class/dmi/id/product_uuid 2>/dev/null || echo unknown)
 read -r up _ </proc/uptime
@@ -168,6 +172,85 @@ INIT
   chmod 755 "$1"
 }
 
+# A tiny QEMU guest agent: JSON lines on the virtio-serial port org.qemu.guest_agent.0, the
+# handful of commands libvirt sends for setUserPassword, fsFreeze/fsThaw and a ping. busybox
+# has no JSON parser; libvirt's commands are one compact object a line, so sed picks the fields.
+# The password never reaches the console or a file other than /etc/shadow (as a hash).
+write_qga() {
+  cat >"$1" <<'QGA'
+#!/bin/sh
+port=
+for i in $(seq 1 50); do
+  for n in /sys/class/virtio-ports/*/name; do
+    [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/$(basename "$(dirname "$n")") && break 2
+  done
+  sleep 0.2
+done
+[ -n "$port" ] || { echo "FASTCOMPUTE-QGA no port"; exit 0; }
+frozen=/tmp/qga-frozen
+field() { printf '%s\n' "$2" | sed -n "s/.*\"$1\" *: *\"\\([^\"]*\\)\".*/\\1/p"; }
+error() { printf '{"error":{"class":"GenericError","desc":"%s"}}\n' "$1"; }
+set_password() {
+  user=$(field username "$1")
+  case "$user" in ''|*[!A-Za-z0-9._-]*) error "invalid user name"; return ;; esac
+  grep -q "^$user:" /etc/passwd || { error "user $user does not exist"; return; }
+  # (a JSON writer may send base64's / as \/: base64 has no backslash of its own)
+  hash=$(field password "$1" | tr -d '\\' | base64 -d | mkpasswd -m sha512) || { error "cannot hash the password"; return; }
+  awk -F: -v OFS=: -v u="$user" -v h="$hash" '$1 == u { $2 = h } { print }' /etc/shadow >/etc/shadow.new &&
+    mv /etc/shadow.new /etc/shadow
+  echo "FASTCOMPUTE-PASSWORD user=$user set" >/dev/ttyS0
+  echo '{"return":{}}'
+}
+# Freezes the mounted block-device file systems that can be frozen (this guest runs from its
+# initramfs: only the config drive is mounted, and iso9660 cannot be, so the honest count is 0).
+freeze() {
+  [ -s "$frozen.state" ] && { error "file systems are frozen already"; return; }
+  sync
+  : >"$frozen"
+  while read -r dev dir _; do
+    case "$dev" in /dev/*) fsfreeze --freeze "$dir" 2>/dev/null && echo "$dir" >>"$frozen" ;; esac
+  done </proc/mounts
+  echo frozen >"$frozen.state"
+  printf '{"return":%d}\n' "$(wc -l <"$frozen")"
+}
+thaw() {
+  n=0
+  if [ -f "$frozen" ]; then
+    while read -r dir; do fsfreeze --unfreeze "$dir" 2>/dev/null && n=$((n + 1)); done <"$frozen"
+  fi
+  rm -f "$frozen" "$frozen.state"
+  printf '{"return":%d}\n' "$n"
+}
+answer() {
+  case "$(field execute "$1")" in
+    guest-sync) printf '{"return":%s}\n' "$(printf '%s\n' "$1" | sed -n 's/.*"id" *: *\([0-9]*\).*/\1/p')" ;;
+    guest-sync-delimited) printf '\377{"return":%s}\n' "$(printf '%s\n' "$1" | sed -n 's/.*"id" *: *\([0-9]*\).*/\1/p')" ;;
+    guest-ping) echo '{"return":{}}' ;;
+    guest-info) echo '{"return":{"version":"fastcompute-qga-1","supported_commands":[]}}' ;;
+    guest-set-user-password) set_password "$1" ;;
+    guest-fsfreeze-freeze) freeze ;;
+    guest-fsfreeze-thaw) thaw ;;
+    guest-fsfreeze-status) if [ -s "$frozen.state" ]; then echo '{"return":"frozen"}'; else echo '{"return":"thawed"}'; fi ;;
+    *) printf '{"error":{"class":"CommandNotFound","desc":"command %s not found"}}\n' "$(field execute "$1")" ;;
+  esac
+}
+echo "FASTCOMPUTE-QGA port=$port"
+# read keeps what came before a newline, so a command split over several writes is one line;
+# a read with nothing (the host end is not connected yet) is an end of file: open again.
+while :; do
+  exec 3<>"$port"
+  while IFS= read -r line <&3 || [ -n "$line" ]; do
+    line=$(printf '%s' "$line" | tr -d '\377\r')
+    [ -n "$line" ] && answer "$line" >&3
+    line=
+  done
+  exec 3>&-
+  sleep 0.2
+done
+QGA
+  chmod 755 "$1"
+}
+
 # Downloads (into ./deb) the kernel package the cloud-kernel metapackage currently names.
 download_kernel() {
   local kpkg
@@ -205,6 +288,11 @@ build() {
   printf '#!/bin/sh\necho FASTCOMPUTE-GUEST-POWEROFF >/dev/ttyS0\npoweroff -f\n' >root/etc/acpi/PWRF/00000080
   chmod 755 root/etc/acpi/PWRF/00000080
   write_init root/init
+  write_qga root/bin/fc-qga
+  # Users for the guest agent's guest-set-user-password (busybox's login reads /etc/shadow).
+  printf 'root:x:0:0:root:/root:/bin/sh\n' >root/etc/passwd
+  printf 'root:*:0:0:99999:7:::\n' >root/etc/shadow
+  chmod 600 root/etc/shadow
   (cd root && find . | LC_ALL=C sort | cpio -o -H newc --quiet --owner 0:0) | gzip -9n >initrd.gz
 
   cat >syslinux.cfg <<EOF

@@ -22,6 +22,7 @@ import msgspec
 
 from fastcompute import protocol
 from fastcompute.compute import validate
+from fastcompute.compute.guestagent import GuestAgent
 from fastcompute.compute.manager import Manager
 from fastcompute.config import Config
 from fastcompute.console import ConsoleProxy, Tokens
@@ -30,7 +31,7 @@ from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
 from fastcompute.network.metadata import Documents, MetadataService, documents_lookup
-from fastcompute.protocol.schema import GetConsoleArgs
+from fastcompute.protocol.schema import GetConsoleArgs, SetPasswordArgs
 from fastcompute.resources.tracker import Tracker, cpu_traits
 from fastcompute.rpc.replies import entry_size
 from fastcompute.rpc.server import Handler, Server
@@ -98,6 +99,17 @@ class Agent:
                 raise Conflict("consoles are not enabled on this host ([console] enabled)", {"type": a.type})
             return await self.consoles.get_console(m.get(a.uuid), a.type)
 
+        guest_agent = GuestAgent(m, self.cfg.hypervisor)
+
+        async def set_password(a: SetPasswordArgs) -> Any:
+            return await guest_agent.set_password(a.uuid, a.user, a.password)
+
+        async def quiesce(a: protocol.UuidArgs) -> Any:
+            return await guest_agent.quiesce(a.uuid)
+
+        async def unquiesce(a: protocol.UuidArgs) -> Any:
+            return await guest_agent.unquiesce(a.uuid)
+
         async def attach_port(a: protocol.AttachPortArgs) -> Any:
             return await m.attach_port(a.uuid, a.port)
 
@@ -133,6 +145,9 @@ class Agent:
             "instance.list": list_,
             "instance.console": console,
             "instance.get_console": get_console,
+            "instance.set_password": set_password,
+            "instance.quiesce": quiesce,
+            "instance.unquiesce": unquiesce,
             "instance.stats": stats,
             "host.set_enabled": set_enabled,
             "images.list": images_list,

@@ -74,6 +74,8 @@ class HypervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     cpu_models: Annotated[list[str], _doc("CPU models for cpu_mode custom, e.g. ['Haswell-noTSX']; the first is used (it must exist: libvirt's fallback is forbid)")] = msgspec.field(default_factory=list)
     cpu_model_extra_flags: Annotated[list[str], _doc("CPU features every guest must have besides its model's, e.g. ['pcid', 'avx2'] (Nova's cpu_model_extra_flags); a flavor's required HW_CPU_X86_* traits add their own per guest")] = msgspec.field(default_factory=list)
     shutdown_timeout_s: Annotated[float, _doc("Graceful (ACPI) shutdown wait before a forced stop")] = 60.0
+    guest_agent_timeout_s: Annotated[float, _doc("How long a guest's QEMU guest agent has to answer the ping before instance.set_password, quiesce and unquiesce; no answer: CONFLICT (the guest runs no guest agent)")] = 5.0
+    guest_agent_command_timeout_s: Annotated[float, _doc("How long the guest agent has to carry out set_password, a file-system freeze or thaw once it answered the ping")] = 60.0
 
 
 class ResourcesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 from collections.abc import Callable
@@ -16,6 +17,9 @@ import msgspec
 from fastcompute import protocol
 from fastcompute.cli.common import client, emit, err, many, out, resolve
 from fastcompute.cli.tables import instances_table, show
+
+# Ops besides the lifecycle ones that act on each instance named, taking only its uuid.
+_EACH = frozenset({"instance.delete", "instance.quiesce", "instance.unquiesce"})
 
 
 def _spec_pairs(pairs: list[str]) -> dict[str, str]:
@@ -80,6 +84,16 @@ def _console_url(a: argparse.Namespace) -> int:
         print(json.dumps(r))
     else:
         print(r["url"])
+    return 0
+
+
+def _set_password(a: argparse.Namespace) -> int:
+    # Read, never an argument: a command line is visible to every user of the host (ps).
+    password = getpass.getpass(f"password for {a.user}: ") if sys.stdin.isatty() else sys.stdin.readline()
+    password = password.rstrip("\r\n")
+    with client(a) as c:
+        r = c.call("instance.set_password", {"uuid": resolve(c, [a.uuid])[0], "user": a.user, "password": password})
+    emit(a, r, lambda r: out.print(f"password of {r['user']} set in {r['uuid']}"))
     return 0
 
 
@@ -164,8 +178,14 @@ def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     cu.add_argument("--type", choices=["novnc", "serial"], default="novnc", help="which console")
     cu.set_defaults(fn=_console_url)
 
+    sp = sub.add_parser("set-password", parents=[common], help=ops["instance.set_password"].help
+                        + "; the password is read from the terminal, or a line of standard input")
+    sp.add_argument("uuid", help="uuid, uuid prefix or name")
+    sp.add_argument("--user", default="root", help="the user in the guest")
+    sp.set_defaults(fn=_set_password)
+
     for op in ops.values():
-        if op.verb is None or not (op.transition is not None or op.name == "instance.delete"):
+        if op.verb is None or not (op.transition is not None or op.name in _EACH):
             continue
         sp = sub.add_parser(op.verb, parents=[common], help=op.help)
         sp.add_argument("uuid", nargs="*", help="uuids, uuid prefixes or names")

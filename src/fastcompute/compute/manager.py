@@ -10,6 +10,7 @@ deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -17,7 +18,7 @@ import socket
 import time
 import uuid as uuid_mod
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ Publish = Callable[[str, Any], None]
 _LIFECYCLE: dict[str, protocol.Op] = {
     op.name.removeprefix("instance."): op for op in protocol.OPS.values() if op.transition is not None
 }
+# What the guest agent's ops need: a running guest (a paused one's agent cannot answer).
+_ACTIVE = frozenset({"active"})
 
 _VM_STATE_OF_POWER = {
     "running": "active",
@@ -646,6 +649,15 @@ class Manager:
                 raise _typed(exc, f"{op} of {uuid}") from None
             return await self._commit(uuid, vm_state=target, task_state=None, power_state=power,
                                       fault=rec.fault if target != "active" else None)
+
+    @contextlib.asynccontextmanager
+    async def in_guest(self, uuid: str, op: str) -> AsyncIterator[InstanceRecord]:
+        """An active instance with no task, held under its lock, for an op that acts inside
+        the guest and changes nothing of the record (the guest agent's ops)."""
+        before = self._check(uuid, op, _ACTIVE)
+        async with self._locks[uuid]:
+            self._same(uuid, before)
+            yield self._check(uuid, op, _ACTIVE).record
 
     def _check(self, uuid: str, op: str, allowed: frozenset[str]) -> Stored:
         stored = self._get(uuid)

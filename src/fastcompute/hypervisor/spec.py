@@ -150,7 +150,8 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     ``serial_ports`` the serial ports (port 0 is the console, the others are ptys),
     ``boot_menu``, ``pmu`` (None: the hypervisor's default), ``hide_hypervisor``,
     ``locked_memory`` (guest memory never swapped) and ``packed_ring`` (virtio packed
-    virtqueues on disks and interfaces).
+    virtqueues on disks and interfaces). ``guest_agent``: the virtio-serial channel
+    ``org.qemu.guest_agent.0`` a QEMU guest agent in the guest answers on.
     """
 
     uuid: str
@@ -188,6 +189,7 @@ class GuestSpec(msgspec.Struct, frozen=True, kw_only=True):
     hide_hypervisor: bool = False
     locked_memory: bool = False
     packed_ring: bool = False
+    guest_agent: bool = True
 
 
 class PagePool(msgspec.Struct):

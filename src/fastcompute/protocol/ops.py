@@ -28,6 +28,7 @@ from fastcompute.protocol.schema import (
     RebootArgs,
     SecurityGroupsArgs,
     SetEnabledArgs,
+    SetPasswordArgs,
     SpawnArgs,
     StatsArgs,
     StopArgs,
@@ -111,6 +112,12 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     # store's reply log (the store keeps only its hash). A member's op: it opens the guest.
     Op("instance.get_console", GetConsoleArgs, "a one-time URL of an instance's noVNC or serial console",
        mutating=False, access="write", verb="console-url"),
+    # Not mutating: nothing of it is kept for a retry (its reply holds no secret either, and
+    # setting the same password again is harmless). A member's op: it opens the guest.
+    Op("instance.set_password", SetPasswordArgs, "set a user's password in the guest (through its guest agent)",
+       mutating=False, access="write", verb="set-password"),
+    Op("instance.quiesce", UuidArgs, "freeze the guest's file systems (through its guest agent)", verb="quiesce"),
+    Op("instance.unquiesce", UuidArgs, "thaw the guest's file systems (through its guest agent)", verb="unquiesce"),
     Op("instance.stats", StatsArgs, "usage statistics of instances", mutating=False, access="stats"),
     Op("instance.attach_port", AttachPortArgs, "plug a port and add it to an instance"),
     Op("instance.detach_port", DetachPortArgs, "remove a port from an instance and unplug it"),

@@ -186,6 +186,38 @@ class ConsoleUrl(msgspec.Struct, frozen=True):
     expires_at: float
 
 
+# A user name as useradd takes it (and a Windows account's, with a trailing $).
+UserName = Annotated[str, Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9._-]*\$?\Z")]
+
+
+class SetPasswordArgs(_Args):
+    """``instance.set_password``: a user's password in the guest, set through its guest
+    agent. The password is never stored, logged, put in a reply or an event."""
+
+    uuid: UuidStr
+    password: Annotated[str, Meta(min_length=1, max_length=255, pattern=_PRINTABLE)]
+    user: UserName = "root"
+
+    def __repr__(self) -> str:
+        # Whatever prints the args (a log line, a traceback's locals) never shows the password.
+        return f"SetPasswordArgs(uuid={self.uuid!r}, user={self.user!r}, password=<hidden>)"
+
+
+class PasswordSet(msgspec.Struct, frozen=True):
+    """The reply of ``instance.set_password`` (it holds no secret)."""
+
+    uuid: str
+    user: str
+
+
+class Quiesced(msgspec.Struct, frozen=True):
+    """The reply of ``instance.quiesce`` and ``instance.unquiesce``: how many file systems
+    the guest agent froze or thawed."""
+
+    uuid: str
+    filesystems: int
+
+
 class AttachPortArgs(_Args):
     """``instance.attach_port`` (extension)."""
 

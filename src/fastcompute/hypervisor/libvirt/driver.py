@@ -12,9 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar, cast
 
 import libvirt
+import libvirt_qemu
 import libvirtaio
 
-from fastcompute.errors import HypervisorError, NotFound
+from fastcompute.errors import Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
 from fastcompute.hypervisor.libvirt import capabilities, consoles, stats
 from fastcompute.hypervisor.libvirt.names import domain_name, qemu_pid
@@ -46,6 +47,11 @@ _STATE = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
 _event_loop_registered = False
+
+# What libvirt answers when a guest's agent is not connected to its channel, does not answer
+# guest-sync, or answers too late.
+_NO_AGENT: Final = frozenset({libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED,
+                              libvirt.VIR_ERR_OPERATION_TIMEOUT})
 
 
 # Starting a domain can fail for a moment: the kernel's BPF verifier, loading the device
@@ -525,6 +531,67 @@ class LibvirtDriver:
                 raise
 
         return consoles.endpoint(await self._call(run), kind, uuid)
+
+    # -- the guest agent ------------------------------------------------------------------------
+
+    async def guest_agent_ping(self, uuid: str, timeout_s: float) -> bool:
+        """Whether the running guest's QEMU guest agent answers ``guest-ping`` within
+        ``timeout_s``. On the test hypervisor a running guest's agent is the test driver
+        itself, which answers setUserPassword, fsFreeze and fsThaw."""
+        test = self.uri.startswith("test:")
+
+        def ping(dom: Any) -> None:
+            if not test:
+                libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', max(1, round(timeout_s)), 0)
+
+        try:
+            await self._agent(uuid, timeout_s, ping)
+        except Conflict:
+            return False
+        return True
+
+    async def set_password(self, uuid: str, user: str, password: str, timeout_s: float) -> None:
+        """Set ``user``'s password in the guest through its agent (``guest-set-user-password``)."""
+        await self._agent(uuid, timeout_s, lambda dom: dom.setUserPassword(user, password, 0), secret=password)
+
+    async def freeze_filesystems(self, uuid: str, timeout_s: float) -> int:
+        """Freeze the guest's file systems (``guest-fsfreeze-freeze``); how many it froze."""
+        return int(await self._agent(uuid, timeout_s, lambda dom: dom.fsFreeze()))
+
+    async def thaw_filesystems(self, uuid: str, timeout_s: float) -> int:
+        """Thaw the guest's file systems (``guest-fsfreeze-thaw``); how many it thawed."""
+        return int(await self._agent(uuid, timeout_s, lambda dom: dom.fsThaw()))
+
+    async def _agent(self, uuid: str, timeout_s: float, command: Callable[[Any], T], secret: str = "") -> T:
+        """Run a guest-agent command on a running domain: NotFound without a domain, Conflict
+        when it does not run or its agent is not there or does not answer in time."""
+        conn = await self._ready()
+        test = self.uri.startswith("test:")
+
+        def run() -> T:
+            dom = self._lookup(conn, uuid)
+            if not dom.isActive() or dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+                raise Conflict(f"instance {uuid} is not running: its guest agent cannot answer", {"uuid": uuid})
+            if not test:
+                # The agent's answer is awaited for this long, not libvirt's default (for ever).
+                dom.agentSetResponseTimeout(max(1, round(timeout_s)), 0)
+            return command(dom)
+
+        try:
+            return await self._pool.run(run)
+        except libvirt.libvirtError as exc:
+            message = exc.get_error_message() or str(exc)
+            if secret:
+                message = message.replace(secret, "***")
+            code = exc.get_error_code()
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFound(f"no domain for instance {uuid}", {"uuid": uuid}) from None
+            if code in _NO_AGENT:
+                raise Conflict(f"instance {uuid}: the guest runs no guest agent, or it does not answer "
+                               f"({message})", {"uuid": uuid, "reason": "no guest agent"}) from None
+            if code == libvirt.VIR_ERR_OPERATION_INVALID:
+                raise Conflict(f"instance {uuid}: {message}", {"uuid": uuid}) from None
+            raise HypervisorError(f"libvirt: {message}") from None
 
     # -- statistics ----------------------------------------------------------------------------
 

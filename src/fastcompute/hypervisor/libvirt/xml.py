@@ -11,6 +11,8 @@ from fastcompute.hypervisor.spec import Disk, GuestSpec, Interface, Limits
 
 NAMESPACE = "http://fastcompute.org/xmlns/instance/1.0"
 PREFIX = "fastcompute"
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+"""The virtio-serial port name QEMU guest agents open (and libvirt looks for)."""
 
 
 def cpulist(cpus: Iterable[int]) -> str:
@@ -84,6 +86,9 @@ def build(spec: GuestSpec) -> str:
         parts.append(disk_xml(disk, _dev_name(prefix, index), iotune, spec.packed_ring))
     parts.extend(interface_xml(i, spec) for i in spec.interfaces)
     parts.append(_serial(spec))
+    if spec.guest_agent:
+        # libvirt picks the socket's path and connects to it itself (setUserPassword, fsFreeze).
+        parts.append(f"<channel type='unix'><target type='virtio' name='{GUEST_AGENT_CHANNEL}'/></channel>")
     parts.extend(
         f"<graphics type='{g.type}' autoport='yes' listen='{_a(g.listen)}'>"
         f"<listen type='address' address='{_a(g.listen)}'/></graphics>" for g in spec.graphics
