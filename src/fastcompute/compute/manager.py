@@ -28,17 +28,17 @@ from fastcompute import protocol
 from fastcompute.compute import configdrive, guest
 from fastcompute.compute.cpu import HostCpu, check_traits, trait_features
 from fastcompute.compute.hardware import check_host, hardware
+from fastcompute.compute.records import Stored, image_spec, now, numa_cells
 from fastcompute.compute.validate import flavor_request
 from fastcompute.config import Config
 from fastcompute.errors import AgentError, Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor import DomainInfo, Driver, GuestSpec, HypervisorInfo, Interface, PowerEvent
 from fastcompute.hypervisor.spec import HostFeatures
 from fastcompute.images import disks, iso
-from fastcompute.images.cache import ImageCache, ImageSpec
+from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
-from fastcompute.protocol import Deleted, Fault, HostInfo, InstanceRecord, Inventory, NumaCell, PingResult, SpawnArgs
+from fastcompute.protocol import Deleted, Fault, HostInfo, InstanceRecord, Inventory, PingResult, SpawnArgs
 from fastcompute.protocol.ports import Port, SecurityGroup
-from fastcompute.resources.numa_types import NumaRequest, Placement
 from fastcompute.resources.tracker import Claim, Tracker
 from fastcompute.store import Store
 
@@ -60,40 +60,6 @@ _VM_STATE_OF_POWER = {
     "shutdown": "stopped",
     "crashed": "stopped",
 }
-
-class Stored(msgspec.Struct, kw_only=True):
-    """An instance as the store keeps it: the wire record plus what only the agent needs."""
-
-    record: InstanceRecord
-    digest: str
-    request_id: str | None = None
-    ports: list[Port] = []
-    bootstrap: configdrive.Bootstrap | None = None
-
-
-def now() -> str:
-    """The current time as an RFC 3339 UTC string."""
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
-
-
-def _image_spec(rec: InstanceRecord) -> ImageSpec:
-    i = rec.image
-    return ImageSpec(id=i.id, url=i.url, checksum=i.checksum, disk_format=i.disk_format)
-
-
-def numa_cells(request: NumaRequest | None, placement: Placement | None) -> list[NumaCell] | None:
-    """The record's ``numa`` field: one entry per guest cell, with its pinning if dedicated."""
-    if request is None or placement is None:
-        return None
-    cells = []
-    for i, (want, got) in enumerate(zip(request["cells"], placement["cells"], strict=True)):
-        # String keys: a map on the wire has string keys, which any MessagePack client decodes.
-        pinning: dict[str | int, int] | None = {str(v): p for v, p in got["pinning"]} or None
-        cells.append(NumaCell(cell=i, host_cell=got["host_cell"], cpus=sorted(want["cpuset"] + want["pcpuset"]),
-                              memory_mb=want["memory"], pagesize_kb=got.get("pagesize"), pinning=pinning))
-    return cells
-
 
 _PORT_STATES = frozenset({"active", "stopped", "paused", "suspended"})
 
@@ -555,7 +521,7 @@ class Manager:
 
     async def _build_disk(self, uuid: str, stored: Stored) -> bool:
         rec = stored.record
-        await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
+        await self.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
         return True
 
     async def _build_config(self, uuid: str, _stored: Stored) -> bool:
@@ -577,7 +543,7 @@ class Manager:
         """Fetch a build's image; False when a delete or the agent stopping cancelled it (the
         instance is then left as it is: to the delete, or to the next start-up's resume)."""
         token = self._image_tokens.pop(uuid, None)
-        image = _image_spec(rec)
+        image = image_spec(rec)
         if token is None and self.images.is_cached(image):
             # A boot storm of a cached image: nothing to fetch, so no task to cancel either.
             return True
@@ -714,7 +680,7 @@ class Manager:
             self._mark_resources_changed()
         try:
             if not disks.path(self.instance_dir(uuid), "root").exists():
-                await self.images.prepare_disk(uuid, _image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
+                await self.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
             if self._drive_wanted(uuid) and not disks.path(self.instance_dir(uuid), "config").exists():
                 await self._write_config_drive(uuid)
             if self.instances[uuid].ports:

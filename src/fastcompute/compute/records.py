@@ -1,0 +1,49 @@
+"""The instance as the agent keeps it: the wire record and what only the agent needs, and the
+record fields derived from a claim."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+from fastcompute.compute import configdrive
+from fastcompute.images.cache import ImageSpec
+from fastcompute.protocol import InstanceRecord, NumaCell
+from fastcompute.protocol.ports import Port
+from fastcompute.resources.numa_types import NumaRequest, Placement
+
+
+class Stored(msgspec.Struct, kw_only=True):
+    """An instance as the store keeps it: the wire record plus what only the agent needs."""
+
+    record: InstanceRecord
+    digest: str
+    request_id: str | None = None
+    ports: list[Port] = []
+    bootstrap: configdrive.Bootstrap | None = None
+
+
+def now() -> str:
+    """The current time as an RFC 3339 UTC string."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def image_spec(rec: InstanceRecord) -> ImageSpec:
+    """The image of an instance as the image cache takes it."""
+    i = rec.image
+    return ImageSpec(id=i.id, url=i.url, checksum=i.checksum, disk_format=i.disk_format)
+
+
+def numa_cells(request: NumaRequest | None, placement: Placement | None) -> list[NumaCell] | None:
+    """The record's ``numa`` field: one entry per guest cell, with its pinning if dedicated."""
+    if request is None or placement is None:
+        return None
+    cells = []
+    for i, (want, got) in enumerate(zip(request["cells"], placement["cells"], strict=True)):
+        # String keys: a map on the wire has string keys, which any MessagePack client decodes.
+        pinning: dict[str | int, int] | None = {str(v): p for v, p in got["pinning"]} or None
+        cells.append(NumaCell(cell=i, host_cell=got["host_cell"], cpus=sorted(want["cpuset"] + want["pcpuset"]),
+                              memory_mb=want["memory"], pagesize_kb=got.get("pagesize"), pinning=pinning))
+    return cells
