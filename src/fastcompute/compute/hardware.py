@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from typing import Final, TypeVar
+from typing import Final
 
 import msgspec
 
@@ -34,6 +34,7 @@ from fastcompute.hypervisor.spec import (
     VideoModel,
     WatchdogAction,
 )
+from fastcompute.protocol.extra_specs import bad, choice
 from fastcompute.protocol.schema import parse_uint
 
 TOPOLOGY_KEYS: Final = ("hw:cpu_sockets", "hw:cpu_cores", "hw:cpu_threads")
@@ -88,21 +89,6 @@ class Hardware(msgspec.Struct, frozen=True, kw_only=True):
     packed_ring: bool = False
 
 
-def _bad(key: str, reason: str) -> BadRequest:
-    return BadRequest(f"flavor extra spec {key}: {reason}", details={"field": key, "reason": reason})
-
-
-_C = TypeVar("_C", bound=str)
-
-
-def _choice(specs: Mapping[str, str], key: str, allowed: tuple[_C, ...]) -> _C | None:
-    value = specs.get(key)
-    if value is None:
-        return None
-    for choice in allowed:
-        if value == choice:
-            return choice
-    raise _bad(key, f"must be one of {', '.join(allowed)}, not {value!r}")
 
 
 def _bool(specs: Mapping[str, str], key: str) -> bool | None:
@@ -113,7 +99,7 @@ def _bool(specs: Mapping[str, str], key: str) -> bool | None:
         return True
     if value.lower() in _FALSE:
         return False
-    raise _bad(key, f"must be true or false, not {value!r}")
+    raise bad(key, f"must be true or false, not {value!r}")
 
 
 def _int(specs: Mapping[str, str], key: str, low: int, high: int) -> int | None:
@@ -122,7 +108,7 @@ def _int(specs: Mapping[str, str], key: str, low: int, high: int) -> int | None:
         return None
     number = parse_uint(value)
     if number is None or not low <= number <= high:
-        raise _bad(key, f"must be an integer from {low} to {high}, not {value!r}")
+        raise bad(key, f"must be an integer from {low} to {high}, not {value!r}")
     return number
 
 
@@ -134,11 +120,11 @@ def flavor_keys(extra_specs: Mapping[str, str]) -> dict[str, str]:
         name = ALIASES.get(key, key)
         if name in HW_KEYS or name in OTHER_KEYS:
             if name in specs and specs[name] != value:
-                raise _bad(key, f"says {value!r} but {name} says {specs[name]!r}")
+                raise bad(key, f"says {value!r} but {name} says {specs[name]!r}")
             specs[name] = value
         elif key.startswith(NAMESPACES):
             known = sorted(k for k in OTHER_KEYS if k.startswith(key.split(":", 1)[0] + ":"))
-            raise _bad(key, f"unknown extra spec; known in its namespace: {', '.join(known)}")
+            raise bad(key, f"unknown extra spec; known in its namespace: {', '.join(known)}")
     return specs
 
 
@@ -162,40 +148,40 @@ def _hardware_of(items: tuple[tuple[str, str], ...], vcpus: int) -> Hardware:
         given = next((k for k, name in ALIASES.items() if name == field and k in extra_specs), None)
         if given is None or field in extra_specs:
             raise
-        raise _bad(given, str((exc.details or {}).get("reason", exc.message))) from None
+        raise bad(given, str((exc.details or {}).get("reason", exc.message))) from None
 
 
 def _hardware(specs: Mapping[str, str], extra_specs: Mapping[str, str], vcpus: int) -> Hardware:
     for key, why in (("hw:mem_encryption", "this host has no memory encryption (AMD SEV)"),
                      ("hw:vif_multiqueue_enabled", "the agent's taps have one queue")):
         if _bool(specs, key):
-            raise _bad(key, f"cannot be applied: {why}")
+            raise bad(key, f"cannot be applied: {why}")
     for key, why in (("hw:viommu_model", "the agent gives guests no virtual IOMMU"),
                      ("hw_video:ram_max_mb", "it caps the image's hw_video_ram, and spawns here carry no "
                                              "image properties")):
         if key in specs:
-            raise _bad(key, f"cannot be applied: {why}")
+            raise bad(key, f"cannot be applied: {why}")
     machine = specs.get("hw:machine_type")
     if machine is not None and not MACHINE_TYPE.match(machine):
-        raise _bad("hw:machine_type", f"must be pc, q35 or a versioned pc-i440fx-X.Y or pc-q35-X.Y, not {machine!r}")
+        raise bad("hw:machine_type", f"must be pc, q35 or a versioned pc-i440fx-X.Y or pc-q35-X.Y, not {machine!r}")
     firmware = FIRMWARES.get(specs.get("hw:firmware_type", "bios"))
     if firmware is None:
-        raise _bad("hw:firmware_type", f"must be bios or uefi, not {specs['hw:firmware_type']!r}")
-    secure = _choice(specs, "os:secure_boot", ("disabled", "required")) == "required"
+        raise bad("hw:firmware_type", f"must be bios or uefi, not {specs['hw:firmware_type']!r}")
+    secure = choice(specs, "os:secure_boot", ("disabled", "required")) == "required"
     if secure and firmware != "uefi":
-        raise _bad("os:secure_boot", "secure boot needs hw:firmware_type=uefi")
+        raise bad("os:secure_boot", "secure boot needs hw:firmware_type=uefi")
     if secure and "q35" not in (machine or ""):
-        raise _bad("os:secure_boot", "secure boot on x86 needs a q35 machine (hw:machine_type=q35)")
+        raise bad("os:secure_boot", "secure boot on x86 needs a q35 machine (hw:machine_type=q35)")
     locked = bool(_bool(specs, "hw:locked_memory"))
     if locked and "hw:mem_page_size" not in extra_specs:
         # Nova's rule: locked memory is only allowed with a page size, whose memory is
         # accounted per NUMA cell, so that locked guests cannot overcommit a host.
-        raise _bad("hw:locked_memory", "locked memory needs hw:mem_page_size")
+        raise bad("hw:locked_memory", "locked memory needs hw:mem_page_size")
     # Nova's "disabled" (its default) is no watchdog at all.
     action = specs.get("hw:watchdog_action")
     watchdog = next((w for w in WATCHDOG_ACTIONS if w == action), None)
     if action is not None and watchdog is None and action != "disabled":
-        raise _bad("hw:watchdog_action", f"must be one of disabled, {', '.join(WATCHDOG_ACTIONS)}, not {action!r}")
+        raise bad("hw:watchdog_action", f"must be one of disabled, {', '.join(WATCHDOG_ACTIONS)}, not {action!r}")
     return Hardware(
         machine=machine,
         firmware=firmware,
@@ -203,7 +189,7 @@ def _hardware(specs: Mapping[str, str], extra_specs: Mapping[str, str], vcpus: i
         tpm=_tpm(specs),
         watchdog=watchdog,
         rng=_rng(specs),
-        video=_choice(specs, "hw:video_model", VIDEO_MODELS),
+        video=choice(specs, "hw:video_model", VIDEO_MODELS),
         serial_ports=_serial_ports(specs),
         topology=topology(specs, vcpus),
         boot_menu=bool(_bool(specs, "hw:boot_menu")),
@@ -215,15 +201,15 @@ def _hardware(specs: Mapping[str, str], extra_specs: Mapping[str, str], vcpus: i
 
 
 def _tpm(specs: Mapping[str, str]) -> Tpm | None:
-    version = _choice(specs, "hw:tpm_version", TPM_VERSIONS)
-    model = _choice(specs, "hw:tpm_model", TPM_MODELS)
+    version = choice(specs, "hw:tpm_version", TPM_VERSIONS)
+    model = choice(specs, "hw:tpm_model", TPM_MODELS)
     if version is None:
         if model is not None:
-            raise _bad("hw:tpm_model", "a TPM model needs hw:tpm_version")
+            raise bad("hw:tpm_model", "a TPM model needs hw:tpm_version")
         return None
     model = model or "tpm-tis"  # Nova's default model
     if model == "tpm-crb" and version != "2.0":
-        raise _bad("hw:tpm_model", "tpm-crb is a TPM 2.0 interface (hw:tpm_version=2.0)")
+        raise bad("hw:tpm_model", "tpm-crb is a TPM 2.0 interface (hw:tpm_version=2.0)")
     return Tpm(model, version)
 
 
@@ -232,11 +218,11 @@ def _rng(specs: Mapping[str, str]) -> Rng | None:
     period = _int(specs, "hw_rng:rate_period", 0, _MAX_RATE)
     if _bool(specs, "hw_rng:allowed") is False:
         if rate or period:
-            raise _bad("hw_rng:rate_bytes" if rate else "hw_rng:rate_period",
+            raise bad("hw_rng:rate_bytes" if rate else "hw_rng:rate_period",
                        "a rate limit needs the RNG (hw_rng:allowed is false)")
         return None
     if period and not rate:
-        raise _bad("hw_rng:rate_period", "a rate period needs hw_rng:rate_bytes")
+        raise bad("hw_rng:rate_period", "a rate period needs hw_rng:rate_bytes")
     # Nova: a rate of 0 bytes is no limit.
     return Rng(rate_bytes=rate or None, rate_period=(period or None) if rate else None)
 
@@ -267,16 +253,16 @@ def topology(specs: Mapping[str, str], vcpus: int) -> CpuTopology | None:
         if value is None:
             continue
         if values[max_key] is not None and value > top:
-            raise _bad(key, f"{value} is above {max_key}={values[max_key]}")
+            raise bad(key, f"{value} is above {max_key}={values[max_key]}")
         if vcpus % value:
-            raise _bad(key, f"{value} does not divide the flavor's {vcpus} vCPUs")
+            raise bad(key, f"{value} does not divide the flavor's {vcpus} vCPUs")
     if None not in want and want[0] * want[1] * want[2] != vcpus:  # type: ignore[operator]
-        raise _bad(TOPOLOGY_KEYS[0], f"{want[0]} sockets x {want[1]} cores x {want[2]} threads "
+        raise bad(TOPOLOGY_KEYS[0], f"{want[0]} sockets x {want[1]} cores x {want[2]} threads "
                                      f"is not the flavor's {vcpus} vCPUs")
     possible = [(s, c, vcpus // s // c) for s in _divisors(vcpus) if s <= limit[0]
                 for c in _divisors(vcpus // s) if c <= limit[1] and vcpus // s // c <= limit[2]]
     if not possible:
-        raise _bad(MAX_TOPOLOGY_KEYS[0], f"no sockets x cores x threads within the maxima make {vcpus} vCPUs")
+        raise bad(MAX_TOPOLOGY_KEYS[0], f"no sockets x cores x threads within the maxima make {vcpus} vCPUs")
 
     def rank(t: tuple[int, int, int]) -> tuple[int, int, int, int]:
         score = sum(1 for got, wanted in zip(t, want, strict=True) if wanted is not None and got == wanted)

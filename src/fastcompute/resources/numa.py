@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from fastcompute import _core
 from fastcompute.errors import BadRequest, Conflict
+from fastcompute.protocol.extra_specs import bad, choice
 from fastcompute.protocol.schema import parse_uint
 from fastcompute.resources import cpusets, units
 from fastcompute.resources.numa_types import (
@@ -87,9 +88,6 @@ _MAX_PAGE_KIB = 16 * 1024 * 1024  # 16 GiB, the largest page any architecture of
 _PER_NODE_KEY = re.compile(r"^hw:numa_(cpus|mem)\.(\d+)$", re.ASCII)
 
 
-def _bad(key: str, reason: str) -> BadRequest:
-    return BadRequest(f"flavor extra spec {key}: {reason}", details={"field": key, "reason": reason})
-
 
 def constraints(flavor: Mapping[str, Any]) -> NumaRequest | None:
     """The NUMA request Nova 34 makes of ``flavor`` (``{vcpus, memory_mb, extra_specs}``).
@@ -115,22 +113,22 @@ def constraints(flavor: Mapping[str, Any]) -> NumaRequest | None:
         if not key.startswith("hw:"):
             continue
         if key not in _NUMA_KEYS and key not in _OTHER_HW_KEYS and not _PER_NODE_KEY.match(key):
-            raise _bad(key, "unknown hw: extra spec")
+            raise bad(key, "unknown hw: extra spec")
         if not isinstance(value, str):
-            raise _bad(key, "extra spec values are strings")
+            raise bad(key, "extra spec values are strings")
     # Every hw: value is a string now; the others are not read here.
     specs = {k: v for k, v in raw.items() if k.startswith("hw:") and isinstance(v, str)}
 
-    cpu_policy: CpuPolicy | None = _choice(specs, "hw:cpu_policy", CPU_POLICIES)
-    thread_policy: ThreadPolicy | None = _choice(specs, "hw:cpu_thread_policy", THREAD_POLICIES)
-    emulator_policy: EmulatorPolicy | None = _choice(
+    cpu_policy: CpuPolicy | None = choice(specs, "hw:cpu_policy", CPU_POLICIES)
+    thread_policy: ThreadPolicy | None = choice(specs, "hw:cpu_thread_policy", THREAD_POLICIES)
+    emulator_policy: EmulatorPolicy | None = choice(
         specs, "hw:emulator_threads_policy", EMULATOR_POLICIES
     )
     pinned = cpu_policy in ("dedicated", "mixed")
     if thread_policy is not None and not pinned:
-        raise _bad("hw:cpu_thread_policy", "a thread policy needs hw:cpu_policy dedicated or mixed")
+        raise bad("hw:cpu_thread_policy", "a thread policy needs hw:cpu_policy dedicated or mixed")
     if emulator_policy == "isolate" and not pinned:
-        raise _bad(
+        raise bad(
             "hw:emulator_threads_policy",
             "isolated emulator threads need hw:cpu_policy dedicated or mixed",
         )
@@ -142,7 +140,7 @@ def constraints(flavor: Mapping[str, Any]) -> NumaRequest | None:
     if not (nodes or pagesize or pinned):
         for key in specs:
             if _PER_NODE_KEY.match(key):
-                raise _bad(key, "per-node specs need hw:numa_nodes")
+                raise bad(key, "per-node specs need hw:numa_nodes")
         return None
 
     nodes = nodes or 1
@@ -171,18 +169,6 @@ def constraints(flavor: Mapping[str, Any]) -> NumaRequest | None:
     }
 
 
-_Choice = TypeVar("_Choice", bound=str)
-
-
-def _choice(specs: Mapping[str, str], key: str, allowed: tuple[_Choice, ...]) -> _Choice | None:
-    value = specs.get(key)
-    if value is None:
-        return None
-    for choice in allowed:
-        if value == choice:
-            return choice
-    raise _bad(key, f"must be one of {', '.join(allowed)}")
-
 
 def parse_cpu_spec(key: str, spec: str, vcpus: int = cpusets.MAX_CPUS) -> set[int]:
     """vCPU ids of a Nova CPU spec such as ``0-3,^2,7``: ranges, singles and exclusions.
@@ -193,9 +179,9 @@ def parse_cpu_spec(key: str, spec: str, vcpus: int = cpusets.MAX_CPUS) -> set[in
     try:
         return cpusets.parse(spec, vcpus, what="vCPU")
     except cpusets.CpuOutOfRange as exc:
-        raise _bad(key, f"vCPU {exc.cpu} is beyond the flavor's {vcpus} vCPUs") from None
+        raise bad(key, f"vCPU {exc.cpu} is beyond the flavor's {vcpus} vCPUs") from None
     except cpusets.CpuListError as exc:
-        raise _bad(key, str(exc)) from None
+        raise bad(key, str(exc)) from None
 
 
 def _dedicated_cpus(specs: Mapping[str, str], cpu_policy: CpuPolicy | None, vcpus: int) -> set[int]:
@@ -203,21 +189,21 @@ def _dedicated_cpus(specs: Mapping[str, str], cpu_policy: CpuPolicy | None, vcpu
     mask = specs.get(key)
     if cpu_policy == "dedicated":
         if mask is not None:
-            raise _bad(key, "a dedicated CPU mask needs hw:cpu_policy=mixed")
+            raise bad(key, "a dedicated CPU mask needs hw:cpu_policy=mixed")
         return set(range(vcpus))
     if cpu_policy != "mixed":
         if mask is not None:
-            raise _bad(key, "a dedicated CPU mask needs hw:cpu_policy=mixed")
+            raise bad(key, "a dedicated CPU mask needs hw:cpu_policy=mixed")
         return set()
     if mask is None:
-        raise _bad(key, "hw:cpu_policy=mixed needs a dedicated CPU mask")
+        raise bad(key, "hw:cpu_policy=mixed needs a dedicated CPU mask")
     # A mask of exclusions only (^0-1) means "every vCPU but these".
     if mask.strip().startswith("^"):
         dedicated = parse_cpu_spec(key, f"0-{vcpus - 1},{mask}", vcpus)
     else:
         dedicated = parse_cpu_spec(key, mask, vcpus)
     if not dedicated or dedicated == set(range(vcpus)):
-        raise _bad(key, "a mixed guest needs both dedicated and shared vCPUs")
+        raise bad(key, "a mixed guest needs both dedicated and shared vCPUs")
     return dedicated
 
 
@@ -228,7 +214,7 @@ def _node_count(specs: Mapping[str, str]) -> int | None:
         return None
     count = parse_uint(value)
     if count is None or count < 1:
-        raise _bad(key, "must be a positive integer")
+        raise bad(key, "must be a positive integer")
     return count
 
 
@@ -244,12 +230,12 @@ def _page_size(specs: Mapping[str, str]) -> int | None:
     try:
         size = units.size_kib(value)
     except ValueError:
-        raise _bad(key, "must be small, large, any or a size such as 2048, 2MB or 1GB") from None
+        raise bad(key, "must be small, large, any or a size such as 2048, 2MB or 1GB") from None
     if size <= 0:
-        raise _bad(key, "the page size must be positive")
+        raise bad(key, "the page size must be positive")
     if size > _MAX_PAGE_KIB:
         # No machine has such pages; the compiled fitter takes sizes as C longs.
-        raise _bad(key, f"no page size is larger than {_MAX_PAGE_KIB // (1024 * 1024)} GiB")
+        raise bad(key, f"no page size is larger than {_MAX_PAGE_KIB // (1024 * 1024)} GiB")
     return size
 
 
@@ -264,31 +250,31 @@ def _per_node(
             continue
         node = int(match.group(2))
         if node >= nodes:
-            raise _bad(key, f"the guest has only {nodes} NUMA node(s)")
+            raise bad(key, f"the guest has only {nodes} NUMA node(s)")
         if match.group(1) == "cpus":
             cpus[node] = parse_cpu_spec(key, value, vcpus)
             if not cpus[node]:
-                raise _bad(key, "a guest NUMA node needs at least one vCPU")
+                raise bad(key, "a guest NUMA node needs at least one vCPU")
         else:
             mib = parse_uint(value)
             if mib is None or mib < 1:
-                raise _bad(key, "must be a positive number of MiB")
+                raise bad(key, "must be a positive number of MiB")
             mems[node] = mib
     if not cpus and not mems:
         return None, None
     for node in range(nodes):
         if node not in cpus:
-            raise _bad(f"hw:numa_cpus.{node}", "every guest NUMA node needs its CPUs and memory")
+            raise bad(f"hw:numa_cpus.{node}", "every guest NUMA node needs its CPUs and memory")
         if node not in mems:
-            raise _bad(f"hw:numa_mem.{node}", "every guest NUMA node needs its CPUs and memory")
+            raise bad(f"hw:numa_mem.{node}", "every guest NUMA node needs its CPUs and memory")
     return [cpus[n] for n in range(nodes)], [mems[n] for n in range(nodes)]
 
 
 def _auto_split(vcpus: int, memory_mb: int, nodes: int) -> tuple[list[set[int]], list[int]]:
     if vcpus % nodes:
-        raise _bad("hw:numa_nodes", f"{vcpus} vCPUs cannot be split evenly over {nodes} nodes")
+        raise bad("hw:numa_nodes", f"{vcpus} vCPUs cannot be split evenly over {nodes} nodes")
     if memory_mb % nodes:
-        raise _bad(
+        raise bad(
             "hw:numa_nodes", f"{memory_mb} MiB cannot be split evenly over {nodes} nodes"
         )
     per_cpu, per_mem = vcpus // nodes, memory_mb // nodes
@@ -302,13 +288,13 @@ def _manual_split(
     for node, cpus in enumerate(cpu_lists):
         key = f"hw:numa_cpus.{node}"
         if cpus & seen:
-            raise _bad(key, f"vCPU {min(cpus & seen)} is already on another node")
+            raise bad(key, f"vCPU {min(cpus & seen)} is already on another node")
         seen |= cpus
     if len(seen) != vcpus:
         missing = min(set(range(vcpus)) - seen)
-        raise _bad("hw:numa_cpus.0", f"vCPU {missing} is on no node")
+        raise bad("hw:numa_cpus.0", f"vCPU {missing} is on no node")
     if sum(mem_list) != memory_mb:
-        raise _bad(
+        raise bad(
             "hw:numa_mem.0",
             f"the nodes' memory adds up to {sum(mem_list)} MiB, not the flavor's {memory_mb}",
         )
