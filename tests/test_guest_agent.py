@@ -41,7 +41,19 @@ from guest_fixtures import (
     virsh,
     virsh_names,
 )
-from network_fixtures import EGRESS_ALL, connect, group, links, mentions, ping, port, rule, rule_chains, sh
+from network_fixtures import (
+    EGRESS_ALL,
+    connect,
+    group,
+    links,
+    mentions,
+    ping,
+    port,
+    remove_owned,
+    rule,
+    rule_chains,
+    sh,
+)
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -503,8 +515,4 @@ def test_a_real_guest_on_a_port_answers_a_namespace_as_its_groups_allow(
     finally:
         sh("ip", "netns", "del", ns, check=False)
         sh("ip", "link", "del", host_end, check=False)
-        for name, link in links().items():
-            if (link.get("ifalias") or "").startswith(owner + ":"):
-                sh("ip", "link", "del", name, check=False)
-        for family in ("bridge", "inet"):
-            sh("nft", "delete", "table", family, owner, check=False)
+        remove_owned(owner)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from agent_fixtures import AgentProcess
 from guest_fixtures import READY, guest_image, libvirtd
-from network_fixtures import EGRESS_ALL, group, links, ping, port, rule, sh
+from network_fixtures import EGRESS_ALL, group, ping, port, remove_owned, rule, sh
 from test_config_drive import CERT, SSH_KEY
 from test_guest_agent import MEMORY_MB, agent_config, conn, guest_agent, wait_console
 
@@ -70,8 +70,4 @@ def test_a_real_guest_reads_its_config_drive_and_is_reached_at_its_address(
     finally:
         sh("ip", "netns", "del", ns, check=False)
         sh("ip", "link", "del", host_end, check=False)
-        for name, link in links().items():
-            if (link.get("ifalias") or "").startswith(owner + ":"):
-                sh("ip", "link", "del", name, check=False)
-        for family in ("bridge", "inet"):
-            sh("nft", "delete", "table", family, owner, check=False)
+        remove_owned(owner)

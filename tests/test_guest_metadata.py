@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from agent_fixtures import AgentProcess
 from guest_fixtures import READY, guest_image, libvirtd
-from network_fixtures import group, links, port, rule, sh
+from network_fixtures import group, links, port, remove_owned, rule, sh
 from test_guest_agent import MEMORY_MB, agent_config, conn, console, guest_agent, wait_console
 
 pytest.importorskip("libvirt")
@@ -76,9 +76,4 @@ def test_two_real_guests_on_one_bridge_each_read_their_own_uuid_from_the_metadat
     finally:
         sh("ip", "netns", "del", router, check=False)
         sh("ip", "link", "del", router_end, check=False)
-        for name, link in links().items():
-            if (link.get("ifalias") or "").startswith(owner + ":"):
-                sh("ip", "link", "del", name, check=False)
-        sh("ip", "link", "del", bridge, check=False)
-        for family in ("bridge", "inet"):
-            sh("nft", "delete", "table", family, owner, check=False)
+        remove_owned(owner, [bridge])
