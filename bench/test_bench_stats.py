@@ -2,7 +2,7 @@
 
 - floor: a Python loop that only calls ``os.pread`` on the same already-open descriptors (no
   parsing); gate: ``sample()`` at most 1.5x the floor;
-- plain Python: open/read/close and parse every file (``fastcompute.stats_reference``), what an
+- plain Python: open/read/close and parse every file (``fastcompute.stats.reference``), what an
   agent without the core would do; the goal is ``sample()`` 10x faster, the gate 4x (PLAIN_GATE, see there why);
 - psutil: per-process CPU times, memory and I/O counters of as many processes as guests (a
   QEMU guest is one process): reported, not gated (it reads other files and misses swap and
