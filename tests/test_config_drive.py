@@ -317,3 +317,21 @@ def test_images_of_one_layout_carry_each_their_own_files(tmp_path: Path) -> None
         tree = tmp_path / f"tree{sizes}"
         extract(out, tree)
         assert {p: (tree / p).read_bytes() for p in files} == files
+
+
+def test_a_first_image_is_written_in_place_and_a_later_one_replaces_it_whole(tmp_path: Path) -> None:
+    """``new`` writes straight to the path (no temporary file is left or needed); an image
+    already there is replaced by the new one whole, and is never the mix of both."""
+    from fastcompute.images import iso
+
+    first = {"openstack/latest/meta_data.json": b'{"uuid":"a"}', "openstack/latest/user_data": bytes(5000)}
+    second = {"openstack/latest/meta_data.json": b'{"uuid":"b"}', "openstack/latest/user_data": b"short"}
+    out = tmp_path / "disk.config"
+    iso.write(out, first, "config-2", new=True)
+    assert out.read_bytes() == iso.image(first, "config-2")
+    assert out.stat().st_mode & 0o777 == 0o600
+    iso.write(out, second, "config-2", new=True)
+    assert out.read_bytes() == iso.image(second, "config-2")
+    extract(out, tmp_path / "tree")
+    assert (tmp_path / "tree/openstack/latest/user_data").read_bytes() == b"short"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.config", "tree"]

@@ -214,8 +214,13 @@ class ImageCache:
         image: ImageSpec,
         disk_gb: int,
         progress: Progress | None = None,
+        beside: Callable[[Path], object] | None = None,
     ) -> Path:
         """Make ``instance_uuid``'s disk from ``image``, sized ``disk_gb`` GiB; return its path.
+
+        ``beside`` makes the instance's other files (its config drive), given the instance's
+        directory: in the worker job that makes the disk, after it, so that a build's files
+        cost one hand-off to a thread.
 
         The base is fetched and verified once however many callers ask at the same time.
         ``disk_gb`` 0 means the image's own virtual size. Raises :class:`ImageError` (or
@@ -227,12 +232,12 @@ class ImageCache:
             parse_checksum(image.checksum)  # malformed: BadRequest before any work
         with self._pinned(key):
             try:
-                return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
+                return await self._prepare(instance_uuid, key, source, image, disk_gb, progress, beside)
             except _BaseVanished:
                 # Removed behind the cache's back since it was last seen: fetch it again, once.
                 self._known.pop(key, None)
                 try:
-                    return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
+                    return await self._prepare(instance_uuid, key, source, image, disk_gb, progress, beside)
                 except _BaseVanished:
                     raise ImageError(
                         f"the cached base of image {source} keeps disappearing"
@@ -300,6 +305,7 @@ class ImageCache:
         image: ImageSpec,
         disk_gb: int,
         progress: Progress | None,
+        beside: Callable[[Path], object] | None,
     ) -> Path:
         want = parse_checksum(image.checksum) if image.checksum else None
         meta = await self._ensure_base(key, source, image, progress, self._fetch_limit(disk_gb))
@@ -328,7 +334,7 @@ class ImageCache:
             def copy_progress(done: int, total: int) -> None:
                 loop.call_soon_threadsafe(cb, "copy", done, total)
 
-        made = self._disks.run(self._make_disk, instance_uuid, key, size, copy_progress)
+        made = self._disks.run(self._make_disk, instance_uuid, key, size, copy_progress, beside)
         try:
             return await asyncio.shield(made)
         except asyncio.CancelledError:
@@ -740,6 +746,7 @@ class ImageCache:
         key: str,
         size: int,
         progress: Callable[[int, int], object] | None,
+        beside: Callable[[Path], object] | None,
     ) -> Path:
         idir = self._instance_dir(instance_uuid)
         idir.mkdir(parents=True, exist_ok=True)
@@ -756,6 +763,8 @@ class ImageCache:
             with contextlib.suppress(OSError):
                 os.utime(self.base_dir / f"{key}.json")
             disks.make_from_base(disk, size, base, self.cfg.disk_mode, progress)
+            if beside is not None:
+                beside(idir)
         except OSError as exc:
             disks.remove_files(idir)
             raise ImageError(f"cannot create the disk of instance {instance_uuid}: {exc}") from exc

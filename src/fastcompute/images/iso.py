@@ -108,44 +108,76 @@ def _layout(paths: tuple[str, ...], label: str, publisher: str) -> _Layout:
     return _Layout(head, order, fields, tuple(descriptors))
 
 
-def image(files: Mapping[str, bytes], label: str, publisher: str = "fastcompute") -> bytes:
-    """The ISO image of ``files`` (relative paths with ``/``, directories made as needed),
-    labelled ``label``."""
+def _parts(files: Mapping[str, bytes], label: str, publisher: str) -> list[bytes | bytearray]:
+    """The image of ``files`` as the buffers that make it up, in order: the patched layout,
+    then each distinct file's data and padding."""
     layout = _layout(tuple(files), label, publisher)
     head = bytearray(layout.head)
     parts: list[bytes | bytearray] = [head]
     sector = len(head) // SECTOR
     # Files of the same bytes (a document in every version directory) share one extent, as
-    # hard links do: a drive is then its layout and a few sectors of data.
-    placed: dict[bytes, int] = {}
+    # hard links do: a drive is then its layout and a few sectors of data. Their records'
+    # extent and length fields are then the same 16 bytes, packed once.
+    placed: dict[bytes, bytes] = {}
     for path in layout.order:
         data = files[path]
-        at = placed.get(data)
-        if at is None:
-            at = placed[data] = sector
+        fields = placed.get(data)
+        if fields is None:
+            fields = placed[data] = _both(sector) + _both(len(data))
             parts.append(data)
             pad = -len(data) % SECTOR
             if pad:
                 parts.append(bytes(pad))
             sector += (len(data) + pad) // SECTOR
         for offset in layout.fields[path]:
-            head[offset:offset + 16] = _both(at) + _both(len(data))
+            head[offset:offset + 16] = fields
     for offset in layout.descriptors:
         head[offset:offset + 8] = _both(sector)
-    return b"".join(parts)
+    return parts
 
 
-def write(path: Path, files: Mapping[str, bytes], label: str) -> None:
+def image(files: Mapping[str, bytes], label: str, publisher: str = "fastcompute") -> bytes:
+    """The ISO image of ``files`` (relative paths with ``/``, directories made as needed),
+    labelled ``label``."""
+    return b"".join(_parts(files, label, publisher))
+
+
+def _write_all(fd: int, parts: list[bytes | bytearray]) -> None:
+    # One writev for the whole image (a regular file takes it whole); a short write goes on
+    # from where it stopped.
+    done = os.writev(fd, parts)
+    total = sum(map(len, parts))
+    if done < total:
+        rest = memoryview(b"".join(parts))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
+
+
+def write(path: Path, files: Mapping[str, bytes], label: str, *, new: bool = False) -> None:
     """Write the image of ``files`` to ``path``, readable by its owner only (a config drive
-    holds the tenant's user data and password), replacing it whole or not at all."""
-    data = image(files, label)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    holds the tenant's user data and password).
+
+    An existing image is replaced whole or not at all (written beside it, then renamed over
+    it). ``new`` says there should be none yet, as in a build, whose resumption after a crash
+    removes whatever it had half made: the image is then written at ``path`` directly, a
+    file and a rename fewer (with the replacing way still taken if there is one after all).
+    """
+    parts = _parts(files, label, "fastcompute")
+    target, fd = path, -1
+    if new:
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if fd < 0:
+        target = path.with_name(f".{path.name}.tmp")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.rename(tmp, path)
+        try:
+            _write_all(fd, parts)
+        finally:
+            os.close(fd)
+        if target is not path:
+            os.rename(target, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(target)
         raise
