@@ -9,6 +9,8 @@
 #   scripts/libvirtd.sh restart-libvirtd restart libvirtd only (for tests of an agent that must
 #                                        reconnect); records it as started by us
 #   scripts/libvirtd.sh status           what runs, what we started, who holds it
+#   scripts/libvirtd.sh setup            only install what is missing and prepare the machine
+#                                        (scripts/libvirt-hosts.sh runs daemons of its own)
 #
 # HOLDER is a process id (default: the caller's), so that two test runs sharing the daemons do not
 # stop them under each other; holders whose process is gone no longer count. Both commands are
@@ -159,6 +161,10 @@ case "$cmd" in
     start_daemon libvirtd
     wait_ready
     ;;
+  setup)
+    ensure_packages
+    ensure_host_setup
+    ;;
   status)
     for name in virtlogd libvirtd; do
       pid="$(daemon_pid "$name")"
@@ -169,7 +175,7 @@ case "$cmd" in
     echo "holders: $(live_holders | tr '\n' ' ')"
     ;;
   *)
-    echo "usage: $0 start|stop [HOLDER] | restart-libvirtd | status" >&2
+    echo "usage: $0 start|stop [HOLDER] | restart-libvirtd | status | setup" >&2
     exit 2
     ;;
 esac

@@ -19,8 +19,10 @@ import libvirt
 import msgspec
 import pytest
 
+from fastcompute.errors import HypervisorError
 from fastcompute.hypervisor.libvirt import driver as libvirt_driver
-from fastcompute.hypervisor.spec import GuestSpec, HostFacts, Interface
+from fastcompute.hypervisor.libvirt.migration import Steering, downtime_limit
+from fastcompute.hypervisor.spec import GuestSpec, HostFacts, Interface, MigrationPolicy, MigrationTarget
 from fastcompute.images import disks
 
 XML = """<domain type='test'><name>retry-{n}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
@@ -111,3 +113,33 @@ def test_the_driver_speaks_in_typed_facts_and_guest_specs(tmp_path: Path) -> Non
             await drv.close()
 
     asyncio.run(scenario())
+
+
+def test_the_downtime_limit_rises_a_step_only_for_a_pass_that_did_not_converge() -> None:
+    policy = MigrationPolicy(downtime_start_ms=50, downtime_max_ms=500, downtime_steps=3)
+    s = Steering(policy)
+    assert s.limit_ms == 50
+    assert not s.raise_limit(1, 1000)  # the first pass sends everything: nothing to judge
+    assert not s.raise_limit(2, 400)  # far less left than the pass before: converging
+    assert s.raise_limit(3, 380) and s.limit_ms == 200  # barely less (over 90%): a step up
+    assert not s.raise_limit(3, 390)  # the same pass read again
+    assert s.raise_limit(4, 395) and s.raise_limit(5, 395) and s.limit_ms == 500
+    assert not s.raise_limit(6, 395) and s.limit_ms == 500  # never past the maximum
+    assert [downtime_limit(policy, k) for k in range(5)] == [50, 200, 350, 500, 500]
+
+
+def test_post_copy_is_switched_to_once_and_only_by_policy() -> None:
+    post = Steering(MigrationPolicy(fallback="post-copy", fallback_after_s=10))
+    assert not post.post_copy_now(9.9)
+    assert post.post_copy_now(10.0) and post.fallback == "post-copy"
+    assert not post.post_copy_now(11.0)
+    assert not Steering(MigrationPolicy(fallback="auto-converge", fallback_after_s=0)).post_copy_now(99)
+
+
+def test_the_test_hypervisor_refuses_a_live_migration_at_once(tmp_path: Path) -> None:
+    drv = libvirt_driver.LibvirtDriver("test:///default", 1)
+    guest = GuestSpec(uuid=str(uuid_mod.uuid4()), name="vm", project_id="p", vcpus=1, memory_mb=64,
+                      console_path=str(tmp_path / "console.log"))
+    target = MigrationTarget(uri="test:///default", address="127.0.0.1", guest=guest)
+    with pytest.raises(HypervisorError, match="cannot migrate guests live"):
+        asyncio.run(drv.live_migrate(guest.uuid, target, MigrationPolicy(), lambda _p: None))

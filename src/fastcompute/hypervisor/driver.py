@@ -20,6 +20,10 @@ from fastcompute.hypervisor.spec import (
     HostFacts,
     HostFeatures,
     Interface,
+    MigrationPolicy,
+    MigrationProgress,
+    MigrationResult,
+    MigrationTarget,
 )
 
 
@@ -53,6 +57,13 @@ class Driver(Protocol):
     which return the file systems frozen or thawed) take how long the agent has to answer;
     an agent that is not there or does not answer in time is Conflict. ``guest_agent_ping``
     says whether it answers now. The password is never logged or put in an error.
+
+    ``live_migrate`` moves a running guest to ``target`` while it runs, steered by ``policy``
+    and reporting its progress about twice a second; on success the guest runs at the
+    destination (defined there) and its domain here is left defined and stopped, for the
+    caller to remove once it has recorded the move. A migration that fails, times out or is
+    aborted (``abort_migration``: False when none is under way) raises HypervisorError with
+    the guest still running here and nothing of it left at the destination.
     """
 
     async def connect(self, on_power_event: Callable[[PowerEvent], None]) -> None: ...
@@ -78,5 +89,8 @@ class Driver(Protocol):
     async def set_password(self, uuid: str, user: str, password: str, timeout_s: float) -> None: ...
     async def freeze_filesystems(self, uuid: str, timeout_s: float) -> int: ...
     async def thaw_filesystems(self, uuid: str, timeout_s: float) -> int: ...
+    async def live_migrate(self, uuid: str, target: MigrationTarget, policy: MigrationPolicy,
+                           on_progress: Callable[[MigrationProgress], None]) -> MigrationResult: ...
+    async def abort_migration(self, uuid: str) -> bool: ...
     def domain_stats(self, domains: Mapping[str, str]) -> dict[str, DomainStats]: ...
     def guest_pid(self, uuid: str) -> int | None: ...

@@ -257,3 +257,66 @@ class DomainStats(msgspec.Struct, frozen=True, kw_only=True):
     write_ops: int | None = None
     net_rx_bytes: int | None = None
     net_tx_bytes: int | None = None
+
+
+MigrationFallback = Literal["none", "auto-converge", "post-copy"]
+
+
+class MigrationPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How a live migration is steered.
+
+    The guest may be stopped for at most ``downtime_start_ms`` at the switch-over at first;
+    while the migration does not converge the limit is raised, ``downtime_steps`` times in all,
+    up to ``downtime_max_ms``; a migration that still has not converged after
+    ``fallback_after_s`` falls back to ``fallback`` (auto-converge throttles the guest's vCPUs,
+    post-copy switches over at once and fetches the rest of the memory on demand), and one not
+    done after ``timeout_s`` is aborted, leaving the guest running where it was.
+    ``bandwidth_mib_s`` caps the transfer (0: no cap).
+    """
+
+    downtime_start_ms: int = 50
+    downtime_max_ms: int = 500
+    downtime_steps: int = 10
+    fallback: MigrationFallback = "auto-converge"
+    fallback_after_s: float = 30.0
+    timeout_s: float = 600.0
+    bandwidth_mib_s: int = 0
+
+
+class MigrationTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a guest goes: the destination hypervisor's ``uri``, the ``address`` its memory
+    and disks are sent to, and the guest as the destination describes it (``guest``: its
+    disks, console, taps and pins there). Disks of ``copy_roles`` are copied (mirrored) to
+    files the destination made beforehand; the others are on shared storage or made anew
+    there (a config drive)."""
+
+    uri: str
+    address: str
+    guest: GuestSpec
+    copy_roles: list[str] = []
+
+
+class MigrationProgress(msgspec.Struct, frozen=True, kw_only=True):
+    """One reading of a live migration under way: bytes of memory and disk still to send and
+    in all, the memory iteration (pass over guest memory), the downtime limit now and the
+    fallback once taken."""
+
+    elapsed_s: float
+    memory_remaining: int
+    memory_total: int
+    disk_remaining: int
+    disk_total: int
+    iteration: int
+    downtime_limit_ms: int
+    fallback: MigrationFallback = "none"
+
+
+class MigrationResult(msgspec.Struct, frozen=True, kw_only=True):
+    """A completed live migration: its wall time, the guest's measured downtime at the
+    switch-over (None where the hypervisor does not say), the downtime limit it ended with and
+    the fallback taken."""
+
+    total_s: float
+    downtime_ms: int | None
+    downtime_limit_ms: int
+    fallback: MigrationFallback = "none"

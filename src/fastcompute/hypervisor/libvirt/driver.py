@@ -18,6 +18,7 @@ import libvirtaio
 from fastcompute.errors import Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
 from fastcompute.hypervisor.libvirt import capabilities, consoles, stats
+from fastcompute.hypervisor.libvirt.migration import Migration
 from fastcompute.hypervisor.libvirt.names import domain_name, qemu_pid
 from fastcompute.hypervisor.libvirt.xml import NAMESPACE, build, interface_xml
 from fastcompute.hypervisor.spec import (
@@ -30,6 +31,10 @@ from fastcompute.hypervisor.spec import (
     HostFeatures,
     HypervisorInfo,
     Interface,
+    MigrationPolicy,
+    MigrationProgress,
+    MigrationResult,
+    MigrationTarget,
 )
 from fastcompute.workers import Workers
 
@@ -93,6 +98,7 @@ class LibvirtDriver:
         self._closing = False
         self._reconnect: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self._migrations: dict[str, Migration] = {}
 
     @property
     def _undefine(self) -> int:
@@ -594,6 +600,29 @@ class LibvirtDriver:
             raise HypervisorError(f"libvirt: {message}") from None
 
     # -- statistics ----------------------------------------------------------------------------
+
+    async def live_migrate(self, uuid: str, target: MigrationTarget, policy: MigrationPolicy,
+                           on_progress: Callable[[MigrationProgress], None]) -> MigrationResult:
+        """Move a running guest to ``target`` while it runs (see ``hypervisor.libvirt.migration``)."""
+        if self.uri.startswith("test:"):
+            raise HypervisorError("the test hypervisor cannot migrate guests live")
+        if uuid in self._migrations:
+            raise Conflict(f"instance {uuid} is already migrating")
+        conn = await self._ready()
+        dom = await self._call(self._lookup, conn, uuid)
+        migration = self._migrations[uuid] = Migration(dom, target, policy)
+        try:
+            return await migration.run(self._call, on_progress)
+        finally:
+            del self._migrations[uuid]
+
+    async def abort_migration(self, uuid: str) -> bool:
+        """Abort a live migration under way; False when there is none."""
+        migration = self._migrations.get(uuid)
+        if migration is None:
+            return False
+        await self._call(migration.abort, "aborted by request")
+        return True
 
     def domain_stats(self, domains: Mapping[str, str]) -> dict[str, DomainStats]:
         """Counters of the active domains in ``domains`` (domain UUID -> key), in one call.

@@ -78,12 +78,8 @@ def build(spec: GuestSpec) -> str:
         "<devices>",
     ]
     iotune = _iotune(spec.limits)
-    used: dict[str, int] = {}
-    for disk in spec.disks:
-        prefix = _DEV_PREFIX[disk.bus]
-        index = used.get(prefix, 0)
-        used[prefix] = index + 1
-        parts.append(disk_xml(disk, _dev_name(prefix, index), iotune, spec.packed_ring))
+    for disk, dev in zip(spec.disks, disk_targets(spec), strict=True):
+        parts.append(disk_xml(disk, dev, iotune, spec.packed_ring))
     parts.extend(interface_xml(i, spec) for i in spec.interfaces)
     parts.append(_serial(spec))
     if spec.guest_agent:
@@ -112,6 +108,18 @@ def _dev_name(prefix: str, index: int) -> str:
         index, rest = divmod(index - 1, 26)
         letters = chr(ord("a") + rest) + letters
     return prefix + letters
+
+
+def disk_targets(spec: GuestSpec) -> list[str]:
+    """Each disk's target device (``vda``), in the order of ``spec.disks``: per bus, in order."""
+    used: dict[str, int] = {}
+    devs = []
+    for disk in spec.disks:
+        prefix = _DEV_PREFIX[disk.bus]
+        index = used.get(prefix, 0)
+        used[prefix] = index + 1
+        devs.append(_dev_name(prefix, index))
+    return devs
 
 
 def disk_xml(disk: Disk, dev: str, iotune: str = "", packed: bool = False) -> str:
