@@ -214,8 +214,10 @@ class ImageCache:
         image: ImageSpec,
         disk_gb: int,
         progress: Progress | None = None,
+        role: str = "root",
     ) -> Path:
-        """Make ``instance_uuid``'s disk from ``image``, sized ``disk_gb`` GiB; return its path.
+        """Make ``instance_uuid``'s disk of ``role`` (its root disk unless said) from ``image``,
+        sized ``disk_gb`` GiB; return its path.
 
         The base is fetched and verified once however many callers ask at the same time.
         ``disk_gb`` 0 means the image's own virtual size. Raises :class:`ImageError` (or
@@ -227,12 +229,12 @@ class ImageCache:
             parse_checksum(image.checksum)  # malformed: BadRequest before any work
         with self._pinned(key):
             try:
-                return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
+                return await self._prepare(instance_uuid, key, source, image, disk_gb, progress, role)
             except _BaseVanished:
                 # Removed behind the cache's back since it was last seen: fetch it again, once.
                 self._known.pop(key, None)
                 try:
-                    return await self._prepare(instance_uuid, key, source, image, disk_gb, progress)
+                    return await self._prepare(instance_uuid, key, source, image, disk_gb, progress, role)
                 except _BaseVanished:
                     raise ImageError(
                         f"the cached base of image {source} keeps disappearing"
@@ -300,6 +302,7 @@ class ImageCache:
         image: ImageSpec,
         disk_gb: int,
         progress: Progress | None,
+        role: str,
     ) -> Path:
         want = parse_checksum(image.checksum) if image.checksum else None
         meta = await self._ensure_base(key, source, image, progress, self._fetch_limit(disk_gb))
@@ -328,7 +331,7 @@ class ImageCache:
             def copy_progress(done: int, total: int) -> None:
                 loop.call_soon_threadsafe(cb, "copy", done, total)
 
-        made = self._disks.run(self._make_disk, instance_uuid, key, size, copy_progress)
+        made = self._disks.run(self._make_disk, instance_uuid, key, size, copy_progress, role)
         try:
             return await asyncio.shield(made)
         except asyncio.CancelledError:
@@ -336,13 +339,25 @@ class ImageCache:
             # it made, so a cancelled spawn leaves nothing behind either.
             with contextlib.suppress(Exception):
                 await made
-                await self._disks.run(disks.remove_files, self._instance_dir(instance_uuid))
+                if role == "root":
+                    await self._disks.run(disks.remove_files, self._instance_dir(instance_uuid))
+                else:
+                    await self.remove_role_disk(instance_uuid, role)
             raise
 
     async def remove_disk(self, instance_uuid: str) -> None:
         """Remove an instance's directory: its disk, the disk's record and whatever else the
         instance left there (a console log); nothing happens if there is none."""
         await self._disks.run(shutil.rmtree, self._instance_dir(instance_uuid), True)
+
+    async def remove_role_disk(self, instance_uuid: str, role: str) -> None:
+        """Remove an instance's disk of ``role`` and its record; nothing happens if there is none."""
+        await self._disks.run(disks.remove, self._instance_dir(instance_uuid), role)
+
+    async def promote_disk(self, instance_uuid: str, made: str, role: str) -> bool:
+        """Make an instance's disk of role ``made`` its disk of ``role``, the old one gone
+        (:func:`disks.promote`); False if there is no disk of ``made``."""
+        return await self._disks.run(disks.promote, self._instance_dir(instance_uuid), made, role)
 
     def list_bases(self) -> list[BaseInfo]:
         """The cached bases with size, age and the instances using them (blocking: reads disk)."""
@@ -740,11 +755,12 @@ class ImageCache:
         key: str,
         size: int,
         progress: Callable[[int, int], object] | None,
+        role: str = "root",
     ) -> Path:
         idir = self._instance_dir(instance_uuid)
         idir.mkdir(parents=True, exist_ok=True)
-        disk = disks.path(idir, "root")
-        info = idir / disks.INFO
+        disk = disks.path(idir, role)
+        info = disks.info_path(idir, role)
         base = self.base_dir / key
         if disk.exists():
             raise Conflict(f"instance {instance_uuid} already has a disk at {disk}")
@@ -757,12 +773,21 @@ class ImageCache:
                 os.utime(self.base_dir / f"{key}.json")
             disks.make_from_base(disk, size, base, self.cfg.disk_mode, progress)
         except OSError as exc:
-            disks.remove_files(idir)
-            raise ImageError(f"cannot create the disk of instance {instance_uuid}: {exc}") from exc
+            self._unmake(idir, role)
+            raise ImageError(f"cannot create the {role} disk of instance {instance_uuid}: {exc}") from exc
         except BaseException:
-            disks.remove_files(idir)
+            self._unmake(idir, role)
             raise
         return disk
+
+    @staticmethod
+    def _unmake(idir: Path, role: str) -> None:
+        # A failed root disk is a failed spawn: nothing of the instance stays. A disk of
+        # another role is made beside an instance that lives on.
+        if role == "root":
+            disks.remove_files(idir)
+        else:
+            disks.remove(idir, role)
 
     def _delete_base(self, key: str) -> None:
         _unlink_quietly(self.base_dir / key)
@@ -782,13 +807,16 @@ class ImageCache:
             entries = os.listdir(self.instances_dir)
         except FileNotFoundError:
             return users
+        made = [role for role, r in disks.ROLES.items() if r.file is not None and r.format is None]
         for name in entries:
-            try:
-                raw = (self.instances_dir / name / disks.INFO).read_bytes()
-                info = msgspec.json.decode(raw, type=_DiskInfo)
-            except (OSError, msgspec.DecodeError):
-                continue
-            users.setdefault(info.base, []).append(name)
+            for role in made:
+                try:
+                    raw = disks.info_path(self.instances_dir / name, role).read_bytes()
+                    info = msgspec.json.decode(raw, type=_DiskInfo)
+                except (OSError, msgspec.DecodeError):
+                    continue
+                if name not in users.setdefault(info.base, []):
+                    users[info.base].append(name)
         return users
 
     def _remove_leftovers(self) -> None:
