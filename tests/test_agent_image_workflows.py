@@ -113,11 +113,13 @@ def test_rescue_and_unrescue(agent: AgentProcess, image_file: Path, other_image:
     assert users(agent, other_image) == [uuid] and users(agent, image_file) == [uuid]
     assert agent.call("host.info")["usage"] == usage
 
-    for op in ("instance.stop", "instance.rescue", "instance.rebuild", "instance.crash_dump"):
-        args: dict[str, Any] = {"uuid": uuid, "image": {"url": other_image.as_uri()}} if op.endswith("rebuild") \
-            else {"uuid": uuid}
-        if op != "instance.crash_dump":
-            assert call_error(agent, op, args).code == "CONFLICT", op
+    # Nova's rules: a rescued instance is unrescued (or deleted) first; a crash dump is allowed.
+    for op in ("instance.stop", "instance.reboot", "instance.rescue", "instance.restore", "instance.pause"):
+        err = call_error(agent, op, {"uuid": uuid})
+        assert err.code == "CONFLICT" and err.details["vm_state"] == "rescued", op
+    err = call_error(agent, "instance.rebuild", {"uuid": uuid, "image": {"url": other_image.as_uri()}})
+    assert err.code == "CONFLICT" and err.details["vm_state"] == "rescued"
+    assert agent.call("instance.crash_dump", {"uuid": uuid})["vm_state"] == "rescued"
 
     back = agent.call("instance.unrescue", {"uuid": uuid})
     assert (back["vm_state"], back["task_state"], back["power_state"]) == ("active", None, "running")
@@ -166,8 +168,11 @@ def test_soft_delete_keeps_the_instance_until_restored(make_agent: Any, image_fi
     agent.restart()
     assert agent.call("instance.get", {"uuid": uuid})["vm_state"] == "soft_deleted"
 
-    for op in ("instance.start", "instance.rebuild", "instance.rescue", "instance.crash_dump"):
-        assert call_error(agent, op, {"uuid": uuid}).code in ("CONFLICT", "BAD_REQUEST"), op
+    for op in ("instance.start", "instance.reboot", "instance.rescue", "instance.crash_dump", "instance.unrescue"):
+        err = call_error(agent, op, {"uuid": uuid})
+        assert err.code == "CONFLICT" and err.details["vm_state"] == "soft_deleted", op
+    err = call_error(agent, "instance.rebuild", {"uuid": uuid, "image": {"url": image_file.as_uri()}})
+    assert err.code == "CONFLICT" and err.details["vm_state"] == "soft_deleted"
     back = agent.call("instance.restore", {"uuid": uuid})
     assert (back["vm_state"], back["task_state"], back["power_state"]) == ("active", None, "running")
     assert call_error(agent, "instance.restore", {"uuid": uuid}).code == "CONFLICT"

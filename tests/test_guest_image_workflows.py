@@ -5,7 +5,9 @@ image, grown by a MiB that holds the marker): the guest reads the marker back fr
 with dd through its serial shell. One guest through: an NMI (the kernel says so on its
 console); a rebuild to the other image (its marker on vda); its boot sector zeroed (unbootable);
 a rescue from its own image, whose rescue system sees the broken root disk as vdb (zero boot
-sector, the marker) and repairs it; an unrescue, after which it boots from its own disk again.
+sector, the marker) and repairs it; the agent killed (the guest stays rescued) and the rescue
+system powered off from inside (the power sync keeps it rescued); an unrescue, after which it
+boots from its own disk again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 from agent_fixtures import AgentProcess, free_port
 from guest_fixtures import READY, guest_image, libvirtd
-from test_guest_agent import MEMORY_MB, agent_config, conn, console, guest_agent, wait_console
+from test_guest_agent import MEMORY_MB, agent_config, conn, console, guest_agent, wait_console, wait_record
 
 pytest.importorskip("libvirt")
 
@@ -60,6 +62,22 @@ class Serial:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def send(self, line: str, timeout_s: float = 30.0) -> None:
+        """Type ``line`` into the shell and wait for its echo only (QEMU drops what a client
+        that hangs up at once has sent and the guest has not read yet)."""
+        deadline = time.monotonic() + timeout_s
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.path))
+            s.settimeout(1.0)
+            s.sendall(f"{line}\r".encode())
+            seen = b""
+            while line.encode() not in seen:
+                assert time.monotonic() < deadline, f"no echo of {line!r} on the serial console: {seen[-500:]!r}"
+                try:
+                    seen += s.recv(65536)
+                except TimeoutError:
+                    continue
 
     def run(self, command: str, timeout_s: float = 120.0) -> str:
         """Run ``command`` in the guest's shell; its output (what it printed after ``OUT=``)."""
@@ -127,6 +145,15 @@ def test_rebuild_rescue_unrescue_and_crash_dump_of_a_real_guest(
     assert serial.run(read_marker % "vdb") == marker_b
     # The repair a rescue is for: the boot sector back from the rescue disk (the same image).
     assert serial.run("dd if=/dev/vda of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; sync; echo done") == "done"
+
+    # A kill -9 of the agent: the rescue domain is left running and the instance stays rescued.
+    agent.kill()
+    agent.start()
+    assert wait_record(agent, uuid, "rescued", "running", 30)["image"]["url"] == image_b.as_uri()
+    assert serial.run(read_marker % "vdb") == marker_b
+    # The rescue system powers itself off: the power sync records it, still rescued.
+    serial.send("poweroff -f")
+    wait_record(agent, uuid, "rescued", "shutdown", 60)
 
     # Unrescue: it boots from its own (repaired) disk again, with one disk.
     back = agent.call("instance.unrescue", {"uuid": uuid})
