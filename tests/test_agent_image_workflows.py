@@ -205,6 +205,15 @@ def test_soft_deleted_instances_are_reclaimed_after_the_interval(make_agent: Any
     assert not (agent.state_dir / "instances" / uuid).exists()
 
 
+def test_a_restored_instance_is_not_reclaimed(make_agent: Any, image_file: Path) -> None:
+    agent = make_agent("[compute]\nreclaim_instance_interval_s = 1\n")
+    uuid = spawn_in_state(agent, image_file, "active")["uuid"]
+    assert agent.call("instance.delete", {"uuid": uuid})["vm_state"] == "soft_deleted"
+    assert agent.call("instance.restore", {"uuid": uuid})["vm_state"] == "active"
+    time.sleep(3)  # several reclaim periods (half a second each) over an interval's end
+    assert agent.call("instance.get", {"uuid": uuid})["vm_state"] == "active"
+
+
 def test_delete_without_an_interval_is_at_once(agent: AgentProcess, image_file: Path) -> None:
     uuid = spawn_in_state(agent, image_file, "active")["uuid"]
     assert agent.call("instance.delete", {"uuid": uuid}) == {"uuid": uuid, "deleted": True}
