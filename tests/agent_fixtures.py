@@ -76,6 +76,8 @@ class AgentProcess:
         self.events = f"tcp://127.0.0.1:{free_port()}"
         self.log_path = base / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
+        """Environment variables the agent starts with besides the tests' own."""
 
     def start(self, wait: bool = True) -> None:
         """Start the agent and wait until it answers ping."""
@@ -84,7 +86,7 @@ class AgentProcess:
             [sys.executable, "-m", "fastcompute.cli", "agent", "--config", str(self.config_path),
              "--state-dir", str(self.state_dir), "--control", self.control, "--events", self.events,
              "--hypervisor", self.hypervisor, *FILE_ROOTS],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
         if wait:
             self.wait_ready()

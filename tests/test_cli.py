@@ -195,3 +195,17 @@ def test_a_misspelt_config_value_stops_the_agent_naming_the_key(tmp_path: Path) 
     proc = fc("agent", "--config", str(path), "--state-dir", str(tmp_path / "state"), check=False)
     assert proc.returncode == 2
     assert "stats.source" in proc.stderr and "cgrop" in proc.stderr
+
+
+def test_rebuild_rescue_unrescue_and_crash_dump_verbs(agent: AgentProcess, image_file: Path, tmp_path: Path) -> None:
+    ep = ("--endpoint", agent.control)
+    other = tmp_path / "other.raw"
+    other.write_bytes(os.urandom(1 << 20))
+    uuid = fc_json("boot", "vm", "--image", str(image_file), "--memory", "64", "--wait", *ep)["instances"][0]["uuid"]
+    rebuilt = fc_json("rebuild", uuid, "--image", str(other), *ep)
+    assert rebuilt["failures"] == [] and rebuilt["results"][0]["image"] == {"url": other.as_uri(), "id": None,
+                                                                          "checksum": None, "disk_format": None}
+    assert fc_json("rescue", uuid, *ep)["results"][0]["vm_state"] == "rescued"
+    assert fc_json("crash-dump", uuid, *ep)["failures"] == []
+    assert fc_json("unrescue", uuid, *ep)["results"][0]["vm_state"] == "active"
+    assert fc_json("force-delete", uuid, *ep)["results"] == [{"uuid": uuid, "deleted": True}]

@@ -22,8 +22,12 @@ import msgspec
 
 from fastcompute import protocol
 from fastcompute.compute import validate
+from fastcompute.compute.crashdump import crash_dump
 from fastcompute.compute.guestagent import GuestAgent
 from fastcompute.compute.manager import Manager
+from fastcompute.compute.rebuild import Rebuild
+from fastcompute.compute.rescue import Rescue
+from fastcompute.compute.softdelete import SoftDelete
 from fastcompute.config import Config
 from fastcompute.console import ConsoleProxy, Tokens
 from fastcompute.errors import Conflict, NotFound
@@ -60,6 +64,9 @@ class Agent:
         self.consoles: ConsoleProxy | None = None
         self.placement: PlacementSync | None = None
         self.manager: Manager | None = None
+        self.rebuilds: Rebuild | None = None
+        self.rescues: Rescue | None = None
+        self.soft_delete: SoftDelete | None = None
         self.server: Server | None = None
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
@@ -82,8 +89,12 @@ class Agent:
         async def host_info(_a: Any) -> Any:
             return m.host_info()
 
+        soft = self.soft_delete
+        assert soft is not None and self.rebuilds is not None and self.rescues is not None
+        rebuilds, rescues = self.rebuilds, self.rescues
+
         async def delete(a: protocol.UuidArgs) -> Any:
-            return await m.delete(a.uuid)
+            return await soft.delete(a.uuid)
 
         async def get(a: protocol.UuidArgs) -> Any:
             return m.get(a.uuid)
@@ -155,6 +166,12 @@ class Agent:
             "instance.attach_port": attach_port,
             "instance.detach_port": detach_port,
             "instance.set_security_groups": set_groups,
+            "instance.rebuild": lambda a: rebuilds.rebuild(a.uuid, a.image),
+            "instance.rescue": lambda a: rescues.rescue(a.uuid, a.image),
+            "instance.unrescue": lambda a: rescues.unrescue(a.uuid),
+            "instance.restore": lambda a: soft.restore(a.uuid),
+            "instance.force_delete": lambda a: soft.force_delete(a.uuid),
+            "instance.crash_dump": lambda a: crash_dump(m, a.uuid),
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -177,10 +194,10 @@ class Agent:
 
         handlers: dict[str, Handler] = {"instance.spawn": spawn}
         for name, op in protocol.OPS.items():
-            if op.transition is not None:
-                handlers[name] = staged(lifecycle(op))
-            elif name in own:
+            if name in own:
                 handlers[name] = staged(own[name])
+            elif op.transition is not None:
+                handlers[name] = staged(lifecycle(op))
         assert set(handlers) == set(protocol.OPS), set(protocol.OPS) ^ set(handlers)
         return handlers
 
@@ -201,6 +218,9 @@ class Agent:
         self.network.on_batch = self.metrics.observe_network_batch
         manager = Manager(cfg, self.store, self.driver, self.images, self.network, server.publish)
         self.manager = manager
+        # Before the manager's start-up: they tell it how to finish their interrupted tasks.
+        self.rebuilds, self.rescues = Rebuild(manager), Rescue(manager)
+        self.soft_delete = SoftDelete(manager, cfg.compute)
         if md.enabled:
             # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
             self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))
@@ -241,6 +261,10 @@ class Agent:
             loop.create_task(self._every(60.0, self._expire)),
             loop.create_task(self.images.run_cleaner(self._stop)),
         ]
+        if cfg.compute.reclaim_instance_interval_s > 0:
+            # Nova reclaims every interval; half of it (at most a minute) bounds the overstay.
+            period = min(60.0, max(0.5, cfg.compute.reclaim_instance_interval_s / 2))
+            self._background.append(loop.create_task(self._every(period, self.soft_delete.reclaim)))
         if cfg.stats.interval_s > 0:
             self._background.append(loop.create_task(self._every(cfg.stats.interval_s, self._publish_stats)))
         if cfg.stats.loop_lag_interval_s > 0:

@@ -195,6 +195,12 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_size: Annotated[int, _doc("Allocations written in one POST /allocations")] = 200
 
 
+class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[compute]: how instances are kept once their owner lets go of them."""
+
+    reclaim_instance_interval_s: Annotated[float, _doc("Soft delete (Nova's reclaim_instance_interval): above 0, instance.delete stops a launched instance and keeps it soft_deleted, its resources still held, for this many seconds (instance.restore brings it back) before a periodic task deletes it; instance.force_delete deletes at once. 0 = every delete is at once")] = 0.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration file."""
 
@@ -210,6 +216,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
+    compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
 
 
 class ConfigError(ValueError):

@@ -19,7 +19,8 @@ from fastcompute.cli.common import client, emit, err, many, out, resolve
 from fastcompute.cli.tables import instances_table, show
 
 # Ops besides the lifecycle ones that act on each instance named, taking only its uuid.
-_EACH = frozenset({"instance.delete", "instance.quiesce", "instance.unquiesce"})
+_EACH = frozenset({"instance.delete", "instance.quiesce", "instance.unquiesce", "instance.force_delete",
+                   "instance.crash_dump"})
 
 
 def _spec_pairs(pairs: list[str]) -> dict[str, str]:
@@ -97,9 +98,20 @@ def _set_password(a: argparse.Namespace) -> int:
     return 0
 
 
+def _image_ref(given: str) -> dict[str, str]:
+    """``--image`` of rebuild and rescue: a URL, a local file, or else an Image service id."""
+    if "://" in given:
+        return {"url": given}
+    if Path(given).exists():
+        return {"url": Path(given).resolve().as_uri()}
+    return {"id": given}
+
+
 def _each(op: protocol.Op, options: list[str]) -> Callable[[argparse.Namespace], int]:
     def run(a: argparse.Namespace) -> int:
-        extra = {name: getattr(a, name) for name in options if getattr(a, name) is not None}
+        extra: dict[str, Any] = {name: getattr(a, name) for name in options if getattr(a, name) is not None}
+        if isinstance(extra.get("image"), str):
+            extra["image"] = _image_ref(extra["image"])
         with client(a) as c:
             uuids = resolve(c, a.uuid)
             if a.all:
@@ -133,7 +145,9 @@ def _add_option(p: argparse.ArgumentParser, field: msgspec.structs.FieldInfo) ->
             help_ = (k.extra_json_schema or {}).get("description", help_)
     plain = [k.type if isinstance(k, msgspec.inspect.Metadata) else k for k in kinds]
     flag = "--" + field.name.replace("_", "-")
-    if any(isinstance(k, msgspec.inspect.BoolType) for k in plain):
+    if any(isinstance(k, msgspec.inspect.StructType) for k in plain):
+        p.add_argument(flag, dest=field.name, help="image URL, local file or Image service id")
+    elif any(isinstance(k, msgspec.inspect.BoolType) for k in plain):
         p.add_argument(flag, dest=field.name, action="store_true", default=None, help=help_)
     elif any(isinstance(k, msgspec.inspect.FloatType) for k in plain):
         p.add_argument(flag, dest=field.name, type=float, help=help_)

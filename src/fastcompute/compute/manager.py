@@ -127,6 +127,8 @@ class Manager:
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
         self._resources_dirty = False
         self.started_at = time.monotonic()
+        # task_state -> how start-up finishes or rolls back an op of another module that it interrupted
+        self.resumers: dict[str, Callable[[str, DomainInfo | None], Awaitable[object]]] = {}
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -193,6 +195,9 @@ class Manager:
                 log.error("could not reconcile instance %s: %s", uuid, exc.message)
 
     async def _reconcile_one(self, uuid: str, rec: InstanceRecord, dom: DomainInfo | None) -> None:
+        if (resume := self.resumers.get(rec.task_state or "")) is not None:
+            await resume(uuid, dom)
+            return
         if rec.task_state == "deleting":
             log.info("finishing the interrupted delete of %s", uuid)
             await self._delete_locked(uuid)
@@ -224,7 +229,7 @@ class Manager:
             await self._sync_one(uuid, dom.power_state)
 
     async def _recreate(self, uuid: str, vm_state: str) -> str:
-        start = vm_state in ("active", "paused", "suspended")
+        start = vm_state in ("active", "paused", "suspended", "rescued")
         power = await self.driver.launch(self._guest(uuid), start=start)
         if vm_state == "paused":
             power = await self.driver.pause(uuid)
@@ -251,7 +256,8 @@ class Manager:
         tracker = self.tracker
         return guest.guest_spec(
             stored.record, stored.ports, idir,
-            disks=disks.spawn_disks(idir, self.images.disk_format(), self._drive_wanted(uuid)),
+            disks=(disks.rescue_disks if stored.rescue else disks.spawn_disks)(
+                idir, self.images.disk_format(), self._drive_wanted(uuid)),
             interfaces=[Interface(p.tap, p.mac, p.mtu) for p in self.network.plugged(uuid) if p.tap not in skip_taps],
             claim=tracker.claims.get(uuid) if tracker is not None else None,
             numa_host=tracker.numa_host if tracker is not None else None,
@@ -530,7 +536,8 @@ class Manager:
         rec = stored.record
         # The config drive is written in the worker job that makes the root disk.
         drive = self._config_drive(uuid, new=True) if self._drive_wanted(uuid) else None
-        await self.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, self._progress(uuid), drive)
+        await self.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, self._progress(uuid),
+                                       beside=drive)
         return True
 
     async def _build_ports(self, uuid: str, stored: Stored) -> bool:
@@ -783,8 +790,9 @@ class Manager:
                             for p in stored.ports]
             return await self._commit(uuid)
 
-    async def delete(self, uuid: str) -> Deleted:
-        """``instance.delete``: allowed from every state; releases disk, network and claim.
+    async def delete(self, uuid: str, only_if: str | None = None) -> Deleted:
+        """``instance.delete``: allowed from every state (``only_if``: only from that vm_state,
+        else nothing is done); releases disk, network and claim.
 
         The uuid is reserved from the request on (a spawn of it is CONFLICT) until the record is
         gone; a build under way stops at its next stage, and its image fetch is cancelled.
@@ -797,6 +805,8 @@ class Manager:
                 fetch.cancel()  # the build then gives the lock back at once
             async with self._locks[uuid]:
                 self._same(uuid, stored)
+                if only_if is not None and stored.record.vm_state != only_if:
+                    return Deleted(uuid, False)
                 await self._commit(uuid, task_state="deleting")
                 await self._delete_locked(uuid)
         finally:
@@ -859,7 +869,7 @@ class Manager:
             if vm_state in ("active", "paused") and power in ("shutdown", "crashed"):
                 log.warning("instance %s stopped behind our back (%s); marking it stopped", uuid, power)
                 vm_state = "stopped"
-            elif vm_state == "stopped" and power in ("running", "paused"):
+            elif vm_state in ("stopped", "soft_deleted") and power in ("running", "paused"):
                 log.warning("instance %s should be stopped but is %s; stopping it", uuid, power)
                 power = await self.driver.power_off(uuid, 0)
             if vm_state != rec.vm_state or power != rec.power_state:

@@ -9,7 +9,7 @@ import msgspec
 
 from fastcompute.compute import configdrive
 from fastcompute.images.cache import ImageSpec
-from fastcompute.protocol import InstanceRecord, NumaCell
+from fastcompute.protocol import Image, InstanceRecord, NumaCell
 from fastcompute.protocol.ports import Port
 from fastcompute.resources.numa_types import NumaRequest, Placement
 
@@ -22,6 +22,13 @@ class Stored(msgspec.Struct, kw_only=True):
     request_id: str | None = None
     ports: list[Port] = []
     bootstrap: configdrive.Bootstrap | None = None
+    rebuild: Image | None = None
+    """The image a rebuild under way makes the new root disk from (until it is the record's)."""
+    rescue: Image | None = None
+    """The rescue image while the instance is being rescued or is rescued: its domain then boots
+    from the rescue disk, with the root disk second."""
+    soft_deleted_at: float | None = None
+    """When a soft delete stopped the instance (epoch seconds): its reclaim is due an interval later."""
 
 
 def now() -> str:
@@ -32,7 +39,11 @@ def now() -> str:
 
 def image_spec(rec: InstanceRecord) -> ImageSpec:
     """The image of an instance as the image cache takes it."""
-    i = rec.image
+    return spec_of(rec.image)
+
+
+def spec_of(i: Image) -> ImageSpec:
+    """An image of the wire as the image cache takes it."""
     return ImageSpec(id=i.id, url=i.url, checksum=i.checksum, disk_format=i.disk_format)
 
 

@@ -26,7 +26,17 @@ from fastcompute.compute.guest import QUOTA_LIMITS
 from fastcompute.errors import BadRequest
 from fastcompute.images.cache import check_url, parse_checksum
 from fastcompute.network import check_ports, check_rule
-from fastcompute.protocol import MAX_USER_DATA, AttachPortArgs, Flavor, Image, KeyPair, SecurityGroupsArgs, SpawnArgs
+from fastcompute.protocol import (
+    MAX_USER_DATA,
+    AttachPortArgs,
+    Flavor,
+    Image,
+    KeyPair,
+    RebuildArgs,
+    RescueArgs,
+    SecurityGroupsArgs,
+    SpawnArgs,
+)
 from fastcompute.protocol.ports import Port, SecurityGroup
 from fastcompute.resources import numa
 from fastcompute.resources.numa_types import NumaRequest
@@ -224,10 +234,17 @@ def _groups(a: SecurityGroupsArgs) -> None:
     check_groups(a.security_groups, "args.security_groups")
 
 
+def _rescue(a: RescueArgs) -> None:
+    if a.image is not None:
+        check_image(a.image)
+
+
 _CHECKS: Final[dict[type[Any], Callable[[Any], None]]] = {
     SpawnArgs: _spawn,
     AttachPortArgs: _attach,
     SecurityGroupsArgs: _groups,
+    RebuildArgs: lambda a: check_image(a.image),
+    RescueArgs: _rescue,
 }
 
 

@@ -214,9 +214,11 @@ class ImageCache:
         image: ImageSpec,
         disk_gb: int,
         progress: Progress | None = None,
+        role: str = "root",
         beside: Callable[[Path], object] | None = None,
     ) -> Path:
-        """Make ``instance_uuid``'s disk from ``image``, sized ``disk_gb`` GiB; return its path.
+        """Make ``instance_uuid``'s disk of ``role`` (its root disk unless said) from ``image``,
+        sized ``disk_gb`` GiB; return its path.
 
         ``beside`` makes the instance's other files (its config drive), given the instance's
         directory: in the worker job that makes the disk, after it, so that a build's files
@@ -232,12 +234,12 @@ class ImageCache:
             parse_checksum(image.checksum)  # malformed: BadRequest before any work
         with self._pinned(key):
             try:
-                return await self._prepare(instance_uuid, key, source, image, disk_gb, progress, beside)
+                return await self._prepare(instance_uuid, key, source, image, disk_gb, progress, role, beside)
             except _BaseVanished:
                 # Removed behind the cache's back since it was last seen: fetch it again, once.
                 self._known.pop(key, None)
                 try:
-                    return await self._prepare(instance_uuid, key, source, image, disk_gb, progress, beside)
+                    return await self._prepare(instance_uuid, key, source, image, disk_gb, progress, role, beside)
                 except _BaseVanished:
                     raise ImageError(
                         f"the cached base of image {source} keeps disappearing"
@@ -305,6 +307,7 @@ class ImageCache:
         image: ImageSpec,
         disk_gb: int,
         progress: Progress | None,
+        role: str,
         beside: Callable[[Path], object] | None,
     ) -> Path:
         want = parse_checksum(image.checksum) if image.checksum else None
@@ -334,7 +337,7 @@ class ImageCache:
             def copy_progress(done: int, total: int) -> None:
                 loop.call_soon_threadsafe(cb, "copy", done, total)
 
-        made = self._disks.run(self._make_disk, instance_uuid, key, size, copy_progress, beside)
+        made = self._disks.run(self._make_disk, instance_uuid, key, size, copy_progress, role, beside)
         try:
             return await asyncio.shield(made)
         except asyncio.CancelledError:
@@ -342,13 +345,25 @@ class ImageCache:
             # it made, so a cancelled spawn leaves nothing behind either.
             with contextlib.suppress(Exception):
                 await made
-                await self._disks.run(disks.remove_files, self._instance_dir(instance_uuid))
+                if role == "root":
+                    await self._disks.run(disks.remove_files, self._instance_dir(instance_uuid))
+                else:
+                    await self.remove_role_disk(instance_uuid, role)
             raise
 
     async def remove_disk(self, instance_uuid: str) -> None:
         """Remove an instance's directory: its disk, the disk's record and whatever else the
         instance left there (a console log); nothing happens if there is none."""
         await self._disks.run(shutil.rmtree, self._instance_dir(instance_uuid), True)
+
+    async def remove_role_disk(self, instance_uuid: str, role: str) -> None:
+        """Remove an instance's disk of ``role`` and its record; nothing happens if there is none."""
+        await self._disks.run(disks.remove, self._instance_dir(instance_uuid), role)
+
+    async def promote_disk(self, instance_uuid: str, made: str, role: str) -> bool:
+        """Make an instance's disk of role ``made`` its disk of ``role``, the old one gone
+        (:func:`disks.promote`); False if there is no disk of ``made``."""
+        return await self._disks.run(disks.promote, self._instance_dir(instance_uuid), made, role)
 
     def list_bases(self) -> list[BaseInfo]:
         """The cached bases with size, age and the instances using them (blocking: reads disk)."""
@@ -746,12 +761,13 @@ class ImageCache:
         key: str,
         size: int,
         progress: Callable[[int, int], object] | None,
+        role: str,
         beside: Callable[[Path], object] | None,
     ) -> Path:
         idir = self._instance_dir(instance_uuid)
         idir.mkdir(parents=True, exist_ok=True)
-        disk = disks.path(idir, "root")
-        info = idir / disks.INFO
+        disk = disks.path(idir, role)
+        info = disks.info_path(idir, role)
         base = self.base_dir / key
         if disk.exists():
             raise Conflict(f"instance {instance_uuid} already has a disk at {disk}")
@@ -766,12 +782,21 @@ class ImageCache:
             if beside is not None:
                 beside(idir)
         except OSError as exc:
-            disks.remove_files(idir)
-            raise ImageError(f"cannot create the disk of instance {instance_uuid}: {exc}") from exc
+            self._unmake(idir, role)
+            raise ImageError(f"cannot create the {role} disk of instance {instance_uuid}: {exc}") from exc
         except BaseException:
-            disks.remove_files(idir)
+            self._unmake(idir, role)
             raise
         return disk
+
+    @staticmethod
+    def _unmake(idir: Path, role: str) -> None:
+        # A failed root disk is a failed spawn: nothing of the instance stays. A disk of
+        # another role is made beside an instance that lives on.
+        if role == "root":
+            disks.remove_files(idir)
+        else:
+            disks.remove(idir, role)
 
     def _delete_base(self, key: str) -> None:
         _unlink_quietly(self.base_dir / key)
@@ -791,13 +816,16 @@ class ImageCache:
             entries = os.listdir(self.instances_dir)
         except FileNotFoundError:
             return users
+        made = [role for role, r in disks.ROLES.items() if r.file is not None and r.format is None]
         for name in entries:
-            try:
-                raw = (self.instances_dir / name / disks.INFO).read_bytes()
-                info = msgspec.json.decode(raw, type=_DiskInfo)
-            except (OSError, msgspec.DecodeError):
-                continue
-            users.setdefault(info.base, []).append(name)
+            for role in made:
+                try:
+                    raw = disks.info_path(self.instances_dir / name, role).read_bytes()
+                    info = msgspec.json.decode(raw, type=_DiskInfo)
+                except (OSError, msgspec.DecodeError):
+                    continue
+                if name not in users.setdefault(info.base, []):
+                    users[info.base].append(name)
         return users
 
     def _remove_leftovers(self) -> None:

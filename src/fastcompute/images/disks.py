@@ -42,10 +42,13 @@ ROLES: dict[str, Role] = {
     "config": Role(file="disk.config", device="cdrom", bus="ide", format="raw", read_only=True),
     "rescue": Role(file="disk.rescue"),
     "volume": Role(file=None),
+    # The root disk a rebuild makes from its new image, beside the old one until it replaces it.
+    "rebuild": Role(file="disk.rebuild"),
 }
 
 INFO = "disk.info"
-"""The root disk's record beside it: which base it was made from (the cache's users)."""
+"""The root disk's record beside it: which base it was made from (the cache's users); a disk of
+another role made from an image has its own (``disk.rescue.info``)."""
 
 
 def path(instance_dir: Path, role: str) -> Path:
@@ -54,6 +57,11 @@ def path(instance_dir: Path, role: str) -> Path:
     if name is None:
         raise ValueError(f"a {role} disk is not a file of the instance")
     return instance_dir / name
+
+
+def info_path(instance_dir: Path, role: str) -> Path:
+    """The record of which base the disk of ``role`` was made from."""
+    return instance_dir / INFO if role == "root" else path(instance_dir, role).with_name(f"{ROLES[role].file}.info")
 
 
 def _tmp(disk: Path) -> Path:
@@ -73,6 +81,37 @@ def spawn_disks(instance_dir: Path, disk_format: str, config_drive: bool = False
     its config drive if it has one."""
     root = [file_disk(instance_dir, "root", disk_format, boot_order=1)]
     return [*root, file_disk(instance_dir, "config", "raw")] if config_drive else root
+
+
+def rescue_disks(instance_dir: Path, disk_format: str, config_drive: bool = False) -> list[Disk]:
+    """The disks of a rescued instance: the rescue disk booted from, the root disk second (the
+    rescue system's second disk), and the config drive if it has one."""
+    booted = [file_disk(instance_dir, "rescue", disk_format, boot_order=1),
+              file_disk(instance_dir, "root", disk_format)]
+    return [*booted, file_disk(instance_dir, "config", "raw")] if config_drive else booted
+
+
+def remove(instance_dir: Path, role: str) -> None:
+    """Remove the disk of ``role`` (a half-made one too) and its record; nothing if there is none."""
+    disk = path(instance_dir, role)
+    for p in (disk, _tmp(disk), info_path(instance_dir, role)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+
+
+def promote(instance_dir: Path, made: str, role: str) -> bool:
+    """Make the disk of role ``made`` the disk of ``role``, the old one gone, by renames: its
+    record first, so that a crash between the two leaves the new disk still to be renamed.
+    False if there is no disk of ``made`` (already promoted)."""
+    disk = path(instance_dir, made)
+    if not disk.exists():
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(info_path(instance_dir, made), info_path(instance_dir, role))
+    # No fsync: a rename lost with the host's power leaves the made disk where it was, and
+    # the store still says the rebuild is to finish, which renames it again.
+    os.rename(disk, path(instance_dir, role))
+    return True
 
 
 def make_from_base(
@@ -103,13 +142,8 @@ def make_from_base(
 def remove_files(instance_dir: Path) -> None:
     """Remove every disk file of an instance (and half-made ones, and the root disk's record),
     then the directory if nothing else is left in it."""
-    for role in ROLES.values():
+    for name, role in ROLES.items():
         if role.file is not None:
-            disk = instance_dir / role.file
-            for p in (disk, _tmp(disk)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(instance_dir / INFO)
+            remove(instance_dir, name)
     with contextlib.suppress(OSError):
         instance_dir.rmdir()

@@ -26,6 +26,8 @@ from fastcompute.protocol.schema import (
     NoArgs,
     PruneArgs,
     RebootArgs,
+    RebuildArgs,
+    RescueArgs,
     SecurityGroupsArgs,
     SetEnabledArgs,
     SetPasswordArgs,
@@ -39,6 +41,9 @@ from fastcompute.protocol.schema import (
 )
 
 _ALIVE: Final = frozenset({"active", "paused", "stopped", "suspended"})
+CRASH_DUMP_STATES: Final = frozenset({"active", "paused", "rescued", "error"})
+"""Where ``instance.crash_dump`` may run (Nova's ALLOW_TRIGGER_CRASH_DUMP): no task, no change of
+state; the domain must run as well."""
 
 Access = Literal["open", "host-read", "host-write", "spawn", "list", "stats", "read", "write"]
 """What an op does, for authorization (``rpc.auth``): ``open`` anyone; ``host-read`` keys that
@@ -122,6 +127,18 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     Op("instance.attach_port", AttachPortArgs, "plug a port and add it to an instance"),
     Op("instance.detach_port", DetachPortArgs, "remove a port from an instance and unplug it"),
     Op("instance.set_security_groups", SecurityGroupsArgs, "replace a port's security groups"),
+    # Image workflows (compute/rebuild.py, rescue.py, softdelete.py, crashdump.py). Their rules
+    # are Nova's check_instance_state decorators; each has a handler of its own, not _drive.
+    _lifecycle("rebuild", RebuildArgs, "re-make instances' root disks from an image (same uuid, ports, claim)",
+               frozenset({"active", "stopped", "error"}), "rebuilding", "active"),
+    _lifecycle("rescue", RescueArgs, "boot instances from a rescue image, their root disk second",
+               frozenset({"active", "stopped", "error"}), "rescuing", "rescued"),
+    _lifecycle("unrescue", UuidArgs, "boot rescued instances from their own root disk again",
+               frozenset({"rescued"}), "unrescuing", "active"),
+    _lifecycle("restore", UuidArgs, "bring soft-deleted instances back (powered on)",
+               frozenset({"soft_deleted"}), "restoring", "active"),
+    Op("instance.force_delete", UuidArgs, "delete instances at once, soft-deleted ones too", verb="force-delete"),
+    Op("instance.crash_dump", UuidArgs, "inject an NMI into guests (their kernel's crash dump)", verb="crash-dump"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}

@@ -23,7 +23,8 @@ from fastcompute.resources.numa_types import HostUsage
 VERSION: Final = 1
 
 
-VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "error", "deleted")
+VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "error", "deleted", "rescued",
+                    "soft_deleted")
 
 # Control characters (C0, DEL, C1) end up in the hypervisor's definitions, logs and terminals, where a NUL cuts a
 # name short and an escape sequence rewrites a person's screen: no text field carries them.
@@ -146,6 +147,20 @@ class StopArgs(_Args):
 
     uuid: UuidStr
     timeout_s: _StopWait | None = None
+
+
+class RebuildArgs(_Args):
+    """``instance.rebuild``: the image the new root disk is made from (its token as a spawn's)."""
+
+    uuid: UuidStr
+    image: SpawnImage
+
+
+class RescueArgs(_Args):
+    """``instance.rescue``: the image the rescue system boots from (None: the instance's own)."""
+
+    uuid: UuidStr
+    image: SpawnImage | None = None
 
 
 class RebootArgs(_Args):

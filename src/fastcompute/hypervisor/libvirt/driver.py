@@ -644,3 +644,22 @@ class LibvirtDriver:
         if self.uri.startswith("test:"):
             return None
         return qemu_pid(domain_name(uuid), self.qemu_run_dir)
+
+    async def inject_nmi(self, uuid: str) -> None:
+        """Send a non-maskable interrupt to a running domain (``virDomainInjectNMI``): a
+        kernel set up for it panics and dumps; Conflict when the domain does not run."""
+        conn = await self._ready()
+
+        def run() -> None:
+            dom = self._lookup(conn, uuid)
+            if not dom.isActive():
+                raise Conflict(f"instance {uuid} is not running: there is no guest to interrupt", {"uuid": uuid})
+            dom.injectNMI(0)
+
+        try:
+            await self._pool.run(run)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise Conflict(f"instance {uuid} has no domain: there is no guest to interrupt",
+                               {"uuid": uuid}) from None
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from None
