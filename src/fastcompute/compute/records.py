@@ -11,17 +11,28 @@ from fastcompute.compute import configdrive
 from fastcompute.images.cache import ImageSpec
 from fastcompute.protocol import InstanceRecord, NumaCell
 from fastcompute.protocol.ports import Port
+from fastcompute.protocol.volumes import ConnectionInfo
 from fastcompute.resources.numa_types import NumaRequest, Placement
 
 
+class VolumeConnection(msgspec.Struct, kw_only=True):
+    """How an attached volume is reached (Cinder's connection info, CHAP passwords and all:
+    never in a record) and, for a path, whether it is a block device or a file."""
+
+    connection_info: ConnectionInfo
+    source_kind: str = "network"
+
+
 class Stored(msgspec.Struct, kw_only=True):
-    """An instance as the store keeps it: the wire record plus what only the agent needs."""
+    """An instance as the store keeps it: the wire record plus what only the agent needs
+    (``volumes``: the connection of each volume of ``record.volumes``, by volume id)."""
 
     record: InstanceRecord
     digest: str
     request_id: str | None = None
     ports: list[Port] = []
     bootstrap: configdrive.Bootstrap | None = None
+    volumes: dict[str, VolumeConnection] = {}
 
 
 def now() -> str:

@@ -19,8 +19,11 @@ from fastcompute.errors import BadRequest, UnknownOp
 from fastcompute.protocol.schema import (
     TOO_DEEP,
     AttachPortArgs,
+    AttachVolumeArgs,
     ConsoleArgs,
     DetachPortArgs,
+    DetachVolumeArgs,
+    ExtendVolumeArgs,
     GetConsoleArgs,
     ListArgs,
     NoArgs,
@@ -122,6 +125,12 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     Op("instance.attach_port", AttachPortArgs, "plug a port and add it to an instance"),
     Op("instance.detach_port", DetachPortArgs, "remove a port from an instance and unplug it"),
     Op("instance.set_security_groups", SecurityGroupsArgs, "replace a port's security groups"),
+    Op("instance.attach_volume", AttachVolumeArgs, "attach a volume (Cinder's connection info) to an instance",
+       verb="attach-volume"),
+    Op("instance.detach_volume", DetachVolumeArgs, "detach a volume from an instance (the guest releases it first)",
+       verb="detach-volume"),
+    Op("instance.extend_volume", ExtendVolumeArgs, "tell an instance one of its volumes has grown",
+       verb="extend-volume"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}
