@@ -263,30 +263,39 @@ class Volumes:
 
 async def settle(m: Manager, uuid: str, has_domain: bool, timeout_s: float) -> None:
     """After a restart, before the instance's domain is looked at: an attach or a detach a
-    crash interrupted is rolled back or finished (the disk taken out of the domain, its record
-    dropped); a domain's volume disk the record does not have is detached, and a volume the
-    record has but the domain lacks is attached again. Failures are logged, not raised: the
-    next restart tries again."""
+    crash interrupted is undone or finished (its disk taken out of the domain, its record
+    dropped); a volume disk of the domain the record does not have is detached, and a volume
+    the record has but the domain lacks is attached again. A disk the guest does not release
+    stays recorded as attached (the record says what the guest has); failures are logged, and
+    the next restart tries again."""
     stored = m.instances[uuid]
-    pending = [v for v in stored.record.volumes if v.status != "attached"]
+    before = list(stored.record.volumes)
     present = await m.driver.volume_devices(uuid) if has_domain else {}
-    ours = {alias(v.volume_id): v for v in stored.record.volumes if v.status == "attached"}
-    for v in pending:
+    keep = [v for v in before if v.status == "attached"]
+    leaving = [v for v in before if v.status != "attached"]
+    for v in leaving:
         log.info("volume %s of %s was %s when the agent stopped; taking it out", v.volume_id, uuid, v.status)
-    keep = [v for v in stored.record.volumes if v.status == "attached"]
-    changed = len(keep) != len(stored.record.volumes)
-    gone = [disk_of(uuid, v, stored.volumes[v.volume_id]) for v in pending
-            if alias(v.volume_id) in present and v.volume_id in stored.volumes]
+    # The guest the domain is to be: without the volumes on their way out.
+    _set(stored, keep + [msgspec.structs.replace(v, status="detaching") for v in leaving])
+    guest = m.guest_spec(uuid)
+    for v in leaving:
+        if not has_domain or v.volume_id not in stored.volumes:
+            continue
+        # Also for a disk the live domain does not show: the persistent definition may have it,
+        # and its secret goes either way.
+        disk = disk_of(uuid, v, stored.volumes[v.volume_id])
+        done = await _quietly(f"detach {disk.target} from {uuid}", m.driver.detach_volume(uuid, disk, guest, timeout_s))
+        if not done and alias(v.volume_id) in present:
+            keep.append(msgspec.structs.replace(v, status="attached"))
     _set(stored, keep)
-    if changed:
+    if stored.record.volumes != before:
         await m.commit(uuid)
     if not has_domain:
         return
+    ours = {alias(v.volume_id): v for v in keep}
     guest = m.guest_spec(uuid)
-    for disk in gone:
-        await _quietly(f"detach {disk.target} from {uuid}", m.driver.detach_volume(uuid, disk, guest, timeout_s))
     for name, dev in present.items():
-        if name.startswith(ALIAS_PREFIX) and name not in ours and all(d.alias != name for d in gone):
+        if name.startswith(ALIAS_PREFIX) and name not in ours and all(alias(v.volume_id) != name for v in leaving):
             log.warning("domain %s has volume disk %s the record does not; detaching it", uuid, dev)
             await _quietly(f"detach {dev} from {uuid}", m.driver.detach_volume(
                 uuid, Disk(role="volume", source="", target=dev, alias=name), guest, timeout_s))
@@ -297,8 +306,10 @@ async def settle(m: Manager, uuid: str, has_domain: bool, timeout_s: float) -> N
                 uuid, disk_of(uuid, v, stored.volumes[v.volume_id]), guest))
 
 
-async def _quietly(what: str, call: Awaitable[object]) -> None:
+async def _quietly(what: str, call: Awaitable[object]) -> bool:
     try:
         await call
     except AgentError as exc:
         log.error("could not %s: %s", what, exc.message)
+        return False
+    return True
