@@ -314,3 +314,48 @@ def test_an_rbd_volume_is_a_network_disk_libvirt_accepts_with_the_operators_secr
         assert conn.secretLookupByUUIDString(secret_uuid).UUIDString() == secret_uuid
     finally:
         secret.undefine()
+
+
+def test_a_restart_attaches_what_the_record_has_and_detaches_what_it_does_not(
+        guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path, socket_dir: Path,
+        nbd_exports: list[NbdExport], shells: Callable[[Path, str], Shell], tmp_path: Path) -> None:
+    agent = guest_agent(config(socket_dir))
+    uuid = boot(agent, guest_image, "reconcile")["uuid"]
+    kept = NbdExport(tmp_path, raw_file(tmp_path / "kept.img", 16 * MIB), "kept")
+    stranger = NbdExport(tmp_path, raw_file(tmp_path / "stranger.img", 16 * MIB), "stranger")
+    nbd_exports.extend([kept, stranger])
+    wait_console(agent, uuid, READY)
+    shell = shells(socket_dir, uuid)
+    agent.call("instance.attach_volume",
+               {"uuid": uuid, "volume": {"id": "kept", "connection_info": kept.connection_info()}})
+    shell.wait_for("cat /sys/block/vdb/serial", "kept")
+    agent.kill()
+
+    # Behind the agent's back: its volume leaves the domain, a disk with an alias of its form comes.
+    dom = conn.lookupByUUIDString(uuid)
+    both = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+    vdb = next(d for d in ET.fromstring(dom.XMLDesc(0)).iterfind("devices/disk")
+               if d.find("target").get("dev") == "vdb")  # type: ignore[union-attr]
+    dom.detachDeviceFlags(ET.tostring(vdb, encoding="unicode"), both)
+    deadline = time.monotonic() + 60
+    while "vdb" in disk_devs(conn, uuid):
+        assert time.monotonic() < deadline, "the guest did not release vdb"
+        time.sleep(0.1)
+    dom.attachDeviceFlags(
+        f"<disk type='network' device='disk'><driver name='qemu' type='raw'/><source protocol='nbd' name='stranger'>"
+        f"<host name='127.0.0.1' port='{stranger.port}'/></source><target dev='vdx' bus='virtio'/>"
+        f"<alias name='ua-vol-00000000000000000000'/></disk>", both)
+    # The guest names disks in the order it finds them, whatever their target: this one is its vdb.
+    shell.wait_for("ls /sys/block", "vdb")
+
+    agent.start()
+    rec = agent.call("instance.get", {"uuid": uuid})
+    assert [(v["volume_id"], v["device_name"], v["status"]) for v in rec["volumes"]] == [
+        ("kept", "/dev/vdb", "attached")]
+    for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        devs = disk_devs(conn, uuid, flags)
+        assert "vdb" in devs and "vdx" not in devs, (flags, devs)
+    shell.wait_for("cat /sys/block/vd*/serial", "kept")
+    # The stranger is gone from the guest too: the CD-ROM, the root disk and the volume, no more.
+    blocks = shell.run("ls /sys/block").split()
+    assert len(blocks) == 3 and {"sr0", "vda"} < set(blocks), blocks

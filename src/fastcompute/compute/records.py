@@ -8,6 +8,7 @@ import time
 import msgspec
 
 from fastcompute.compute import configdrive
+from fastcompute.hypervisor.spec import SourceKind
 from fastcompute.images.cache import ImageSpec
 from fastcompute.protocol import InstanceRecord, NumaCell
 from fastcompute.protocol.ports import Port
@@ -20,7 +21,7 @@ class VolumeConnection(msgspec.Struct, kw_only=True):
     never in a record) and, for a path, whether it is a block device or a file."""
 
     connection_info: ConnectionInfo
-    source_kind: str = "network"
+    source_kind: SourceKind = "network"
 
 
 class Stored(msgspec.Struct, kw_only=True):

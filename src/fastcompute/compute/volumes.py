@@ -29,11 +29,12 @@ from fastcompute.compute.records import Stored, VolumeConnection
 from fastcompute.config import HypervisorConfig
 from fastcompute.errors import AgentError, BadRequest, Conflict, NotFound
 from fastcompute.hypervisor import targets
-from fastcompute.hypervisor.spec import Disk, DiskAuth
+from fastcompute.hypervisor.spec import Disk, DiskAuth, SourceKind
 from fastcompute.images import disks
 from fastcompute.protocol import InstanceRecord
 from fastcompute.protocol.volumes import (
     QOS_KEYS,
+    AttachStatus,
     BlockDevice,
     ConnectionInfo,
     FileConnection,
@@ -41,6 +42,7 @@ from fastcompute.protocol.volumes import (
     LocalConnection,
     NbdConnection,
     RbdConnection,
+    VolumeBus,
     VolumeRecord,
     VolumeSpec,
     boot_volume,
@@ -67,7 +69,7 @@ def alias(volume_id: str) -> str:
     return ALIAS_PREFIX + hashlib.sha1(volume_id.encode()).hexdigest()[:20]
 
 
-def source_kind(conn: ConnectionInfo, field: str) -> str:
+def source_kind(conn: ConnectionInfo, field: str) -> SourceKind:
     """Where a connection's disk comes from: network, or for a path a block device or a file
     (looked at now: NotFound naming the field when it is neither)."""
     if not isinstance(conn, LocalConnection | FileConnection):
@@ -89,32 +91,31 @@ def source_kind(conn: ConnectionInfo, field: str) -> str:
 def disk_of(instance: str, vol: VolumeRecord, conn: VolumeConnection, boot_order: int | None = None) -> Disk:
     """The guest disk of an attached volume."""
     info = conn.connection_info
-    data = info.data
-    qos = {k: int(v) for k, v in (data.qos_specs or {}).items() if k in QOS_KEYS}
-    common = {"role": "volume", "format": "raw", "bus": vol.bus, "target": vol.device_name.removeprefix("/dev/"),
-              "alias": alias(vol.volume_id), "serial": vol.serial, "read_only": vol.read_only,
-              "discard": data.discard, "iotune": qos or None, "boot_order": boot_order}
+    qos = {k: int(v) for k, v in (info.data.qos_specs or {}).items() if k in QOS_KEYS}
+    base = Disk(role="volume", source="", source_kind="network", format="raw", bus=vol.bus,
+                target=vol.device_name.removeprefix("/dev/"), alias=alias(vol.volume_id), serial=vol.serial,
+                read_only=vol.read_only, discard=info.data.discard, iotune=qos or None, boot_order=boot_order)
+    replace = msgspec.structs.replace
     if isinstance(info, IscsiConnection):
         d = info.data
         host, port = split_portal(d.target_portal) or (d.target_portal, 3260)
         auth = None
         if d.auth_method is not None and d.auth_username and d.auth_password:
+            # One secret per instance and volume, its uuid derived: found again after a crash.
             secret = str(uuid_mod.uuid5(_SECRETS, f"{instance}/{vol.volume_id}"))
             auth = DiskAuth(username=d.auth_username, secret_type="iscsi", secret_uuid=secret, value=d.auth_password)
-        return Disk(source=f"{d.target_iqn}/{d.target_lun}", source_kind="network", protocol="iscsi",
-                    hosts=[(host, port)], auth=auth, **common)  # type: ignore[arg-type]
+        return replace(base, source=f"{d.target_iqn}/{d.target_lun}", protocol="iscsi", hosts=[(host, port)],
+                       auth=auth)
     if isinstance(info, NbdConnection):
-        return Disk(source=info.data.export_name, source_kind="network", protocol="nbd",
-                    hosts=[(info.data.host, info.data.port)], **common)  # type: ignore[arg-type]
+        return replace(base, source=info.data.export_name, protocol="nbd", hosts=[(info.data.host, info.data.port)])
     if isinstance(info, RbdConnection):
         r = info.data
         auth = None
         if r.auth_enabled and r.auth_username and r.secret_uuid:
             auth = DiskAuth(username=r.auth_username, secret_type="ceph", secret_uuid=r.secret_uuid)
-        return Disk(source=r.name, source_kind="network", protocol="rbd",
-                    hosts=[(h, int(p)) for h, p in zip(r.hosts, r.ports, strict=True)], auth=auth,
-                    **common)  # type: ignore[arg-type]
-    return Disk(source=info.data.device_path, source_kind=conn.source_kind, **common)  # type: ignore[arg-type]
+        return replace(base, source=r.name, protocol="rbd", auth=auth,
+                       hosts=[(h, int(p)) for h, p in zip(r.hosts, r.ports, strict=True)])
+    return replace(base, source=info.data.device_path, source_kind=conn.source_kind)
 
 
 def boots_from_volume(stored: Stored) -> bool:
@@ -157,7 +158,7 @@ def from_mapping(args: SpawnArgs) -> tuple[list[VolumeRecord], dict[str, VolumeC
     return records, conns
 
 
-def _record(b: BlockDevice, dev: str, bus: str) -> VolumeRecord:
+def _record(b: BlockDevice, dev: str, bus: VolumeBus) -> VolumeRecord:
     assert b.volume_id is not None and b.connection_info is not None
     return VolumeRecord(volume_id=b.volume_id, driver_volume_type=volume_type(b.connection_info),
                         device_name="/dev/" + dev, bus=bus, serial=b.volume_id,
@@ -171,7 +172,7 @@ def _set(stored: Stored, vols: list[VolumeRecord]) -> None:
     stored.volumes = {k: c for k, c in stored.volumes.items() if any(v.volume_id == k for v in vols)}
 
 
-def _status(stored: Stored, volume_id: str, status: str) -> list[VolumeRecord]:
+def _status(stored: Stored, volume_id: str, status: AttachStatus) -> list[VolumeRecord]:
     return [msgspec.structs.replace(v, status=status) if v.volume_id == volume_id else v
             for v in stored.record.volumes]
 

@@ -114,6 +114,8 @@ class SpawnArgs(_Args):
 
     ``hostname`` .. ``config_drive`` are what the guest is told at boot (its config drive and
     metadata): ``user_data`` is base64; ``config_drive`` None means ``[guest] config_drive``.
+    ``block_device_mapping`` (Nova's) attaches volumes at spawn; a volume with ``boot_index`` 0
+    is the boot disk, and the instance then has no local root disk.
     """
 
     name: Name

@@ -157,7 +157,7 @@ class VolumeRecord(Struct, kw_only=True):
     volume_id: str
     driver_volume_type: str
     device_name: str
-    bus: str
+    bus: VolumeBus
     serial: str
     read_only: bool = False
     boot_index: int | None = None
