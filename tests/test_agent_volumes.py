@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import subprocess
+import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from agent_fixtures import AgentProcess, call_error, spawn_args, spawn_in_state
-from test_guest_cpu import running_agent
+from test_guest_cpu import VALIDATE, kvm_guest, running_agent
 
+from fastcompute.compute.records import VolumeConnection
+from fastcompute.compute.volumes import disk_of
 from fastcompute.errors import BadRequest, Conflict, NotFound
+from fastcompute.hypervisor.libvirt.xml import build
+from fastcompute.protocol.volumes import ConnectionInfo, VolumeRecord
 
 PASSWORD = "chap-secret-0123"
 ISCSI = {"driver_volume_type": "iscsi", "data": {
@@ -306,7 +313,6 @@ def test_delete_of_an_instance_with_volumes_leaves_nothing(agent: AgentProcess, 
 
 def test_cli_verbs_attach_extend_and_detach(agent: AgentProcess, image_file: Path, tmp_path: Path) -> None:
     import json
-    import subprocess
     import sys
 
     rec = agent.call("instance.spawn", spawn_args(image_file, name="clivm", wait=True))
@@ -325,3 +331,31 @@ def test_cli_verbs_attach_extend_and_detach(agent: AgentProcess, image_file: Pat
     out = cli("detach-volume", "clivm", "vol9")
     assert out["volumes"] == []
     assert rec["uuid"] == out["uuid"]
+
+
+@pytest.mark.skipif(VALIDATE is None, reason="virt-xml-validate (Debian's libvirt-clients) is not installed")
+def test_every_volume_disk_is_valid_for_libvirts_schema(tmp_path: Path) -> None:
+    """The volume disks of a QEMU guest (CHAP and cephx auth, QoS, discard, serial, alias,
+    read-only, SCSI) against libvirt's own RelaxNG schema."""
+    instance = str(uuid_mod.uuid4())
+    lun = tmp_path / "lun.img"
+    lun.write_bytes(b"\0" * 4096)
+    vols = []
+    for i, (vid, info, bus) in enumerate((("v-iscsi", ISCSI, "virtio"), ("v-nbd", NBD, "virtio"),
+                                          ("v-rbd", RBD, "scsi"), ("v-file", local(lun, "file"), "virtio"))):
+        conn = VolumeConnection(connection_info=msgspec.convert(info, ConnectionInfo), source_kind="file")
+        rec = VolumeRecord(volume_id=vid, driver_volume_type=info["driver_volume_type"],
+                           device_name=f"/dev/{'sd' if bus == 'scsi' else 'vd'}{'bcde'[i]}", bus=bus,
+                           serial=vid, read_only=vid == "v-rbd")
+        vols.append(disk_of(instance, rec, conn))
+    spec = kvm_guest(uuid=instance, virt_type="qemu", cpu_mode="custom", cpu_model="qemu64", cpu_features=[],
+                     disks=[*kvm_guest().disks, *vols])
+    path = tmp_path / "domain.xml"
+    path.write_text(build(spec))
+    assert VALIDATE is not None
+    run = subprocess.run([VALIDATE, str(path), "domain"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    disks = disks_of(path.read_text())
+    assert {"vdb", "vdc", "sdd", "vde"} <= set(disks)
+    alias = disks["vdb"].find("alias")
+    assert alias is not None and alias.get("name", "").startswith("ua-vol-")
