@@ -19,7 +19,7 @@ set -euo pipefail
 
 STATE="${FASTCOMPUTE_LIBVIRTD_STATE:-/run/fastcompute-libvirtd}"
 URI=qemu:///system
-APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils)
+APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils qemu-block-extra tgt)
 QEMU_CONF=/etc/libvirt/qemu.conf
 
 log() { echo "libvirtd.sh: $*" >&2; }

@@ -28,6 +28,7 @@ from fastcompute.compute.manager import Manager
 from fastcompute.compute.rebuild import Rebuild
 from fastcompute.compute.rescue import Rescue
 from fastcompute.compute.softdelete import SoftDelete
+from fastcompute.compute.volumes import Volumes
 from fastcompute.config import Config
 from fastcompute.console import ConsoleProxy, Tokens
 from fastcompute.errors import Conflict, NotFound
@@ -130,6 +131,17 @@ class Agent:
         async def set_groups(a: protocol.SecurityGroupsArgs) -> Any:
             return await m.set_security_groups(a.uuid, a.port_id, a.security_groups)
 
+        vols = Volumes(m, self.cfg.hypervisor)
+
+        async def attach_volume(a: protocol.AttachVolumeArgs) -> Any:
+            return await vols.attach(a.uuid, a.volume)
+
+        async def detach_volume(a: protocol.DetachVolumeArgs) -> Any:
+            return await vols.detach(a.uuid, a.volume_id)
+
+        async def extend_volume(a: protocol.ExtendVolumeArgs) -> Any:
+            return await vols.extend(a.uuid, a.volume_id, a.new_size_bytes)
+
         async def set_enabled(a: protocol.SetEnabledArgs) -> Any:
             return await m.set_enabled(a.enabled, a.reason)
 
@@ -172,6 +184,9 @@ class Agent:
             "instance.restore": lambda a: soft.restore(a.uuid),
             "instance.force_delete": lambda a: soft.force_delete(a.uuid),
             "instance.crash_dump": lambda a: crash_dump(m, a.uuid),
+            "instance.attach_volume": attach_volume,
+            "instance.detach_volume": detach_volume,
+            "instance.extend_volume": extend_volume,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:

@@ -76,6 +76,7 @@ class HypervisorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     shutdown_timeout_s: Annotated[float, _doc("Graceful (ACPI) shutdown wait before a forced stop")] = 60.0
     guest_agent_timeout_s: Annotated[float, _doc("How long a guest's QEMU guest agent has to answer the ping before instance.set_password, quiesce and unquiesce; no answer: CONFLICT (the guest runs no guest agent)")] = 5.0
     guest_agent_command_timeout_s: Annotated[float, _doc("How long the guest agent has to carry out set_password, a file-system freeze or thaw once it answered the ping")] = 60.0
+    volume_detach_timeout_s: Annotated[float, _doc("How long a running guest has to release a volume being detached (the request is sent up to three times in that while); a guest that does not is a HYPERVISOR_ERROR and the volume stays attached")] = 30.0
 
 
 class ResourcesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

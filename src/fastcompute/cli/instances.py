@@ -105,6 +105,28 @@ def _image_ref(given: str) -> dict[str, str]:
     if Path(given).exists():
         return {"url": Path(given).resolve().as_uri()}
     return {"id": given}
+def _connection_info(text: str) -> Any:
+    """Cinder's connection info from JSON on the command line or, as ``@FILE``, in a file
+    (which keeps a CHAP password out of the process list)."""
+    try:
+        return json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--connection-info: {exc}") from None
+
+
+def _attach_volume(a: argparse.Namespace) -> int:
+    spec: dict[str, Any] = {"id": a.volume_id, "connection_info": _connection_info(a.connection_info)}
+    spec.update({k: v for k, v in (("device_name", a.device_name), ("bus", a.bus), ("serial", a.serial)) if v})
+    if a.read_only:
+        spec["read_only"] = True
+    return _volume_op(a, "instance.attach_volume", {"volume": spec})
+
+
+def _volume_op(a: argparse.Namespace, op: str, args: dict[str, Any]) -> int:
+    with client(a) as c:
+        r = c.call(op, {"uuid": resolve(c, [a.uuid])[0], **args})
+    emit(a, r, show)
+    return 0
 
 
 def _each(op: protocol.Op, options: list[str]) -> Callable[[argparse.Namespace], int]:
@@ -197,6 +219,26 @@ def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     sp.add_argument("uuid", help="uuid, uuid prefix or name")
     sp.add_argument("--user", default="root", help="the user in the guest")
     sp.set_defaults(fn=_set_password)
+
+    av = sub.add_parser("attach-volume", parents=[common], help=ops["instance.attach_volume"].help)
+    av.add_argument("uuid", help="uuid, uuid prefix or name")
+    av.add_argument("volume_id")
+    av.add_argument("--connection-info", required=True, help="Cinder's connection info: JSON, or @FILE")
+    av.add_argument("--device-name", help="the guest's device, e.g. /dev/vdb (default: the next free one)")
+    av.add_argument("--bus", choices=["virtio", "scsi", "sata"])
+    av.add_argument("--serial", help="the disk's serial (default: the volume id)")
+    av.add_argument("--read-only", action="store_true")
+    av.set_defaults(fn=_attach_volume)
+    dv = sub.add_parser("detach-volume", parents=[common], help=ops["instance.detach_volume"].help)
+    dv.add_argument("uuid", help="uuid, uuid prefix or name")
+    dv.add_argument("volume_id")
+    dv.set_defaults(fn=lambda a: _volume_op(a, "instance.detach_volume", {"volume_id": a.volume_id}))
+    ev = sub.add_parser("extend-volume", parents=[common], help=ops["instance.extend_volume"].help)
+    ev.add_argument("uuid", help="uuid, uuid prefix or name")
+    ev.add_argument("volume_id")
+    ev.add_argument("new_size_bytes", type=int, help="the volume's size now, in bytes")
+    ev.set_defaults(fn=lambda a: _volume_op(a, "instance.extend_volume",
+                                            {"volume_id": a.volume_id, "new_size_bytes": a.new_size_bytes}))
 
     for op in ops.values():
         if op.verb is None or not (op.transition is not None or op.name in _EACH):

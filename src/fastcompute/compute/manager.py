@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from fastcompute import protocol
-from fastcompute.compute import configdrive, guest
+from fastcompute.compute import configdrive, guest, volumes
 from fastcompute.compute.cpu import HostCpu, check_traits, trait_features
 from fastcompute.compute.hardware import check_host, hardware
 from fastcompute.compute.records import Stored, image_spec, now, numa_cells
@@ -212,6 +212,7 @@ class Manager:
             return
         if rec.vm_state in ("error", "deleted"):
             return
+        await volumes.settle(self, uuid, dom is not None, self.cfg.hypervisor.volume_detach_timeout_s)
         if self._drive_wanted(uuid) and not disks.path(self.instance_dir(uuid), "config").exists():
             log.info("re-making the missing config drive of %s", uuid)
             await self._write_config_drive(uuid)
@@ -256,8 +257,7 @@ class Manager:
         tracker = self.tracker
         return guest.guest_spec(
             stored.record, stored.ports, idir,
-            disks=(disks.rescue_disks if stored.rescue else disks.spawn_disks)(
-                idir, self.images.disk_format(), self._drive_wanted(uuid)),
+            disks=volumes.instance_disks(uuid, stored, idir, self.images.disk_format(), self._drive_wanted(uuid)),
             interfaces=[Interface(p.tap, p.mac, p.mtu) for p in self.network.plugged(uuid) if p.tap not in skip_taps],
             claim=tracker.claims.get(uuid) if tracker is not None else None,
             numa_host=tracker.numa_host if tracker is not None else None,
@@ -311,6 +311,9 @@ class Manager:
         )
         self.publish("instance." + uuid, rec)
         return rec
+
+    # The volume workflow (compute/volumes.py) records and describes guests as these ops do.
+    commit, guest_spec = _commit, _guest
 
     def _progress(self, uuid: str) -> Callable[[str, int, int | None], None]:
         """A progress callback for a build's image work: ``progress.<uuid>`` events, at most
@@ -444,17 +447,18 @@ class Manager:
         if self.host_cpu is not None:
             check_traits(args.flavor.extra_specs, self.host_cpu)
         check_host(hardware(args.flavor.extra_specs, args.flavor.vcpus), self.host_features)
-        claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb,
-                              args.flavor.disk_gb, numa_request)
+        vols, conns = volumes.from_mapping(args)
+        local_gb = 0 if protocol.boot_volume(args.block_device_mapping) else args.flavor.disk_gb
+        claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb, local_gb, numa_request)
         ts = now()
         rec = InstanceRecord(
             uuid=uuid, name=args.name, project_id=args.project_id, vm_state="building",
             task_state="spawning", power_state="nostate", flavor=args.flavor, image=image,
             host=self.hostname, numa=numa_cells(numa_request, claim.numa_placement), created_at=ts,
-            updated_at=ts, metadata=args.metadata,
+            updated_at=ts, metadata=args.metadata, volumes=vols,
         )
         stored = Stored(record=rec, digest=digest, request_id=request_id, ports=ports,
-                        bootstrap=configdrive.bootstrap_of(args, uuid, self.cfg.guest))
+                        bootstrap=configdrive.bootstrap_of(args, uuid, self.cfg.guest), volumes=conns)
         self.instances[uuid] = stored
         lock = self._locks[uuid] = asyncio.Lock()
         self._own_ports(uuid, ports)
@@ -530,15 +534,24 @@ class Manager:
                 return False
 
     async def _build_fetch(self, uuid: str, stored: Stored) -> bool:
-        return await self._fetch_image(uuid, stored.record)
+        return volumes.boots_from_volume(stored) or await self._fetch_image(uuid, stored.record)
 
     async def _build_disk(self, uuid: str, stored: Stored) -> bool:
-        rec = stored.record
         # The config drive is written in the worker job that makes the root disk.
         drive = self._config_drive(uuid, new=True) if self._drive_wanted(uuid) else None
-        await self.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, self._progress(uuid),
-                                       beside=drive)
+        await self._prepare_root(uuid, stored.record, drive)
         return True
+
+    async def _prepare_root(self, uuid: str, rec: InstanceRecord, drive: Callable[[Path], None] | None = None) -> None:
+        """The local root disk from the image (and the config drive beside it, with ``drive``);
+        an instance booted from a volume only gets its directory (and its drive)."""
+        if volumes.boots_from_volume(self.instances[uuid]):
+            self.instance_dir(uuid).mkdir(parents=True, exist_ok=True)
+            if drive is not None:
+                drive(self.instance_dir(uuid))
+        else:
+            await self.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, self._progress(uuid),
+                                           beside=drive)
 
     async def _build_ports(self, uuid: str, stored: Stored) -> bool:
         if stored.ports:
@@ -628,13 +641,13 @@ class Manager:
                                       fault=rec.fault if target != "active" else None)
 
     @contextlib.asynccontextmanager
-    async def in_guest(self, uuid: str, op: str) -> AsyncIterator[InstanceRecord]:
-        """An active instance with no task, held under its lock, for an op that acts inside
-        the guest and changes nothing of the record (the guest agent's ops)."""
-        before = self._check(uuid, op, _ACTIVE)
+    async def in_guest(self, uuid: str, op: str, allowed: frozenset[str] = _ACTIVE) -> AsyncIterator[InstanceRecord]:
+        """An instance in ``allowed`` (active) with no task, held under its lock, for an op on
+        its guest (the guest agent's, the volumes')."""
+        before = self._check(uuid, op, allowed)
         async with self._locks[uuid]:
             self._same(uuid, before)
-            yield self._check(uuid, op, _ACTIVE).record
+            yield self._check(uuid, op, allowed).record
 
     def _check(self, uuid: str, op: str, allowed: frozenset[str]) -> Stored:
         stored = self._get(uuid)
@@ -684,14 +697,15 @@ class Manager:
         rec = self.instances[uuid].record
         reclaimed = uuid not in tracker.claims
         if reclaimed:
+            bfv = volumes.boots_from_volume(self.instances[uuid])
             claim = tracker.claim(uuid, rec.project_id, rec.flavor.vcpus, rec.flavor.memory_mb,
-                                  rec.flavor.disk_gb, flavor_request(rec.flavor))
+                                  0 if bfv else rec.flavor.disk_gb, flavor_request(rec.flavor))
             await self.store.write([self.store.put_claim(uuid, rec.project_id, claim)])
             rec.numa = numa_cells(claim.numa_request, claim.numa_placement)
             self._mark_resources_changed()
         try:
             if not disks.path(self.instance_dir(uuid), "root").exists():
-                await self.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, self._progress(uuid))
+                await self._prepare_root(uuid, rec)
             if self._drive_wanted(uuid) and not disks.path(self.instance_dir(uuid), "config").exists():
                 await self._write_config_drive(uuid)
             if self.instances[uuid].ports:

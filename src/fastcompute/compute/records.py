@@ -8,14 +8,25 @@ import time
 import msgspec
 
 from fastcompute.compute import configdrive
+from fastcompute.hypervisor.spec import SourceKind
 from fastcompute.images.cache import ImageSpec
 from fastcompute.protocol import Image, InstanceRecord, NumaCell
 from fastcompute.protocol.ports import Port
+from fastcompute.protocol.volumes import ConnectionInfo
 from fastcompute.resources.numa_types import NumaRequest, Placement
 
 
+class VolumeConnection(msgspec.Struct, kw_only=True):
+    """How an attached volume is reached (Cinder's connection info, CHAP passwords and all:
+    never in a record) and, for a path, whether it is a block device or a file."""
+
+    connection_info: ConnectionInfo
+    source_kind: SourceKind = "network"
+
+
 class Stored(msgspec.Struct, kw_only=True):
-    """An instance as the store keeps it: the wire record plus what only the agent needs."""
+    """An instance as the store keeps it: the wire record plus what only the agent needs
+    (``volumes``: the connection of each volume of ``record.volumes``, by volume id)."""
 
     record: InstanceRecord
     digest: str
@@ -29,6 +40,7 @@ class Stored(msgspec.Struct, kw_only=True):
     from the rescue disk, with the root disk second."""
     soft_deleted_at: float | None = None
     """When a soft delete stopped the instance (epoch seconds): its reclaim is due an interval later."""
+    volumes: dict[str, VolumeConnection] = {}
 
 
 def now() -> str:

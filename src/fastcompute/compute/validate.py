@@ -38,6 +38,17 @@ from fastcompute.protocol import (
     SpawnArgs,
 )
 from fastcompute.protocol.ports import Port, SecurityGroup
+from fastcompute.protocol.schema import AttachVolumeArgs
+from fastcompute.protocol.volumes import (
+    QOS_KEYS,
+    BlockDevice,
+    ConnectionInfo,
+    IscsiConnection,
+    RbdConnection,
+    VolumeSpec,
+    boot_volume,
+    split_portal,
+)
 from fastcompute.resources import numa
 from fastcompute.resources.numa_types import NumaRequest
 
@@ -217,8 +228,80 @@ def check_bootstrap(a: SpawnArgs) -> None:
     check_key_pairs(a.key_pairs, "args.key_pairs")
 
 
+def check_connection(conn: ConnectionInfo, field: str) -> None:
+    """What the connection-info types cannot say: QoS values are integers, an iSCSI portal has
+    a port number and CHAP both a user and a password, RBD monitors a port each and cephx a
+    user and a secret; encrypted volumes are refused (this agent has no key manager)."""
+    d = conn.data
+    if d.encrypted:
+        raise protocol.invalid(f"{field}.data.encrypted", "encrypted volumes are not supported by this agent")
+    for key, value in (d.qos_specs or {}).items():
+        if key not in QOS_KEYS:
+            continue
+        number = value if isinstance(value, int) else protocol.parse_uint(value)
+        if number is None or number > _INT64_MAX:
+            raise protocol.invalid(f"{field}.data.qos_specs.{key}", "must be a non-negative integer")
+    if isinstance(conn, IscsiConnection):
+        if split_portal(conn.data.target_portal) is None:
+            raise protocol.invalid(f"{field}.data.target_portal", "must be host:port with a port from 1 to 65535")
+        if conn.data.auth_method is not None:
+            for key in ("auth_username", "auth_password"):
+                if getattr(conn.data, key) is None:
+                    raise protocol.invalid(f"{field}.data.{key}", "CHAP needs a user name and a password")
+    elif isinstance(conn, RbdConnection):
+        r = conn.data
+        if len(r.ports) != len(r.hosts) or any(protocol.parse_uint(str(p)) not in range(1, 65536) for p in r.ports):
+            raise protocol.invalid(f"{field}.data.ports", "needs a port number (1 to 65535) for each of the hosts")
+        if r.auth_enabled:
+            for key in ("auth_username", "secret_uuid"):
+                if getattr(r, key) is None:
+                    raise protocol.invalid(f"{field}.data.{key}", "cephx (auth_enabled) needs a user and a secret")
+
+
+def _check_device(device_name: str | None, bus: str | None, field: str) -> None:
+    prefix = {"virtio": "vd", "scsi": "sd", "sata": "sd"}[bus or "virtio"]
+    if device_name is not None and not device_name.removeprefix("/dev/").startswith(prefix):
+        raise protocol.invalid(field, f"a {bus or 'virtio'} disk's name starts with {prefix}")
+
+
+def check_volume(spec: VolumeSpec, field: str) -> None:
+    """A volume to attach: its connection and its device name (of its bus)."""
+    check_connection(spec.connection_info, f"{field}.connection_info")
+    _check_device(spec.device_name, spec.bus, f"{field}.device_name")
+
+
+def check_mapping(mapping: Sequence[BlockDevice], field: str) -> None:
+    """A spawn's block device mapping: volumes Cinder connected (the agent creates none), at
+    most one boot device, each volume once; the image as local root only as the boot device."""
+    seen: set[str] = set()
+    boots = 0
+    for i, b in enumerate(mapping):
+        f = f"{field}[{i}]"
+        boots += b.boot_index == 0
+        if b.source_type == "image" and b.destination_type == "local":
+            if b.boot_index != 0:
+                raise protocol.invalid(f"{f}.boot_index", "the image is the local root disk: boot_index 0")
+            continue
+        if b.source_type != "volume" or b.destination_type != "volume":
+            raise protocol.invalid(f"{f}.source_type", "only volume to volume (a volume Cinder created and "
+                                   "connected) and image to local (the root disk) are supported here")
+        if b.volume_id is None:
+            raise protocol.invalid(f"{f}.volume_id", "a volume mapping needs the volume's id")
+        if b.connection_info is None:
+            raise protocol.invalid(f"{f}.connection_info", "a volume mapping needs Cinder's connection info")
+        if b.volume_id in seen:
+            raise protocol.invalid(f"{f}.volume_id", f"volume {b.volume_id} is mapped twice")
+        seen.add(b.volume_id)
+        check_connection(b.connection_info, f"{f}.connection_info")
+        _check_device(b.device_name, b.disk_bus, f"{f}.device_name")
+    if boots > 1:
+        raise protocol.invalid(field, "at most one device may have boot_index 0")
+
+
 def _spawn(a: SpawnArgs) -> None:
-    check_image(a.image)
+    check_mapping(a.block_device_mapping, "args.block_device_mapping")
+    if boot_volume(a.block_device_mapping) is None or a.image.id is not None or a.image.url is not None:
+        check_image(a.image)
     flavor_request(a.flavor)
     check_port_forms(a.networks, "args.networks")
     check_subnets(a.networks, "args.networks")
@@ -237,6 +320,8 @@ def _groups(a: SecurityGroupsArgs) -> None:
 def _rescue(a: RescueArgs) -> None:
     if a.image is not None:
         check_image(a.image)
+def _attach_volume(a: AttachVolumeArgs) -> None:
+    check_volume(a.volume, "args.volume")
 
 
 _CHECKS: Final[dict[type[Any], Callable[[Any], None]]] = {
@@ -245,6 +330,7 @@ _CHECKS: Final[dict[type[Any], Callable[[Any], None]]] = {
     SecurityGroupsArgs: _groups,
     RebuildArgs: lambda a: check_image(a.image),
     RescueArgs: _rescue,
+    AttachVolumeArgs: _attach_volume,
 }
 
 

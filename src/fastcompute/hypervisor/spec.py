@@ -24,6 +24,18 @@ GraphicsType = Literal["vnc", "spice"]
 ConsoleKind = Literal["vnc", "spice", "serial"]
 
 
+class DiskAuth(msgspec.Struct, frozen=True, kw_only=True):
+    """How a network disk logs in: ``username`` and the hypervisor's secret ``secret_uuid``
+    (of ``secret_type`` iscsi or ceph) holding the password or key. With ``value`` the driver
+    keeps that secret itself (defined before the disk is attached, removed when the instance's
+    volumes are released); without, the secret is the operator's and must exist."""
+
+    username: str
+    secret_type: Literal["iscsi", "ceph"]
+    secret_uuid: str
+    value: str | None = None
+
+
 class Disk(msgspec.Struct, frozen=True, kw_only=True):
     """One disk of a guest.
 
@@ -32,6 +44,12 @@ class Disk(msgspec.Struct, frozen=True, kw_only=True):
     block device path (``block``) or the volume's name on its ``protocol``'s ``hosts``
     (``network``, e.g. an RBD ``pool/image``). Disks are attached in list order; a disk with a
     ``boot_order`` is a boot device, lowest first.
+
+    A volume's disk also has: ``target`` the guest device it must be (``vdb``; None: the next
+    free name of its bus), ``alias`` the name the hypervisor knows the device by (a detach
+    waits for that device's removal), ``serial`` what the guest reads as its serial number,
+    ``discard`` (guest TRIM passed down), ``iotune`` its own I/O limits (``QOS_KEYS`` names;
+    None: the flavor's) and ``auth`` a network disk's login.
     """
 
     role: str
@@ -44,6 +62,12 @@ class Disk(msgspec.Struct, frozen=True, kw_only=True):
     read_only: bool = False
     protocol: str | None = None
     hosts: list[tuple[str, int]] = []
+    target: str | None = None
+    alias: str | None = None
+    serial: str | None = None
+    discard: bool = False
+    iotune: dict[str, int] | None = None
+    auth: DiskAuth | None = None
 
 
 class Interface(msgspec.Struct, frozen=True):

@@ -19,8 +19,11 @@ from fastcompute.errors import BadRequest, UnknownOp
 from fastcompute.protocol.schema import (
     TOO_DEEP,
     AttachPortArgs,
+    AttachVolumeArgs,
     ConsoleArgs,
     DetachPortArgs,
+    DetachVolumeArgs,
+    ExtendVolumeArgs,
     GetConsoleArgs,
     ListArgs,
     NoArgs,
@@ -139,6 +142,12 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
                frozenset({"soft_deleted"}), "restoring", "active"),
     Op("instance.force_delete", UuidArgs, "delete instances at once, soft-deleted ones too", verb="force-delete"),
     Op("instance.crash_dump", UuidArgs, "inject an NMI into guests (their kernel's crash dump)", verb="crash-dump"),
+    Op("instance.attach_volume", AttachVolumeArgs, "attach a volume (Cinder's connection info) to an instance",
+       verb="attach-volume"),
+    Op("instance.detach_volume", DetachVolumeArgs, "detach a volume from an instance (the guest releases it first)",
+       verb="detach-volume"),
+    Op("instance.extend_volume", ExtendVolumeArgs, "tell an instance one of its volumes has grown",
+       verb="extend-volume"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}

@@ -18,6 +18,7 @@ from msgspec import Meta, Raw, Struct
 from fastcompute.errors import AgentError, BadRequest
 from fastcompute.hypervisor.spec import HostCell, HypervisorInfo
 from fastcompute.protocol.ports import Port, SecurityGroup
+from fastcompute.protocol.volumes import BlockDevice, VolumeId, VolumeRecord, VolumeSpec
 from fastcompute.resources.numa_types import HostUsage
 
 VERSION: Final = 1
@@ -114,6 +115,8 @@ class SpawnArgs(_Args):
 
     ``hostname`` .. ``config_drive`` are what the guest is told at boot (its config drive and
     metadata): ``user_data`` is base64; ``config_drive`` None means ``[guest] config_drive``.
+    ``block_device_mapping`` (Nova's) attaches volumes at spawn; a volume with ``boot_index`` 0
+    is the boot disk, and the instance then has no local root disk.
     """
 
     name: Name
@@ -131,6 +134,7 @@ class SpawnArgs(_Args):
     vendor_data: dict[ShortStr, Any] | None = None
     config_drive: bool | None = None
     launch_index: Annotated[int, Meta(ge=0, le=65535)] = 0
+    block_device_mapping: Annotated[list[BlockDevice], Meta(max_length=26)] = []
 
 
 class UuidArgs(_Args):
@@ -255,6 +259,29 @@ class SecurityGroupsArgs(_Args):
     security_groups: list[SecurityGroup]
 
 
+class AttachVolumeArgs(_Args):
+    """``instance.attach_volume``: Cinder's connection to a volume, attached to the guest."""
+
+    uuid: UuidStr
+    volume: VolumeSpec
+
+
+class DetachVolumeArgs(_Args):
+    """``instance.detach_volume``."""
+
+    uuid: UuidStr
+    volume_id: VolumeId
+
+
+class ExtendVolumeArgs(_Args):
+    """``instance.extend_volume``: the volume has grown (Cinder extended it) to
+    ``new_size_bytes``; the guest is told."""
+
+    uuid: UuidStr
+    volume_id: VolumeId
+    new_size_bytes: Annotated[int, Meta(ge=1, le=1 << 60)]
+
+
 class SetEnabledArgs(_Args):
     """``host.set_enabled`` (extension): take the host out of scheduling, or back in."""
 
@@ -316,6 +343,7 @@ class InstanceRecord(Struct, kw_only=True):
     updated_at: str
     fault: Fault | None = None
     metadata: dict[str, str] = {}
+    volumes: list[VolumeRecord] = []
 
 
 class Reply(Struct, omit_defaults=True):

@@ -17,14 +17,23 @@ import libvirtaio
 
 from fastcompute.errors import Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
-from fastcompute.hypervisor.libvirt import capabilities, consoles, stats
+from fastcompute.hypervisor.libvirt import capabilities, consoles, secrets, stats
 from fastcompute.hypervisor.libvirt.migration import Migration
 from fastcompute.hypervisor.libvirt.names import domain_name, qemu_pid
-from fastcompute.hypervisor.libvirt.xml import NAMESPACE, build, interface_xml
+from fastcompute.hypervisor.libvirt.xml import (
+    NAMESPACE,
+    USER_ALIAS,
+    build,
+    disk_aliases,
+    disk_targets,
+    disk_xml,
+    interface_xml,
+)
 from fastcompute.hypervisor.spec import (
     ConsoleEndpoint,
     ConsoleKind,
     CpuMode,
+    Disk,
     DomainStats,
     GuestSpec,
     HostFacts,
@@ -64,6 +73,8 @@ _NO_AGENT: Final = frozenset({libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ER
 # loading thread, which happened to one guest of a CI boot storm of eight. Another try works.
 _TRANSIENT: Final = os.strerror(errno.EAGAIN)
 START_TRIES: Final = 3
+DETACH_TRIES: Final = 3
+"""How many times a live detach is asked of a guest that has not released the device."""
 
 
 def start_domain(dom: Any, pause_s: float = 0.05) -> None:
@@ -99,12 +110,19 @@ class LibvirtDriver:
         self._reconnect: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self._migrations: dict[str, Migration] = {}
+        # (domain uuid, device alias) -> the detach waiting for the guest to release it
+        self._removals: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     @property
     def _undefine(self) -> int:
         # A UEFI guest's NVRAM (its firmware variables) goes with its domain, where a plain
         # undefine refuses; the test hypervisor has no NVRAM and takes no flag.
         return 0 if self.uri.startswith("test:") else libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+
+    @property
+    def _secrets(self) -> bool:
+        # libvirt's test hypervisor has no secrets: its network disks name theirs unchecked.
+        return not self.uri.startswith("test:")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -130,6 +148,7 @@ class LibvirtDriver:
         # one this agent made and recorded, and its events would only cost a dispatch each.
         if not self.uri.startswith("test:"):
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._device_removed, None)
             conn.registerCloseCallback(self._closed, None)
             conn.setKeepAlive(5, 3)
         self._conn = conn
@@ -184,6 +203,11 @@ class LibvirtDriver:
                 state = "shutdown"
         if state is not None and self._on_event is not None:
             self._on_event(PowerEvent(dom.UUIDString(), state))
+
+    def _device_removed(self, _conn: Any, dom: Any, alias: str, _opaque: Any) -> None:
+        waiter = self._removals.get((dom.UUIDString(), alias))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def _ready(self) -> Any:
         if self._conn is None:
@@ -333,6 +357,8 @@ class LibvirtDriver:
         xml = build(guest)
 
         def run() -> str:
+            if self._secrets:
+                secrets.define(conn, guest.uuid, [d.auth for d in guest.disks if d.auth is not None])
             dom = conn.defineXML(xml)
             if start:
                 try:
@@ -437,20 +463,132 @@ class LibvirtDriver:
 
     async def _change_device(self, uuid: str, device_xml: str, domain_xml: str, attach: bool) -> None:
         conn = await self._ready()
+        await self._call(self._device, conn, uuid, device_xml, domain_xml, attach)
+
+    # -- volumes --------------------------------------------------------------------------------
+
+    async def attach_volume(self, uuid: str, disk: Disk, guest: GuestSpec) -> None:
+        """Add a volume's disk (``disk.target`` its device): live and persistent on a running
+        domain, persistent on a stopped one (libvirt's test hypervisor, which cannot hot-plug:
+        by defining ``guest``). Its secret is defined first; when the attach fails (QEMU cannot
+        reach the target, say) the secret goes again, and the domain is as it was."""
+        conn = await self._ready()
+        assert disk.target is not None
+        device = disk_xml(disk, disk.target)
+        domain = build(guest)
 
         def run() -> None:
-            dom = self._lookup(conn, uuid)
-            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-            if dom.isActive():
-                flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+            if self._secrets:
+                secrets.define(conn, uuid, [disk.auth] if disk.auth is not None else [])
             try:
-                (dom.attachDeviceFlags if attach else dom.detachDeviceFlags)(device_xml, flags)
+                self._device(conn, uuid, device, domain, attach=True)
+            except BaseException:
+                if self._secrets:
+                    secrets.remove(conn, disk.auth)
+                raise
+
+        await self._call(run)
+
+    def _device(self, conn: Any, uuid: str, device_xml: str, domain_xml: str, attach: bool,
+                live: bool = True) -> None:
+        """Attach or detach a device, live too on a running domain (unless not ``live``); a
+        hypervisor that cannot (libvirt's test driver) gets the domain defined as ``domain_xml``."""
+        dom = self._lookup(conn, uuid)
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if live and dom.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        try:
+            (dom.attachDeviceFlags if attach else dom.detachDeviceFlags)(device_xml, flags)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise
+            conn.defineXML(domain_xml)
+
+    async def detach_volume(self, uuid: str, disk: Disk, guest: GuestSpec, timeout_s: float) -> None:
+        """Remove a volume's disk. A running guest must release the device first (QEMU's
+        detach is a request to the guest): the request is sent, the device-removed event
+        awaited, the request sent again, up to ``DETACH_TRIES`` times within ``timeout_s``;
+        a device still there after that is a HypervisorError and stays attached (live and
+        persistent). Then the persistent definition loses it and its secret goes."""
+        conn = await self._ready()
+        assert disk.target is not None
+        device = disk_xml(disk, disk.target)
+        domain = build(guest)
+        dom = await self._call(self._lookup, conn, uuid)
+        # The test hypervisor cannot unplug: its guest loses the disk at its next start.
+        if await self._call(dom.isActive) and not self.uri.startswith("test:"):
+            await self._release(conn, dom, uuid, disk, device, timeout_s)
+
+        def persistent() -> None:
+            try:
+                self._device(conn, uuid, device, domain, attach=False, live=False)
+            except libvirt.libvirtError as exc:
+                # Gone from both definitions already (the live detach took the persistent one).
+                if exc.get_error_code() not in (libvirt.VIR_ERR_DEVICE_MISSING, libvirt.VIR_ERR_OPERATION_FAILED):
+                    raise
+            if self._secrets:
+                secrets.remove(conn, disk.auth)
+
+        await self._call(persistent)
+
+    async def _release(self, conn: Any, dom: Any, uuid: str, disk: Disk, device: str, timeout_s: float) -> None:
+        key = (uuid, USER_ALIAS + (disk.alias or ""))
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._removals[key] = waiter
+        dev = disk.target
+
+        def present() -> bool:
+            return dev in disk_targets(dom.XMLDesc(0))
+
+        def ask() -> None:
+            try:
+                dom.detachDeviceFlags(device, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                # Already on its way out (an earlier request the guest is still acting on),
+                # or gone: the event or the look that follows says which.
+                if exc.get_error_code() not in (libvirt.VIR_ERR_DEVICE_MISSING, libvirt.VIR_ERR_OPERATION_FAILED,
+                                                libvirt.VIR_ERR_OPERATION_INVALID):
+                    raise
+
+        try:
+            for attempt in range(1, DETACH_TRIES + 1):
+                if not await self._call(present):
+                    return
+                await self._call(ask)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), timeout_s / DETACH_TRIES)
+                    return
+                log.info("guest %s has not released %s yet (try %d of %d)", uuid, dev, attempt, DETACH_TRIES)
+            if await self._call(present):
+                raise HypervisorError(f"the guest of {uuid} did not release {dev} within {timeout_s:g}s; "
+                                      "it stays attached (try again, or stop the instance and detach)")
+        finally:
+            self._removals.pop(key, None)
+
+    async def extend_volume(self, uuid: str, disk: Disk, size_bytes: int) -> bool:
+        """Tell a running domain that a volume's disk is now ``size_bytes`` (blockResize);
+        False when the domain does not run (its guest reads the size at its next start) or
+        the hypervisor cannot resize (libvirt's test hypervisor)."""
+        conn = await self._ready()
+
+        def run() -> bool:
+            dom = self._lookup(conn, uuid)
+            if not dom.isActive():
+                return False
+            try:
+                dom.blockResize(disk.target, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
                     raise
-                conn.defineXML(domain_xml)
+                return False
+            return True
 
-        await self._call(run)
+        return await self._call(run)
+
+    async def volume_devices(self, uuid: str) -> dict[str, str]:
+        """The disks of the domain (live when it runs) that carry our alias: alias -> device."""
+        conn = await self._ready()
+        return disk_aliases(await self._call(lambda: str(self._lookup(conn, uuid).XMLDesc(0))))
 
     async def destroy(self, uuid: str) -> None:
         """Stop and undefine a domain, with its managed save; absent domains are fine."""
@@ -460,15 +598,19 @@ class LibvirtDriver:
             try:
                 dom = self._lookup(conn, uuid)
             except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return
-                raise
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                if self._secrets:
+                    secrets.remove_instance(conn, uuid)  # an attach interrupted before its domain existed
+                return
             name = dom.name()
             if dom.isActive():
                 dom.destroy()
             if dom.hasManagedSaveImage():
                 dom.managedSaveRemove()
             dom.undefineFlags(self._undefine)
+            if self._secrets:
+                secrets.remove_instance(conn, uuid)
             if self.uri.startswith("qemu:"):
                 # libvirt keeps the QEMU log of a domain forever; a deleted instance leaves nothing.
                 with contextlib.suppress(FileNotFoundError):
@@ -517,11 +659,13 @@ class LibvirtDriver:
 
         return await self._call(run)
 
-    async def domain_xml(self, uuid: str) -> str:
-        """A domain's XML as libvirt holds it (for tests and an operator's debugging; the
-        test hypervisor lives inside the agent's process, so this is the only way to see it)."""
+    async def domain_xml(self, uuid: str, persistent: bool = False) -> str:
+        """A domain's XML as libvirt holds it, live or (``persistent``) its definition (for
+        tests and an operator's debugging; the test hypervisor lives inside the agent's
+        process, so this is the only way to see it)."""
         conn = await self._ready()
-        return await self._call(lambda: str(self._lookup(conn, uuid).XMLDesc(0)))
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if persistent else 0
+        return await self._call(lambda: str(self._lookup(conn, uuid).XMLDesc(flags)))
 
     async def console_endpoint(self, uuid: str, kind: ConsoleKind) -> ConsoleEndpoint:
         """Where the running domain's ``kind`` console is, from its live XML (NotFound without

@@ -29,7 +29,8 @@ from typing import Any
 import libvirt
 
 from fastcompute.errors import HypervisorError
-from fastcompute.hypervisor.libvirt.xml import build, disk_targets
+from fastcompute.hypervisor import targets
+from fastcompute.hypervisor.libvirt.xml import build
 from fastcompute.hypervisor.spec import (
     MigrationFallback,
     MigrationPolicy,
@@ -60,7 +61,7 @@ def flags(policy: MigrationPolicy, copy_disks: bool) -> int:
 
 def copied_disks(target: MigrationTarget) -> list[str]:
     """The target devices of the disks to mirror: those of ``target.copy_roles``."""
-    return [dev for disk, dev in zip(target.guest.disks, disk_targets(target.guest), strict=True)
+    return [dev for disk, dev in zip(target.guest.disks, targets.assign(target.guest.disks), strict=True)
             if disk.role in target.copy_roles]
 
 

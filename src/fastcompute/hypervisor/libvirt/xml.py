@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from xml.sax.saxutils import escape
 
+from fastcompute.hypervisor import targets
 from fastcompute.hypervisor.libvirt.names import domain_name
 from fastcompute.hypervisor.spec import Disk, GuestSpec, Interface, Limits
 
 NAMESPACE = "http://fastcompute.org/xmlns/instance/1.0"
 PREFIX = "fastcompute"
+USER_ALIAS = "ua-"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 """The virtio-serial port name QEMU guest agents open (and libvirt looks for)."""
 
@@ -78,7 +81,7 @@ def build(spec: GuestSpec) -> str:
         "<devices>",
     ]
     iotune = _iotune(spec.limits)
-    for disk, dev in zip(spec.disks, disk_targets(spec), strict=True):
+    for disk, dev in zip(spec.disks, targets.assign(spec.disks), strict=True):
         parts.append(disk_xml(disk, dev, iotune, spec.packed_ring))
     parts.extend(interface_xml(i, spec) for i in spec.interfaces)
     parts.append(_serial(spec))
@@ -97,34 +100,10 @@ def build(spec: GuestSpec) -> str:
     return "".join(parts)
 
 
-_DEV_PREFIX = {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd"}
-
-
-def _dev_name(prefix: str, index: int) -> str:
-    """The guest device name of the index-th disk on a bus: vda..vdz, vdaa, vdab, ..."""
-    letters = ""
-    index += 1
-    while index:
-        index, rest = divmod(index - 1, 26)
-        letters = chr(ord("a") + rest) + letters
-    return prefix + letters
-
-
-def disk_targets(spec: GuestSpec) -> list[str]:
-    """Each disk's target device (``vda``), in the order of ``spec.disks``: per bus, in order."""
-    used: dict[str, int] = {}
-    devs = []
-    for disk in spec.disks:
-        prefix = _DEV_PREFIX[disk.bus]
-        index = used.get(prefix, 0)
-        used[prefix] = index + 1
-        devs.append(_dev_name(prefix, index))
-    return devs
-
-
 def disk_xml(disk: Disk, dev: str, iotune: str = "", packed: bool = False) -> str:
-    """A ``<disk>`` on target ``dev`` (``vda``); ``iotune`` is its ``<iotune>`` element, if any;
-    ``packed``: virtio packed virtqueues (virtio disks only)."""
+    """A ``<disk>`` on target ``dev`` (``vda``); ``iotune`` is the flavor's ``<iotune>``
+    element, if any (a disk with limits of its own has those instead); ``packed``: virtio
+    packed virtqueues (virtio disks only)."""
     if disk.source_kind == "file":
         source = f"<source file='{_a(disk.source)}'/>"
     elif disk.source_kind == "block":
@@ -132,13 +111,23 @@ def disk_xml(disk: Disk, dev: str, iotune: str = "", packed: bool = False) -> st
     else:
         hosts = "".join(f"<host name='{_a(h)}' port='{int(p)}'/>" for h, p in disk.hosts)
         source = f"<source protocol='{_a(disk.protocol or '')}' name='{_a(disk.source)}'>{hosts}</source>"
+    if disk.auth is not None:
+        source += (f"<auth username='{_a(disk.auth.username)}'>"
+                   f"<secret type='{disk.auth.secret_type}' uuid='{_a(disk.auth.secret_uuid)}'/></auth>")
+    if disk.iotune is not None:
+        inner = "".join(f"<{k}>{int(v)}</{k}>" for k, v in disk.iotune.items())
+        iotune = f"<iotune>{inner}</iotune>" if inner else ""
     boot = f"<boot order='{int(disk.boot_order)}'/>" if disk.boot_order is not None else ""
+    driver = (" packed='on'" if packed and disk.bus == "virtio" else "") + (
+        " discard='unmap'" if disk.discard else "")
+    serial = f"<serial>{_a(disk.serial)}</serial>" if disk.serial else ""
+    # libvirt keeps a user's alias only with its ua- prefix; QEMU's device id is then ours.
+    alias = f"<alias name='{USER_ALIAS}{_a(disk.alias)}'/>" if disk.alias else ""
     return (
         f"<disk type='{disk.source_kind}' device='{disk.device}'>"
-        f"<driver name='qemu' type='{_a(disk.format)}'"
-        + (" packed='on'" if packed and disk.bus == "virtio" else "") + f"/>{source}"
+        f"<driver name='qemu' type='{_a(disk.format)}'{driver}/>{source}"
         f"<target dev='{dev}' bus='{disk.bus}'/>"
-        + ("<readonly/>" if disk.read_only else "") + boot + iotune + "</disk>"
+        + ("<readonly/>" if disk.read_only else "") + serial + boot + iotune + alias + "</disk>"
     )
 
 
@@ -292,3 +281,20 @@ def _devices(spec: GuestSpec) -> list[str]:
     if spec.video is not None:
         parts.append(f"<video><model type='{spec.video}'/></video>")
     return parts
+
+
+def disk_aliases(domain_xml: str) -> dict[str, str]:
+    """The disks of a domain that carry an alias of ours: alias (without libvirt's ``ua-``)
+    -> device name."""
+    found: dict[str, str] = {}
+    for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
+        alias, target = disk.find("alias"), disk.find("target")
+        name = alias.get("name", "") if alias is not None else ""
+        if name.startswith(USER_ALIAS) and target is not None:
+            found[name.removeprefix(USER_ALIAS)] = target.get("dev", "")
+    return found
+
+
+def disk_targets(domain_xml: str) -> set[str]:
+    """The device names of a domain's disks."""
+    return {t.get("dev", "") for t in ET.fromstring(domain_xml).iterfind("devices/disk/target")}
