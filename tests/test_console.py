@@ -241,7 +241,7 @@ class World:
     """A proxy on 127.0.0.1 with a fake RFB server for instance A and an echoing unix socket
     as A's serial console; B exists but has no console."""
 
-    def __init__(self, store: Store, tmp_path: Path) -> None:
+    def __init__(self, store: Store, tmp_path: Path, allowed_origins: tuple[str, ...] = ()) -> None:
         self.store = store
         self.tmp_path = tmp_path
         self.novnc = tmp_path / "novnc"
@@ -253,7 +253,8 @@ class World:
         self.clock = Clock()
         self.clock.now = time.time()
         self.tokens = Tokens(store, 60.0, self.clock)
-        cfg = ConsoleConfig(enabled=True, listen="127.0.0.1:0", novnc_dir=str(self.novnc))
+        cfg = ConsoleConfig(enabled=True, listen="127.0.0.1:0", novnc_dir=str(self.novnc),
+                            allowed_origins=list(allowed_origins))
         self.proxy = ConsoleProxy(cfg, self.tokens, self.locate)
 
     async def locate(self, uuid: str, kind: ConsoleKind) -> ConsoleEndpoint:
@@ -291,9 +292,9 @@ class World:
         return f"ws://{parts.netloc}/{path}"
 
 
-def world_run(tmp_path: Path, body: Callable[[World], Awaitable[None]]) -> None:
+def world_run(tmp_path: Path, body: Callable[[World], Awaitable[None]], allowed_origins: tuple[str, ...] = ()) -> None:
     async def outer(store: Store) -> None:
-        async with World(store, tmp_path) as w:
+        async with World(store, tmp_path, allowed_origins) as w:
             await body(w)
 
     run(tmp_path, outer)
@@ -399,3 +400,44 @@ def test_base_url_behind_a_path_keeps_it_in_front_of_the_websocket(tmp_path: Pat
     novnc = proxy.url(A, "novnc", "T")
     assert novnc == f"https://consoles.example.com/fc/vnc_lite.html?path=fc%2Fvnc%2F{A}%3Ftoken%3DT"
     assert proxy.url(A, "serial", "T") == f"wss://consoles.example.com/fc/serial/{A}?token=T"
+
+
+def test_a_page_from_another_origin_cannot_open_a_console_and_spends_no_token(tmp_path: Path) -> None:
+    async def refused(url: str, origin: str) -> tuple[int, bytes]:
+        with pytest.raises(InvalidStatus) as exc:
+            async with connect(url, origin=origin):  # type: ignore[arg-type]
+                pass
+        return exc.value.response.status_code, exc.value.response.body
+
+    async def body(w: World) -> None:
+        own = w.proxy.base_url
+        reply = await w.proxy.get_console(record(A), "novnc")
+        for foreign in ("http://evil.example", own.replace("http:", "https:"), own + "1", "null", "x"):
+            assert await refused(w.ws(reply.url), foreign) == (403, b"origin not allowed\n"), foreign
+        # The refusals spent nothing: the page's own origin (any case, default port spelled
+        # or not) still opens the console with the same token.
+        async with connect(w.ws(reply.url), origin=own.upper().replace("HTTP:", "http:")) as ws:  # type: ignore[arg-type]
+            assert await ws.recv() == RFB_BANNER
+
+    world_run(tmp_path, body)
+
+
+def test_allowed_origins_widen_the_proxys_own(tmp_path: Path) -> None:
+    cfg = ConsoleConfig(enabled=True, base_url="https://consoles.example.com/fc/",
+                        allowed_origins=["https://Dashboard.example.com:443", "http://[::1]:8080"])
+    proxy = ConsoleProxy(cfg, Tokens(Any, 1.0), World.locate)  # type: ignore[arg-type]
+    assert proxy.allowed_origins == {"https://consoles.example.com", "https://dashboard.example.com",
+                                     "http://[::1]:8080"}
+    with pytest.raises(ValueError, match="allowed_origins"):
+        ConsoleProxy(ConsoleConfig(allowed_origins=["dashboard.example.com"]), Tokens(Any, 1.0),
+                     World.locate)  # type: ignore[arg-type]
+
+
+def test_an_allowed_origin_opens_the_serial_console(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        reply = await w.proxy.get_console(record(A), "serial")
+        async with connect(reply.url, origin="https://dashboard.example.com") as ws:  # type: ignore[arg-type]
+            await ws.send("x")
+            assert await ws.recv() == b"echo:x"
+
+    world_run(tmp_path, body, ("https://dashboard.example.com",))

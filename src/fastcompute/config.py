@@ -168,6 +168,7 @@ class ConsoleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     token_ttl_s: Annotated[float, msgspec.Meta(gt=0), _doc("A console URL's token must be used within this long (once; Nova's token_ttl)")] = 600.0
     socket_dir: Annotated[str, _doc("Directory (made 0700) of the guests' serial console sockets, {uuid}.sock; short, as a unix socket's path must be")] = "/run/fastcompute/consoles"
     novnc_dir: Annotated[str, _doc("Directory of noVNC's files (vnc_lite.html, core/, vendor/), served by the proxy; Debian's novnc package puts them here")] = "/usr/share/novnc"
+    allowed_origins: Annotated[list[str], _doc("Origins (scheme://host[:port]) besides base_url's whose pages may open a console websocket; a browser's websocket from any other Origin is refused (403) before its token is looked at")] = msgspec.field(default_factory=list)
 
 
 class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

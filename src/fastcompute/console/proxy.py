@@ -4,8 +4,12 @@ One asyncio server on the agent's loop (the ``websockets`` library). A websocket
 ``/vnc/{uuid}?token=T`` is relayed to the guest's VNC server (noVNC speaks RFB over it, in
 binary frames), one to ``/serial/{uuid}?token=T`` to its serial console's unix socket. The
 token is redeemed during the HTTP handshake, before the upgrade: a refused one gets a 403 and
-no websocket. Every other GET is a file of noVNC (``novnc_dir``), so the URL
-``instance.get_console`` returns opens the console in a browser with nothing else to run.
+no websocket. A browser's websocket carries its page's ``Origin``: one that is not the
+proxy's own (``base_url``'s) nor in ``allowed_origins`` is refused with a 403 before the token
+is looked at, so a page elsewhere cannot use a leaked console URL (clients that are not
+browsers send no ``Origin`` and are let through, as Nova's proxy does). Every other GET is a
+file of noVNC (``novnc_dir``), so the URL ``instance.get_console`` returns opens the console in
+a browser with nothing else to run.
 The guests' consoles themselves listen on host-only addresses that clients never reach.
 """
 
@@ -45,6 +49,19 @@ ROUTES: Final[dict[str, tuple[str, ConsoleKind]]] = {"novnc": ("vnc", "vnc"), "s
 _TYPE_OF_SEGMENT: Final = {segment: type_ for type_, (segment, _kind) in ROUTES.items()}
 _RUNNING: Final = frozenset({"active", "paused"})
 _CHUNK: Final = 64 * 1024
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str:
+    """A URL's origin as browsers send it in ``Origin``: ``scheme://host[:port]``, lower case,
+    the scheme's default port left out; ValueError for what has no origin."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"{url!r} has no http(s) origin")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    port = parts.port
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -67,6 +84,10 @@ class ConsoleProxy:
         # Weak: a handshake that fails after its token was redeemed never reaches a session.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
         self.sessions = 0
+        try:
+            self._extra_origins = frozenset(origin_of(o) for o in cfg.allowed_origins)
+        except ValueError as exc:
+            raise ValueError(f"[console] allowed_origins: {exc}") from None
 
     @property
     def base_url(self) -> str:
@@ -83,6 +104,11 @@ class ConsoleProxy:
         if self._server is not None:
             port = self._server.sockets[0].getsockname()[1]
         return host, port
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        """Origins whose pages may open a console: the proxy's own and ``allowed_origins``."""
+        return self._extra_origins | {origin_of(self.base_url)}
 
     async def start(self) -> None:
         """Listen (an address in use stops the agent's start, naming it)."""
@@ -141,6 +167,10 @@ class ConsoleProxy:
             return await self._file(connection, parts.path)
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, "a console is a websocket\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin):
+            log.warning("console connection to %s from origin %r refused", parts.path, origin[:200])
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
         token = (parse_qs(parts.query).get("token") or [""])[0]
         try:
             grant = await self.tokens.redeem(token, segments[1], type_)
@@ -149,6 +179,12 @@ class ConsoleProxy:
             return connection.respond(http.HTTPStatus.FORBIDDEN, f"{exc}\n")
         self._grants[connection] = grant
         return None
+
+    def _origin_allowed(self, origin: str) -> bool:
+        try:
+            return origin_of(origin) in self.allowed_origins
+        except ValueError:  # "null" (a sandboxed or file: page) and anything malformed
+            return False
 
     async def _file(self, connection: ServerConnection, path: str) -> Response:
         clean = posixpath.normpath("/" + path).lstrip("/")
