@@ -292,3 +292,42 @@ def test_a_stored_instance_with_a_key_now_refused_keeps_the_default_devices(tmp_
     assert (old.watchdog, old.rng, old.firmware) == (None, Rng(), "bios")
     new = spec({"hw:watchdog_action": "reset", "hw:cpu_threads": "2"})
     assert (new.watchdog, new.topology) == ("reset", CpuTopology(1, 1, 2))
+
+
+SECURITY = ["COMPUTE_SECURITY_TPM_1_2", "COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_CRB",
+            "COMPUTE_SECURITY_TPM_TIS", "COMPUTE_SECURITY_UEFI_SECURE_BOOT"]
+
+
+@pytest.mark.parametrize(("features", "want"), [
+    (HostFeatures(uefi=True, secure_boot=True, tpm_versions=["1.2", "2.0"], tpm_models=["tpm-tis", "tpm-crb"]),
+     SECURITY),
+    (HostFeatures(uefi=True, tpm_versions=["2.0"], tpm_models=["tpm-crb"]),
+     ["COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_CRB"]),
+    (HostFeatures(uefi=True, secure_boot=True, tpm_models=["tpm-tis"]), ["COMPUTE_SECURITY_UEFI_SECURE_BOOT"]),
+    (HostFeatures(secure_boot=True), []),  # a secure flag without OVMF boots nothing
+    (HostFeatures(tpm_versions=["1.2", "3.0"], tpm_models=["tpm-spapr"]), ["COMPUTE_SECURITY_TPM_1_2"]),
+    (HostFeatures(), []),
+], ids=["everything", "tpm2-crb", "secure-boot-no-swtpm", "no-ovmf", "unknown-versions", "nothing"])
+def test_tpm_and_secure_boot_traits_follow_the_hosts_features(features: HostFeatures, want: list[str]) -> None:
+    assert hardware.security_traits(features) == want
+
+
+def test_the_hosts_security_traits_are_in_host_info_and_flavors_may_require_them(
+        tmp_path: Path, image_file: Path) -> None:
+    """The test hypervisor has OVMF with secure boot and swtpm: its agent reports every
+    security trait, besides its CPU's, and a flavor requiring one is placed here."""
+    async def run() -> None:
+        async with running_agent(tmp_path, "", "test:///default") as (_agent, client):
+            traits = (await client.call("host.info"))["traits"]
+            assert set(SECURITY) <= set(traits)
+            assert any(t.startswith("HW_CPU_X86_") for t in traits), "the CPU's traits are still there"
+            flavor = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1, "extra_specs": {
+                "trait:COMPUTE_SECURITY_TPM_2_0": "required", "trait:COMPUTE_SECURITY_UEFI_SECURE_BOOT": "required",
+                "hw:tpm_version": "2.0"}}
+            rec = await client.call("instance.spawn", {**spawn_args(image_file, flavor=flavor), "wait": True})
+            assert rec["vm_state"] == "active"
+            flavor["extra_specs"] = {"trait:COMPUTE_SECURITY_TPM_2_0": "forbidden"}
+            with pytest.raises(NoCapacity, match="forbidden traits COMPUTE_SECURITY_TPM_2_0"):
+                await client.call("instance.spawn", spawn_args(image_file, flavor=flavor))
+
+    asyncio.run(run())

@@ -290,3 +290,18 @@ def check_host(hw: Hardware, host: HostFeatures) -> None:
         raise NoCapacity(f"this host cannot give {key}: {why}",
                          {"resource_class": "FEATURES", "field": key, "reason": why})
 
+
+
+def security_traits(host: HostFeatures) -> list[str]:
+    """The Placement traits a host with these features reports, as Nova's libvirt driver does:
+    ``COMPUTE_SECURITY_TPM_1_2``/``_2_0`` per emulated TPM version swtpm gives,
+    ``COMPUTE_SECURITY_TPM_TIS``/``_CRB`` per TPM model, ``COMPUTE_SECURITY_UEFI_SECURE_BOOT``
+    with secure-boot OVMF. A scheduler sends a flavor asking for a TPM or secure boot here only
+    when they are listed."""
+    found = [f"COMPUTE_SECURITY_TPM_{v.replace('.', '_')}" for v in host.tpm_versions if v in TPM_VERSIONS]
+    if host.tpm_versions:
+        found += [f"COMPUTE_SECURITY_TPM_{m.removeprefix('tpm-').upper()}" for m in host.tpm_models
+                  if m in TPM_MODELS]
+    if host.uefi and host.secure_boot:
+        found.append("COMPUTE_SECURITY_UEFI_SECURE_BOOT")
+    return sorted(found)
