@@ -169,8 +169,9 @@ def test_refused_flavor_keys_are_bad_request_naming_the_key(tmp_path: Path, imag
 
 
 def test_what_the_host_lacks_is_no_capacity(tmp_path: Path, image_file: Path) -> None:
-    """A host without OVMF, secure-boot firmware or swtpm, or without a machine type, takes
-    no guest that needs it (as a scheduler would have placed it elsewhere)."""
+    """A host without OVMF, secure-boot firmware or swtpm, without a machine type, or whose
+    kernel cannot shape interfaces, takes no guest that needs it (as a scheduler would have
+    placed it elsewhere)."""
     async def run() -> None:
         async with running_agent(tmp_path, "", "test:///default") as (agent, client):
             agent.manager.host_features = HostFeatures(machines=["pc", "pc-i440fx-7.2", "q35"], uefi=True,
@@ -179,7 +180,9 @@ def test_what_the_host_lacks_is_no_capacity(tmp_path: Path, image_file: Path) ->
                                ({"hw:firmware_type": "uefi", "hw:machine_type": "q35", "os:secure_boot": "required"},
                                 "os:secure_boot"),
                                ({"hw:tpm_version": "1.2"}, "hw:tpm_version"),
-                               ({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}, "hw:tpm_model")):
+                               ({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}, "hw:tpm_model"),
+                               ({"quota:vif_outbound_average": "100", "quota:vif_inbound_average": "100"},
+                                "quota:vif_inbound_average")):
                 flavor = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1, "extra_specs": specs}
                 with pytest.raises(NoCapacity) as info:
                     await client.call("instance.spawn", spawn_args(image_file, flavor=flavor))

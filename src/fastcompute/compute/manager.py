@@ -431,7 +431,7 @@ class Manager:
             return await self._after_spawn(uuid, args.wait)
         if self.host_cpu is not None:
             check_traits(args.flavor.extra_specs, self.host_cpu)
-        check_host(hardware(args.flavor.extra_specs, args.flavor.vcpus), self.host_features)
+        check_host(hardware(args.flavor.extra_specs, args.flavor.vcpus), self.host_features, args.flavor.extra_specs)
         claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb,
                               args.flavor.disk_gb, numa_request)
         ts = now()
