@@ -1,16 +1,20 @@
-"""The console proxy: noVNC's page and websockets, relayed to guests' consoles.
+"""The console proxy: noVNC's and spice-html5's pages and websockets, relayed to guests' consoles.
 
 One asyncio server on the agent's loop (the ``websockets`` library). A websocket to
 ``/vnc/{uuid}?token=T`` is relayed to the guest's VNC server (noVNC speaks RFB over it, in
-binary frames), one to ``/serial/{uuid}?token=T`` to its serial console's unix socket. The
-token is redeemed during the HTTP handshake, before the upgrade: a refused one gets a 403 and
-no websocket. A browser's websocket carries its page's ``Origin``: one that is not the
-proxy's own (``base_url``'s) nor in ``allowed_origins`` is refused with a 403 before the token
-is looked at, so a page elsewhere cannot use a leaked console URL (clients that are not
-browsers send no ``Origin`` and are let through, as Nova's proxy does). Every other GET is a
-file of noVNC (``novnc_dir``), so the URL ``instance.get_console`` returns opens the console in
-a browser with nothing else to run.
-The guests' consoles themselves listen on host-only addresses that clients never reach.
+binary frames), one to ``/serial/{uuid}?token=T`` to its serial console's unix socket, one to
+``/spice/{uuid}?token=T`` to its SPICE server (spice-html5). The token is redeemed during the
+HTTP handshake, before the upgrade: a refused one gets a 403 and no websocket. A SPICE client
+opens a websocket per channel, each to the one URL: a spice-html5 token, once redeemed, also
+opens further channels of its instance while one of its sessions is open.
+
+A browser's websocket carries its page's ``Origin``: one that is not the proxy's own
+(``base_url``'s) nor in ``allowed_origins`` is refused with a 403 before the token is looked
+at, so a page elsewhere cannot use a leaked console URL (clients that are not browsers send no
+``Origin`` and are let through, as Nova's proxy does). Every other GET is a file of noVNC
+(``novnc_dir``), or under ``/spice-html5/`` of spice-html5 (``spice_html5_dir``), so the URL
+``instance.get_console`` returns opens the console in a browser with nothing else to run. The
+guests' consoles themselves listen on host-only addresses that clients never reach.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from fastcompute.config import ConsoleConfig
-from fastcompute.console.tokens import Grant, Refused, Tokens
+from fastcompute.console.tokens import Grant, Refused, Tokens, digest
 from fastcompute.errors import AgentError, Conflict
 from fastcompute.hypervisor.spec import ConsoleEndpoint, ConsoleKind
 from fastcompute.protocol.schema import ConsoleUrl, InstanceRecord
@@ -45,7 +49,10 @@ Locate = Callable[[str, ConsoleKind], Awaitable[ConsoleEndpoint]]
 """Where an instance's console of a kind is (the hypervisor driver's ``console_endpoint``)."""
 
 # The op's console type -> the websocket path's first segment and the guest's console kind.
-ROUTES: Final[dict[str, tuple[str, ConsoleKind]]] = {"novnc": ("vnc", "vnc"), "serial": ("serial", "serial")}
+ROUTES: Final[dict[str, tuple[str, ConsoleKind]]] = {
+    "novnc": ("vnc", "vnc"), "serial": ("serial", "serial"), "spice-html5": ("spice", "spice")}
+# The URL path under which spice-html5's files are served (noVNC's are at the root).
+SPICE_PREFIX: Final = "spice-html5/"
 _TYPE_OF_SEGMENT: Final = {segment: type_ for type_, (segment, _kind) in ROUTES.items()}
 _RUNNING: Final = frozenset({"active", "paused"})
 _CHUNK: Final = 64 * 1024
@@ -80,6 +87,12 @@ class ConsoleProxy:
         self.tokens = tokens
         self.locate = locate
         self.novnc_dir = Path(cfg.novnc_dir)
+        self.spice_html5_dir = Path(cfg.spice_html5_dir)
+        # A SPICE client opens a websocket per channel (main, display, inputs, cursor, ...),
+        # each to the URL of the first: a spice-html5 token, redeemed by the main channel,
+        # also opens the others while a session of it is open (token digest -> grant, sessions).
+        self._spice: dict[bytes, tuple[Grant, int]] = {}
+        self._spice_tokens: weakref.WeakKeyDictionary[ServerConnection, bytes] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
         # Weak: a handshake that fails after its token was redeemed never reaches a session.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
@@ -144,17 +157,20 @@ class ConsoleProxy:
         return ConsoleUrl(rec.uuid, type_, self.url(rec.uuid, type_, token), expires)
 
     def url(self, uuid: str, type_: str, token: str) -> str:
-        """The URL a client opens: noVNC's page for ``novnc``, a websocket for ``serial``."""
+        """The URL a client opens: noVNC's page for ``novnc``, spice-html5's for
+        ``spice-html5``, a websocket for ``serial``."""
         segment, _kind = ROUTES[type_]
         base = self.base_url
         socket_path = f"{segment}/{uuid}?token={token}"
+        if type_ == "serial":
+            return "ws" + base.removeprefix("http") + "/" + socket_path
+        # Both pages connect to ws(s)://{their page's host}/{path}, so a base_url below a path
+        # (behind a reverse proxy) keeps that path in front.
+        prefix = urlsplit(base).path.strip("/")
+        path = quote(f"{prefix}/{socket_path}" if prefix else socket_path, safe="")
         if type_ == "novnc":
-            # noVNC connects to ws(s)://{its page's host}/{path}, so a base_url below a path
-            # (behind a reverse proxy) keeps that path in front.
-            prefix = urlsplit(base).path.strip("/")
-            path = f"{prefix}/{socket_path}" if prefix else socket_path
-            return f"{base}/vnc_lite.html?path={quote(path, safe='')}"
-        return "ws" + base.removeprefix("http") + "/" + socket_path
+            return f"{base}/vnc_lite.html?path={path}"
+        return f"{base}/{SPICE_PREFIX}spice_auto.html?path={path}"
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -172,12 +188,19 @@ class ConsoleProxy:
             log.warning("console connection to %s from origin %r refused", parts.path, origin[:200])
             return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
         token = (parse_qs(parts.query).get("token") or [""])[0]
+        channel = self._spice.get(digest(token)) if type_ == "spice-html5" else None
+        if channel is not None and channel[0].uuid == segments[1]:
+            self._grants[connection] = channel[0]
+            self._spice_tokens[connection] = digest(token)
+            return None
         try:
             grant = await self.tokens.redeem(token, segments[1], type_)
         except Refused as exc:
             log.info("console connection to %s refused: %s", parts.path, exc)
             return connection.respond(http.HTTPStatus.FORBIDDEN, f"{exc}\n")
         self._grants[connection] = grant
+        if type_ == "spice-html5":
+            self._spice_tokens[connection] = digest(token)
         return None
 
     def _origin_allowed(self, origin: str) -> bool:
@@ -190,7 +213,10 @@ class ConsoleProxy:
         clean = posixpath.normpath("/" + path).lstrip("/")
         if not clean or clean == ".":
             clean = "vnc_lite.html"
-        target = self.novnc_dir / clean
+        root = self.novnc_dir
+        if clean.startswith(SPICE_PREFIX):
+            root, clean = self.spice_html5_dir, clean.removeprefix(SPICE_PREFIX)
+        target = root / clean
         try:
             body = await asyncio.to_thread(target.read_bytes)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -218,11 +244,18 @@ class ConsoleProxy:
             await connection.close(1011, reason[:120])
             return
         self.sessions += 1
+        spice_token = self._spice_tokens.pop(connection, None)
+        if spice_token is not None:
+            self._spice[spice_token] = (grant, self._spice.get(spice_token, (grant, 0))[1] + 1)
         log.info("console session to %s's %s opened", grant.uuid, kind)
         try:
             await _relay(connection, reader, writer)
         finally:
             self.sessions -= 1
+            if spice_token is not None:
+                _grant, left = self._spice.pop(spice_token)
+                if left > 1:
+                    self._spice[spice_token] = (grant, left - 1)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

@@ -173,7 +173,7 @@ class GetConsoleArgs(_Args):
     """``instance.get_console``: a one-time URL of an instance's console."""
 
     uuid: UuidStr
-    type: Literal["novnc", "serial"]
+    type: Literal["novnc", "serial", "spice-html5"]
 
 
 class ConsoleUrl(msgspec.Struct, frozen=True):
