@@ -156,6 +156,25 @@ class DevTools:
     def eval(self, expression: str) -> Any:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
+    def screenshot(self, name: str) -> tuple[bytes, Path]:
+        """The page as a PNG, also kept under ARTIFACTS as ``name``."""
+        shot = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        kept = ARTIFACTS / name
+        kept.write_bytes(shot)
+        return shot, kept
+
+
+@contextlib.contextmanager
+def chromium_page(workdir: Path, url: str) -> Iterator[DevTools]:
+    """A headless Chromium (``chromium``) showing ``url``, driven through DevTools."""
+    with chromium(workdir) as base, connect(DevTools.page_socket(base), max_size=64 << 20,
+                                            open_timeout=30) as devtools:
+        tools = DevTools(devtools)
+        tools.call("Page.enable")
+        tools.call("Page.navigate", url=url)
+        yield tools
+
 
 # Non-black pixels of noVNC's canvas: what the guest shows, as the browser drew it.
 LIT_PIXELS_JS = """(() => {
@@ -245,23 +264,16 @@ def test_a_real_guests_consoles_through_the_proxy(guest_agent: Callable[..., Age
     # noVNC's own page in a browser, through the proxy: connected, the guest's screen drawn.
     if NOVNC_DIR.joinpath("vnc_lite.html").exists():
         page = agent.call("instance.get_console", {"uuid": uuid, "type": "novnc"})["url"]
-        with chromium(tmp_path / "chromium") as base, connect(DevTools.page_socket(base), max_size=64 << 20,
-                                                              open_timeout=30) as devtools:
-            tools = DevTools(devtools)
-            tools.call("Page.enable")
-            tools.call("Page.navigate", url=page)
-            deadline = time.monotonic() + 60
+        with chromium_page(tmp_path / "chromium", page) as tools:
             status, lit = "", -1
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 status = str(tools.eval("document.getElementById('status')?.textContent || ''"))
                 lit = int(tools.eval(LIT_PIXELS_JS) or -1)
                 if status.startswith("Connected") and lit > 0:
                     break
                 time.sleep(0.5)
-            shot = base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"])
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            kept = ARTIFACTS / "novnc-console.png"
-            kept.write_bytes(shot)
+            shot, kept = tools.screenshot("novnc-console.png")
             # noVNC names the desktop QEMU's VNC server announced: this guest's domain.
             assert status == f"Connected to QEMU (fc-{uuid})", f"noVNC says {status!r} (screenshot: {kept})"
             assert lit > 0, f"noVNC drew nothing of the guest's screen (screenshot: {kept})"
@@ -319,22 +331,15 @@ def test_a_real_guests_spice_console_through_the_proxy(guest_agent: Callable[...
     # cursor, ...) each a websocket with the one token, the guest's screen drawn on its canvas.
     wait_console(agent, uuid, READY)
     page = agent.call("instance.get_console", {"uuid": uuid, "type": "spice-html5"})["url"]
-    with chromium(tmp_path / "chromium") as base, connect(DevTools.page_socket(base), max_size=64 << 20,
-                                                          open_timeout=30) as devtools:
-        tools = DevTools(devtools)
-        tools.call("Page.enable")
-        tools.call("Page.navigate", url=page)
-        deadline = time.monotonic() + 60
+    with chromium_page(tmp_path / "chromium", page) as tools:
         lit = -1
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             lit = int(tools.eval(LIT_PIXELS_JS.replace("#screen canvas", "#spice-screen canvas")) or -1)
             if lit > 0:
                 break
             time.sleep(0.5)
-        shot = base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"])
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        kept = ARTIFACTS / "spice-html5-console.png"
-        kept.write_bytes(shot)
+        _shot, kept = tools.screenshot("spice-html5-console.png")
         messages = str(tools.eval("document.getElementById('message-div')?.innerText || ''"))
         assert lit > 0, f"spice-html5 drew nothing of the guest's screen (screenshot: {kept}): {messages[-500:]}"
     agent.call("instance.delete", {"uuid": uuid})
