@@ -175,7 +175,8 @@ class ConsoleProxy:
     # -- HTTP ---------------------------------------------------------------------------------
 
     async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Before any upgrade: redeem a websocket's token, or serve one of noVNC's files."""
+        """Before any upgrade: check a websocket's origin and redeem its token, or serve a file
+        of noVNC or spice-html5."""
         parts = urlsplit(request.path)
         segments = parts.path.strip("/").split("/")
         type_ = _TYPE_OF_SEGMENT.get(segments[0]) if len(segments) == 2 else None
@@ -188,10 +189,11 @@ class ConsoleProxy:
             log.warning("console connection to %s from origin %r refused", parts.path, origin[:200])
             return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
         token = (parse_qs(parts.query).get("token") or [""])[0]
-        channel = self._spice.get(digest(token)) if type_ == "spice-html5" else None
+        hashed = digest(token)
+        channel = self._spice.get(hashed) if type_ == "spice-html5" else None
         if channel is not None and channel[0].uuid == segments[1]:
             self._grants[connection] = channel[0]
-            self._spice_tokens[connection] = digest(token)
+            self._spice_tokens[connection] = hashed
             return None
         try:
             grant = await self.tokens.redeem(token, segments[1], type_)
@@ -200,7 +202,7 @@ class ConsoleProxy:
             return connection.respond(http.HTTPStatus.FORBIDDEN, f"{exc}\n")
         self._grants[connection] = grant
         if type_ == "spice-html5":
-            self._spice_tokens[connection] = digest(token)
+            self._spice_tokens[connection] = hashed
         return None
 
     def _origin_allowed(self, origin: str) -> bool:
