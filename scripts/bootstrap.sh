@@ -13,9 +13,10 @@ cd "$(dirname "$0")/.."
 # (the rival of the config drive writer: what Nova runs); run/test: ovmf (the UEFI firmware
 # libvirt picks for hw:firmware_type=uefi) and swtpm with swtpm-tools (swtpm_setup, which libvirt
 # runs to make a vTPM's state) for hw:tpm_version guests; novnc (the console proxy serves its
-# page) and chromium (the console test opens that page headless).
+# page) and chromium (the console test opens that page headless); spice-html5 (the page the proxy
+# serves for spice-html5 consoles).
 APT_PACKAGES=(build-essential pkg-config libvirt-dev qemu-utils libnftables1 nftables iproute2
-  libvirt-clients libxml2-utils cloud-init genisoimage ovmf swtpm swtpm-tools novnc chromium)
+  libvirt-clients libxml2-utils cloud-init genisoimage ovmf swtpm swtpm-tools novnc chromium spice-html5)
 
 source scripts/apt.sh
 mapfile -t missing < <(apt_missing "${APT_PACKAGES[@]}")

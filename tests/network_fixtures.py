@@ -360,3 +360,16 @@ def make_lab(**overrides: Any) -> Iterator[Lab]:
         yield lab
     finally:
         lab.cleanup()
+
+
+def namespace_on_bridge(ns: str, host_end: str, bridge: str, address: str) -> None:
+    """A namespace ``ns`` whose ``eth0`` (at ``address``, CIDR) is joined to ``bridge`` by a veth
+    whose host end is ``host_end``: a client on a guest's network that is no port (no rules of
+    its own). Delete ``host_end`` (at once, with its peer), then the namespace, to remove it: a
+    deleted namespace's links go only later, in the kernel's own time."""
+    sh("ip", "netns", "add", ns)
+    sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    sh("ip", "link", "set", host_end, "master", bridge, "up")
+    sh("ip", "-n", ns, "addr", "add", address, "dev", "eth0")
+    sh("ip", "-n", ns, "link", "set", "eth0", "up")
+    sh("ip", "-n", ns, "link", "set", "lo", "up")

@@ -241,19 +241,24 @@ class World:
     """A proxy on 127.0.0.1 with a fake RFB server for instance A and an echoing unix socket
     as A's serial console; B exists but has no console."""
 
-    def __init__(self, store: Store, tmp_path: Path) -> None:
+    def __init__(self, store: Store, tmp_path: Path, allowed_origins: tuple[str, ...] = ()) -> None:
         self.store = store
         self.tmp_path = tmp_path
         self.novnc = tmp_path / "novnc"
         self.novnc.mkdir()
         (self.novnc / "vnc_lite.html").write_text("<html>noVNC</html>")
         (tmp_path / "secret").write_text("not for clients")
+        self.spice_html5 = tmp_path / "spice-html5"
+        self.spice_html5.mkdir()
+        (self.spice_html5 / "spice_auto.html").write_text("<html>spice-html5</html>")
+        self.spice_port = 0
         self.rfb_port = 0
         self.serial_path = str(tmp_path / "serial.sock")
         self.clock = Clock()
         self.clock.now = time.time()
         self.tokens = Tokens(store, 60.0, self.clock)
-        cfg = ConsoleConfig(enabled=True, listen="127.0.0.1:0", novnc_dir=str(self.novnc))
+        cfg = ConsoleConfig(enabled=True, listen="127.0.0.1:0", novnc_dir=str(self.novnc),
+                            allowed_origins=list(allowed_origins), spice_html5_dir=str(self.spice_html5))
         self.proxy = ConsoleProxy(cfg, self.tokens, self.locate)
 
     async def locate(self, uuid: str, kind: ConsoleKind) -> ConsoleEndpoint:
@@ -261,6 +266,8 @@ class World:
             raise Conflict(f"instance {uuid} has no {kind} console")
         if kind == "serial":
             return ConsoleEndpoint(kind="serial", path=self.serial_path)
+        if kind == "spice":
+            return ConsoleEndpoint(kind="spice", host="127.0.0.1", port=self.spice_port)
         return ConsoleEndpoint(kind="vnc", host="127.0.0.1", port=self.rfb_port)
 
     async def __aenter__(self) -> World:
@@ -274,6 +281,15 @@ class World:
             writer.close()
 
         self.serial = await asyncio.start_unix_server(echo, self.serial_path)
+
+        async def spice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(1024):
+                writer.write(b"spice:" + data)
+                await writer.drain()
+            writer.close()
+
+        self.spice = await asyncio.start_server(spice, "127.0.0.1", 0)
+        self.spice_port = self.spice.sockets[0].getsockname()[1]
         await self.proxy.start()
         return self
 
@@ -281,6 +297,7 @@ class World:
         await self.proxy.close()
         self.rfb.close()
         self.serial.close()
+        self.spice.close()
 
     def ws(self, url: str) -> str:
         """The websocket URL noVNC builds from a page URL (``path`` on the page's host)."""
@@ -291,9 +308,17 @@ class World:
         return f"ws://{parts.netloc}/{path}"
 
 
-def world_run(tmp_path: Path, body: Callable[[World], Awaitable[None]]) -> None:
+async def refused(url: str, origin: str | None = None) -> tuple[int, bytes]:
+    """The HTTP status and body with which the proxy refuses a websocket to ``url``."""
+    with pytest.raises(InvalidStatus) as exc:
+        async with connect(url, origin=origin):  # type: ignore[arg-type]
+            pass
+    return exc.value.response.status_code, exc.value.response.body
+
+
+def world_run(tmp_path: Path, body: Callable[[World], Awaitable[None]], allowed_origins: tuple[str, ...] = ()) -> None:
     async def outer(store: Store) -> None:
-        async with World(store, tmp_path) as w:
+        async with World(store, tmp_path, allowed_origins) as w:
             await body(w)
 
     run(tmp_path, outer)
@@ -333,12 +358,6 @@ def test_serial_url_relays_text_and_bytes(tmp_path: Path) -> None:
 
 
 def test_the_proxy_refuses_expired_foreign_and_missing_tokens(tmp_path: Path) -> None:
-    async def refused(url: str) -> tuple[int, bytes]:
-        with pytest.raises(InvalidStatus) as exc:
-            async with connect(url):
-                pass
-        return exc.value.response.status_code, exc.value.response.body
-
     async def body(w: World) -> None:
         expired = await w.proxy.get_console(record(A), "novnc")
         w.clock.now += 61.0
@@ -369,15 +388,17 @@ def test_get_console_needs_a_running_instance_with_that_console(tmp_path: Path) 
     world_run(tmp_path, body)
 
 
-def test_the_proxy_serves_novnc_files_and_nothing_outside(tmp_path: Path) -> None:
-    async def get(port: int, path: str) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        await writer.drain()
-        data = await reader.read(4096)
-        writer.close()
-        return data
+async def get(port: int, path: str) -> bytes:
+    """The proxy's answer to a plain GET of ``path`` (headers and body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read(4096)
+    writer.close()
+    return data
 
+
+def test_the_proxy_serves_novnc_files_and_nothing_outside(tmp_path: Path) -> None:
     async def body(w: World) -> None:
         port = w.proxy.address[1]
         page = await get(port, "/vnc_lite.html")
@@ -399,3 +420,89 @@ def test_base_url_behind_a_path_keeps_it_in_front_of_the_websocket(tmp_path: Pat
     novnc = proxy.url(A, "novnc", "T")
     assert novnc == f"https://consoles.example.com/fc/vnc_lite.html?path=fc%2Fvnc%2F{A}%3Ftoken%3DT"
     assert proxy.url(A, "serial", "T") == f"wss://consoles.example.com/fc/serial/{A}?token=T"
+
+
+def test_a_page_from_another_origin_cannot_open_a_console_and_spends_no_token(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        own = w.proxy.base_url
+        reply = await w.proxy.get_console(record(A), "novnc")
+        for foreign in ("http://evil.example", own.replace("http:", "https:"), own + "1", "null", "x"):
+            assert await refused(w.ws(reply.url), foreign) == (403, b"origin not allowed\n"), foreign
+        # The refusals spent nothing: the page's own origin (any case, default port spelled
+        # or not) still opens the console with the same token.
+        async with connect(w.ws(reply.url), origin=own.upper().replace("HTTP:", "http:")) as ws:  # type: ignore[arg-type]
+            assert await ws.recv() == RFB_BANNER
+
+    world_run(tmp_path, body)
+
+
+def test_allowed_origins_widen_the_proxys_own(tmp_path: Path) -> None:
+    cfg = ConsoleConfig(enabled=True, base_url="https://consoles.example.com/fc/",
+                        allowed_origins=["https://Dashboard.example.com:443", "http://[::1]:8080"])
+    proxy = ConsoleProxy(cfg, Tokens(Any, 1.0), World.locate)  # type: ignore[arg-type]
+    assert proxy.allowed_origins == {"https://consoles.example.com", "https://dashboard.example.com",
+                                     "http://[::1]:8080"}
+    with pytest.raises(ValueError, match="allowed_origins"):
+        ConsoleProxy(ConsoleConfig(allowed_origins=["dashboard.example.com"]), Tokens(Any, 1.0),
+                     World.locate)  # type: ignore[arg-type]
+
+
+def test_an_allowed_origin_opens_the_serial_console(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        reply = await w.proxy.get_console(record(A), "serial")
+        async with connect(reply.url, origin="https://dashboard.example.com") as ws:  # type: ignore[arg-type]
+            await ws.send("x")
+            assert await ws.recv() == b"echo:x"
+
+    world_run(tmp_path, body, ("https://dashboard.example.com",))
+
+
+async def sessions(w: World, n: int) -> None:
+    """Until the proxy holds ``n`` sessions (its side of one ends just after the client's)."""
+    for _ in range(500):
+        if w.proxy.sessions == n:
+            return
+        await asyncio.sleep(0.01)
+    assert w.proxy.sessions == n
+
+
+def test_a_spice_token_opens_every_channel_of_one_session_and_no_more(tmp_path: Path) -> None:
+    """spice-html5 opens a websocket per SPICE channel, all to the URL of the first: while a
+    session of the token is open its instance's further channels connect with it; once the last
+    closes, the token is spent like any other."""
+    async def body(w: World) -> None:
+        reply = await w.proxy.get_console(record(A), "spice-html5")
+        host, port = w.proxy.address
+        assert reply.url.startswith(f"http://{host}:{port}/spice-html5/spice_auto.html?path=spice%2F{A}%3Ftoken%3D")
+        url = w.ws(reply.url)
+        async with connect(url, subprotocols=["binary"]) as main:  # type: ignore[list-item]
+            await main.send(b"REDQ main")
+            assert await main.recv() == b"spice:REDQ main"
+            async with connect(url, subprotocols=["binary"]) as display:  # type: ignore[list-item]
+                await display.send(b"REDQ display")
+                assert await display.recv() == b"spice:REDQ display"
+                # Not another instance's console, nor another type, with it.
+                assert (await refused(url.replace(A, B)))[0] == 403
+                assert (await refused(url.replace("/spice/", "/vnc/")))[0] == 403
+            await sessions(w, 1)
+            async with connect(url) as inputs:  # the main channel still holds the session
+                await inputs.send(b"REDQ inputs")
+                assert await inputs.recv() == b"spice:REDQ inputs"
+        await sessions(w, 0)
+        assert await refused(url) == (403, b"unknown or already used console token\n")
+
+    world_run(tmp_path, body)
+
+
+def test_the_proxy_serves_spice_html5_under_its_prefix(tmp_path: Path) -> None:
+    async def body(w: World) -> None:
+        port = w.proxy.address[1]
+        page = await get(port, "/spice-html5/spice_auto.html")
+        assert page.startswith(b"HTTP/1.1 200") and page.endswith(b"<html>spice-html5</html>")
+        assert (await get(port, "/spice_auto.html")).startswith(b"HTTP/1.1 404"), "not among noVNC's files"
+        for path in ("/spice-html5/../secret", "/spice-html5/%2e%2e/secret", "/spice-html5/vnc_lite.html"):
+            answer = await get(port, path)
+            assert answer.startswith(b"HTTP/1.1 404"), (path, answer)
+            assert b"not for clients" not in answer
+
+    world_run(tmp_path, body)

@@ -47,6 +47,7 @@ from network_fixtures import (
     group,
     links,
     mentions,
+    namespace_on_bridge,
     ping,
     port,
     remove_owned,
@@ -481,12 +482,7 @@ def test_a_real_guest_on_a_port_answers_a_namespace_as_its_groups_allow(
         assert links()[tap]["master"] == bridge
 
         # A client namespace joined to the guest's bridge by a veth (not a port: no rules of its own).
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "link", "set", host_end, "master", bridge, "up")
-        sh("ip", "-n", ns, "addr", "add", "10.78.0.1/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        namespace_on_bridge(ns, host_end, bridge, "10.78.0.1/24")
 
         # TCG guests answer slowly at first (ARP, a busy vCPU): a few tries, each one timed out.
         assert any(ping(ns, "10.78.0.2", timeout=2.0) for _ in range(15)), "the guest never answered a ping"
@@ -504,8 +500,10 @@ def test_a_real_guest_on_a_port_answers_a_namespace_as_its_groups_allow(
                 body += chunk
         assert f"fastcompute-guest {uuid}".encode() in body
 
-        # The veth goes first (with its namespace): the agent leaves alone a bridge that holds a
-        # link that is not its own.
+        # The veth goes first: the agent leaves alone a bridge that holds a link that is not its
+        # own. Its host end is deleted by name, which is synchronous; a namespace's links go
+        # with it only later, in the kernel's own time.
+        sh("ip", "link", "del", host_end)
         sh("ip", "netns", "del", ns)
         agent.call("instance.delete", {"uuid": uuid})
         after = links()

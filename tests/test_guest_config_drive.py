@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from agent_fixtures import AgentProcess
 from guest_fixtures import READY, guest_image, libvirtd
-from network_fixtures import EGRESS_ALL, group, ping, port, remove_owned, rule, sh
+from network_fixtures import EGRESS_ALL, group, namespace_on_bridge, ping, port, remove_owned, rule, sh
 from test_config_drive import CERT, SSH_KEY
 from test_guest_agent import MEMORY_MB, agent_config, conn, guest_agent, wait_console
 
@@ -58,13 +58,9 @@ def test_a_real_guest_reads_its_config_drive_and_is_reached_at_its_address(
         wait_console(agent, uuid, READY)
 
         bridge = f"g{tag}n{tag}"[:15]
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        sh("ip", "link", "set", host_end, "master", bridge, "up")
-        sh("ip", "-n", ns, "addr", "add", "10.79.0.1/24", "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        namespace_on_bridge(ns, host_end, bridge, "10.79.0.1/24")
         assert any(ping(ns, "10.79.0.2", timeout=2.0) for _ in range(15)), "the guest never answered a ping"
+        sh("ip", "link", "del", host_end)  # now: the namespace's links go only later
         sh("ip", "netns", "del", ns)
         agent.call("instance.delete", {"uuid": uuid})
     finally:

@@ -156,6 +156,25 @@ class DevTools:
     def eval(self, expression: str) -> Any:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
+    def screenshot(self, name: str) -> tuple[bytes, Path]:
+        """The page as a PNG, also kept under ARTIFACTS as ``name``."""
+        shot = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        kept = ARTIFACTS / name
+        kept.write_bytes(shot)
+        return shot, kept
+
+
+@contextlib.contextmanager
+def chromium_page(workdir: Path, url: str) -> Iterator[DevTools]:
+    """A headless Chromium (``chromium``) showing ``url``, driven through DevTools."""
+    with chromium(workdir) as base, connect(DevTools.page_socket(base), max_size=64 << 20,
+                                            open_timeout=30) as devtools:
+        tools = DevTools(devtools)
+        tools.call("Page.enable")
+        tools.call("Page.navigate", url=url)
+        yield tools
+
 
 # Non-black pixels of noVNC's canvas: what the guest shows, as the browser drew it.
 LIT_PIXELS_JS = """(() => {
@@ -176,16 +195,23 @@ def socket_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_a_real_guests_consoles_through_the_proxy(guest_agent: Callable[..., AgentProcess], conn: Any,
-                                                  guest_image: Path, socket_dir: Path, tmp_path: Path) -> None:
+def console_guest(guest_agent: Callable[..., AgentProcess], guest_image: Path, socket_dir: Path,
+                  name: str) -> tuple[AgentProcess, int, str]:
+    """An agent with consoles on (SPICE too, tokens for 120 s, the proxy on a free port) and a
+    guest of the image spawned through it: the agent, the proxy's port, the guest's uuid."""
     port = free_port()
     agent = guest_agent(agent_config() + f'[console]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'
                         f'socket_dir = "{socket_dir}"\ntoken_ttl_s = 120\nspice = true\n')
     rec = agent.call("instance.spawn", {
-        "name": "console", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
+        "name": name, "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
         "image": {"url": guest_image.as_uri()}, "wait": True,
     })
-    uuid = rec["uuid"]
+    return agent, port, rec["uuid"]
+
+
+def test_a_real_guests_consoles_through_the_proxy(guest_agent: Callable[..., AgentProcess], conn: Any,
+                                                  guest_image: Path, socket_dir: Path, tmp_path: Path) -> None:
+    agent, port, uuid = console_guest(guest_agent, guest_image, socket_dir, "console")
     wait_console(agent, uuid, READY)
 
     # The domain: VNC on the console address with the port libvirt chose, the serial console
@@ -238,23 +264,16 @@ def test_a_real_guests_consoles_through_the_proxy(guest_agent: Callable[..., Age
     # noVNC's own page in a browser, through the proxy: connected, the guest's screen drawn.
     if NOVNC_DIR.joinpath("vnc_lite.html").exists():
         page = agent.call("instance.get_console", {"uuid": uuid, "type": "novnc"})["url"]
-        with chromium(tmp_path / "chromium") as base, connect(DevTools.page_socket(base), max_size=64 << 20,
-                                                              open_timeout=30) as devtools:
-            tools = DevTools(devtools)
-            tools.call("Page.enable")
-            tools.call("Page.navigate", url=page)
-            deadline = time.monotonic() + 60
+        with chromium_page(tmp_path / "chromium", page) as tools:
             status, lit = "", -1
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 status = str(tools.eval("document.getElementById('status')?.textContent || ''"))
                 lit = int(tools.eval(LIT_PIXELS_JS) or -1)
                 if status.startswith("Connected") and lit > 0:
                     break
                 time.sleep(0.5)
-            shot = base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"])
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            kept = ARTIFACTS / "novnc-console.png"
-            kept.write_bytes(shot)
+            shot, kept = tools.screenshot("novnc-console.png")
             # noVNC names the desktop QEMU's VNC server announced: this guest's domain.
             assert status == f"Connected to QEMU (fc-{uuid})", f"noVNC says {status!r} (screenshot: {kept})"
             assert lit > 0, f"noVNC drew nothing of the guest's screen (screenshot: {kept})"
@@ -269,3 +288,58 @@ def test_a_real_guests_consoles_through_the_proxy(guest_agent: Callable[..., Age
     assert call_error(agent, "instance.get_console", {"uuid": uuid, "type": "novnc"}).code == "NOT_FOUND"
     assert not (socket_dir / f"{uuid}.sock").exists()
     assert os.listdir(socket_dir) == []
+
+
+def spice_link(ws: ClientConnection, channel_type: int) -> tuple[int, int]:
+    """Send a SPICE link message for a channel (1 = main, 2 = display) with no capabilities;
+    the server's reply magic and, in its SpiceLinkReply, its error code (0 = linked)."""
+    mess = struct.pack("<IBBIII", 0, channel_type, 0, 0, 0, 18)
+    ws.send(struct.pack("<4sIII", b"REDQ", 2, 2, len(mess)) + mess)
+    stream = Stream(ws)
+    magic, _major, _minor, size = struct.unpack("<4sIII", stream.read(16))
+    (error,) = struct.unpack("<I", stream.read(size)[:4])
+    return int.from_bytes(magic, "little"), error
+
+
+def test_a_real_guests_spice_console_through_the_proxy(guest_agent: Callable[..., AgentProcess],
+                                                       guest_image: Path, socket_dir: Path, tmp_path: Path) -> None:
+    """Debian's QEMU has SPICE and Debian packages spice-html5: get_console spice-html5 gives
+    spice-html5's page on the proxy, whose websocket reaches the guest's SPICE server (a link
+    message answered REDQ, linked); a second channel opens with the same token while the
+    first is open, and the token is spent once both are closed; spice-html5's page in headless
+    Chromium draws the guest's screen."""
+    if not Path("/usr/share/spice-html5/spice_auto.html").exists():
+        pytest.skip("spice-html5 is not installed (scripts/bootstrap.sh installs it)")
+    agent, port, uuid = console_guest(guest_agent, guest_image, socket_dir, "spice")
+    got = agent.call("instance.get_console", {"uuid": uuid, "type": "spice-html5"})
+    assert got["url"].startswith(f"http://127.0.0.1:{port}/spice-html5/spice_auto.html?path=spice%2F{uuid}")
+    with urllib.request.urlopen(got["url"].split("?")[0], timeout=10) as page:
+        assert b"SpiceMainConn" in page.read(), "spice-html5's own page"
+    url = ws_of(got["url"])
+    redq = int.from_bytes(b"REDQ", "little")
+    with connect(url, subprotocols=["binary"], open_timeout=30) as main:  # type: ignore[list-item]
+        assert spice_link(main, 1) == (redq, 0)
+        with connect(url, subprotocols=["binary"], open_timeout=30) as display:  # type: ignore[list-item]
+            magic, _error = spice_link(display, 2)  # no main session id given: refused, but by SPICE
+            assert magic == redq
+    deadline = time.monotonic() + 10
+    while refused(url)[0] != 403:
+        assert time.monotonic() < deadline, "the spice token outlived its sessions"
+        time.sleep(0.1)
+
+    # spice-html5 itself in a browser, through the proxy: its channels (main, display, inputs,
+    # cursor, ...) each a websocket with the one token, the guest's screen drawn on its canvas.
+    wait_console(agent, uuid, READY)
+    page = agent.call("instance.get_console", {"uuid": uuid, "type": "spice-html5"})["url"]
+    with chromium_page(tmp_path / "chromium", page) as tools:
+        lit = -1
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            lit = int(tools.eval(LIT_PIXELS_JS.replace("#screen canvas", "#spice-screen canvas")) or -1)
+            if lit > 0:
+                break
+            time.sleep(0.5)
+        _shot, kept = tools.screenshot("spice-html5-console.png")
+        messages = str(tools.eval("document.getElementById('message-div')?.innerText || ''"))
+        assert lit > 0, f"spice-html5 drew nothing of the guest's screen (screenshot: {kept}): {messages[-500:]}"
+    agent.call("instance.delete", {"uuid": uuid})

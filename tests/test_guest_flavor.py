@@ -21,10 +21,12 @@ from fastcompute.compute import hardware
 from fastcompute.compute.guest import guest_spec
 from fastcompute.errors import BadRequest, NoCapacity
 from fastcompute.hypervisor.libvirt import capabilities
+from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.hypervisor.libvirt.xml import build
 from fastcompute.hypervisor.spec import CpuTopology, GuestSpec, HostFeatures, Interface, Limits, Rng, Tpm
 from fastcompute.protocol import Flavor, Image, InstanceRecord
-from fastcompute.resources import numa
+from fastcompute.resources import cpusets, numa
+from fastcompute.resources.tracker import Claim
 
 
 def _get(root: ET.Element, path: str) -> str | None:
@@ -167,8 +169,9 @@ def test_refused_flavor_keys_are_bad_request_naming_the_key(tmp_path: Path, imag
 
 
 def test_what_the_host_lacks_is_no_capacity(tmp_path: Path, image_file: Path) -> None:
-    """A host without OVMF, secure-boot firmware or swtpm, or without a machine type, takes
-    no guest that needs it (as a scheduler would have placed it elsewhere)."""
+    """A host without OVMF, secure-boot firmware or swtpm, without a machine type, or whose
+    kernel cannot shape interfaces, takes no guest that needs it (as a scheduler would have
+    placed it elsewhere)."""
     async def run() -> None:
         async with running_agent(tmp_path, "", "test:///default") as (agent, client):
             agent.manager.host_features = HostFeatures(machines=["pc", "pc-i440fx-7.2", "q35"], uefi=True,
@@ -177,7 +180,9 @@ def test_what_the_host_lacks_is_no_capacity(tmp_path: Path, image_file: Path) ->
                                ({"hw:firmware_type": "uefi", "hw:machine_type": "q35", "os:secure_boot": "required"},
                                 "os:secure_boot"),
                                ({"hw:tpm_version": "1.2"}, "hw:tpm_version"),
-                               ({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}, "hw:tpm_model")):
+                               ({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}, "hw:tpm_model"),
+                               ({"quota:vif_outbound_average": "100", "quota:vif_inbound_average": "100"},
+                                "quota:vif_inbound_average")):
                 flavor = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1, "extra_specs": specs}
                 with pytest.raises(NoCapacity) as info:
                     await client.call("instance.spawn", spawn_args(image_file, flavor=flavor))
@@ -292,3 +297,137 @@ def test_a_stored_instance_with_a_key_now_refused_keeps_the_default_devices(tmp_
     assert (old.watchdog, old.rng, old.firmware) == (None, Rng(), "bios")
     new = spec({"hw:watchdog_action": "reset", "hw:cpu_threads": "2"})
     assert (new.watchdog, new.topology) == ("reset", CpuTopology(1, 1, 2))
+
+
+SECURITY = ["COMPUTE_SECURITY_TPM_1_2", "COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_CRB",
+            "COMPUTE_SECURITY_TPM_TIS", "COMPUTE_SECURITY_UEFI_SECURE_BOOT"]
+
+
+@pytest.mark.parametrize(("features", "want"), [
+    (HostFeatures(uefi=True, secure_boot=True, tpm_versions=["1.2", "2.0"], tpm_models=["tpm-tis", "tpm-crb"]),
+     SECURITY),
+    (HostFeatures(uefi=True, tpm_versions=["2.0"], tpm_models=["tpm-crb"]),
+     ["COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_CRB"]),
+    (HostFeatures(uefi=True, secure_boot=True, tpm_models=["tpm-tis"]), ["COMPUTE_SECURITY_UEFI_SECURE_BOOT"]),
+    (HostFeatures(secure_boot=True), []),  # a secure flag without OVMF boots nothing
+    (HostFeatures(tpm_versions=["1.2", "3.0"], tpm_models=["tpm-spapr"]), ["COMPUTE_SECURITY_TPM_1_2"]),
+    (HostFeatures(), []),
+], ids=["everything", "tpm2-crb", "secure-boot-no-swtpm", "no-ovmf", "unknown-versions", "nothing"])
+def test_tpm_and_secure_boot_traits_follow_the_hosts_features(features: HostFeatures, want: list[str]) -> None:
+    assert hardware.security_traits(features) == want
+
+
+def test_the_hosts_security_traits_are_in_host_info_and_flavors_may_require_them(
+        tmp_path: Path, image_file: Path) -> None:
+    """The test hypervisor has OVMF with secure boot and swtpm: its agent reports every
+    security trait, besides its CPU's, and a flavor requiring one is placed here."""
+    async def run() -> None:
+        async with running_agent(tmp_path, "", "test:///default") as (_agent, client):
+            traits = (await client.call("host.info"))["traits"]
+            assert set(SECURITY) <= set(traits)
+            assert any(t.startswith("HW_CPU_X86_") for t in traits), "the CPU's traits are still there"
+            flavor = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1, "extra_specs": {
+                "trait:COMPUTE_SECURITY_TPM_2_0": "required", "trait:COMPUTE_SECURITY_UEFI_SECURE_BOOT": "required",
+                "hw:tpm_version": "2.0"}}
+            rec = await client.call("instance.spawn", {**spawn_args(image_file, flavor=flavor), "wait": True})
+            assert rec["vm_state"] == "active"
+            flavor["extra_specs"] = {"trait:COMPUTE_SECURITY_TPM_2_0": "forbidden"}
+            with pytest.raises(NoCapacity, match="forbidden traits COMPUTE_SECURITY_TPM_2_0"):
+                await client.call("instance.spawn", spawn_args(image_file, flavor=flavor))
+
+    asyncio.run(run())
+
+
+def _mem(split: tuple[int, int]) -> dict[str, str]:
+    return {"hw:numa_mem.0": str(split[0]), "hw:numa_mem.1": str(split[1])}
+
+
+# (vcpus, extra specs with a NUMA request, the topology libvirt must hold)
+NUMA_TOPOLOGIES: list[tuple[int, dict[str, str], tuple[int, int, int]]] = [
+    (4, {"hw:numa_nodes": "2", "hw:cpu_threads": "2"}, (2, 1, 2)),
+    (8, {"hw:numa_nodes": "2", "hw:cpu_sockets": "2", "hw:cpu_threads": "2"}, (2, 2, 2)),
+    (6, {"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-5", **_mem((32, 32)),
+         "hw:cpu_threads": "2"}, (3, 1, 2)),
+    # Nova's pick, 1 x 3 x 2, would split core 1 (vCPUs 2 and 3) over the cells 0-2 and 3-5.
+    (6, {"hw:numa_nodes": "2", "hw:cpu_max_sockets": "1", "hw:cpu_max_cores": "3"}, (1, 2, 3)),
+    (8, {"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "require", "hw:numa_nodes": "2",
+         "hw:cpu_threads": "2"}, (4, 1, 2)),
+]
+NUMA_REFUSED: list[tuple[int, dict[str, str], str]] = [
+    (4, {"hw:numa_nodes": "2", "hw:cpu_threads": "4"}, "hw:cpu_threads"),
+    (6, {"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-2", "hw:numa_cpus.1": "3-5", **_mem((32, 32)),
+         "hw:cpu_threads": "2"}, "hw:cpu_threads"),
+    (4, {"hw:numa_nodes": "2", "hw:numa_cpus.0": "0,2", "hw:numa_cpus.1": "1,3", **_mem((32, 32)),
+         "hw:cpu_threads": "2"}, "hw:cpu_threads"),
+    (4, {"hw:numa_nodes": "2", "hw:cpu_max_sockets": "1", "hw:cpu_max_cores": "1"}, "hw:cpu_max_cores"),
+    (8, {"hw:cpu_policy": "dedicated", "hw:numa_nodes": "4", "hw:cpu_sockets": "1", "hw:cpu_cores": "2"},
+     "hw:cpu_cores"),
+]
+
+
+def _cores_split(root: ET.Element) -> list[int]:
+    """The cores (by QEMU's numbering of vCPUs) whose threads are in more than one of the
+    domain's NUMA cells."""
+    t = root.find("cpu/topology")
+    assert t is not None
+    threads = int(t.get("threads", "1"))
+    cell_of = {vcpu: cell.get("id") for cell in root.findall("cpu/numa/cell")
+               for vcpu in cpusets.parse(cell.get("cpus", ""))}
+    vcpus = int(root.findtext("vcpu") or "0")
+    assert sorted(cell_of) == list(range(vcpus)), "the cells hold every vCPU"
+    return [core for core in range(vcpus // threads)
+            if len({cell_of[core * threads + n] for n in range(threads)}) > 1]
+
+
+def test_numa_guests_cells_hold_whole_cores_of_their_topology(tmp_path: Path, image_file: Path) -> None:
+    """The <cpu><topology> and <numa><cell>s libvirt holds agree: no core's threads in two
+    cells; a flavor that cannot have that is BAD_REQUEST naming the key that forces it, and
+    records nothing."""
+    uri = write_test_host(tmp_path / "host.xml")
+
+    async def run() -> list[ET.Element]:
+        async with running_agent(tmp_path, '[resources]\ncpu_dedicated_set = "8-31,40-63"\n', uri) as (agent, client):
+            roots = []
+            for i, (vcpus, specs, _want) in enumerate(NUMA_TOPOLOGIES):
+                flavor = {"vcpus": vcpus, "memory_mb": 64, "disk_gb": 1, "extra_specs": specs}
+                rec = await client.call("instance.spawn", spawn_args(image_file, name=f"n{i}", flavor=flavor,
+                                                                     wait=True))
+                assert rec["vm_state"] == "active", (specs, rec)
+                roots.append(ET.fromstring(await agent.driver.domain_xml(rec["uuid"])))
+            for vcpus, specs, key in NUMA_REFUSED:
+                flavor = {"vcpus": vcpus, "memory_mb": 64, "disk_gb": 1, "extra_specs": specs}
+                with pytest.raises(BadRequest) as info:
+                    await client.call("instance.spawn", spawn_args(image_file, flavor=flavor))
+                details = info.value.details or {}
+                assert details.get("field") == f"args.flavor.extra_specs.{key}", (specs, details)
+                assert "whole cores" in str(details.get("reason")), details
+            assert len(await client.call("instance.list")) == len(NUMA_TOPOLOGIES)
+            return roots
+
+    for root, (_vcpus, specs, want) in zip(asyncio.run(run()), NUMA_TOPOLOGIES, strict=True):
+        t = root.find("cpu/topology")
+        assert t is not None, specs
+        assert (int(t.get("sockets", "0")), int(t.get("cores", "0")), int(t.get("threads", "0"))) == want, specs
+        assert len(root.findall("cpu/numa/cell")) == int(specs["hw:numa_nodes"]), specs
+        assert _cores_split(root) == [], specs
+
+
+def test_a_numa_guest_without_topology_keys_keeps_libvirts_one_socket_per_vcpu() -> None:
+    assert hardware.topology({"hw:numa_nodes": "2"}, 4, ((0, 1), (2, 3))) is None
+    assert hardware.topology({"hw:cpu_threads": "2"}, 4) == CpuTopology(2, 1, 2)
+    assert hardware.topology({"hw:cpu_max_sockets": "1", "hw:cpu_max_cores": "3"}, 6) == CpuTopology(1, 3, 2), \
+        "without NUMA cells Nova's pick stands"
+
+
+def test_a_stored_numa_instance_whose_topology_splits_a_core_keeps_it_and_its_devices(tmp_path: Path) -> None:
+    """An instance an older agent made with a core across two NUMA cells is described as it was
+    made (its topology and devices) rather than refused or stripped on restart."""
+    specs = {"hw:numa_nodes": "2", "hw:cpu_threads": "4", "hw:watchdog_action": "reset"}
+    request = numa.constraints({"vcpus": 4, "memory_mb": 64, "extra_specs": specs})
+    rec = InstanceRecord(uuid=str(uuid_mod.uuid4()), name="vm", project_id="p", vm_state="active", task_state=None,
+                         power_state="running", flavor=Flavor(vcpus=4, memory_mb=64, disk_gb=1, extra_specs=specs),
+                         image=Image(id="i"), host="h", numa=None, created_at="t", updated_at="t")
+    claim = Claim(project_id="p", resources={"VCPU": 4, "MEMORY_MB": 64}, vcpus=4, memory_mb=64,
+                  numa_request=request)
+    spec = guest_spec(rec, [], tmp_path, disks=[], interfaces=[], claim=claim, numa_host=None, virt_type="test")
+    assert (spec.topology, spec.watchdog) == (CpuTopology(1, 1, 4), "reset")

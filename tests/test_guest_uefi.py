@@ -85,3 +85,14 @@ def test_real_qemu_starts_a_guest_with_every_applied_device(
     assert cdrom is not None and cdrom.get("bus") == "sata"
     assert len(dom.findall("devices/serial")) == 3
     agent.call("instance.delete", {"uuid": rec["uuid"]})
+
+
+def test_a_real_host_publishes_the_tpm_and_secure_boot_it_has(
+        guest_agent: Callable[..., AgentProcess]) -> None:
+    """Debian's swtpm (TPM 1.2 and 2.0) and OVMF (a secure-boot build for q35), as libvirt's
+    domain capabilities report them, become Nova's security traits of the host."""
+    if not Path("/usr/share/qemu/firmware").is_dir() or not Path("/usr/bin/swtpm").exists():
+        pytest.skip("OVMF or swtpm is not installed (scripts/bootstrap.sh installs both)")
+    traits = set(guest_agent().call("host.info")["traits"])
+    assert {"COMPUTE_SECURITY_TPM_1_2", "COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_TIS",
+            "COMPUTE_SECURITY_TPM_CRB", "COMPUTE_SECURITY_UEFI_SECURE_BOOT"} <= traits, sorted(traits)

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from placement_fixtures import HEADERS, PlacementServer, placement, placement_venv
-from scheduler_fixtures import Fleet, after, spawns, start_fleet
+from scheduler_fixtures import Fleet, after, agent_config, spawns, start_fleet
 
 from fastcompute.config import PlacementConfig
 from fastcompute.scheduler.fleet import Scheduler, Weights, run_storm
@@ -320,3 +320,24 @@ def test_scheduler_with_placement_candidates(placed_fleet: Fleet, placement: Pla
     placed = asyncio.run(storm())
     assert {p.host for p in placed} == {placed_fleet.hostnames["small"], placed_fleet.hostnames["medium"]}
     wait_in_step(placed_fleet, placement)
+
+
+def test_an_agent_publishes_its_tpm_and_secure_boot_traits(
+        make_agent: Any, placement: PlacementServer) -> None:
+    """The test hypervisor has swtpm (TPM 1.2 and 2.0, TIS and CRB) and secure-boot OVMF: its
+    provider carries Nova's security traits, which a flavor's ``trait:`` keys then select."""
+    import time
+
+    name = host_name()
+    agent = make_agent(config=agent_config(name, f'[placement]\nurl = "{placement.url}"\nretry_max_s = 0.5\n'))
+    want = {"COMPUTE_SECURITY_TPM_1_2", "COMPUTE_SECURITY_TPM_2_0", "COMPUTE_SECURITY_TPM_TIS",
+            "COMPUTE_SECURITY_TPM_CRB", "COMPUTE_SECURITY_UEFI_SECURE_BOOT"}
+    assert want <= set(agent.call("host.info")["traits"])
+    deadline = time.monotonic() + 15
+    while True:
+        rps = placement.get(f"/resource_providers?name={name}")["resource_providers"]
+        if rps and want <= set(placement.provider_view(name)["traits"]):
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"Placement has not the security traits: {placement.provider_view(name) if rps else rps}")
+        time.sleep(0.2)

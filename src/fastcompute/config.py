@@ -165,10 +165,12 @@ class ConsoleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     listen: Annotated[str, _doc("HOST:PORT the console proxy listens on (noVNC's page and websockets, the serial console's websockets)")] = "127.0.0.1:6080"
     base_url: Annotated[str, _doc("The proxy as clients reach it, e.g. https://console.example.com:6080 (behind a TLS terminator); empty = http://LISTEN")] = ""
     address: Annotated[str, _doc("Host address the guests' VNC (and SPICE) servers listen on; the proxy connects there, clients never do")] = "127.0.0.1"
-    spice: Annotated[bool, _doc("Also give guests a SPICE server on address, for SPICE clients an operator points at it (get_console serves novnc and serial); only where QEMU has SPICE (Debian's does), or guests do not start")] = False
+    spice: Annotated[bool, _doc("Also give guests a SPICE server on address, opened through the proxy by get_console type spice-html5 (or by SPICE clients an operator points at it); only where QEMU has SPICE (Debian's does), or guests do not start")] = False
     token_ttl_s: Annotated[float, msgspec.Meta(gt=0), _doc("A console URL's token must be used within this long (once; Nova's token_ttl)")] = 600.0
     socket_dir: Annotated[str, _doc("Directory (made 0700) of the guests' serial console sockets, {uuid}.sock; short, as a unix socket's path must be")] = "/run/fastcompute/consoles"
     novnc_dir: Annotated[str, _doc("Directory of noVNC's files (vnc_lite.html, core/, vendor/), served by the proxy; Debian's novnc package puts them here")] = "/usr/share/novnc"
+    allowed_origins: Annotated[list[str], _doc("Origins (scheme://host[:port]) besides base_url's whose pages may open a console websocket; a browser's websocket from any other Origin is refused (403) before its token is looked at")] = msgspec.field(default_factory=list)
+    spice_html5_dir: Annotated[str, _doc("Directory of spice-html5's files (spice_auto.html and its scripts), served by the proxy under /spice-html5/ for get_console type spice-html5 (needs spice = true); Debian's spice-html5 package puts them here")] = "/usr/share/spice-html5"
 
 
 class StatsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

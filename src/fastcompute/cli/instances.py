@@ -211,7 +211,7 @@ def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
 
     cu = sub.add_parser("console-url", parents=[common], help=ops["instance.get_console"].help)
     cu.add_argument("uuid", help="uuid, uuid prefix or name")
-    cu.add_argument("--type", choices=["novnc", "serial"], default="novnc", help="which console")
+    cu.add_argument("--type", choices=protocol.schema.CONSOLE_TYPES, default="novnc", help="which console")
     cu.set_defaults(fn=_console_url)
 
     sp = sub.add_parser("set-password", parents=[common], help=ops["instance.set_password"].help

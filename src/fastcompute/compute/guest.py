@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 
 from fastcompute.compute.cpu import HostCpu, guest_features
-from fastcompute.compute.hardware import Hardware, hardware
+from fastcompute.compute.hardware import Hardware, cell_cpus, hardware
 from fastcompute.config import ConsoleConfig
 from fastcompute.errors import BadRequest
 from fastcompute.hypervisor.spec import Disk, Graphics, GuestCell, GuestSpec, Interface, Limits
@@ -87,6 +87,15 @@ def _placement(claim: Claim | None, numa_host: HostUsage | None, host_cpu: HostC
     return cells, [], vcpupin, emulator
 
 
+def _as_made(specs: dict[str, str], vcpus: int) -> Hardware:
+    """The machine and devices of a guest whose flavor a spawn would now refuse: its topology
+    chosen without its NUMA cells, or, for a key now refused, the defaults."""
+    try:
+        return hardware(specs, vcpus)
+    except BadRequest:
+        return Hardware()
+
+
 def consoles(uuid: str, cfg: ConsoleConfig | None) -> tuple[str | None, list[Graphics]]:
     """The serial console's socket and the graphics servers of a guest (none with consoles off)."""
     if cfg is None or not cfg.enabled:
@@ -115,12 +124,13 @@ def guest_spec(
     cells, cpuset, vcpupin, emulatorpin = _placement(claim, numa_host, host_cpu)
     specs = rec.flavor.extra_specs
     try:
-        hw = hardware(specs, rec.flavor.vcpus)
+        hw = hardware(specs, rec.flavor.vcpus, cell_cpus(claim.numa_request if claim is not None else None))
     except BadRequest as exc:
-        # Only an instance stored by an agent that accepted and dropped this key gets here (a
-        # spawn is validated first): it keeps running as it was made.
-        log.warning("instance %s: %s; its guest gets the default machine and devices", rec.uuid, exc.message)
-        hw = Hardware()
+        # Only an instance stored by an agent that accepted and dropped this key, or that gave
+        # it a topology splitting a core across its NUMA cells, gets here (a spawn is
+        # validated first): it keeps running as it was made.
+        log.warning("instance %s: %s; its guest is described as it was made", rec.uuid, exc.message)
+        hw = _as_made(specs, rec.flavor.vcpus)
     if hw.machine is not None and "q35" in hw.machine:
         # q35 has no IDE bus: its CD-ROMs (the config drive) hang off the AHCI controller.
         disks = [msgspec.structs.replace(d, bus="sata") if d.bus == "ide" else d for d in disks]

@@ -36,6 +36,7 @@ from fastcompute.hypervisor.spec import (
 )
 from fastcompute.protocol.extra_specs import bad, choice
 from fastcompute.protocol.schema import parse_uint
+from fastcompute.resources.numa_types import NumaRequest
 
 TOPOLOGY_KEYS: Final = ("hw:cpu_sockets", "hw:cpu_cores", "hw:cpu_threads")
 MAX_TOPOLOGY_KEYS: Final = ("hw:cpu_max_sockets", "hw:cpu_max_cores", "hw:cpu_max_threads")
@@ -67,6 +68,8 @@ MACHINE_TYPE: Final = re.compile(r"^(?:pc|q35|pc-(?:i440fx|q35)-\d{1,3}\.\d{1,3}
 _TRUE: Final = frozenset({"1", "t", "true", "on", "y", "yes"})
 _FALSE: Final = frozenset({"0", "f", "false", "off", "n", "no"})
 _MAX_RATE: Final = 2**32 - 1  # libvirt keeps the RNG rate as unsigned ints
+Cells = tuple[tuple[int, ...], ...]
+"""The vCPUs of each guest NUMA cell, in cell order."""
 
 
 class Hardware(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,21 +131,29 @@ def flavor_keys(extra_specs: Mapping[str, str]) -> dict[str, str]:
     return specs
 
 
-def hardware(extra_specs: Mapping[str, str], vcpus: int) -> Hardware:
+def hardware(extra_specs: Mapping[str, str], vcpus: int, cells: Cells = ()) -> Hardware:
     """The machine and devices a flavor of ``vcpus`` vCPUs asks for; BAD_REQUEST naming the
     key (as the flavor spells it) for values, combinations and features this agent does not
-    apply."""
-    return _hardware_of(tuple(sorted(extra_specs.items())), vcpus)
+    apply. ``cells`` are the vCPUs of each guest NUMA cell (``cell_cpus``; none: no NUMA),
+    which the CPU topology must not split a core across."""
+    return _hardware_of(tuple(sorted(extra_specs.items())), vcpus, cells)
+
+
+def cell_cpus(request: NumaRequest | None) -> Cells:
+    """The vCPUs of each guest NUMA cell of a NUMA request (none without one)."""
+    if request is None:
+        return ()
+    return tuple(tuple(sorted(c["cpuset"] + c["pcpuset"])) for c in request["cells"])
 
 
 # Validation, the host check and the guest's description each ask, for every spawn of a storm
 # of the same flavor: the answer (frozen) is kept; a refusal is raised again each time.
 @functools.lru_cache(maxsize=1024)
-def _hardware_of(items: tuple[tuple[str, str], ...], vcpus: int) -> Hardware:
+def _hardware_of(items: tuple[tuple[str, str], ...], vcpus: int, cells: Cells) -> Hardware:
     extra_specs = dict(items)
     specs = flavor_keys(extra_specs)
     try:
-        return _hardware(specs, extra_specs, vcpus)
+        return _hardware(specs, extra_specs, vcpus, cells)
     except BadRequest as exc:
         field = str((exc.details or {}).get("field", ""))
         given = next((k for k, name in ALIASES.items() if name == field and k in extra_specs), None)
@@ -151,7 +162,7 @@ def _hardware_of(items: tuple[tuple[str, str], ...], vcpus: int) -> Hardware:
         raise bad(given, str((exc.details or {}).get("reason", exc.message))) from None
 
 
-def _hardware(specs: Mapping[str, str], extra_specs: Mapping[str, str], vcpus: int) -> Hardware:
+def _hardware(specs: Mapping[str, str], extra_specs: Mapping[str, str], vcpus: int, cells: Cells) -> Hardware:
     for key, why in (("hw:mem_encryption", "this host has no memory encryption (AMD SEV)"),
                      ("hw:vif_multiqueue_enabled", "the agent's taps have one queue")):
         if _bool(specs, key):
@@ -191,7 +202,7 @@ def _hardware(specs: Mapping[str, str], extra_specs: Mapping[str, str], vcpus: i
         rng=_rng(specs),
         video=choice(specs, "hw:video_model", VIDEO_MODELS),
         serial_ports=_serial_ports(specs),
-        topology=topology(specs, vcpus),
+        topology=topology(specs, vcpus, cells),
         boot_menu=bool(_bool(specs, "hw:boot_menu")),
         pmu=_bool(specs, "hw:pmu"),
         hide_hypervisor=bool(_bool(specs, "hw:hide_hypervisor_id")),
@@ -236,13 +247,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def topology(specs: Mapping[str, str], vcpus: int) -> CpuTopology | None:
+def topology(specs: Mapping[str, str], vcpus: int, cells: Cells = ()) -> CpuTopology | None:
     """The guest CPU topology Nova's ``get_best_cpu_topology`` picks for the ``hw:cpu_*``
     keys (None when none is given): of the sockets x cores x threads = ``vcpus`` within the
     maxima, the one matching most preferred counts, ties to more sockets x cores, then more
     sockets, then more threads. Stricter than Nova, which quietly drops a preference it
     cannot meet: a preferred count above its maximum, one that does not divide the vCPUs, or
-    three that do not multiply to them are BAD_REQUEST."""
+    three that do not multiply to them are BAD_REQUEST.
+
+    With guest NUMA ``cells`` each core's threads must be in one cell (vCPU ``n`` is thread
+    ``n % threads`` of core ``n // threads``, as QEMU numbers them), or the guest kernel sees
+    SMT siblings on two nodes. Nova has dropped its per-cell thread rule (bug 1910466) and
+    lets such a guest be made; here the best topology that keeps cores whole and every
+    preference the unconstrained best met is taken, and when there is none the flavor is
+    BAD_REQUEST naming the key that forces the threads."""
     keys = (*TOPOLOGY_KEYS, *MAX_TOPOLOGY_KEYS)
     if not any(k in specs for k in keys):
         return None
@@ -269,12 +287,33 @@ def topology(specs: Mapping[str, str], vcpus: int) -> CpuTopology | None:
         return score, t[0] * t[1], t[0], t[2]
 
     best = max(possible, key=rank)
+    if cells and _splits_a_core(best[2], cells):
+        met = [i for i, wanted in enumerate(want) if wanted is not None and best[i] == wanted]
+        whole = [t for t in possible if not _splits_a_core(t[2], cells) and all(t[i] == want[i] for i in met)]
+        if not whole:
+            key = next(k for k in (*reversed(TOPOLOGY_KEYS), *reversed(MAX_TOPOLOGY_KEYS)) if k in specs)
+            raise bad(key, f"{best[0]} sockets x {best[1]} cores x {best[2]} threads would put a core's threads "
+                           f"in two of the guest's NUMA cells (vCPUs {_cells_text(cells)}); each cell must "
+                           "hold whole cores")
+        best = max(whole, key=rank)
     return CpuTopology(*best)
 
 
-def check_host(hw: Hardware, host: HostFeatures) -> None:
-    """NO_CAPACITY when this host cannot give what ``hw`` asks for."""
+def _splits_a_core(threads: int, cells: Cells) -> bool:
+    cell_of = {vcpu: i for i, cpus in enumerate(cells) for vcpu in cpus}
+    return any(cell_of.get(vcpu) != cell_of.get(vcpu - vcpu % threads) for vcpu in cell_of)
+
+
+def _cells_text(cells: Cells) -> str:
+    return " | ".join(",".join(map(str, cpus)) for cpus in cells)
+
+
+def check_host(hw: Hardware, host: HostFeatures, extra_specs: Mapping[str, str]) -> None:
+    """NO_CAPACITY when this host cannot give what ``hw`` (read from ``extra_specs``) asks for."""
     missing: list[tuple[str, str]] = []
+    if not host.interface_bandwidth:
+        missing.extend((key, "its kernel cannot shape interfaces as libvirt does (tc's sfq qdisc and police "
+                             "action)") for key in sorted(extra_specs) if key.startswith("quota:vif_"))
     if hw.machine is not None and host.machines and hw.machine not in host.machines:
         missing.append(("hw:machine_type", f"its QEMU has no machine type {hw.machine}"))
     if hw.firmware == "uefi" and not host.uefi:
@@ -290,3 +329,18 @@ def check_host(hw: Hardware, host: HostFeatures) -> None:
         raise NoCapacity(f"this host cannot give {key}: {why}",
                          {"resource_class": "FEATURES", "field": key, "reason": why})
 
+
+
+def security_traits(host: HostFeatures) -> list[str]:
+    """The Placement traits a host with these features reports, as Nova's libvirt driver does:
+    ``COMPUTE_SECURITY_TPM_1_2``/``_2_0`` per emulated TPM version swtpm gives,
+    ``COMPUTE_SECURITY_TPM_TIS``/``_CRB`` per TPM model, ``COMPUTE_SECURITY_UEFI_SECURE_BOOT``
+    with secure-boot OVMF. A scheduler sends a flavor asking for a TPM or secure boot here only
+    when they are listed."""
+    found = [f"COMPUTE_SECURITY_TPM_{v.replace('.', '_')}" for v in host.tpm_versions if v in TPM_VERSIONS]
+    if host.tpm_versions:
+        found += [f"COMPUTE_SECURITY_TPM_{m.removeprefix('tpm-').upper()}" for m in host.tpm_models
+                  if m in TPM_MODELS]
+    if host.uefi and host.secure_boot:
+        found.append("COMPUTE_SECURITY_UEFI_SECURE_BOOT")
+    return sorted(found)

@@ -27,7 +27,7 @@ import msgspec
 from fastcompute import protocol
 from fastcompute.compute import configdrive, guest, volumes
 from fastcompute.compute.cpu import HostCpu, check_traits, trait_features
-from fastcompute.compute.hardware import check_host, hardware
+from fastcompute.compute.hardware import check_host, hardware, security_traits
 from fastcompute.compute.records import Stored, image_spec, now, numa_cells
 from fastcompute.compute.validate import flavor_request
 from fastcompute.config import Config
@@ -136,17 +136,18 @@ class Manager:
                     cpu_features: Iterable[str] = ()) -> None:
         """Load the store, take the stored claims, and reconcile with the hypervisor.
 
-        ``traits`` are the host's traits, ``cpu_features`` its CPU's feature names."""
+        ``traits`` are the host's CPU and custom traits (its TPM and secure-boot ones are added
+        here), ``cpu_features`` its CPU's feature names."""
         self.tracker = tracker
         self.hypervisor_facts = facts
-        self.traits = traits
         self.domain_type = await self.driver.virt_type(self.cfg.hypervisor.domain_type)
+        self.host_features = await self.driver.host_features(self.domain_type)
+        self.traits = sorted(set(traits) | set(security_traits(self.host_features)))
         hv = self.cfg.hypervisor
         mode, model = await self.driver.guest_cpu(self.domain_type, hv.cpu_mode, hv.cpu_models)
         self.host_cpu = HostCpu(shared=tracker.shared_cpus, shared_configured=bool(self.cfg.resources.cpu_shared_set),
                                 mode=mode, model=model, extra_flags=hv.cpu_model_extra_flags,
-                                features=trait_features(cpu_features), traits=frozenset(traits))
-        self.host_features = await self.driver.host_features(self.domain_type)
+                                features=trait_features(cpu_features), traits=frozenset(self.traits))
         loaded = await self.store.load()
         status = loaded.settings.get("host_status") or {}
         self.enabled = bool(status.get("enabled", True))
@@ -446,7 +447,7 @@ class Manager:
             return await self._after_spawn(uuid, args.wait)
         if self.host_cpu is not None:
             check_traits(args.flavor.extra_specs, self.host_cpu)
-        check_host(hardware(args.flavor.extra_specs, args.flavor.vcpus), self.host_features)
+        check_host(hardware(args.flavor.extra_specs, args.flavor.vcpus), self.host_features, args.flavor.extra_specs)
         vols, conns = volumes.from_mapping(args)
         local_gb = 0 if protocol.boot_volume(args.block_device_mapping) else args.flavor.disk_gb
         claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb, local_gb, numa_request)

@@ -99,11 +99,17 @@ def flavor_request(flavor: Flavor) -> NumaRequest | None:
     except BadRequest as exc:
         raise _renamed(exc, prefix + str((exc.details or {}).get("field", ""))) from None
     try:
-        return numa.constraints(
+        request = numa.constraints(
             {"vcpus": flavor.vcpus, "memory_mb": flavor.memory_mb, "extra_specs": flavor.extra_specs})
     except BadRequest as exc:
         field = str((exc.details or {}).get("field", ""))
         raise _renamed(exc, prefix + field if field.startswith("hw:") else "args.flavor." + field) from None
+    try:
+        # Again with the guest's NUMA cells, which its CPU topology must not split a core across.
+        hardware.hardware(flavor.extra_specs, flavor.vcpus, hardware.cell_cpus(request))
+    except BadRequest as exc:
+        raise _renamed(exc, prefix + str((exc.details or {}).get("field", ""))) from None
+    return request
 
 
 def _quota_combinations(specs: dict[str, str], prefix: str) -> None:

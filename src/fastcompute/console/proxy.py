@@ -1,12 +1,20 @@
-"""The console proxy: noVNC's page and websockets, relayed to guests' consoles.
+"""The console proxy: noVNC's and spice-html5's pages and websockets, relayed to guests' consoles.
 
 One asyncio server on the agent's loop (the ``websockets`` library). A websocket to
 ``/vnc/{uuid}?token=T`` is relayed to the guest's VNC server (noVNC speaks RFB over it, in
-binary frames), one to ``/serial/{uuid}?token=T`` to its serial console's unix socket. The
-token is redeemed during the HTTP handshake, before the upgrade: a refused one gets a 403 and
-no websocket. Every other GET is a file of noVNC (``novnc_dir``), so the URL
-``instance.get_console`` returns opens the console in a browser with nothing else to run.
-The guests' consoles themselves listen on host-only addresses that clients never reach.
+binary frames), one to ``/serial/{uuid}?token=T`` to its serial console's unix socket, one to
+``/spice/{uuid}?token=T`` to its SPICE server (spice-html5). The token is redeemed during the
+HTTP handshake, before the upgrade: a refused one gets a 403 and no websocket. A SPICE client
+opens a websocket per channel, each to the one URL: a spice-html5 token, once redeemed, also
+opens further channels of its instance while one of its sessions is open.
+
+A browser's websocket carries its page's ``Origin``: one that is not the proxy's own
+(``base_url``'s) nor in ``allowed_origins`` is refused with a 403 before the token is looked
+at, so a page elsewhere cannot use a leaked console URL (clients that are not browsers send no
+``Origin`` and are let through, as Nova's proxy does). Every other GET is a file of noVNC
+(``novnc_dir``), or under ``/spice-html5/`` of spice-html5 (``spice_html5_dir``), so the URL
+``instance.get_console`` returns opens the console in a browser with nothing else to run. The
+guests' consoles themselves listen on host-only addresses that clients never reach.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from fastcompute.config import ConsoleConfig
-from fastcompute.console.tokens import Grant, Refused, Tokens
+from fastcompute.console.tokens import Grant, Refused, Tokens, digest
 from fastcompute.errors import AgentError, Conflict
 from fastcompute.hypervisor.spec import ConsoleEndpoint, ConsoleKind
 from fastcompute.protocol.schema import ConsoleUrl, InstanceRecord
@@ -41,10 +49,26 @@ Locate = Callable[[str, ConsoleKind], Awaitable[ConsoleEndpoint]]
 """Where an instance's console of a kind is (the hypervisor driver's ``console_endpoint``)."""
 
 # The op's console type -> the websocket path's first segment and the guest's console kind.
-ROUTES: Final[dict[str, tuple[str, ConsoleKind]]] = {"novnc": ("vnc", "vnc"), "serial": ("serial", "serial")}
+ROUTES: Final[dict[str, tuple[str, ConsoleKind]]] = {
+    "novnc": ("vnc", "vnc"), "serial": ("serial", "serial"), "spice-html5": ("spice", "spice")}
+# The URL path under which spice-html5's files are served (noVNC's are at the root).
+SPICE_PREFIX: Final = "spice-html5/"
 _TYPE_OF_SEGMENT: Final = {segment: type_ for type_, (segment, _kind) in ROUTES.items()}
 _RUNNING: Final = frozenset({"active", "paused"})
 _CHUNK: Final = 64 * 1024
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str:
+    """A URL's origin as browsers send it in ``Origin``: ``scheme://host[:port]``, lower case,
+    the scheme's default port left out; ValueError for what has no origin."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"{url!r} has no http(s) origin")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    port = parts.port
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS[scheme] else "")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -63,10 +87,20 @@ class ConsoleProxy:
         self.tokens = tokens
         self.locate = locate
         self.novnc_dir = Path(cfg.novnc_dir)
+        self.spice_html5_dir = Path(cfg.spice_html5_dir)
+        # A SPICE client opens a websocket per channel (main, display, inputs, cursor, ...),
+        # each to the URL of the first: a spice-html5 token, redeemed by the main channel,
+        # also opens the others while a session of it is open (token digest -> grant, sessions).
+        self._spice: dict[bytes, tuple[Grant, int]] = {}
+        self._spice_tokens: weakref.WeakKeyDictionary[ServerConnection, bytes] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
         # Weak: a handshake that fails after its token was redeemed never reaches a session.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = weakref.WeakKeyDictionary()
         self.sessions = 0
+        try:
+            self._extra_origins = frozenset(origin_of(o) for o in cfg.allowed_origins)
+        except ValueError as exc:
+            raise ValueError(f"[console] allowed_origins: {exc}") from None
 
     @property
     def base_url(self) -> str:
@@ -83,6 +117,11 @@ class ConsoleProxy:
         if self._server is not None:
             port = self._server.sockets[0].getsockname()[1]
         return host, port
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        """Origins whose pages may open a console: the proxy's own and ``allowed_origins``."""
+        return self._extra_origins | {origin_of(self.base_url)}
 
     async def start(self) -> None:
         """Listen (an address in use stops the agent's start, naming it)."""
@@ -118,22 +157,26 @@ class ConsoleProxy:
         return ConsoleUrl(rec.uuid, type_, self.url(rec.uuid, type_, token), expires)
 
     def url(self, uuid: str, type_: str, token: str) -> str:
-        """The URL a client opens: noVNC's page for ``novnc``, a websocket for ``serial``."""
+        """The URL a client opens: noVNC's page for ``novnc``, spice-html5's for
+        ``spice-html5``, a websocket for ``serial``."""
         segment, _kind = ROUTES[type_]
         base = self.base_url
         socket_path = f"{segment}/{uuid}?token={token}"
+        if type_ == "serial":
+            return "ws" + base.removeprefix("http") + "/" + socket_path
+        # Both pages connect to ws(s)://{their page's host}/{path}, so a base_url below a path
+        # (behind a reverse proxy) keeps that path in front.
+        prefix = urlsplit(base).path.strip("/")
+        path = quote(f"{prefix}/{socket_path}" if prefix else socket_path, safe="")
         if type_ == "novnc":
-            # noVNC connects to ws(s)://{its page's host}/{path}, so a base_url below a path
-            # (behind a reverse proxy) keeps that path in front.
-            prefix = urlsplit(base).path.strip("/")
-            path = f"{prefix}/{socket_path}" if prefix else socket_path
-            return f"{base}/vnc_lite.html?path={quote(path, safe='')}"
-        return "ws" + base.removeprefix("http") + "/" + socket_path
+            return f"{base}/vnc_lite.html?path={path}"
+        return f"{base}/{SPICE_PREFIX}spice_auto.html?path={path}"
 
     # -- HTTP ---------------------------------------------------------------------------------
 
     async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Before any upgrade: redeem a websocket's token, or serve one of noVNC's files."""
+        """Before any upgrade: check a websocket's origin and redeem its token, or serve a file
+        of noVNC or spice-html5."""
         parts = urlsplit(request.path)
         segments = parts.path.strip("/").split("/")
         type_ = _TYPE_OF_SEGMENT.get(segments[0]) if len(segments) == 2 else None
@@ -141,20 +184,41 @@ class ConsoleProxy:
             return await self._file(connection, parts.path)
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return connection.respond(http.HTTPStatus.UPGRADE_REQUIRED, "a console is a websocket\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin):
+            log.warning("console connection to %s from origin %r refused", parts.path, origin[:200])
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "origin not allowed\n")
         token = (parse_qs(parts.query).get("token") or [""])[0]
+        hashed = digest(token)
+        channel = self._spice.get(hashed) if type_ == "spice-html5" else None
+        if channel is not None and channel[0].uuid == segments[1]:
+            self._grants[connection] = channel[0]
+            self._spice_tokens[connection] = hashed
+            return None
         try:
             grant = await self.tokens.redeem(token, segments[1], type_)
         except Refused as exc:
             log.info("console connection to %s refused: %s", parts.path, exc)
             return connection.respond(http.HTTPStatus.FORBIDDEN, f"{exc}\n")
         self._grants[connection] = grant
+        if type_ == "spice-html5":
+            self._spice_tokens[connection] = hashed
         return None
+
+    def _origin_allowed(self, origin: str) -> bool:
+        try:
+            return origin_of(origin) in self.allowed_origins
+        except ValueError:  # "null" (a sandboxed or file: page) and anything malformed
+            return False
 
     async def _file(self, connection: ServerConnection, path: str) -> Response:
         clean = posixpath.normpath("/" + path).lstrip("/")
         if not clean or clean == ".":
             clean = "vnc_lite.html"
-        target = self.novnc_dir / clean
+        root = self.novnc_dir
+        if clean.startswith(SPICE_PREFIX):
+            root, clean = self.spice_html5_dir, clean.removeprefix(SPICE_PREFIX)
+        target = root / clean
         try:
             body = await asyncio.to_thread(target.read_bytes)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -182,11 +246,18 @@ class ConsoleProxy:
             await connection.close(1011, reason[:120])
             return
         self.sessions += 1
+        spice_token = self._spice_tokens.pop(connection, None)
+        if spice_token is not None:
+            self._spice[spice_token] = (grant, self._spice.get(spice_token, (grant, 0))[1] + 1)
         log.info("console session to %s's %s opened", grant.uuid, kind)
         try:
             await _relay(connection, reader, writer)
         finally:
             self.sessions -= 1
+            if spice_token is not None:
+                _grant, left = self._spice.pop(spice_token)
+                if left > 1:
+                    self._spice[spice_token] = (grant, left - 1)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

@@ -253,14 +253,16 @@ class HostFacts(msgspec.Struct, frozen=True):
 class HostFeatures(msgspec.Struct, frozen=True, kw_only=True):
     """What the hypervisor can give guests beyond CPUs and memory, read once at start:
     ``machines`` the machine types it offers (empty: it does not say), UEFI firmware,
-    secure-boot firmware (on q35), and the emulated TPM's versions and models (empty: no
-    swtpm)."""
+    secure-boot firmware (on q35), the emulated TPM's versions and models (empty: no
+    swtpm), and whether interfaces' bandwidth limits can be applied (the kernel's traffic
+    control)."""
 
     machines: list[str] = []
     uefi: bool = False
     secure_boot: bool = False
     tpm_versions: list[str] = []
     tpm_models: list[str] = []
+    interface_bandwidth: bool = False
 
 
 class DomainStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -118,7 +118,7 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     Op("instance.console", ConsoleArgs, "the serial console log", mutating=False, access="read", verb="console"),
     # Not mutating: its reply holds a live one-time token, which must never be written to the
     # store's reply log (the store keeps only its hash). A member's op: it opens the guest.
-    Op("instance.get_console", GetConsoleArgs, "a one-time URL of an instance's noVNC or serial console",
+    Op("instance.get_console", GetConsoleArgs, "a one-time URL of an instance's noVNC, serial or spice-html5 console",
        mutating=False, access="write", verb="console-url"),
     # Not mutating: nothing of it is kept for a retry (its reply holds no secret either, and
     # setting the same password again is harmless). A member's op: it opens the guest.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid as uuid_mod
-from typing import Annotated, Any, Final, Literal, TypedDict
+from typing import Annotated, Any, Final, Literal, TypedDict, get_args
 
 import msgspec
 from msgspec import Meta, Raw, Struct
@@ -188,11 +188,15 @@ class ConsoleArgs(_Args):
     tail_bytes: Annotated[int, Meta(ge=1, le=16 * 1024 * 1024)] = 64 * 1024
 
 
+ConsoleType = Literal["novnc", "serial", "spice-html5"]
+CONSOLE_TYPES: Final[tuple[str, ...]] = get_args(ConsoleType)
+
+
 class GetConsoleArgs(_Args):
     """``instance.get_console``: a one-time URL of an instance's console."""
 
     uuid: UuidStr
-    type: Literal["novnc", "serial"]
+    type: ConsoleType
 
 
 class ConsoleUrl(msgspec.Struct, frozen=True):
