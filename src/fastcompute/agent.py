@@ -24,6 +24,8 @@ from fastcompute import protocol
 from fastcompute.compute import validate
 from fastcompute.compute.guestagent import GuestAgent
 from fastcompute.compute.manager import Manager
+from fastcompute.compute.shelve import Shelver
+from fastcompute.compute.snapshot import Snapshots
 from fastcompute.config import Config
 from fastcompute.console import ConsoleProxy, Tokens
 from fastcompute.errors import Conflict, NotFound
@@ -68,6 +70,8 @@ class Agent:
                                     domain_stats=self.driver.domain_stats, metrics=self.metrics)
         self._stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self.snapshots: Snapshots | None = None
+        self.shelver: Shelver | None = None
 
     def _handlers(self, m: Manager) -> dict[str, Handler]:
         """One handler per op of ``protocol.OPS``: the validation stage, then the manager.
@@ -137,6 +141,24 @@ class Agent:
             m.get(a.uuid)
             return self.stats.last(a.uuid)
 
+        snapshots, shelver = self.snapshots, self.shelver
+        assert snapshots is not None and shelver is not None
+
+        async def snapshot(a: protocol.SnapshotArgs) -> Any:
+            return await snapshots.snapshot(a.uuid, a.name, a.properties)
+
+        async def shelve(a: protocol.UuidArgs) -> Any:
+            return await shelver.shelve(a.uuid)
+
+        async def shelve_offload(a: protocol.UuidArgs) -> Any:
+            return await shelver.offload(a.uuid)
+
+        async def unshelve(a: protocol.UnshelveArgs) -> Any:
+            return await shelver.unshelve(a.uuid, a.shelved)
+
+        async def get_shelved(a: protocol.UuidArgs) -> Any:
+            return shelver.get_shelved(a.uuid)
+
         own: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "ping": ping,
             "host.info": host_info,
@@ -155,6 +177,11 @@ class Agent:
             "instance.attach_port": attach_port,
             "instance.detach_port": detach_port,
             "instance.set_security_groups": set_groups,
+            "instance.snapshot": snapshot,
+            "instance.shelve": shelve,
+            "instance.shelve_offload": shelve_offload,
+            "instance.unshelve": unshelve,
+            "instance.get_shelved": get_shelved,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -177,10 +204,10 @@ class Agent:
 
         handlers: dict[str, Handler] = {"instance.spawn": spawn}
         for name, op in protocol.OPS.items():
-            if op.transition is not None:
-                handlers[name] = staged(lifecycle(op))
-            elif name in own:
+            if name in own:
                 handlers[name] = staged(own[name])
+            elif op.transition is not None:
+                handlers[name] = staged(lifecycle(op))
         assert set(handlers) == set(protocol.OPS), set(protocol.OPS) ^ set(handlers)
         return handlers
 
@@ -201,6 +228,9 @@ class Agent:
         self.network.on_batch = self.metrics.observe_network_batch
         manager = Manager(cfg, self.store, self.driver, self.images, self.network, server.publish)
         self.manager = manager
+        # Before the manager's start-up: it finishes or rolls back their interrupted tasks.
+        self.snapshots = Snapshots(manager)
+        self.shelver = Shelver(manager, self.snapshots)
         if md.enabled:
             # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
             self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))
@@ -240,6 +270,7 @@ class Agent:
             loop.create_task(self._resources_loop()),
             loop.create_task(self._every(60.0, self._expire)),
             loop.create_task(self.images.run_cleaner(self._stop)),
+            loop.create_task(self.shelver.run_offloader(self._stop)),
         ]
         if cfg.stats.interval_s > 0:
             self._background.append(loop.create_task(self._every(cfg.stats.interval_s, self._publish_stats)))

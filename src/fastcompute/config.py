@@ -195,6 +195,12 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_size: Annotated[int, _doc("Allocations written in one POST /allocations")] = 200
 
 
+class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[compute]: instance workflows."""
+
+    shelved_offload_time_s: Annotated[float, _doc("How long a shelved instance keeps its domain, disk, ports and claim before they are given back (shelved_offloaded); 0 = at once, -1 = never (Nova's shelved_offload_time)")] = 0.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration file."""
 
@@ -210,6 +216,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     console: ConsoleConfig = msgspec.field(default_factory=ConsoleConfig)
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
+    compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
 
 
 class ConfigError(ValueError):

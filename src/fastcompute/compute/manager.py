@@ -62,6 +62,8 @@ _VM_STATE_OF_POWER = {
 }
 
 _PORT_STATES = frozenset({"active", "stopped", "paused", "suspended"})
+# States in which an instance has nothing on this host (no domain, disk, plugged port, claim).
+_HOSTLESS = frozenset({"error", "deleted", "shelved_offloaded"})
 
 
 def _prefixed(details: dict[str, object] | None, prefix: str) -> dict[str, object] | None:
@@ -127,6 +129,11 @@ class Manager:
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
         self._resources_dirty = False
         self.started_at = time.monotonic()
+        # Workflows of their own modules (compute/snapshot.py, shelve.py): how start-up finishes
+        # or rolls back their interrupted tasks (task_state -> True when settled), and what a
+        # delete also removes (their images).
+        self.recoveries: dict[str, Callable[[str], Awaitable[bool]]] = {}
+        self.on_delete: list[Callable[[Stored], Awaitable[None]]] = []
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -169,7 +176,7 @@ class Manager:
     async def reconcile(self) -> None:
         """Bring the store and the hypervisor into agreement after a (re)start."""
         wanted = {u: s.ports for u, s in self.instances.items()
-                  if s.ports and s.record.vm_state not in ("error", "deleted")}
+                  if s.ports and s.record.vm_state not in _HOSTLESS}
         report = await self.network.reconcile(wanted)
         if report.changed:
             log.info("network reconciled: %s", report)
@@ -197,6 +204,9 @@ class Manager:
             log.info("finishing the interrupted delete of %s", uuid)
             await self._delete_locked(uuid)
             return
+        recover = self.recoveries.get(rec.task_state or "")
+        if recover is not None and await recover(uuid):
+            return
         if rec.vm_state == "building":
             log.info("resuming the interrupted build of %s", uuid)
             # Start the build over: whatever it had made before the crash may be half-made.
@@ -205,7 +215,7 @@ class Manager:
             await self.images.remove_disk(uuid)
             self._start_build(uuid)
             return
-        if rec.vm_state in ("error", "deleted"):
+        if rec.vm_state in _HOSTLESS:
             return
         if self._drive_wanted(uuid) and not disks.path(self.instance_dir(uuid), "config").exists():
             log.info("re-making the missing config drive of %s", uuid)
@@ -617,13 +627,13 @@ class Manager:
                                       fault=rec.fault if target != "active" else None)
 
     @contextlib.asynccontextmanager
-    async def in_guest(self, uuid: str, op: str) -> AsyncIterator[InstanceRecord]:
-        """An active instance with no task, held under its lock, for an op that acts inside
-        the guest and changes nothing of the record (the guest agent's ops)."""
-        before = self._check(uuid, op, _ACTIVE)
+    async def in_guest(self, uuid: str, op: str, allowed: frozenset[str] = _ACTIVE) -> AsyncIterator[InstanceRecord]:
+        """An instance in ``allowed`` (active) with no task, held under its lock, for an op of
+        its own module (the guest agent's ops, which change nothing of the record)."""
+        before = self._check(uuid, op, allowed)
         async with self._locks[uuid]:
             self._same(uuid, before)
-            yield self._check(uuid, op, _ACTIVE).record
+            yield self._check(uuid, op, allowed).record
 
     def _check(self, uuid: str, op: str, allowed: frozenset[str]) -> Stored:
         stored = self._get(uuid)
@@ -808,6 +818,8 @@ class Manager:
         await self.images.remove_disk(uuid)
         await self.network.unplug(uuid)
         stored = self.instances[uuid]
+        for also in self.on_delete:
+            await also(stored)
         await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid),
                                 Store.delete_console_tokens(uuid)])
         tracker.release(uuid)

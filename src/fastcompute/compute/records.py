@@ -22,6 +22,11 @@ class Stored(msgspec.Struct, kw_only=True):
     request_id: str | None = None
     ports: list[Port] = []
     bootstrap: configdrive.Bootstrap | None = None
+    pending_image: str | None = None
+    """An image a snapshot of this instance is making in the Image service: recorded before
+    it is created there, cleared once it is complete; one left by a crash is deleted."""
+    shelved_at: float | None = None
+    """When the instance was shelved (the offload timer's start)."""
 
 
 def now() -> str:

@@ -42,6 +42,9 @@ ROLES: dict[str, Role] = {
     "config": Role(file="disk.config", device="cdrom", bus="ide", format="raw", read_only=True),
     "rescue": Role(file="disk.rescue"),
     "volume": Role(file=None),
+    # While a running guest's disk is snapshotted, its writes go to this overlay; it is merged
+    # back into the root disk afterwards.
+    "snapshot": Role(file="disk.snap"),
 }
 
 INFO = "disk.info"
