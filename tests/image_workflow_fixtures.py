@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +82,28 @@ def read_guest(disk: Path, offset: int, length: int) -> bytes:
         with raw.open("rb") as f:
             f.seek(offset)
             return f.read(length)
+
+
+@contextlib.contextmanager
+def glance_held(glance: Glance) -> Iterator[None]:
+    """Glance stopped (SIGSTOP, its workers too) inside the block: a request to it waits there."""
+    children = Path(f"/proc/{glance.pid}/task/{glance.pid}/children").read_text().split()
+    pids = [glance.pid, *(int(c) for c in children)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def wait_task(agent: AgentProcess, uuid: str, task: str, timeout_s: float = 30.0) -> None:
+    """Poll until the instance is busy with ``task``."""
+    deadline = time.monotonic() + timeout_s
+    with agent.client() as c:
+        while time.monotonic() < deadline:
+            if c.call("instance.get", {"uuid": uuid})["task_state"] == task:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"instance {uuid} never got to {task}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,12 @@ from image_workflow_fixtures import (
     disk_of,
     download,
     glance_config,
+    glance_held,
     glance_image,
     glance_images,
     read_guest,
     same_content,
+    wait_task,
     write_marker,
 )
 
@@ -84,3 +88,42 @@ def test_snapshot_without_glance_is_conflict(agent: Any, image_file: Path) -> No
     with pytest.raises(Conflict):
         agent.call("instance.snapshot", {"uuid": rec["uuid"], "name": "x"})
     assert agent.call("instance.get", {"uuid": rec["uuid"]})["task_state"] is None
+
+
+def _snapshot_in_background(agent: Any, uuid: str) -> concurrent.futures.Future[Any]:
+    def call() -> Any:
+        with contextlib.suppress(Exception), agent.client(timeout_s=15) as c:  # the agent is killed under it
+            return c.call("instance.snapshot", {"uuid": uuid, "name": "doomed"})
+
+    return concurrent.futures.ThreadPoolExecutor(1).submit(call)
+
+
+@pytest.mark.parametrize("step", ["image_snapshot", "image_uploading"])
+def test_kill_9_mid_snapshot_leaves_no_image_and_no_file(make_agent: Any, glance: Glance, image_file: Path,
+                                                         step: str) -> None:
+    agent = make_agent(config=glance_config(glance))
+    uuid = agent.call("instance.spawn", spawn_args(image_file, wait=True))["uuid"]
+    # Enough data that the upload is still going when the test looks.
+    write_marker(disk_of(agent, uuid), 64 * MiB, os.urandom(48 * MiB))
+    if step == "image_snapshot":
+        with glance_held(glance):  # the agent waits for Glance to create the image
+            pending = _snapshot_in_background(agent, uuid)
+            wait_task(agent, uuid, step)
+            image_id = agent.call("instance.get", {"uuid": uuid})["snapshot_id"]
+            agent.kill()
+    else:
+        pending = _snapshot_in_background(agent, uuid)
+        wait_task(agent, uuid, step)
+        with glance_held(glance):
+            image_id = agent.call("instance.get", {"uuid": uuid})["snapshot_id"]
+            agent.kill()
+    pending.result()
+    assert image_id
+    agent.start()
+    rec = wait_for_state(agent, uuid, "active")
+    assert rec["snapshot_id"] is None
+    assert glance_image(glance, image_id) is None and glance_images(glance, uuid) == []
+    # No overlay, no temporary file: only what the instance had.
+    assert {p.name for p in (agent.state_dir / "instances" / uuid).iterdir()} == {"disk", "disk.info", "disk.config"}
+    # And the next snapshot works.
+    assert glance_image(glance, agent.call("instance.snapshot", {"uuid": uuid, "name": "again"})["image_id"])
