@@ -611,6 +611,7 @@ class LibvirtDriver:
             dom.snapshotCreateXML(snapshot, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
                                   | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                                   | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+            log.info("domain %s: writes go to %s while %s is copied", uuid, overlay, disk)
             return True
 
         try:
@@ -656,6 +657,8 @@ class LibvirtDriver:
                 await asyncio.sleep(0.05)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(overlay)
+        log.info("domain %s: %s merged back into %s (%s)", uuid, overlay, disk,
+                 "active block commit" if dev is not None else "qemu-img commit")
 
     # -- statistics ----------------------------------------------------------------------------
 

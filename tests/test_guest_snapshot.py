@@ -1,0 +1,104 @@
+"""Snapshot and shelve of a real QEMU guest (TCG) through the agent: the guest writes a marker
+to its disk through its serial shell, is snapshotted while it runs (its writes going to an
+overlay merged back afterwards), and a new guest spawned from the snapshot has the marker;
+shelved, it costs the host nothing, and unshelved it has the marker still.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+import uuid as uuid_mod
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fixtures import AgentProcess, free_port
+from glance_fixtures import Glance, glance
+from guest_fixtures import READY, agent_domain_name, guest_image, libvirtd, virsh_names
+from image_workflow_fixtures import disk_of, glance_config, glance_image, read_guest
+from test_guest_agent import MEMORY_MB, agent_config, conn, guest_agent, wait_console
+
+pytestmark = pytest.mark.guest
+__all__ = ["conn", "glance", "guest_agent", "guest_image", "libvirtd"]
+
+MARK_AT = 1023 << 20  # the last MiB of the guest's 1 GiB /dev/vda
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory for the guests' serial sockets."""
+    d = Path(tempfile.mkdtemp(prefix="fcs-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def shell(sock_path: Path, command: str, timeout_s: float = 120.0) -> bytes:
+    """Run ``command`` in the guest's root shell on its serial console; what came back."""
+    nonce = uuid_mod.uuid4().hex[:8]
+    status = re.compile(f"done-{nonce}-([0-9]+)".encode())
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock_path))
+        s.settimeout(1.0)
+        s.sendall(f"{command}; echo done-{nonce}-$?\r".encode())
+        seen = b""
+        deadline = time.monotonic() + timeout_s
+        while (found := status.search(seen)) is None:
+            assert time.monotonic() < deadline, f"no answer from the guest: {seen[-500:]!r}"
+            with contextlib.suppress(TimeoutError):
+                seen += s.recv(65536)
+    assert found.group(1) == b"0", seen[-500:]
+    return seen
+
+
+def test_snapshot_of_a_running_guest_and_shelve(guest_agent: Callable[..., AgentProcess], conn: Any,
+                                                guest_image: Path, glance: Glance, socket_dir: Path) -> None:
+    agent = guest_agent(agent_config() + glance_config(glance) +
+                        f'[console]\nenabled = true\nlisten = "127.0.0.1:{free_port()}"\nsocket_dir = "{socket_dir}"\n')
+    rec = agent.call("instance.spawn", {
+        "name": "snap", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
+        "image": {"url": guest_image.as_uri()}, "wait": True})
+    uuid = rec["uuid"]
+    wait_console(agent, uuid, READY)
+    marker = os.urandom(16).hex()
+    shell(socket_dir / f"{uuid}.sock",
+          f"printf {marker} | dd of=/dev/vda bs=1M seek=1023 conv=notrunc,fsync 2>/dev/null")
+
+    done = agent.call("instance.snapshot", {"uuid": uuid, "name": "running-guest"})
+    assert glance_image(glance, done["image_id"])["status"] == "active"  # type: ignore[index]
+    dom = conn.lookupByUUIDString(uuid)
+    assert dom.isActive()  # it kept running, on its own disk again (the overlay merged back)
+    assert f"<source file='{disk_of(agent, uuid)}'".encode() in dom.XMLDesc(0).encode()
+    assert not (disk_of(agent, uuid).parent / "disk.snap").exists()
+    log = agent.log()
+    assert "writes go to" in log and "merged back" in log and "(active block commit)" in log
+    # It still writes to its disk after the merge.
+    shell(socket_dir / f"{uuid}.sock", "printf after | dd of=/dev/vda bs=1M seek=1022 conv=notrunc,fsync 2>/dev/null")
+
+    child = agent.call("instance.spawn", {
+        "name": "child", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
+        "image": {"id": done["image_id"]}, "wait": True})
+    assert child["vm_state"] == "active", child
+    wait_console(agent, child["uuid"], READY)
+    seen = shell(socket_dir / f"{child['uuid']}.sock",
+                 "dd if=/dev/vda bs=1M skip=1023 count=1 2>/dev/null | head -c 32")
+    assert marker.encode() in seen
+    agent.call("instance.delete", {"uuid": child["uuid"]})
+
+    off = agent.call("instance.shelve", {"uuid": uuid})
+    assert off["vm_state"] == "shelved_offloaded"
+    assert agent_domain_name(uuid) not in virsh_names()
+    usage = agent.call("host.info")["usage"]
+    assert usage.get("MEMORY_MB", 0) == 0 and usage.get("VCPU", 0) == 0
+    back = agent.call("instance.unshelve", {"uuid": uuid})
+    assert back["vm_state"] == "active"
+    wait_console(agent, uuid, READY)
+    seen = shell(socket_dir / f"{uuid}.sock", "dd if=/dev/vda bs=1M skip=1022 count=2 2>/dev/null | tr -d '\\000'")
+    assert marker.encode() in seen and b"after" in seen
+    assert read_guest(disk_of(agent, uuid), MARK_AT, 32) == marker.encode()
