@@ -90,7 +90,7 @@ class Snapshots:
                 started = time.monotonic()
                 progress = m._progress(uuid)
                 await self.glance.upload(image_id, export.stream(
-                    chain, m.images.executor, lambda done, total: progress("upload", done, total)))
+                    chain, m.images.executor, lambda done, total: progress("upload", done, total)), chain.size)
             finally:
                 if redirected:
                     await m.driver.merge_disk(uuid, str(disk), str(overlay))

@@ -120,12 +120,14 @@ class GlanceSource:
             raise ImageError("the Image service created an image without an id")
         return image_id
 
-    async def upload(self, image_id: str, data: AsyncIterable[bytes]) -> None:
-        """Stream an image's data (chunked: its size need not be known beforehand)."""
+    async def upload(self, image_id: str, data: AsyncIterable[bytes], size: int | None = None) -> None:
+        """Stream an image's data; with its ``size`` known, as one body of that length (a
+        WSGI server reads it faster than a chunked one)."""
+        headers = {**self.headers(), "Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
         try:
-            resp = await self._http().put(
-                self.url(image_id, "/file"), content=data,
-                headers={**self.headers(), "Content-Type": "application/octet-stream"})
+            resp = await self._http().put(self.url(image_id, "/file"), content=data, headers=headers)
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from exc
         if resp.status_code != 204:
