@@ -23,6 +23,7 @@ from agent_fixtures import AgentProcess, free_port
 from glance_fixtures import Glance, glance
 from guest_fixtures import READY, agent_domain_name, guest_image, libvirtd, virsh_names
 from image_workflow_fixtures import disk_of, glance_config, glance_image, read_guest
+from network_fixtures import links, port, remove_owned
 from test_guest_agent import MEMORY_MB, agent_config, conn, guest_agent, wait_console
 
 pytestmark = pytest.mark.guest
@@ -102,3 +103,49 @@ def test_snapshot_of_a_running_guest_and_shelve(guest_agent: Callable[..., Agent
     seen = shell(socket_dir / f"{uuid}.sock", "dd if=/dev/vda bs=1M skip=1022 count=2 2>/dev/null | tr -d '\\000'")
     assert marker.encode() in seen and b"after" in seen
     assert read_guest(disk_of(agent, uuid), MARK_AT, 32) == marker.encode()
+
+
+def test_a_real_guest_unshelved_on_another_agent_keeps_its_port_and_disk(
+        guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path, glance: Glance,
+        tmp_path: Path) -> None:
+    made = []
+    for name in ("a", "b"):
+        tag = uuid_mod.uuid4().hex[:6]
+        sockets = Path(tempfile.mkdtemp(prefix=f"fs{name}-"))
+        made.append((guest_agent(agent_config() + glance_config(glance) +
+                                 f'[network]\nowner = "fct{tag}"\nbridge_prefix = "b{tag}"\ntap_prefix = "t{tag[:3]}"\n'
+                                 f'[console]\nenabled = true\nlisten = "127.0.0.1:{free_port()}"\n'
+                                 f'socket_dir = "{sockets}"\n'), f"fct{tag}", f"t{tag[:3]}", sockets))
+    (a, owner_a, tap_a, sockets_a), (b, owner_b, tap_b, sockets_b) = made
+    guest_port = port("10.79.0.2", network="shelf")
+    try:
+        uuid = a.call("instance.spawn", {
+            "name": "mover", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
+            "image": {"url": guest_image.as_uri()}, "networks": [guest_port], "wait": True})["uuid"]
+        wait_console(a, uuid, "FASTCOMPUTE-NET ip=10.79.0.2/24")
+        wait_console(a, uuid, READY)
+        marker = os.urandom(16).hex()
+        shell(sockets_a / f"{uuid}.sock",
+              f"printf {marker} | dd of=/dev/vda bs=1M seek=1023 conv=notrunc,fsync 2>/dev/null")
+
+        assert a.call("instance.shelve", {"uuid": uuid})["vm_state"] == "shelved_offloaded"
+        assert agent_domain_name(uuid) not in virsh_names()
+        assert f"{tap_a}{guest_port['id']}"[:15] not in links()
+        moving = a.call("instance.get_shelved", {"uuid": uuid})
+        rec = b.call("instance.unshelve", {"uuid": uuid, "shelved": moving})
+        assert rec["vm_state"] == "active" and rec["uuid"] == uuid
+        wait_console(b, uuid, "FASTCOMPUTE-NET ip=10.79.0.2/24")  # the same port's address
+        wait_console(b, uuid, READY)
+        xml = conn.lookupByUUIDString(uuid).XMLDesc(0)
+        assert f"<mac address='{guest_port['mac']}'/>" in xml and str(b.state_dir) in xml
+        assert f"{tap_b}{guest_port['id']}"[:15] in links()
+        seen = shell(sockets_b / f"{uuid}.sock", "dd if=/dev/vda bs=1M skip=1023 count=1 2>/dev/null | head -c 32")
+        assert marker.encode() in seen
+        a.call("instance.delete", {"uuid": uuid})  # the first agent forgets it; it runs on
+        assert conn.lookupByUUIDString(uuid).isActive()
+        b.call("instance.delete", {"uuid": uuid})
+    finally:
+        for owner in (owner_a, owner_b):
+            remove_owned(owner)
+        for d in (sockets_a, sockets_b):
+            shutil.rmtree(d, ignore_errors=True)

@@ -814,10 +814,11 @@ class Manager:
     async def _delete_locked(self, uuid: str) -> None:
         tracker = self.tracker
         assert tracker is not None
-        await self.driver.destroy(uuid)
+        stored = self.instances[uuid]
+        if stored.record.vm_state != "shelved_offloaded":  # else nothing is here (it may run elsewhere)
+            await self.driver.destroy(uuid)
         await self.images.remove_disk(uuid)
         await self.network.unplug(uuid)
-        stored = self.instances[uuid]
         for also in self.on_delete:
             await also(stored)
         await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid),
