@@ -6,6 +6,7 @@ shelved, it costs the host nothing, and unshelved it has the marker still.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -19,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixtures import AgentProcess, free_port
+from agent_fixtures import AgentProcess, free_port, wait_for_state
 from glance_fixtures import Glance, glance
 from guest_fixtures import READY, agent_domain_name, guest_image, libvirtd, virsh_names
-from image_workflow_fixtures import disk_of, glance_config, glance_image, read_guest
+from image_workflow_fixtures import disk_of, glance_config, glance_held, glance_image, glance_images, read_guest
 from network_fixtures import links, port, remove_owned
 from test_guest_agent import MEMORY_MB, agent_config, conn, guest_agent, wait_console
 
@@ -149,3 +150,41 @@ def test_a_real_guest_unshelved_on_another_agent_keeps_its_port_and_disk(
             remove_owned(owner)
         for d in (sockets_a, sockets_b):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_kill_9_mid_snapshot_of_a_running_guest_merges_its_overlay_back(
+        guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path, glance: Glance,
+        socket_dir: Path) -> None:
+    agent = guest_agent(agent_config() + glance_config(glance) + f'[console]\nenabled = true\n'
+                        f'listen = "127.0.0.1:{free_port()}"\nsocket_dir = "{socket_dir}"\n')
+    uuid = agent.call("instance.spawn", {
+        "name": "crash", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
+        "image": {"url": guest_image.as_uri()}, "wait": True})["uuid"]
+    wait_console(agent, uuid, READY)
+    disk = disk_of(agent, uuid)
+    overlay = disk.parent / "disk.snap"
+
+    def snapshot() -> None:
+        with contextlib.suppress(Exception), agent.client(timeout_s=20) as c:  # killed under it
+            c.call("instance.snapshot", {"uuid": uuid, "name": "doomed"})
+
+    with glance_held(glance), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(snapshot)
+        deadline = time.monotonic() + 60
+        while not overlay.exists():  # the guest writes to the overlay; the agent waits for Glance
+            assert time.monotonic() < deadline, agent.log()[-2000:]
+            time.sleep(0.02)
+        image_id = agent.call("instance.get", {"uuid": uuid})["snapshot_id"]
+        agent.kill()
+    assert f"<source file='{overlay}'" in conn.lookupByUUIDString(uuid).XMLDesc(0)
+
+    agent.start()
+    rec = wait_for_state(agent, uuid, "active")
+    assert rec["snapshot_id"] is None and glance_image(glance, image_id) is None and glance_images(glance, uuid) == []
+    dom = conn.lookupByUUIDString(uuid)
+    assert dom.isActive() and f"<source file='{disk}'" in dom.XMLDesc(0) and not overlay.exists()
+    assert "(active block commit)" in agent.log()
+    # The guest never stopped, and writes to its own disk again.
+    shell(socket_dir / f"{uuid}.sock",
+          "printf survived | dd of=/dev/vda bs=1M seek=1023 conv=notrunc,fsync 2>/dev/null")
+    assert read_guest(disk, MARK_AT, 8) == b"survived"

@@ -73,9 +73,10 @@ class Snapshots:
         stored.pending_image = image_id
         await m._commit(uuid, snapshot_id=image_id)
         try:
-            await self.glance.create(self._image_body(stored, image_id, name, properties))
             idir = m.instance_dir(uuid)
             disk, overlay = disks.path(idir, "root"), disks.path(idir, "snapshot")
+            # The point in time first: the guest is frozen for that moment only, whatever the
+            # Image service then takes to answer.
             frozen = await self._freeze(uuid)
             try:
                 redirected = await m.driver.freeze_disk(uuid, str(disk), str(overlay))
@@ -83,6 +84,7 @@ class Snapshots:
                 if frozen:
                     await self._thaw(uuid)
             try:
+                await self.glance.create(self._image_body(stored, image_id, name, properties))
                 await m._commit(uuid, task_state=prefix + _STEPS[1])
                 loop = asyncio.get_running_loop()
                 chain = await loop.run_in_executor(m.images.executor, export.plan, disk)
