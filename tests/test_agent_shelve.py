@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import time
 import uuid as uuid_mod
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from image_workflow_fixtures import (
     write_marker,
 )
 from network_fixtures import links, remove_owned
+from placement_fixtures import PlacementServer, placement, placement_venv
 
 from fastcompute.errors import Conflict, NoCapacity
 
-__all__ = ["glance"]
+__all__ = ["glance", "placement", "placement_venv"]
 
 MiB = 1 << 20
 
@@ -204,3 +206,29 @@ def test_kill_9_mid_unshelve_rolls_back_to_offloaded(make_agent: Any, glance: Gl
     assert rec["shelved_image_id"] == image_id and _used(agent) == {} and uuid not in disk_dirs(agent)
     assert agent.call("instance.unshelve", {"uuid": uuid})["vm_state"] == "active"
     assert _used(agent) and glance_image(glance, image_id) is None
+
+
+def _allocated(placement: PlacementServer, host: str, uuid: str, want: bool, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            got = uuid in placement.provider_view(host)["allocations"]
+        except (KeyError, IndexError, AssertionError):
+            got = None
+        if got is want:
+            return
+        assert time.monotonic() < deadline, f"allocation of {uuid} in Placement: {got}, wanted {want}"
+        time.sleep(0.1)
+
+
+def test_offload_gives_back_the_placement_allocation(make_agent: Any, glance: Glance, placement: PlacementServer,
+                                                     image_file: Path) -> None:
+    host = f"shelve-{uuid_mod.uuid4().hex[:8]}"
+    agent = make_agent(config=glance_config(glance) + f'[placement]\nurl = "{placement.url}"\nretry_max_s = 0.5\n'
+                       f'[agent]\nhost = "{host}"\n')
+    uuid = agent.call("instance.spawn", spawn_args(image_file, wait=True))["uuid"]
+    _allocated(placement, host, uuid, True)
+    agent.call("instance.shelve", {"uuid": uuid})
+    _allocated(placement, host, uuid, False)
+    agent.call("instance.unshelve", {"uuid": uuid})
+    _allocated(placement, host, uuid, True)
