@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from image_workflow_fixtures import (
     write_marker,
 )
 
-from fastcompute.errors import BadRequest, Conflict
+from fastcompute.errors import BadRequest, Conflict, ImageError
 
 __all__ = ["glance"]
 
@@ -90,12 +91,16 @@ def test_snapshot_without_glance_is_conflict(agent: Any, image_file: Path) -> No
     assert agent.call("instance.get", {"uuid": rec["uuid"]})["task_state"] is None
 
 
-def _snapshot_in_background(agent: Any, uuid: str) -> concurrent.futures.Future[Any]:
+def _snapshot_in_background(agent: Any, uuid: str, raising: bool = False) -> concurrent.futures.Future[Any]:
     def call() -> Any:
-        with contextlib.suppress(Exception), agent.client(timeout_s=15) as c:  # the agent is killed under it
+        with agent.client(timeout_s=30) as c:
             return c.call("instance.snapshot", {"uuid": uuid, "name": "doomed"})
 
-    return concurrent.futures.ThreadPoolExecutor(1).submit(call)
+    def quietly() -> Any:
+        with contextlib.suppress(Exception):  # the agent is killed under it
+            return call()
+
+    return concurrent.futures.ThreadPoolExecutor(1).submit(call if raising else quietly)
 
 
 @pytest.mark.parametrize("step", ["image_snapshot", "image_uploading"])
@@ -127,3 +132,21 @@ def test_kill_9_mid_snapshot_leaves_no_image_and_no_file(make_agent: Any, glance
     assert {p.name for p in (agent.state_dir / "instances" / uuid).iterdir()} == {"disk", "disk.info", "disk.config"}
     # And the next snapshot works.
     assert glance_image(glance, agent.call("instance.snapshot", {"uuid": uuid, "name": "again"})["image_id"])
+
+
+def test_a_failed_upload_deletes_its_image(make_agent: Any, glance: Glance, image_file: Path) -> None:
+    # Glance stops answering mid-upload for longer than the agent waits.
+    agent = make_agent(config=glance_config(glance, "read_timeout_s = 3.0\n"))
+    uuid = agent.call("instance.spawn", spawn_args(image_file, wait=True))["uuid"]
+    write_marker(disk_of(agent, uuid), 64 * MiB, os.urandom(48 * MiB))
+    pending = _snapshot_in_background(agent, uuid, raising=True)
+    wait_task(agent, uuid, "image_uploading")
+    with glance_held(glance):
+        image_id = agent.call("instance.get", {"uuid": uuid})["snapshot_id"]
+        time.sleep(4.0)  # the upload gives up; the agent's delete of the image then waits for Glance
+    with pytest.raises(ImageError):
+        pending.result()
+    rec = agent.call("instance.get", {"uuid": uuid})
+    assert (rec["vm_state"], rec["task_state"], rec["snapshot_id"]) == ("active", None, None)
+    assert glance_image(glance, image_id) is None and glance_images(glance, uuid) == []
+    assert {p.name for p in (agent.state_dir / "instances" / uuid).iterdir()} == {"disk", "disk.info", "disk.config"}
