@@ -152,9 +152,10 @@ def test_a_real_guest_unshelved_on_another_agent_keeps_its_port_and_disk(
             shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.parametrize("host_down", [False, True], ids=["guest-runs-on", "host-went-down"])
 def test_kill_9_mid_snapshot_of_a_running_guest_merges_its_overlay_back(
         guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path, glance: Glance,
-        socket_dir: Path) -> None:
+        socket_dir: Path, host_down: bool) -> None:
     agent = guest_agent(agent_config() + glance_config(glance) + f'[console]\nenabled = true\n'
                         f'listen = "127.0.0.1:{free_port()}"\nsocket_dir = "{socket_dir}"\n')
     uuid = agent.call("instance.spawn", {
@@ -163,6 +164,7 @@ def test_kill_9_mid_snapshot_of_a_running_guest_merges_its_overlay_back(
     wait_console(agent, uuid, READY)
     disk = disk_of(agent, uuid)
     overlay = disk.parent / "disk.snap"
+    write = "printf {} | dd of=/dev/vda bs=1M seek=1023 conv=notrunc,fsync 2>/dev/null"
 
     def snapshot() -> None:
         with contextlib.suppress(Exception), agent.client(timeout_s=20) as c:  # killed under it
@@ -177,14 +179,18 @@ def test_kill_9_mid_snapshot_of_a_running_guest_merges_its_overlay_back(
         image_id = agent.call("instance.get", {"uuid": uuid})["snapshot_id"]
         agent.kill()
     assert f"<source file='{overlay}'" in conn.lookupByUUIDString(uuid).XMLDesc(0)
+    shell(socket_dir / f"{uuid}.sock", write.format("inoverlay"))  # lands in the overlay
+    if host_down:
+        conn.lookupByUUIDString(uuid).destroy()
 
     agent.start()
     rec = wait_for_state(agent, uuid, "active")
     assert rec["snapshot_id"] is None and glance_image(glance, image_id) is None and glance_images(glance, uuid) == []
     dom = conn.lookupByUUIDString(uuid)
     assert dom.isActive() and f"<source file='{disk}'" in dom.XMLDesc(0) and not overlay.exists()
-    assert "(active block commit)" in agent.log()
-    # The guest never stopped, and writes to its own disk again.
-    shell(socket_dir / f"{uuid}.sock",
-          "printf survived | dd of=/dev/vda bs=1M seek=1023 conv=notrunc,fsync 2>/dev/null")
+    assert ("(qemu-img commit)" if host_down else "(active block commit)") in agent.log()
+    if host_down:
+        wait_console(agent, uuid, READY, count=2)  # booted again, from its own disk
+    assert read_guest(disk, MARK_AT, 9) == b"inoverlay"  # what it wrote meanwhile was merged in
+    shell(socket_dir / f"{uuid}.sock", write.format("survived"))
     assert read_guest(disk, MARK_AT, 8) == b"survived"

@@ -166,12 +166,17 @@ class Snapshots:
 
     async def recover(self, uuid: str) -> bool:
         """Start-up after a crash mid-snapshot: the overlay merged back, the guest thawed, the
-        unfinished image deleted; the task is then cleared as any interrupted one."""
+        unfinished image deleted; the task is then cleared as any interrupted one. A domain
+        that stopped with the overlay in place (its host went down) names the overlay in its
+        definition: it is defined again from the record, in the state the record says."""
         m = self.manager
         stored = m.instances[uuid]
         idir = m.instance_dir(uuid)
         overlay = disks.path(idir, "snapshot")
+        redefine = False
         if overlay.exists():
+            before = await m.driver.info(uuid)
+            redefine = before is not None and before.power_state not in ("running", "paused")
             log.info("merging the snapshot overlay of %s back into its disk", uuid)
             await m.driver.merge_disk(uuid, str(disks.path(idir, "root")), str(overlay))
         info = await m.driver.info(uuid)
@@ -182,4 +187,9 @@ class Snapshots:
         if stored.pending_image is not None:
             log.info("deleting the unfinished snapshot image %s of %s", stored.pending_image, uuid)
             await self._abandon(uuid, stored, stored.pending_image)
-        return False
+        if not redefine:
+            return False
+        await m.driver.destroy(uuid)
+        vm_state = stored.record.vm_state
+        await m._commit(uuid, task_state=None, power_state=await m._recreate(uuid, vm_state))
+        return True
