@@ -280,4 +280,4 @@ class Shelver:
         """A deleted shelved instance's snapshot goes with it."""
         image_id = stored.record.shelved_image_id
         if image_id is not None:
-            await self.snapshots.glance.delete(image_id)
+            await self.snapshots.delete_quietly(image_id, stored.record.uuid)

@@ -162,7 +162,15 @@ class Snapshots:
 
     async def _forget_pending(self, stored: Stored) -> None:
         if stored.pending_image is not None:
-            await self.glance.delete(stored.pending_image)
+            await self.delete_quietly(stored.pending_image, stored.record.uuid)
+
+    async def delete_quietly(self, image_id: str, uuid: str) -> None:
+        """Delete an image of a deleted instance: an Image service that cannot be reached
+        does not stop the delete (the image is left there, and logged)."""
+        try:
+            await self.glance.delete(image_id)
+        except AgentError as exc:
+            log.error("instance %s is deleted, but its image %s could not be: %s", uuid, image_id, exc.message)
 
     async def recover(self, uuid: str) -> bool:
         """Start-up after a crash mid-snapshot: the overlay merged back, the guest thawed, the
