@@ -111,6 +111,8 @@ class Glance:
 
     endpoint: str
     state: Path
+    pid: int = 0
+    """Glance's process (a test stops it with SIGSTOP to hold a request where it is)."""
 
     def upload(
         self,
@@ -213,7 +215,7 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Glance]:
             if time.monotonic() > deadline:
                 pytest.fail(f"Glance did not start:\n{(base / 'glance.log').read_text()[-3000:]}")
             time.sleep(0.2)
-        yield Glance(endpoint=endpoint, state=state)
+        yield Glance(endpoint=endpoint, state=state, pid=proc.pid)
     finally:
         proc.terminate()
         try:

@@ -5,6 +5,7 @@ socket admits only keys that may read every project."""
 from __future__ import annotations
 
 import time
+import uuid as uuid_mod
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,16 @@ def test_events_only_for_keys_that_read_every_project(tenants: dict[str, Any], i
     finally:
         for s in socks.values():
             s.close()
+
+
+def test_an_unshelve_that_brings_an_instance_is_a_spawn_in_its_project(tenants: dict[str, Any],
+                                                                       image_file: Path) -> None:
+    with client(tenants, "admin") as admin:
+        rec = admin.call("instance.spawn", spawn_args(image_file, name="tpl", project_id="p1", wait=True))
+    moved = str(uuid_mod.uuid4())
+    shelved = {"record": {**rec, "uuid": moved, "vm_state": "shelved_offloaded"}, "image_id": "img"}
+    for who in ("carol", "bob"):  # a member of another project; a reader of p1
+        with client(tenants, who) as c, pytest.raises(Forbidden):
+            c.call("instance.unshelve", {"uuid": moved, "shelved": shelved})
+    with client(tenants, "admin") as admin:
+        assert [r["name"] for r in admin.call("instance.list")] == ["tpl"]

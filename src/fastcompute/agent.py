@@ -27,6 +27,8 @@ from fastcompute.compute.guestagent import GuestAgent
 from fastcompute.compute.manager import Manager
 from fastcompute.compute.rebuild import Rebuild
 from fastcompute.compute.rescue import Rescue
+from fastcompute.compute.shelve import Shelver
+from fastcompute.compute.snapshot import Snapshots
 from fastcompute.compute.softdelete import SoftDelete
 from fastcompute.compute.volumes import Volumes
 from fastcompute.config import Config
@@ -76,6 +78,8 @@ class Agent:
                                     domain_stats=self.driver.domain_stats, metrics=self.metrics)
         self._stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self.snapshots: Snapshots | None = None
+        self.shelver: Shelver | None = None
 
     def _handlers(self, m: Manager) -> dict[str, Handler]:
         """One handler per op of ``protocol.OPS``: the validation stage, then the manager.
@@ -160,6 +164,24 @@ class Agent:
             m.get(a.uuid)
             return self.stats.last(a.uuid)
 
+        snapshots, shelver = self.snapshots, self.shelver
+        assert snapshots is not None and shelver is not None
+
+        async def snapshot(a: protocol.SnapshotArgs) -> Any:
+            return await snapshots.snapshot(a.uuid, a.name, a.properties)
+
+        async def shelve(a: protocol.UuidArgs) -> Any:
+            return await shelver.shelve(a.uuid)
+
+        async def shelve_offload(a: protocol.UuidArgs) -> Any:
+            return await shelver.offload(a.uuid)
+
+        async def unshelve(a: protocol.UnshelveArgs) -> Any:
+            return await shelver.unshelve(a.uuid, a.shelved)
+
+        async def get_shelved(a: protocol.UuidArgs) -> Any:
+            return shelver.get_shelved(a.uuid)
+
         own: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "ping": ping,
             "host.info": host_info,
@@ -187,6 +209,11 @@ class Agent:
             "instance.attach_volume": attach_volume,
             "instance.detach_volume": detach_volume,
             "instance.extend_volume": extend_volume,
+            "instance.snapshot": snapshot,
+            "instance.shelve": shelve,
+            "instance.shelve_offload": shelve_offload,
+            "instance.unshelve": unshelve,
+            "instance.get_shelved": get_shelved,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -236,6 +263,9 @@ class Agent:
         # Before the manager's start-up: they tell it how to finish their interrupted tasks.
         self.rebuilds, self.rescues = Rebuild(manager), Rescue(manager)
         self.soft_delete = SoftDelete(manager, cfg.compute)
+        # Before the manager's start-up: it finishes or rolls back their interrupted tasks.
+        self.snapshots = Snapshots(manager)
+        self.shelver = Shelver(manager, self.snapshots)
         if md.enabled:
             # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
             self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))
@@ -275,6 +305,7 @@ class Agent:
             loop.create_task(self._resources_loop()),
             loop.create_task(self._every(60.0, self._expire)),
             loop.create_task(self.images.run_cleaner(self._stop)),
+            loop.create_task(self.shelver.run_offloader(self._stop)),
         ]
         if cfg.compute.reclaim_instance_interval_s > 0:
             # Nova reclaims every interval; half of it (at most a minute) bounds the overstay.

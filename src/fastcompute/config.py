@@ -199,9 +199,10 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """[compute]: how instances are kept once their owner lets go of them."""
+    """[compute]: instance workflows (soft delete, shelve)."""
 
     reclaim_instance_interval_s: Annotated[float, _doc("Soft delete (Nova's reclaim_instance_interval): above 0, instance.delete stops a launched instance and keeps it soft_deleted, its resources still held, for this many seconds (instance.restore brings it back) before a periodic task deletes it; instance.force_delete deletes at once. 0 = every delete is at once")] = 0.0
+    shelved_offload_time_s: Annotated[float, _doc("How long a shelved instance keeps its domain, disk, ports and claim before they are given back (shelved_offloaded); 0 = at once, -1 = never (Nova's shelved_offload_time)")] = 0.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -20,7 +20,9 @@ from fastcompute.cli.tables import instances_table, show
 
 # Ops besides the lifecycle ones that act on each instance named, taking only its uuid.
 _EACH = frozenset({"instance.delete", "instance.quiesce", "instance.unquiesce", "instance.force_delete",
-                   "instance.crash_dump"})
+                   "instance.crash_dump", "instance.get_shelved"})
+_SCALARS = (msgspec.inspect.BoolType, msgspec.inspect.FloatType, msgspec.inspect.IntType, msgspec.inspect.StrType,
+            msgspec.inspect.NoneType)
 
 
 def _spec_pairs(pairs: list[str]) -> dict[str, str]:
@@ -157,6 +159,17 @@ def _each(op: protocol.Op, options: list[str]) -> Callable[[argparse.Namespace],
     return run
 
 
+def _scalar(field: msgspec.structs.FieldInfo) -> bool:
+    """Whether a field is one option's value: a scalar, or an image (``--image``, see
+    ``_image_ref``); other maps and structs, e.g. a snapshot's properties, are for clients of
+    the wire, not the command line."""
+    if field.name == "image":
+        return True
+    info = msgspec.inspect.type_info(field.type)
+    kinds = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    return all(isinstance(k.type if isinstance(k, msgspec.inspect.Metadata) else k, _SCALARS) for k in kinds)
+
+
 def _add_option(p: argparse.ArgumentParser, field: msgspec.structs.FieldInfo) -> None:
     """An option for one field of an op's args: a flag for a bool, a typed value otherwise."""
     info = msgspec.inspect.type_info(field.type)
@@ -246,7 +259,7 @@ def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
         sp = sub.add_parser(op.verb, parents=[common], help=op.help)
         sp.add_argument("uuid", nargs="*", help="uuids, uuid prefixes or names")
         sp.add_argument("--all", action="store_true", help=f"{op.verb} every instance")
-        options = [f for f in msgspec.structs.fields(op.args) if f.name != "uuid"]
+        options = [f for f in msgspec.structs.fields(op.args) if f.name != "uuid" and _scalar(f)]
         for field in options:
             _add_option(sp, field)
         sp.set_defaults(fn=_each(op, [f.name for f in options]))

@@ -62,6 +62,8 @@ _VM_STATE_OF_POWER = {
 }
 
 _PORT_STATES = frozenset({"active", "stopped", "paused", "suspended"})
+# States in which an instance has nothing on this host (no domain, disk, plugged port, claim).
+_HOSTLESS = frozenset({"error", "deleted", "shelved_offloaded"})
 
 
 def _prefixed(details: dict[str, object] | None, prefix: str) -> dict[str, object] | None:
@@ -127,8 +129,12 @@ class Manager:
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
         self._resources_dirty = False
         self.started_at = time.monotonic()
-        # task_state -> how start-up finishes or rolls back an op of another module that it interrupted
-        self.resumers: dict[str, Callable[[str, DomainInfo | None], Awaitable[object]]] = {}
+        # The workflows of other modules (compute/rebuild.py, rescue.py, snapshot.py...): how
+        # start-up finishes or rolls back their tasks (task_state, "" for an instance with no
+        # task -> True when that settled the instance, False to reconcile it as usual), and
+        # what a delete also removes (their images).
+        self.resumers: dict[str, Callable[[str, DomainInfo | None], Awaitable[bool]]] = {}
+        self.on_delete: list[Callable[[Stored], Awaitable[None]]] = []
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -172,7 +178,7 @@ class Manager:
     async def reconcile(self) -> None:
         """Bring the store and the hypervisor into agreement after a (re)start."""
         wanted = {u: s.ports for u, s in self.instances.items()
-                  if s.ports and s.record.vm_state not in ("error", "deleted")}
+                  if s.ports and s.record.vm_state not in _HOSTLESS}
         report = await self.network.reconcile(wanted)
         if report.changed:
             log.info("network reconciled: %s", report)
@@ -196,8 +202,8 @@ class Manager:
                 log.error("could not reconcile instance %s: %s", uuid, exc.message)
 
     async def _reconcile_one(self, uuid: str, rec: InstanceRecord, dom: DomainInfo | None) -> None:
-        if (resume := self.resumers.get(rec.task_state or "")) is not None:
-            await resume(uuid, dom)
+        resume = self.resumers.get(rec.task_state or "")
+        if resume is not None and await resume(uuid, dom):
             return
         if rec.task_state == "deleting":
             log.info("finishing the interrupted delete of %s", uuid)
@@ -211,7 +217,7 @@ class Manager:
             await self.images.remove_disk(uuid)
             self._start_build(uuid)
             return
-        if rec.vm_state in ("error", "deleted"):
+        if rec.vm_state in _HOSTLESS:
             return
         await volumes.settle(self, uuid, dom is not None, self.cfg.hypervisor.volume_detach_timeout_s)
         if self._drive_wanted(uuid) and not disks.path(self.instance_dir(uuid), "config").exists():
@@ -645,6 +651,8 @@ class Manager:
     async def in_guest(self, uuid: str, op: str, allowed: frozenset[str] = _ACTIVE) -> AsyncIterator[InstanceRecord]:
         """An instance in ``allowed`` (active) with no task, held under its lock, for an op on
         its guest (the guest agent's, the volumes')."""
+        """An instance in ``allowed`` (active) with no task, held under its lock, for an op of
+        its own module (the guest agent's ops, which change nothing of the record)."""
         before = self._check(uuid, op, allowed)
         async with self._locks[uuid]:
             self._same(uuid, before)
@@ -833,10 +841,13 @@ class Manager:
     async def _delete_locked(self, uuid: str) -> None:
         tracker = self.tracker
         assert tracker is not None
-        await self.driver.destroy(uuid)
+        stored = self.instances[uuid]
+        if stored.record.vm_state != "shelved_offloaded":  # else nothing is here (it may run elsewhere)
+            await self.driver.destroy(uuid)
         await self.images.remove_disk(uuid)
         await self.network.unplug(uuid)
-        stored = self.instances[uuid]
+        for also in self.on_delete:
+            await also(stored)
         await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid),
                                 Store.delete_console_tokens(uuid)])
         tracker.release(uuid)

@@ -34,8 +34,8 @@ class Rebuild:
 
     def __init__(self, manager: Manager) -> None:
         self.m = manager
-        manager.resumers[_RULE.task] = self._roll_back
-        manager.resumers[_SPAWNING] = self._finish
+        manager.resumers[_RULE.task] = tasks.settles(self._roll_back)
+        manager.resumers[_SPAWNING] = tasks.settles(self._finish)
 
     async def rebuild(self, uuid: str, image: SpawnImage) -> InstanceRecord:
         """Rebuild ``uuid`` from ``image``; the reply is the rebuilt instance."""

@@ -41,6 +41,11 @@ class Stored(msgspec.Struct, kw_only=True):
     soft_deleted_at: float | None = None
     """When a soft delete stopped the instance (epoch seconds): its reclaim is due an interval later."""
     volumes: dict[str, VolumeConnection] = {}
+    pending_image: str | None = None
+    """An image a snapshot of this instance is making in the Image service: recorded before
+    it is created there, cleared once it is complete; one left by a crash is deleted."""
+    shelved_at: float | None = None
+    """When the instance was shelved (the offload timer's start)."""
 
 
 def now() -> str:

@@ -35,8 +35,8 @@ class Rescue:
 
     def __init__(self, manager: Manager) -> None:
         self.m = manager
-        manager.resumers[_RESCUE.task] = self._roll_back
-        manager.resumers[_UNRESCUE.task] = self._unrescue
+        manager.resumers[_RESCUE.task] = tasks.settles(self._roll_back)
+        manager.resumers[_UNRESCUE.task] = tasks.settles(self._unrescue)
 
     async def rescue(self, uuid: str, image: SpawnImage | None) -> InstanceRecord:
         """Boot ``uuid`` from ``image`` (None: its own image), its root disk second."""

@@ -35,8 +35,8 @@ class SoftDelete:
     def __init__(self, manager: Manager, cfg: ComputeConfig) -> None:
         self.m = manager
         self.interval_s = cfg.reclaim_instance_interval_s
-        manager.resumers[_SOFT_DELETING] = self._finish_delete
-        manager.resumers[_RESTORE.task] = self._finish_restore
+        manager.resumers[_SOFT_DELETING] = tasks.settles(self._finish_delete)
+        manager.resumers[_RESTORE.task] = tasks.settles(self._finish_restore)
 
     async def delete(self, uuid: str) -> Deleted | InstanceRecord:
         """``instance.delete``: the soft-deleted instance when it is kept, else as deleted."""

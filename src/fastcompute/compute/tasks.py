@@ -27,6 +27,15 @@ itself with SIGKILL, as a crash there would. Unset in any real deployment."""
 _crash_at: Final = os.environ.get(CRASH_AT_ENV)
 
 
+def settles(finish: Callable[[str, DomainInfo | None], Awaitable[object]]) -> Callable[[str, DomainInfo | None],
+                                                                                       Awaitable[bool]]:
+    """``finish`` as a resumer (``Manager.resumers``) that always settles the instance."""
+    async def resume(uuid: str, dom: DomainInfo | None) -> bool:
+        await finish(uuid, dom)
+        return True
+    return resume
+
+
 def step(name: str) -> None:
     """Mark a step of a workflow; with ``FASTCOMPUTE_CRASH_AT`` naming it, die there (SIGKILL)."""
     if _crash_at == name:

@@ -55,6 +55,7 @@ from fastcompute.images.sources import (
     human,
     redact,
 )
+from fastcompute.images.sources.glance import GlanceSource
 from fastcompute.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,15 @@ class ImageCache:
         self._remove_leftovers()
 
     # ---- public API -------------------------------------------------------------------
+
+    def glance(self) -> GlanceSource:
+        """The configured Image service, for images made here (snapshots)."""
+        return self._sources.glance
+
+    @property
+    def executor(self) -> concurrent.futures.Executor:
+        """The worker threads of the cache's file work."""
+        return self._executor
 
     def disk_format(self) -> str:
         """The format of the instance disks this cache makes (qcow2 overlays or raw copies)."""

@@ -44,6 +44,9 @@ ROLES: dict[str, Role] = {
     "volume": Role(file=None),
     # The root disk a rebuild makes from its new image, beside the old one until it replaces it.
     "rebuild": Role(file="disk.rebuild"),
+    # While a running guest's disk is snapshotted, its writes go to this overlay; it is merged
+    # back into the root disk afterwards.
+    "snapshot": Role(file="disk.snap"),
 }
 
 INFO = "disk.info"

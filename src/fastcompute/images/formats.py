@@ -209,3 +209,52 @@ def create_overlay(path: Path, virtual_size: int, backing_file: str, backing_for
         os.unlink(path)
         raise
     os.close(fd)
+
+
+_REFCOUNTS_PER_BLOCK = CLUSTER // 2  # 16-bit refcounts
+_L2_ENTRIES = CLUSTER // 8
+_COPIED = 1 << 63
+
+
+def stream_layout(virtual_size: int, clusters: list[int]) -> bytes:
+    """The metadata of a standalone qcow2 v3 image whose data clusters follow it, in order.
+
+    ``clusters`` are the guest cluster numbers (of :data:`CLUSTER` bytes, sorted, unique)
+    that hold data; every other cluster reads as zeros. The returned bytes are the file's
+    first clusters: the header, the refcount table and blocks, the L1 table and the L2 tables.
+    The data clusters are then written one after the other, in the order of ``clusters``, so
+    the whole image can be sent as a stream without seeking back.
+    """
+    l1_size = max(1, -(-virtual_size // (CLUSTER * _L2_ENTRIES)))
+    l1_clusters = -(-(l1_size * 8) // CLUSTER)
+    tables = sorted({c // _L2_ENTRIES for c in clusters})
+    fixed = 1 + l1_clusters + len(tables) + len(clusters)
+    rt_clusters, rb_clusters = 1, 1
+    while True:
+        total = fixed + rt_clusters + rb_clusters
+        rb = -(-total // _REFCOUNTS_PER_BLOCK)
+        rt = -(-(rb * 8) // CLUSTER)
+        if (rb, rt) == (rb_clusters, rt_clusters):
+            break
+        rb_clusters, rt_clusters = rb, rt
+    rt_at = 1
+    rb_at = rt_at + rt_clusters
+    l1_at = rb_at + rb_clusters
+    l2_at = l1_at + l1_clusters
+    data_at = l2_at + len(tables)
+    meta = bytearray(data_at * CLUSTER)
+    header_length = _HEADER.size + _HEADER_V3.size
+    meta[:header_length] = _HEADER.pack(
+        QCOW2_MAGIC, 3, 0, 0, CLUSTER_BITS, virtual_size, 0, l1_size, l1_at * CLUSTER,
+        rt_at * CLUSTER, rt_clusters, 0, 0,
+    ) + _HEADER_V3.pack(0, 0, 0, 4, header_length)
+    for i in range(rb_clusters):
+        struct.pack_into(">Q", meta, rt_at * CLUSTER + 8 * i, (rb_at + i) * CLUSTER)
+    struct.pack_into(f">{total}H", meta, rb_at * CLUSTER, *([1] * total))
+    table_of = {t: l2_at + i for i, t in enumerate(tables)}
+    for t, at in table_of.items():
+        struct.pack_into(">Q", meta, l1_at * CLUSTER + 8 * t, (at * CLUSTER) | _COPIED)
+    for i, c in enumerate(clusters):
+        entry = table_of[c // _L2_ENTRIES] * CLUSTER + 8 * (c % _L2_ENTRIES)
+        struct.pack_into(">Q", meta, entry, ((data_at + i) * CLUSTER) | _COPIED)
+    return bytes(meta)

@@ -34,9 +34,11 @@ from fastcompute.protocol.schema import (
     SecurityGroupsArgs,
     SetEnabledArgs,
     SetPasswordArgs,
+    SnapshotArgs,
     SpawnArgs,
     StatsArgs,
     StopArgs,
+    UnshelveArgs,
     UuidArgs,
     _Args,
     invalid,
@@ -47,6 +49,7 @@ _ALIVE: Final = frozenset({"active", "paused", "stopped", "suspended"})
 CRASH_DUMP_STATES: Final = frozenset({"active", "paused", "rescued", "error"})
 """Where ``instance.crash_dump`` may run (Nova's ALLOW_TRIGGER_CRASH_DUMP): no task, no change of
 state; the domain must run as well."""
+_SHELVED: Final = frozenset({"shelved", "shelved_offloaded"})
 
 Access = Literal["open", "host-read", "host-write", "spawn", "list", "stats", "read", "write"]
 """What an op does, for authorization (``rpc.auth``): ``open`` anyone; ``host-read`` keys that
@@ -148,6 +151,20 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
        verb="detach-volume"),
     Op("instance.extend_volume", ExtendVolumeArgs, "tell an instance one of its volumes has grown",
        verb="extend-volume"),
+    # Image workflows (compute/snapshot.py, compute/shelve.py): their own handlers, since each
+    # runs through several task states; the target "" of a snapshot is "as it was".
+    Op("instance.snapshot", SnapshotArgs, "save an instance's root disk as a new image in the Image service",
+       verb="snapshot", transition=Transition(_ALIVE, "image_snapshot", "")),
+    Op("instance.shelve", UuidArgs, "stop an instance and save it as an image, to be offloaded",
+       verb="shelve", transition=Transition(_ALIVE, "shelving", "shelved")),
+    Op("instance.shelve_offload", UuidArgs, "give back a shelved instance's disk, ports and claim",
+       verb="shelve-offload", transition=Transition(frozenset({"shelved"}), "shelving_offloading",
+                                                    "shelved_offloaded")),
+    Op("instance.unshelve", UnshelveArgs, "bring a shelved instance back (here, or from another agent)",
+       verb="unshelve", transition=Transition(_SHELVED, "unshelving", "active")),
+    # Not mutating: a read. A member's: it holds the user data the guest is given at boot.
+    Op("instance.get_shelved", UuidArgs, "an offloaded instance as another agent unshelves it",
+       mutating=False, verb="shelved"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}

@@ -25,7 +25,7 @@ VERSION: Final = 1
 
 
 VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "error", "deleted", "rescued",
-                    "soft_deleted")
+                    "soft_deleted", "shelved", "shelved_offloaded")
 
 # Control characters (C0, DEL, C1) end up in the hypervisor's definitions, logs and terminals, where a NUL cuts a
 # name short and an escape sequence rewrites a person's screen: no text field carries them.
@@ -348,6 +348,10 @@ class InstanceRecord(Struct, kw_only=True):
     fault: Fault | None = None
     metadata: dict[str, str] = {}
     volumes: list[VolumeRecord] = []
+    snapshot_id: str | None = None
+    """The image the snapshot under way uploads to, then the last snapshot's image."""
+    shelved_image_id: str | None = None
+    """While shelved: the snapshot unshelve builds the instance from."""
 
 
 class Reply(Struct, omit_defaults=True):
@@ -530,3 +534,37 @@ def encode_error(request_id: str, error: AgentError) -> bytes:
 def encode(obj: Any) -> bytes:
     """Encode any wire value (structs, maps, lists) as MessagePack."""
     return _encoder.encode(obj)
+
+
+class SnapshotArgs(_Args):
+    """``instance.snapshot``: the new image's name and extra properties."""
+
+    uuid: UuidStr
+    name: Name
+    properties: Annotated[dict[Id, ShortStr], Meta(max_length=64)] = {}
+
+
+class Snapshotted(msgspec.Struct, frozen=True):
+    """The reply of ``instance.snapshot``: the new image in the Image service."""
+
+    uuid: str
+    image_id: str
+    name: str
+    size: int
+
+
+class ShelvedInstance(Struct, kw_only=True):
+    """An offloaded instance as another agent unshelves it: its record, its ports, the
+    snapshot it is built from and what its guest is told at boot (without its password)."""
+
+    record: InstanceRecord
+    image_id: Id
+    ports: list[Port] = []
+    bootstrap: dict[str, Any] | None = None
+
+
+class UnshelveArgs(_Args):
+    """``instance.unshelve``: ``shelved`` carries an instance offloaded on another agent."""
+
+    uuid: UuidStr
+    shelved: ShelvedInstance | None = None

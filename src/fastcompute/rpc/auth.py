@@ -148,6 +148,13 @@ class Policy:
             return
         if kind == "stats" and args.uuid is None:
             return
+        shelved = getattr(args, "shelved", None)
+        if shelved is not None:
+            # An unshelve that brings an instance from another agent creates it here: a spawn's rule.
+            role = grant.role_on(shelved.record.project_id)
+            if role is None or role < Role.MEMBER:
+                raise Forbidden(f"this key may not create instances in project {shelved.record.project_id!r}",
+                                {"project_id": shelved.record.project_id})
         uuid = protocol.normalise_uuid(args.uuid)
         project = project_of(uuid)
         if project is None:

@@ -27,6 +27,8 @@ from fastcompute.hypervisor.libvirt.xml import (
     USER_ALIAS,
     build,
     disk_aliases,
+    disk_snapshot,
+    disk_target,
     disk_targets,
     disk_xml,
     interface_xml,
@@ -747,6 +749,73 @@ class LibvirtDriver:
             if code == libvirt.VIR_ERR_OPERATION_INVALID:
                 raise Conflict(f"instance {uuid}: {message}", {"uuid": uuid}) from None
             raise HypervisorError(f"libvirt: {message}") from None
+
+    # -- disk snapshots -------------------------------------------------------------------------
+
+    async def freeze_disk(self, uuid: str, disk: str, overlay: str) -> bool:
+        """Make the running domain's ``disk`` a point-in-time copy: a disk-only external
+        snapshot sends its writes to the new qcow2 ``overlay`` from here on. False when nothing
+        writes ``disk`` anyway (the domain does not run, or the test hypervisor's disks)."""
+        if self.uri.startswith("test:"):
+            return False
+        conn = await self._ready()
+
+        def run() -> bool:
+            dom = self._lookup(conn, uuid)
+            if not dom.isActive():
+                return False
+            snapshot, _target = disk_snapshot(dom.XMLDesc(0), disk, overlay)
+            dom.snapshotCreateXML(snapshot, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+            log.info("domain %s: writes go to %s while %s is copied", uuid, overlay, disk)
+            return True
+
+        try:
+            return await self._call(run)
+        except ValueError as exc:
+            raise HypervisorError(f"instance {uuid}: {exc}") from None
+
+    async def merge_disk(self, uuid: str, disk: str, overlay: str) -> None:
+        """Merge ``overlay`` (from :meth:`freeze_disk`) back into ``disk`` and remove it: an
+        active block commit into its backing file, then a pivot, while the guest runs; with
+        ``qemu-img commit`` when the domain no longer runs (a crash in between)."""
+        conn = await self._ready()
+
+        def target() -> tuple[Any, str | None]:
+            try:
+                dom = self._lookup(conn, uuid)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None, None
+                raise
+            return dom, (disk_target(dom.XMLDesc(0), overlay) if dom.isActive() else None)
+
+        dom, dev = await self._call(target)
+        if dev is None:
+            proc = await asyncio.create_subprocess_exec(
+                "qemu-img", "commit", "-q", "-f", "qcow2", overlay,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise HypervisorError(f"merging {overlay} back failed: {err.decode(errors='replace')[-300:]}")
+        else:
+            flags = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+            await self._call(lambda: dom.blockCommit(dev, None, None, 0, flags))
+            while True:
+                info = await self._call(lambda: dom.blockJobInfo(dev, 0))
+                if info and info.get("end", 0) > 0 and info.get("cur") == info.get("end"):
+                    break
+                if not info:
+                    raise HypervisorError(f"the block commit of {overlay} ended before it was ready")
+                await asyncio.sleep(0.05)
+            await self._call(lambda: dom.blockJobAbort(dev, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT))
+            while await self._call(lambda: dom.blockJobInfo(dev, 0)):
+                await asyncio.sleep(0.05)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(overlay)
+        log.info("domain %s: %s merged back into %s (%s)", uuid, overlay, disk,
+                 "active block commit" if dev is not None else "qemu-img commit")
 
     # -- statistics ----------------------------------------------------------------------------
 

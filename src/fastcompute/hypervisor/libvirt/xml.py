@@ -298,3 +298,37 @@ def disk_aliases(domain_xml: str) -> dict[str, str]:
 def disk_targets(domain_xml: str) -> set[str]:
     """The device names of a domain's disks."""
     return {t.get("dev", "") for t in ET.fromstring(domain_xml).iterfind("devices/disk/target")}
+
+
+def disk_snapshot(domain_xml: str, disk: str, overlay: str) -> tuple[str, str]:
+    """A disk-only snapshot of the domain's disk whose source is the file ``disk``: its writes
+    go to the new qcow2 ``overlay``, every other disk is left out. Returns the snapshot's XML
+    and the disk's target device (for the block commit that merges it back); ValueError when
+    the domain has no such disk."""
+    target = None
+    parts = ["<domainsnapshot><disks>"]
+    for d in ET.fromstring(domain_xml).iterfind("devices/disk"):
+        dev = d.find("target")
+        src = d.find("source")
+        if dev is None:
+            continue
+        name = dev.get("dev", "")
+        if src is not None and src.get("file") == disk:
+            target = name
+            parts.append(f"<disk name='{_a(name)}' snapshot='external'><driver type='qcow2'/>"
+                         f"<source file='{_a(overlay)}'/></disk>")
+        else:
+            parts.append(f"<disk name='{_a(name)}' snapshot='no'/>")
+    if target is None:
+        raise ValueError(f"the domain has no disk {disk}")
+    parts.append("</disks></domainsnapshot>")
+    return "".join(parts), target
+
+
+def disk_target(domain_xml: str, source: str) -> str | None:
+    """The target device of the domain's disk whose source is the file ``source``."""
+    for d in ET.fromstring(domain_xml).iterfind("devices/disk"):
+        src, dev = d.find("source"), d.find("target")
+        if src is not None and dev is not None and src.get("file") == source:
+            return dev.get("dev")
+    return None

@@ -1,4 +1,5 @@
-"""Glance v2 images: the image's record (on the loop) and its data (an http transfer).
+"""Glance v2 images: the image's record (on the loop) and its data (an http transfer); and the
+other way, a new image (a snapshot) created, its data streamed up, or deleted when it failed.
 
 The Image service is asked with the requesting tenant's token when the spawn request carries
 one (``image.token``), so that Glance decides what that tenant may see; otherwise with the
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 import httpx
@@ -99,6 +100,52 @@ class GlanceSource:
         if not isinstance(info, dict):
             raise ImageError(f"the Image service sent invalid metadata for image {image_id}")
         return info
+
+    def _unreachable(self, exc: httpx.HTTPError) -> ImageError:
+        return ImageError(f"the Image service at {self.cfg.glance_endpoint} cannot be reached: "
+                          f"{exc or type(exc).__name__}")
+
+    async def create(self, body: dict[str, Any]) -> str:
+        """Create an image record (``queued``, no data yet); its id."""
+        try:
+            resp = await self._http().post(f"{self.cfg.glance_endpoint.rstrip('/')}/v2/images",
+                                           headers=self.headers(), json=body)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        if resp.status_code != 201:
+            raise ImageError(f"the Image service refused to create image {body.get('name')!r} "
+                             f"({resp.status_code}): {resp.text[:300]}", {"status": resp.status_code})
+        image_id = resp.json().get("id")
+        if not isinstance(image_id, str):
+            raise ImageError("the Image service created an image without an id")
+        return image_id
+
+    async def upload(self, image_id: str, data: AsyncIterable[bytes], size: int | None = None) -> None:
+        """Stream an image's data; with its ``size`` known, as one body of that length (a
+        WSGI server reads it faster than a chunked one)."""
+        headers = {**self.headers(), "Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        try:
+            resp = await self._http().put(self.url(image_id, "/file"), content=data, headers=headers)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        if resp.status_code != 204:
+            raise ImageError(f"the Image service refused the data of image {image_id} "
+                             f"({resp.status_code}): {resp.text[:300]}", {"image_id": image_id})
+
+    async def delete(self, image_id: str) -> bool:
+        """Delete an image; False when it was already gone."""
+        try:
+            resp = await self._http().delete(self.url(image_id), headers=self.headers())
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from exc
+        if resp.status_code == 404:
+            return False
+        if resp.status_code != 204:
+            raise ImageError(f"the Image service refused to delete image {image_id} ({resp.status_code})",
+                             {"image_id": image_id})
+        return True
 
 
 def glance_expectations(info: dict[str, Any], limit: int) -> tuple[dict[str, str], str]:
