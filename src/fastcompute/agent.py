@@ -24,6 +24,7 @@ from fastcompute import protocol
 from fastcompute.compute import validate
 from fastcompute.compute.guestagent import GuestAgent
 from fastcompute.compute.manager import Manager
+from fastcompute.compute.peers import peer_keys
 from fastcompute.config import Config
 from fastcompute.console import ConsoleProxy, Tokens
 from fastcompute.errors import Conflict, NotFound
@@ -31,7 +32,7 @@ from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
 from fastcompute.network.metadata import Documents, MetadataService, documents_lookup
-from fastcompute.protocol.schema import GetConsoleArgs, SetPasswordArgs
+from fastcompute.protocol.schema import GetConsoleArgs, MigrateArgs, ResizeArgs, SetPasswordArgs
 from fastcompute.resources.tracker import Tracker, cpu_traits
 from fastcompute.rpc.replies import entry_size
 from fastcompute.rpc.server import Handler, Server
@@ -131,6 +132,20 @@ class Agent:
             assert self.images is not None
             return {"removed": await self.images.prune(a.max_age_s)}
 
+        moves = m.migrations
+
+        async def migrate(a: MigrateArgs) -> Any:
+            return await moves.start(a.uuid, "migrate", a.destination, None, a.wait)
+
+        async def resize(a: ResizeArgs) -> Any:
+            return await moves.start(a.uuid, "resize", a.destination, a.flavor, a.wait)
+
+        async def confirm_resize(a: protocol.UuidArgs) -> Any:
+            return await moves.confirm(a.uuid)
+
+        async def revert_resize(a: protocol.UuidArgs) -> Any:
+            return await moves.revert(a.uuid)
+
         async def stats(a: protocol.StatsArgs) -> Any:
             if a.uuid is None:
                 return self.stats.last()
@@ -155,6 +170,17 @@ class Agent:
             "instance.attach_port": attach_port,
             "instance.detach_port": detach_port,
             "instance.set_security_groups": set_groups,
+            "instance.migrate": migrate,
+            "instance.resize": resize,
+            "instance.confirm_resize": confirm_resize,
+            "instance.revert_resize": revert_resize,
+            "migration.prepare": moves.prepare,
+            "migration.finish": moves.finish,
+            "migration.read": moves.read,
+            "migration.status": moves.status,
+            "migration.abort": moves.abort,
+            "migration.confirm": moves.peer_confirm,
+            "migration.revert": moves.peer_revert,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -182,6 +208,12 @@ class Agent:
             elif name in own:
                 handlers[name] = staged(own[name])
         assert set(handlers) == set(protocol.OPS), set(protocol.OPS) ^ set(handlers)
+
+        async def local(op: str, args: dict[str, Any]) -> Any:
+            # A move on this host calls its own peer ops directly, decoded as off the wire.
+            return await handlers[op](msgspec.convert(args, protocol.OP_ARGS[op]), "")
+
+        moves.peers.local = local
         return handlers
 
     async def start(self) -> None:
@@ -192,7 +224,8 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)
         await self.store.open()
-        server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request)
+        server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request,
+                        peers=peer_keys(cfg.migration))
         self.server = server
         self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
         self.images.on_lookup = self.metrics.image_cache
@@ -240,6 +273,7 @@ class Agent:
             loop.create_task(self._resources_loop()),
             loop.create_task(self._every(60.0, self._expire)),
             loop.create_task(self.images.run_cleaner(self._stop)),
+            loop.create_task(self._every(cfg.migration.retry_interval_s, manager.migrations.tick)),
         ]
         if cfg.stats.interval_s > 0:
             self._background.append(loop.create_task(self._every(cfg.stats.interval_s, self._publish_stats)))

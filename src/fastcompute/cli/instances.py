@@ -19,7 +19,8 @@ from fastcompute.cli.common import client, emit, err, many, out, resolve
 from fastcompute.cli.tables import instances_table, show
 
 # Ops besides the lifecycle ones that act on each instance named, taking only its uuid.
-_EACH = frozenset({"instance.delete", "instance.quiesce", "instance.unquiesce"})
+_EACH = frozenset({"instance.delete", "instance.quiesce", "instance.unquiesce", "instance.migrate",
+                   "instance.confirm_resize", "instance.revert_resize"})
 
 
 def _spec_pairs(pairs: list[str]) -> dict[str, str]:
@@ -94,6 +95,17 @@ def _set_password(a: argparse.Namespace) -> int:
     with client(a) as c:
         r = c.call("instance.set_password", {"uuid": resolve(c, [a.uuid])[0], "user": a.user, "password": password})
     emit(a, r, lambda r: out.print(f"password of {r['user']} set in {r['uuid']}"))
+    return 0
+
+
+def _resize(a: argparse.Namespace) -> int:
+    flavor = {"vcpus": a.vcpus, "memory_mb": a.memory, "disk_gb": a.disk, "extra_specs": _spec_pairs(a.spec or [])}
+    with client(a) as c:
+        args: dict[str, Any] = {"uuid": resolve(c, [a.uuid])[0], "flavor": flavor, "wait": a.wait}
+        if a.destination:
+            args["destination"] = a.destination
+        r = c.call("instance.resize", args)
+    emit(a, r, show)
     return 0
 
 
@@ -183,6 +195,17 @@ def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     sp.add_argument("uuid", help="uuid, uuid prefix or name")
     sp.add_argument("--user", default="root", help="the user in the guest")
     sp.set_defaults(fn=_set_password)
+
+    rs = sub.add_parser("resize", parents=[common], help=ops["instance.resize"].help
+                        + "; then resize-confirm or resize-revert it where it is now")
+    rs.add_argument("uuid", help="uuid, uuid prefix or name")
+    rs.add_argument("--vcpus", type=int, required=True)
+    rs.add_argument("--memory", type=int, required=True, help="MiB")
+    rs.add_argument("--disk", type=int, required=True, help="GiB (never less than now)")
+    rs.add_argument("--spec", action="append", help="flavor extra spec KEY=VALUE (repeatable)")
+    rs.add_argument("--destination", help="the host to move to (default: this one, where allowed)")
+    rs.add_argument("--wait", action="store_true", help="return when the instance is resized (or the move failed)")
+    rs.set_defaults(fn=_resize)
 
     for op in ops.values():
         if op.verb is None or not (op.transition is not None or op.name in _EACH):

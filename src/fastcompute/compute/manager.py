@@ -28,6 +28,7 @@ from fastcompute import protocol
 from fastcompute.compute import configdrive, guest
 from fastcompute.compute.cpu import HostCpu, check_traits, trait_features
 from fastcompute.compute.hardware import check_host, hardware
+from fastcompute.compute.migration import Migrations
 from fastcompute.compute.records import Stored, image_spec, now, numa_cells
 from fastcompute.compute.validate import flavor_request
 from fastcompute.config import Config
@@ -127,6 +128,8 @@ class Manager:
         self._digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
         self._resources_dirty = False
         self.started_at = time.monotonic()
+        self.migrations = Migrations(self)
+        self._held: set[str] = set()  # what moves hold: the start-up leaves it to them
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -154,10 +157,11 @@ class Manager:
             self.instances[uuid] = dec.decode(body)
             self._locks[uuid] = asyncio.Lock()
             self._own_ports(uuid, self.instances[uuid].ports)
+        self._held = self.migrations.load(loaded.migrations)
         claims = Store.decode_rows(loaded.claims, Claim)
         stale = []
         for uuid, claim in claims.items():
-            if uuid in self.instances:
+            if uuid in self.instances or uuid in self._held:
                 tracker.restore(uuid, claim)
             else:
                 stale.append(uuid)
@@ -169,7 +173,7 @@ class Manager:
     async def reconcile(self) -> None:
         """Bring the store and the hypervisor into agreement after a (re)start."""
         wanted = {u: s.ports for u, s in self.instances.items()
-                  if s.ports and s.record.vm_state not in ("error", "deleted")}
+                  if s.ports and s.record.vm_state not in ("error", "deleted") and u not in self._held}
         report = await self.network.reconcile(wanted)
         if report.changed:
             log.info("network reconciled: %s", report)
@@ -181,11 +185,11 @@ class Manager:
         inst_root = self.state_dir / "instances"
         if inst_root.is_dir():
             for entry in inst_root.iterdir():
-                if entry.name not in self.instances:
+                if entry.name not in self.instances and entry.name not in self._held:
                     log.warning("removing leftover files of unknown instance %s", entry.name)
                     await self.images.remove_disk(entry.name)
                     shutil.rmtree(entry, ignore_errors=True)
-        for uuid, stored in list(self.instances.items()):
+        for uuid, stored in [(u, s) for u, s in self.instances.items() if u not in self._held]:
             rec = stored.record
             try:
                 await self._reconcile_one(uuid, rec, domains.get(uuid))
@@ -224,7 +228,8 @@ class Manager:
             await self._sync_one(uuid, dom.power_state)
 
     async def _recreate(self, uuid: str, vm_state: str) -> str:
-        start = vm_state in ("active", "paused", "suspended")
+        start = vm_state in ("active", "paused", "suspended") or (
+            vm_state == "resized" and self.instances[uuid].record.power_state == "running")
         power = await self.driver.launch(self._guest(uuid), start=start)
         if vm_state == "paused":
             power = await self.driver.pause(uuid)
@@ -813,7 +818,7 @@ class Manager:
         await self.network.unplug(uuid)
         stored = self.instances[uuid]
         await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid),
-                                Store.delete_console_tokens(uuid)])
+                                Store.delete_console_tokens(uuid), *await self.migrations.on_delete(uuid)])
         tracker.release(uuid)
         del self.instances[uuid]
         # Whoever still waits for this lock finds the instance gone; a new spawn gets its own.
@@ -880,4 +885,5 @@ class Manager:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("%d builds left to finish at the next start-up", len(pending))
+        await self.migrations.drain(timeout_s)
 
