@@ -22,6 +22,7 @@ from agent_fixtures import AgentProcess, call_error, disk_dirs, spawn_args, wait
 from test_agent_security import make_keys
 
 from fastcompute.errors import AgentError
+from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.rpc.client import Client, ClientTimeout, Curve
 
 
@@ -33,9 +34,9 @@ def config(name: str, peer: str, peer_control: str, extra: str = "", migration: 
 
 
 def pair(make_agent: Any, a_extra: str = "", b_extra: str = "", a_migration: str = "",
-         b_migration: str = "") -> tuple[AgentProcess, AgentProcess]:
+         b_migration: str = "", hypervisor: str = "test:///default") -> tuple[AgentProcess, AgentProcess]:
     """Agents host-a and host-b, each the other's peer (started)."""
-    a, b = make_agent(start=False), make_agent(start=False)
+    a, b = make_agent(start=False, hypervisor=hypervisor), make_agent(start=False, hypervisor=hypervisor)
     a.config_path.write_text(config("host-a", "host-b", b.control, a_extra, a_migration))
     b.config_path.write_text(config("host-b", "host-a", a.control, b_extra, b_migration))
     a.start()
@@ -141,6 +142,41 @@ def test_resize_up_then_revert_brings_back_flavor_disk_and_host(make_agent: Any,
     a.call("instance.resize", {"uuid": uuid, "flavor": big, "destination": "host-b", "wait": True})
     b.call("instance.confirm_resize", {"uuid": uuid})
     settled_at(b, a, uuid, memory_mb=128)
+
+
+def test_stopped_instance_moves_stopped(make_agent: Any, image_file: Path) -> None:
+    a, b = pair(make_agent)
+    uuid = spawn(a, image_file)
+    a.call("instance.stop", {"uuid": uuid, "timeout_s": 0})
+    rec = a.call("instance.migrate", {"uuid": uuid, "destination": "host-b", "wait": True})
+    assert (rec["vm_state"], rec["power_state"]) == ("resized", "shutdown")
+    b.call("instance.revert_resize", {"uuid": uuid})
+    rec = wait_for_state(a, uuid, "stopped")
+    assert rec["power_state"] == "shutdown"
+    a.call("instance.migrate", {"uuid": uuid, "destination": "host-b", "wait": True})
+    assert b.call("instance.confirm_resize", {"uuid": uuid})["vm_state"] == "stopped"
+    assert (usage(a), usage(b), disk_dirs(a)) == (0, 64, set())
+
+
+def test_pinned_guest_is_pinned_again_at_the_destination(make_agent: Any, image_file: Path, tmp_path: Path) -> None:
+    uri = write_test_host(tmp_path / "host.xml", cells=1, sockets=1, cores=8, threads=1, memory_gib=16)
+    a, b = pair(make_agent, a_extra='[resources]\ncpu_dedicated_set = "4-5"\n',
+                b_extra='[resources]\ncpu_dedicated_set = "6-7"\n', hypervisor=uri)
+    pinned = {"vcpus": 2, "memory_mb": 256, "disk_gb": 1, "extra_specs": {"hw:cpu_policy": "dedicated"}}
+    uuid = spawn(a, image_file, flavor=pinned)
+
+    def pcpus(agent: AgentProcess) -> set[int]:
+        return set(agent.call("instance.get", {"uuid": uuid})["numa"][0]["pinning"].values())
+
+    assert pcpus(a) == {4, 5}
+    a.call("instance.migrate", {"uuid": uuid, "destination": "host-b", "wait": True})
+    assert pcpus(b) == {6, 7}
+    pcpu = [int(x.call("host.info")["usage"]["PCPU"]) for x in (a, b)]
+    assert pcpu == [2, 2]  # the source's pins are held until the move ends
+    b.call("instance.revert_resize", {"uuid": uuid})
+    wait_for_state(a, uuid, "active")
+    assert pcpus(a) == {4, 5}
+    assert [int(x.call("host.info")["usage"]["PCPU"]) for x in (a, b)] == [2, 0]
 
 
 def test_resize_refusals(make_agent: Any, image_file: Path) -> None:
