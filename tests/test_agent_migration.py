@@ -179,6 +179,20 @@ def test_pinned_guest_is_pinned_again_at_the_destination(make_agent: Any, image_
     assert [int(x.call("host.info")["usage"]["PCPU"]) for x in (a, b)] == [2, 0]
 
 
+def test_deleting_a_resized_instance_drops_the_sources_hold(make_agent: Any, image_file: Path) -> None:
+    a, b = pair(make_agent)
+    uuid = spawn(a, image_file)
+    a.call("instance.migrate", {"uuid": uuid, "destination": "host-b", "wait": True})
+    b.call("instance.delete", {"uuid": uuid})
+    deadline = time.monotonic() + 30
+    while usage(a) or disk_dirs(a):
+        assert time.monotonic() < deadline, (usage(a), disk_dirs(a))
+        time.sleep(0.1)
+    assert (usage(b), disk_dirs(b)) == (0, set())
+    gone(a, uuid)
+    gone(b, uuid)
+
+
 def test_resize_refusals(make_agent: Any, image_file: Path) -> None:
     a, _b = pair(make_agent)
     uuid = spawn(a, image_file)
@@ -425,3 +439,20 @@ def test_the_move_does_not_need_its_client(make_agent: Any, image_file: Path) ->
     assert wait_for_state(b, uuid, "resized")["power_state"] == "running"
     b.call("instance.confirm_resize", {"uuid": uuid})
     settled_at(b, a, uuid)
+
+
+def test_revert_while_the_source_is_down_finishes_when_it_is_back(make_agent: Any, image_file: Path) -> None:
+    a, b = pair(make_agent)
+    uuid = spawn(a, image_file)
+    a.call("instance.migrate", {"uuid": uuid, "destination": "host-b", "wait": True})
+    a.kill()
+    assert call_error(b, "instance.revert_resize", {"uuid": uuid}).code == "BUSY"
+    gone(b, uuid)  # its copy here is gone; the instance waits on its old host
+    b.kill()  # and the destination's retries survive a restart too
+    b.start()
+    a.start()
+    deadline = time.monotonic() + 30
+    while not a.call("instance.list"):  # until the destination's next try
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    settled_at(a, b, uuid)
