@@ -263,6 +263,20 @@ def test_peer_ops_check_who_calls(make_agent: Any, image_file: Path) -> None:
     assert info.value.code == "BAD_REQUEST"
 
 
+def test_a_destination_that_does_not_list_the_source_refuses_it(make_agent: Any, image_file: Path) -> None:
+    a, b = make_agent(start=False), make_agent(start=False)
+    a.config_path.write_text(config("host-a", "host-b", b.control))
+    b.config_path.write_text(config("host-b", "host-x", a.control))  # a's endpoint, another name
+    a.start()
+    b.start()
+    uuid = spawn(a, image_file)
+    err = call_error(a, "instance.migrate", {"uuid": uuid, "destination": "host-b"})
+    assert (err.code, err.details["peer"]) == ("FORBIDDEN", "host-a")
+    rec = a.call("instance.get", {"uuid": uuid})
+    assert (rec["vm_state"], rec["task_state"], rec["power_state"]) == ("active", None, "running")
+    assert (usage(a), usage(b), disk_dirs(b)) == (64, 0, set())
+
+
 def test_curve_peers_move_and_nobody_else_may_call_peer_ops(make_agent: Any, image_file: Path,
                                                             tmp_path: Path) -> None:
     keys = tmp_path / "keys"

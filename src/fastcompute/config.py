@@ -219,7 +219,7 @@ class MigrationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     finish_timeout_s: Annotated[float, msgspec.Meta(gt=0), _doc("How long the destination has to copy the disks and start the instance")] = 3600.0
     chunk_bytes: Annotated[int, msgspec.Meta(ge=4096, le=32 << 20), _doc("Bytes of a disk per read from the source (holes are skipped)")] = 4 << 20
     retry_interval_s: Annotated[float, msgspec.Meta(gt=0), _doc("Period of the retries of an interrupted move's steps and of the resize_confirm_window check")] = 5.0
-    test_hold_step: Annotated[str, _doc("Tests only: the move step (prep, migrating, finishing, copying) at which this agent waits test_hold_s after recording it, so that a test can kill it there; empty = never")] = ""
+    test_hold_step: Annotated[Literal["", "prep", "migrating", "finishing", "copying"], _doc("Tests only: the move step (prep, migrating, finishing, copying) at which this agent waits test_hold_s after recording it, so that a test can kill it there; empty = never")] = ""
     test_hold_s: Annotated[float, msgspec.Meta(ge=0), _doc("Tests only: see test_hold_step")] = 0.0
 
 
