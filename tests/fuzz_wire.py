@@ -68,6 +68,8 @@ import msgpack
 import zmq
 from agent_fixtures import AgentProcess, disk_dirs
 
+from fastcompute.protocol import schema
+
 ERROR_CODES = frozenset({
     "BAD_REQUEST", "UNKNOWN_OP", "NOT_FOUND", "CONFLICT", "NO_CAPACITY", "QUOTA_EXCEEDED",
     "IMAGE_ERROR", "HYPERVISOR_ERROR", "BUSY", "INTERNAL", "FORBIDDEN",
@@ -79,7 +81,7 @@ READ_ONLY_OPS = frozenset({
     "ping", "host.info", "images.list", "instance.get", "instance.list", "instance.console", "instance.stats",
 })
 MAX_ENVELOPE_FRAME = 255
-VM_STATES = frozenset({"building", "active", "stopped", "paused", "suspended", "error", "deleted"})
+VM_STATES = frozenset(schema.VM_STATES)  # the record's states, as the protocol declares them
 RESOURCE_CLASSES = ("VCPU", "PCPU", "MEMORY_MB", "DISK_GB")
 MAX_FRAME = 1 << 20  # the agent's default max_frame_bytes
 REPLY_TIMEOUT_S = 30.0
@@ -601,7 +603,7 @@ class Generator:
         return req, f"huge-{where}-{'over' if over else 'under'}", must
 
     def _unknown_op(self, rid: str) -> tuple[Any, str, str | None]:
-        op = self.rng.choice(["instance.Spawn", "instance.", "host", "ping ", "pïng", "instance.migrate",
+        op = self.rng.choice(["instance.Spawn", "instance.", "host", "ping ", "pïng", "instance.teleport",
                               "__init__", "handlers", "x\x00", "instance.spawn\x00", "../ping", "PING", "_drive",
                               "instance.spawn ", "u" * 64])
         return {"v": 1, "id": rid, "op": op, "args": {}}, "unknown-op", "UNKNOWN_OP"

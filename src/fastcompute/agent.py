@@ -25,6 +25,8 @@ from fastcompute.compute import validate
 from fastcompute.compute.crashdump import crash_dump
 from fastcompute.compute.guestagent import GuestAgent
 from fastcompute.compute.manager import Manager
+from fastcompute.compute.peers import peer_keys
+from fastcompute.compute.ports import Ports
 from fastcompute.compute.rebuild import Rebuild
 from fastcompute.compute.rescue import Rescue
 from fastcompute.compute.shelve import Shelver
@@ -38,7 +40,7 @@ from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
 from fastcompute.network.metadata import Documents, MetadataService, documents_lookup
-from fastcompute.protocol.schema import GetConsoleArgs, SetPasswordArgs
+from fastcompute.protocol.schema import GetConsoleArgs, MigrateArgs, ResizeArgs, SetPasswordArgs
 from fastcompute.resources.tracker import Tracker, cpu_traits
 from fastcompute.rpc.replies import entry_size
 from fastcompute.rpc.server import Handler, Server
@@ -97,6 +99,7 @@ class Agent:
         soft = self.soft_delete
         assert soft is not None and self.rebuilds is not None and self.rescues is not None
         rebuilds, rescues = self.rebuilds, self.rescues
+        ports = Ports(m)
 
         async def delete(a: protocol.UuidArgs) -> Any:
             return await soft.delete(a.uuid)
@@ -127,13 +130,13 @@ class Agent:
             return await guest_agent.unquiesce(a.uuid)
 
         async def attach_port(a: protocol.AttachPortArgs) -> Any:
-            return await m.attach_port(a.uuid, a.port)
+            return await ports.attach(a.uuid, a.port)
 
         async def detach_port(a: protocol.DetachPortArgs) -> Any:
-            return await m.detach_port(a.uuid, a.port_id)
+            return await ports.detach(a.uuid, a.port_id)
 
         async def set_groups(a: protocol.SecurityGroupsArgs) -> Any:
-            return await m.set_security_groups(a.uuid, a.port_id, a.security_groups)
+            return await ports.set_security_groups(a.uuid, a.port_id, a.security_groups)
 
         vols = Volumes(m, self.cfg.hypervisor)
 
@@ -157,6 +160,20 @@ class Agent:
         async def images_prune(a: protocol.PruneArgs) -> Any:
             assert self.images is not None
             return {"removed": await self.images.prune(a.max_age_s)}
+
+        moves = m.migrations
+
+        async def migrate(a: MigrateArgs) -> Any:
+            return await moves.start(a.uuid, "migrate", a.destination, None, a.wait)
+
+        async def resize(a: ResizeArgs) -> Any:
+            return await moves.start(a.uuid, "resize", a.destination, a.flavor, a.wait)
+
+        async def confirm_resize(a: protocol.UuidArgs) -> Any:
+            return await moves.confirm(a.uuid)
+
+        async def revert_resize(a: protocol.UuidArgs) -> Any:
+            return await moves.revert(a.uuid)
 
         async def stats(a: protocol.StatsArgs) -> Any:
             if a.uuid is None:
@@ -214,6 +231,17 @@ class Agent:
             "instance.shelve_offload": shelve_offload,
             "instance.unshelve": unshelve,
             "instance.get_shelved": get_shelved,
+            "instance.migrate": migrate,
+            "instance.resize": resize,
+            "instance.confirm_resize": confirm_resize,
+            "instance.revert_resize": revert_resize,
+            "migration.prepare": moves.prepare,
+            "migration.finish": moves.finish,
+            "migration.read": moves.read,
+            "migration.status": moves.status,
+            "migration.abort": moves.abort,
+            "migration.confirm": moves.peer_confirm,
+            "migration.revert": moves.peer_revert,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -241,6 +269,12 @@ class Agent:
             elif op.transition is not None:
                 handlers[name] = staged(lifecycle(op))
         assert set(handlers) == set(protocol.OPS), set(protocol.OPS) ^ set(handlers)
+
+        async def local(op: str, args: dict[str, Any]) -> Any:
+            # A move on this host calls its own peer ops directly, decoded as off the wire.
+            return await handlers[op](msgspec.convert(args, protocol.OP_ARGS[op]), "")
+
+        moves.peers.local = local
         return handlers
 
     async def start(self) -> None:
@@ -251,7 +285,8 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)
         await self.store.open()
-        server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request)
+        server = Server(cfg.agent, cfg.security, self.store, {}, observe=self.metrics.observe_request,
+                        peers=peer_keys(cfg.migration))
         self.server = server
         self.images = ImageCache(self.state_dir, cfg.images, self.io_pool)
         self.images.on_lookup = self.metrics.image_cache
@@ -306,6 +341,7 @@ class Agent:
             loop.create_task(self._every(60.0, self._expire)),
             loop.create_task(self.images.run_cleaner(self._stop)),
             loop.create_task(self.shelver.run_offloader(self._stop)),
+            loop.create_task(self._every(cfg.migration.retry_interval_s, manager.migrations.tick)),
         ]
         if cfg.compute.reclaim_instance_interval_s > 0:
             # Nova reclaims every interval; half of it (at most a minute) bounds the overstay.

@@ -199,10 +199,33 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ComputeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """[compute]: instance workflows (soft delete, shelve)."""
+    """[compute]: instance workflows (soft delete, shelve, moves: Nova's resize options)."""
 
     reclaim_instance_interval_s: Annotated[float, _doc("Soft delete (Nova's reclaim_instance_interval): above 0, instance.delete stops a launched instance and keeps it soft_deleted, its resources still held, for this many seconds (instance.restore brings it back) before a periodic task deletes it; instance.force_delete deletes at once. 0 = every delete is at once")] = 0.0
     shelved_offload_time_s: Annotated[float, _doc("How long a shelved instance keeps its domain, disk, ports and claim before they are given back (shelved_offloaded); 0 = at once, -1 = never (Nova's shelved_offload_time)")] = 0.0
+    allow_resize_to_same_host: Annotated[bool, _doc("Let instance.resize keep the instance on this host (Nova's option of the same name); off: a resize needs another host as destination")] = False
+    resize_confirm_window_s: Annotated[float, msgspec.Meta(ge=0), _doc("A resized or migrated instance not confirmed or reverted within this long is confirmed by its new host (Nova's resize_confirm_window); 0 = never")] = 0.0
+
+
+class MigrationPeer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One entry of ``[[migration.peers]]``: another agent instances may move to or from."""
+
+    host: Annotated[str, _doc("The peer's host name, as its [agent] host (what instance.migrate names as destination)")]
+    control: Annotated[str, _doc("The peer's control endpoint, e.g. tcp://10.0.0.2:7780")]
+    public_key: Annotated[str, _doc("The peer's CURVE public key (Z85, or the path of its *.key file): the key its agent serves with and calls peers with; empty only without CURVE")] = ""
+
+
+class MigrationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """[migration]: the agents instances move between (see docs/MIGRATION.md)."""
+
+    peers: Annotated[list[MigrationPeer], _doc("The peer agents, as [[migration.peers]] tables {host, control, public_key}: the only agents this one calls, and (with CURVE) the only keys that may call its migration.* ops")] = msgspec.field(default_factory=list)
+    client_secret_key_file: Annotated[str, _doc("This agent's CURVE key pair for calling peers (from `fastcompute keys`); empty = [security] server_secret_key_file, so that one key pair names the agent both ways")] = ""
+    call_timeout_s: Annotated[float, msgspec.Meta(gt=0), _doc("A call to a peer (a claim, a chunk of a disk, a confirm) with no answer within this long has failed")] = 60.0
+    finish_timeout_s: Annotated[float, msgspec.Meta(gt=0), _doc("How long the destination has to copy the disks and start the instance")] = 3600.0
+    chunk_bytes: Annotated[int, msgspec.Meta(ge=4096, le=32 << 20), _doc("Bytes of a disk per read from the source (holes are skipped)")] = 4 << 20
+    retry_interval_s: Annotated[float, msgspec.Meta(gt=0), _doc("Period of the retries of an interrupted move's steps and of the resize_confirm_window check")] = 5.0
+    test_hold_step: Annotated[Literal["", "prep", "migrating", "finishing", "copying"], _doc("Tests only: the move step (prep, migrating, finishing, copying) at which this agent waits test_hold_s after recording it, so that a test can kill it there; empty = never")] = ""
+    test_hold_s: Annotated[float, msgspec.Meta(ge=0), _doc("Tests only: see test_hold_step")] = 0.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -221,6 +244,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stats: StatsConfig = msgspec.field(default_factory=StatsConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     compute: ComputeConfig = msgspec.field(default_factory=ComputeConfig)
+    migration: MigrationConfig = msgspec.field(default_factory=MigrationConfig)
 
 
 class ConfigError(ValueError):

@@ -1,4 +1,4 @@
-"""SQLite persistence: instances, their claims, and the request log for idempotent retries.
+"""SQLite persistence: instances, their claims, moves, and the request log for idempotent retries.
 
 The request log is keyed by (client, request id): a client never gets another's reply.
 
@@ -50,6 +50,13 @@ CREATE TABLE IF NOT EXISTS console_tokens (
     expires REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS console_tokens_uuid ON console_tokens (uuid);
+CREATE TABLE IF NOT EXISTS migrations (
+    id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (id, role)
+);
 CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -66,6 +73,7 @@ class Loaded(msgspec.Struct):
     instances: list[tuple[str, str | None, bytes]]
     claims: list[tuple[str, bytes]]
     settings: dict[str, Any]
+    migrations: list[bytes] = []
 
 
 class StoredReplies(msgspec.Struct):
@@ -193,6 +201,16 @@ class Store:
         """Delete a claim row."""
         return ("DELETE FROM claims WHERE uuid = ?", (uuid,))
 
+    def put_migration(self, move_id: str, role: str, uuid: str, body: Any) -> Statement:
+        """Insert or replace a move's record (``role``: this host's side of it)."""
+        return ("INSERT OR REPLACE INTO migrations (id, role, uuid, body) VALUES (?, ?, ?, ?)",
+                (move_id, role, uuid, self._encoder.encode(body)))
+
+    @staticmethod
+    def delete_migration(move_id: str, role: str) -> Statement:
+        """Forget one side of a move."""
+        return ("DELETE FROM migrations WHERE id = ? AND role = ?", (move_id, role))
+
     @staticmethod
     def put_reply(client: bytes, request_id: str, reply: bytes, ttl_s: float) -> Statement:
         """Remember a reply for retries of the same request id by the same client."""
@@ -242,7 +260,7 @@ class Store:
     # -- reads (start-up only; the manager keeps the live state in memory) ------------------
 
     async def load(self) -> Loaded:
-        """Instances (uuid, request_id, body), claims (uuid, body), settings."""
+        """Instances (uuid, request_id, body), claims (uuid, body), settings, moves (body)."""
         return await self._thread.run(self._load)
 
     def _load(self) -> Loaded:
@@ -251,7 +269,8 @@ class Store:
         instances = list(conn.execute("SELECT uuid, request_id, body FROM instances"))
         claims = list(conn.execute("SELECT uuid, body FROM claims"))
         settings = {k: msgspec.msgpack.decode(v) for k, v in conn.execute("SELECT key, value FROM settings")}
-        return Loaded(instances, claims, settings)
+        migrations = [bytes(b) for (b,) in conn.execute("SELECT body FROM migrations")]
+        return Loaded(instances, claims, settings, migrations)
 
     async def load_replies(self, max_bytes: int, entry_size: SizeOf) -> StoredReplies:
         """The newest unexpired replies whose ``entry_size`` adds up to at most ``max_bytes``."""

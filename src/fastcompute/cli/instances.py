@@ -20,7 +20,8 @@ from fastcompute.cli.tables import instances_table, show
 
 # Ops besides the lifecycle ones that act on each instance named, taking only its uuid.
 _EACH = frozenset({"instance.delete", "instance.quiesce", "instance.unquiesce", "instance.force_delete",
-                   "instance.crash_dump", "instance.get_shelved"})
+                   "instance.crash_dump", "instance.get_shelved", "instance.migrate", "instance.confirm_resize",
+                   "instance.revert_resize"})
 _SCALARS = (msgspec.inspect.BoolType, msgspec.inspect.FloatType, msgspec.inspect.IntType, msgspec.inspect.StrType,
             msgspec.inspect.NoneType)
 
@@ -107,6 +108,8 @@ def _image_ref(given: str) -> dict[str, str]:
     if Path(given).exists():
         return {"url": Path(given).resolve().as_uri()}
     return {"id": given}
+
+
 def _connection_info(text: str) -> Any:
     """Cinder's connection info from JSON on the command line or, as ``@FILE``, in a file
     (which keeps a CHAP password out of the process list)."""
@@ -127,6 +130,17 @@ def _attach_volume(a: argparse.Namespace) -> int:
 def _volume_op(a: argparse.Namespace, op: str, args: dict[str, Any]) -> int:
     with client(a) as c:
         r = c.call(op, {"uuid": resolve(c, [a.uuid])[0], **args})
+    emit(a, r, show)
+    return 0
+
+
+def _resize(a: argparse.Namespace) -> int:
+    flavor = {"vcpus": a.vcpus, "memory_mb": a.memory, "disk_gb": a.disk, "extra_specs": _spec_pairs(a.spec or [])}
+    with client(a) as c:
+        args: dict[str, Any] = {"uuid": resolve(c, [a.uuid])[0], "flavor": flavor, "wait": a.wait}
+        if a.destination:
+            args["destination"] = a.destination
+        r = c.call("instance.resize", args)
     emit(a, r, show)
     return 0
 
@@ -252,6 +266,16 @@ def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument("new_size_bytes", type=int, help="the volume's size now, in bytes")
     ev.set_defaults(fn=lambda a: _volume_op(a, "instance.extend_volume",
                                             {"volume_id": a.volume_id, "new_size_bytes": a.new_size_bytes}))
+    rs = sub.add_parser("resize", parents=[common], help=ops["instance.resize"].help
+                        + "; then resize-confirm or resize-revert it where it is now")
+    rs.add_argument("uuid", help="uuid, uuid prefix or name")
+    rs.add_argument("--vcpus", type=int, required=True)
+    rs.add_argument("--memory", type=int, required=True, help="MiB")
+    rs.add_argument("--disk", type=int, required=True, help="GiB (never less than now)")
+    rs.add_argument("--spec", action="append", help="flavor extra spec KEY=VALUE (repeatable)")
+    rs.add_argument("--destination", help="the host to move to (default: this one, where allowed)")
+    rs.add_argument("--wait", action="store_true", help="return when the instance is resized (or the move failed)")
+    rs.set_defaults(fn=_resize)
 
     for op in ops.values():
         if op.verb is None or not (op.transition is not None or op.name in _EACH):

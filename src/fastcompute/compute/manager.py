@@ -28,6 +28,7 @@ from fastcompute import protocol
 from fastcompute.compute import configdrive, guest, volumes
 from fastcompute.compute.cpu import HostCpu, check_traits, trait_features
 from fastcompute.compute.hardware import check_host, hardware, security_traits
+from fastcompute.compute.migration import Migrations
 from fastcompute.compute.records import Stored, image_spec, now, numa_cells
 from fastcompute.compute.validate import flavor_request
 from fastcompute.config import Config
@@ -38,7 +39,7 @@ from fastcompute.images import disks, iso
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
 from fastcompute.protocol import Deleted, Fault, HostInfo, InstanceRecord, Inventory, PingResult, SpawnArgs
-from fastcompute.protocol.ports import Port, SecurityGroup
+from fastcompute.protocol.ports import Port
 from fastcompute.resources.tracker import Claim, Tracker
 from fastcompute.store import Store
 
@@ -61,12 +62,13 @@ _VM_STATE_OF_POWER = {
     "crashed": "stopped",
 }
 
-_PORT_STATES = frozenset({"active", "stopped", "paused", "suspended"})
 # States in which an instance has nothing on this host (no domain, disk, plugged port, claim).
 _HOSTLESS = frozenset({"error", "deleted", "shelved_offloaded"})
 
 
-def _prefixed(details: dict[str, object] | None, prefix: str) -> dict[str, object] | None:
+def prefixed(details: dict[str, object] | None, prefix: str) -> dict[str, object] | None:
+    """An error's details with ``prefix`` before the field they name (a port's checks name its
+    fields; the op's reply names them under ``args.``)."""
     if not details or "field" not in details:
         return details
     return {**details, "field": prefix + str(details["field"])}
@@ -135,6 +137,8 @@ class Manager:
         # what a delete also removes (their images).
         self.resumers: dict[str, Callable[[str, DomainInfo | None], Awaitable[bool]]] = {}
         self.on_delete: list[Callable[[Stored], Awaitable[None]]] = []
+        self.migrations = Migrations(self)
+        self._held: set[str] = set()  # what moves hold: the start-up leaves it to them
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -163,10 +167,11 @@ class Manager:
             self.instances[uuid] = dec.decode(body)
             self._locks[uuid] = asyncio.Lock()
             self._own_ports(uuid, self.instances[uuid].ports)
+        self._held = self.migrations.load(loaded.migrations)
         claims = Store.decode_rows(loaded.claims, Claim)
         stale = []
         for uuid, claim in claims.items():
-            if uuid in self.instances:
+            if uuid in self.instances or uuid in self._held:
                 tracker.restore(uuid, claim)
             else:
                 stale.append(uuid)
@@ -178,7 +183,7 @@ class Manager:
     async def reconcile(self) -> None:
         """Bring the store and the hypervisor into agreement after a (re)start."""
         wanted = {u: s.ports for u, s in self.instances.items()
-                  if s.ports and s.record.vm_state not in _HOSTLESS}
+                  if s.ports and s.record.vm_state not in _HOSTLESS and u not in self._held}
         report = await self.network.reconcile(wanted)
         if report.changed:
             log.info("network reconciled: %s", report)
@@ -190,11 +195,11 @@ class Manager:
         inst_root = self.state_dir / "instances"
         if inst_root.is_dir():
             for entry in inst_root.iterdir():
-                if entry.name not in self.instances:
+                if entry.name not in self.instances and entry.name not in self._held:
                     log.warning("removing leftover files of unknown instance %s", entry.name)
                     await self.images.remove_disk(entry.name)
                     shutil.rmtree(entry, ignore_errors=True)
-        for uuid, stored in list(self.instances.items()):
+        for uuid, stored in [(u, s) for u, s in self.instances.items() if u not in self._held]:
             rec = stored.record
             try:
                 await self._reconcile_one(uuid, rec, domains.get(uuid))
@@ -237,7 +242,8 @@ class Manager:
             await self._sync_one(uuid, dom.power_state)
 
     async def _recreate(self, uuid: str, vm_state: str) -> str:
-        start = vm_state in ("active", "paused", "suspended", "rescued")
+        start = vm_state in ("active", "paused", "suspended", "rescued") or (
+            vm_state == "resized" and self.instances[uuid].record.power_state == "running")
         power = await self.driver.launch(self._guest(uuid), start=start)
         if vm_state == "paused":
             power = await self.driver.pause(uuid)
@@ -733,7 +739,7 @@ class Manager:
         try:
             ports = await self.network.validate(wanted, instance_uuid=uuid)
         except AgentError as exc:
-            raise type(exc)(exc.message, _prefixed(exc.details, "args.")) from None
+            raise type(exc)(exc.message, prefixed(exc.details, "args.")) from None
         for p in ports:
             if self._port_owners.get(p.id, uuid) != uuid:
                 raise Conflict(f"port {p.id} belongs to another instance on this host", {"port_id": p.id})
@@ -747,71 +753,6 @@ class Manager:
         for p in ports:
             if self._port_owners.get(p.id) == uuid:
                 del self._port_owners[p.id]
-
-    async def attach_port(self, uuid: str, wanted: Port) -> InstanceRecord:
-        """``instance.attach_port`` (extension): plug a port and add it to the domain."""
-        before = self._check(uuid, "attach a port to", _PORT_STATES)
-        async with self._locks[uuid]:
-            stored = self._check(uuid, "attach a port to", _PORT_STATES)
-            self._same(uuid, before)
-            port = (await self._validate_ports([wanted], uuid))[0]
-            if any(p.id == port.id for p in stored.ports):
-                raise Conflict(f"port {port.id} is already attached to {uuid}", {"port_id": port.id})
-            plugged = await self.network.plug(uuid, [*stored.ports, port])
-            tap = next(p for p in plugged if p.port_id == port.id)
-            try:
-                await self.driver.attach_interface(uuid, Interface(tap.tap, tap.mac, tap.mtu), self._guest(uuid))
-            except AgentError:
-                await self.network.unplug(uuid, [port.id])
-                raise
-            stored.ports = [*stored.ports, port]
-            self._own_ports(uuid, [port])
-            await self._remake_config_drive(uuid)
-            return await self._commit(uuid)
-
-    async def detach_port(self, uuid: str, port_id: str) -> InstanceRecord:
-        """``instance.detach_port`` (extension): remove a port from the domain and unplug it."""
-        before = self._check(uuid, "detach a port from", _PORT_STATES)
-        async with self._locks[uuid]:
-            stored = self._check(uuid, "detach a port from", _PORT_STATES)
-            self._same(uuid, before)
-            plugged = next((p for p in self.network.plugged(uuid) if p.port_id == port_id), None)
-            if plugged is None or not any(p.id == port_id for p in stored.ports):
-                raise NotFound(f"instance {uuid} has no port {port_id}", {"port_id": port_id})
-            self._disown_ports(uuid, [p for p in stored.ports if p.id == port_id])
-            stored.ports = [p for p in stored.ports if p.id != port_id]
-            await self.driver.detach_interface(
-                uuid, Interface(plugged.tap, plugged.mac, plugged.mtu),
-                self._guest(uuid, skip_taps=frozenset({plugged.tap})))
-            await self.network.unplug(uuid, [port_id])
-            await self._remake_config_drive(uuid)
-            return await self._commit(uuid)
-
-    async def _remake_config_drive(self, uuid: str) -> None:
-        """After a port change: the drive shows the ports the instance has now. The change is
-        done by then, so a drive that cannot be written is logged, not the op's failure."""
-        if not self._drive_wanted(uuid):
-            return
-        try:
-            await self._write_config_drive(uuid)
-        except Exception as exc:
-            log.error("could not re-make the config drive of %s: %s", uuid, exc, exc_info=True)
-
-    async def set_security_groups(self, uuid: str, port_id: str, groups: list[SecurityGroup]) -> InstanceRecord:
-        """``instance.set_security_groups`` (extension): Neutron's port update, in one transaction."""
-        stored = self._get(uuid)
-        async with self._locks[uuid]:
-            self._same(uuid, stored)
-            port = next((p for p in stored.ports if p.id == port_id), None)
-            if port is None:
-                raise NotFound(f"instance {uuid} has no port {port_id}", {"port_id": port_id})
-            try:
-                await self.network.set_security_groups(port_id, groups)
-            except AgentError as exc:
-                raise type(exc)(exc.message, _prefixed(exc.details, "args.")) from None
-            stored.ports = [msgspec.structs.replace(p, security_groups=groups) if p.id == port_id else p
-                            for p in stored.ports]
-            return await self._commit(uuid)
 
     async def delete(self, uuid: str, only_if: str | None = None) -> Deleted:
         """``instance.delete``: allowed from every state (``only_if``: only from that vm_state,
@@ -849,7 +790,7 @@ class Manager:
         for also in self.on_delete:
             await also(stored)
         await self.store.write([Store.delete_instance(uuid), Store.delete_claim(uuid),
-                                Store.delete_console_tokens(uuid)])
+                                Store.delete_console_tokens(uuid), *await self.migrations.on_delete(uuid)])
         tracker.release(uuid)
         del self.instances[uuid]
         # Whoever still waits for this lock finds the instance gone; a new spawn gets its own.
@@ -916,4 +857,5 @@ class Manager:
             if pending:
                 await asyncio.wait(pending)
                 log.warning("%d builds left to finish at the next start-up", len(pending))
+        await self.migrations.drain(timeout_s)
 

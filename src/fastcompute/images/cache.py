@@ -45,7 +45,7 @@ import msgspec
 
 from fastcompute.config import ImagesConfig
 from fastcompute.errors import BadRequest, Conflict, ImageError
-from fastcompute.images import disks
+from fastcompute.images import disks, formats
 from fastcompute.images.formats import FormatError, inspect
 from fastcompute.images.sources import (
     Sources,
@@ -360,6 +360,27 @@ class ImageCache:
                 else:
                     await self.remove_role_disk(instance_uuid, role)
             raise
+
+    async def adopt_disk(self, instance_uuid: str, image: ImageSpec, disk_gb: int) -> None:
+        """Make a root disk copied from another host this host's own: its image's base cached
+        here (fetched if need be), an overlay pointed at it, the disk grown to ``disk_gb``."""
+        key, source = self._source_key(image)
+        with self._pinned(key):
+            if self.cfg.disk_mode == "cow":
+                await self._ensure_base(key, source, image, None, self._fetch_limit(disk_gb))
+            await self._disks.run(self._adopt, instance_uuid, key, disk_gb * GiB)
+
+    def _adopt(self, instance_uuid: str, key: str, size: int) -> None:
+        idir = self._instance_dir(instance_uuid)
+        disk = disks.path(idir, "root")
+        (idir / disks.INFO).write_bytes(msgspec.json.encode(_DiskInfo(base=key, mode=self.cfg.disk_mode)))
+        try:
+            if self.cfg.disk_mode == "cow":
+                formats.adopt_overlay(disk, str(self.base_dir / key), size)
+            elif size > disk.stat().st_size:
+                os.truncate(disk, size)
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"cannot take over the disk of instance {instance_uuid}: {exc}") from exc
 
     async def remove_disk(self, instance_uuid: str) -> None:
         """Remove an instance's directory: its disk, the disk's record and whatever else the

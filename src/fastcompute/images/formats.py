@@ -258,3 +258,34 @@ def stream_layout(virtual_size: int, clusters: list[int]) -> bytes:
         entry = table_of[c // _L2_ENTRIES] * CLUSTER + 8 * (c % _L2_ENTRIES)
         struct.pack_into(">Q", meta, entry, ((data_at + i) * CLUSTER) | _COPIED)
     return bytes(meta)
+
+
+def adopt_overlay(path: Path, backing_file: str, virtual_size: int) -> None:
+    """Point a qcow2 overlay this agent made (on another host) at ``backing_file``, and grow it
+    to ``virtual_size`` bytes when that is more than it has.
+
+    The header's backing name is rewritten in cluster 0 (where ``create_overlay`` put it, with
+    room to spare); growing only raises the size and the L1 table's length, which stays in the
+    clusters it has (one cluster of L1 entries covers 4 TiB). Anything else: ValueError.
+    """
+    name = os.fsencode(backing_file)
+    with path.open("r+b") as f:
+        head = f.read(CLUSTER)
+        if len(head) < _HEADER.size or head[:4] != QCOW2_MAGIC:
+            raise ValueError(f"{path} is not a qcow2 file")
+        fields = list(_HEADER.unpack_from(head))
+        backing_offset, size, l1_size, l1_offset = fields[2], fields[5], fields[7], fields[8]
+        if not backing_offset or backing_offset + len(name) > CLUSTER or len(name) > 1023:
+            raise ValueError(f"{path} is not an overlay whose backing name can be rewritten")
+        new_size = max(size, -(-virtual_size // 512) * 512)
+        new_l1 = max(l1_size, -(-new_size // (CLUSTER * (CLUSTER // 8))))
+        if -(-new_l1 * 8 // CLUSTER) > -(-l1_size * 8 // CLUSTER) or l1_offset % CLUSTER:
+            raise ValueError(f"{path}: growing to {new_size} bytes needs a larger L1 table")
+        old_name = fields[3]
+        fields[3], fields[5], fields[7] = len(name), new_size, new_l1
+        f.seek(0)
+        f.write(_HEADER.pack(*fields))
+        f.seek(backing_offset)
+        f.write(name + bytes(max(0, old_name - len(name))))
+        f.flush()
+        os.fsync(f.fileno())

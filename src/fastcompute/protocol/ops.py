@@ -24,13 +24,19 @@ from fastcompute.protocol.schema import (
     DetachPortArgs,
     DetachVolumeArgs,
     ExtendVolumeArgs,
+    FinishArgs,
     GetConsoleArgs,
     ListArgs,
+    MigrateArgs,
+    MoveRequest,
     NoArgs,
+    PeerArgs,
     PruneArgs,
+    ReadArgs,
     RebootArgs,
     RebuildArgs,
     RescueArgs,
+    ResizeArgs,
     SecurityGroupsArgs,
     SetEnabledArgs,
     SetPasswordArgs,
@@ -51,11 +57,11 @@ CRASH_DUMP_STATES: Final = frozenset({"active", "paused", "rescued", "error"})
 state; the domain must run as well."""
 _SHELVED: Final = frozenset({"shelved", "shelved_offloaded"})
 
-Access = Literal["open", "host-read", "host-write", "spawn", "list", "stats", "read", "write"]
+Access = Literal["open", "host-read", "host-write", "spawn", "list", "stats", "read", "write", "peer"]
 """What an op does, for authorization (``rpc.auth``): ``open`` anyone; ``host-read`` keys that
 read every project; ``host-write`` admins; ``spawn`` a member of the new instance's project;
 ``list``/``stats`` anyone, the result filtered; ``read``/``write`` a reader/member of the
-instance's project."""
+instance's project; ``peer`` only the agents of ``[[migration.peers]]`` (not even admins)."""
 
 
 class Transition(NamedTuple):
@@ -165,6 +171,22 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     # Not mutating: a read. A member's: it holds the user data the guest is given at boot.
     Op("instance.get_shelved", UuidArgs, "an offloaded instance as another agent unshelves it",
        mutating=False, verb="shelved"),
+    # Moves: the client's ops go to the instance's host (confirm and revert to its new one).
+    Op("instance.migrate", MigrateArgs, "move instances to another host (cold: stopped while they move)",
+       access="host-write", verb="migrate"),
+    Op("instance.resize", ResizeArgs, "give an instance a new flavor (cold; on this host or another)", verb="resize"),
+    Op("instance.confirm_resize", UuidArgs, "keep a resized or migrated instance where it is now",
+       verb="resize-confirm"),
+    Op("instance.revert_resize", UuidArgs, "take a resized or migrated instance back to its old host and flavor",
+       verb="resize-revert"),
+    # Between agents only: not kept for retries (each is idempotent, and a read's reply is data).
+    Op("migration.prepare", MoveRequest, "claim for an incoming move", mutating=False, access="peer"),
+    Op("migration.finish", FinishArgs, "copy an incoming move's files and start it", mutating=False, access="peer"),
+    Op("migration.read", ReadArgs, "a chunk of an outgoing move's file", mutating=False, access="peer"),
+    Op("migration.status", PeerArgs, "the state of an incoming move", mutating=False, access="peer"),
+    Op("migration.abort", PeerArgs, "undo an incoming move", mutating=False, access="peer"),
+    Op("migration.confirm", PeerArgs, "drop what an outgoing move kept for a revert", mutating=False, access="peer"),
+    Op("migration.revert", PeerArgs, "bring an outgoing move back", mutating=False, access="peer"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}

@@ -25,7 +25,7 @@ VERSION: Final = 1
 
 
 VM_STATES: Final = ("building", "active", "stopped", "paused", "suspended", "error", "deleted", "rescued",
-                    "soft_deleted", "shelved", "shelved_offloaded")
+                    "soft_deleted", "shelved", "shelved_offloaded", "resized")
 
 # Control characters (C0, DEL, C1) end up in the hypervisor's definitions, logs and terminals, where a NUL cuts a
 # name short and an escape sequence rewrites a person's screen: no text field carries them.
@@ -303,6 +303,78 @@ class StatsArgs(_Args):
     """``instance.stats`` (extension): one instance, or all when ``uuid`` is left out."""
 
     uuid: UuidStr | None = None
+
+
+_Wait = Annotated[bool, Meta(description="reply when the move is over (resized, or failed) instead of once it started")]
+
+
+class MigrateArgs(_Args):
+    """``instance.migrate``: a cold move to another host, the flavor kept."""
+
+    uuid: UuidStr
+    destination: Annotated[Id, Meta(description="the host to move to (one of [[migration.peers]])")]
+    wait: _Wait = False
+
+
+class ResizeArgs(_Args):
+    """``instance.resize``: a cold move to a new flavor, on this host or another."""
+
+    uuid: UuidStr
+    flavor: Flavor
+    destination: Id | None = None
+    wait: _Wait = False
+
+
+class MoveRequest(_Args):
+    """``migration.prepare`` (between agents): the move claim on the destination."""
+
+    peer: Id
+    id: UuidStr
+    uuid: UuidStr
+    kind: Literal["migrate", "resize"]
+    flavor: Flavor
+    vm_state: Literal["active", "stopped"]
+    disk_format: Literal["qcow2", "raw"]
+    instance: bytes
+    """The instance as the source keeps it (MessagePack), opaque to the protocol."""
+
+
+class PeerArgs(_Args):
+    """Ops between agents that name one move: ``peer`` is the calling agent's host name."""
+
+    peer: Id
+    id: UuidStr
+
+
+class MovedFile(_Args):
+    """One file of a moving instance: its name in the instance's directory, size, digest."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")]
+    size: Annotated[int, Meta(ge=0)]
+    digest: Annotated[str, Meta(max_length=128)]
+
+
+class FinishArgs(PeerArgs):
+    """``migration.finish`` (between agents): copy these files from the source and start there."""
+
+    files: Annotated[list[MovedFile], Meta(max_length=64)]
+
+
+class ReadArgs(PeerArgs):
+    """``migration.read`` (between agents): the next data of a moving instance's file."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")]
+    offset: Annotated[int, Meta(ge=0)]
+    length: Annotated[int, Meta(ge=1, le=32 << 20)]
+
+
+class Chunk(Struct):
+    """The reply of ``migration.read``: ``data`` found at ``offset`` (the first data at or past
+    the offset asked for: holes are skipped); ``eof`` when there is no more."""
+
+    offset: int
+    data: bytes
+    eof: bool
 
 
 class NumaCell(Struct, kw_only=True):

@@ -8,6 +8,13 @@ Without CURVE the agent binds only loopback or ipc://, and every client is admin
 - ``admin``: every op, every project, the event socket.
 - ``member``: the instance ops (spawn, lifecycle, ports, delete, reads) in its projects.
 - ``reader``: the instance reads (get, list, console, stats) in its projects.
+- ``peer``: the key of another agent of ``[[migration.peers]]``: the ``migration.*`` ops and
+  nothing else, and only in its own name (``args.peer`` must be its host). No other key, an
+  admin's included, may call them: they act on moves in flight, which only agents drive.
+  Without CURVE the agent cannot tell callers apart: the allow-list is then by endpoint only
+  (an agent calls, and pulls disks from, only the endpoints it lists; a ``migration.*`` call
+  naming an unlisted host is refused), and anyone who reaches the loopback or ipc:// socket
+  may call them, as they may call every other op.
 - A key with a role on ``"*"`` may also read the host (``host.info``, ``images.list``, stats
   of every instance) and subscribe to events; ``host.set_enabled`` and ``images.prune`` are
   admin only.
@@ -51,6 +58,8 @@ class Grant:
 
     admin: bool = False
     projects: Mapping[str, Role] = field(default_factory=dict)
+    peer: str | None = None
+    """The host of the peer agent this key is (then it has no other grant)."""
 
     def role_on(self, project: str) -> Role | None:
         """The client's role in ``project`` (None: it may not even see it)."""
@@ -86,8 +95,10 @@ class Policy:
         self.curve = curve
 
     @classmethod
-    def from_config(cls, sec: SecurityConfig, admin_keys: set[bytes]) -> Policy:
-        """The policy of ``[security]``; ``admin_keys`` are the keys of the plain allow-list."""
+    def from_config(cls, sec: SecurityConfig, admin_keys: set[bytes],
+                    peers: Mapping[str, str] | None = None) -> Policy:
+        """The policy of ``[security]``; ``admin_keys`` are the keys of the plain allow-list,
+        ``peers`` the peer agents' keys (as ``[[migration.peers]]`` writes them) to their hosts."""
         roles: dict[str, dict[str, Role]] = {}
         admins = {k.decode() for k in admin_keys}
         for c in sec.clients:
@@ -103,6 +114,8 @@ class Policy:
                 mine[p] = max(mine.get(p, role), role)
         grants: dict[str, Grant] = {k: Grant(projects=v) for k, v in roles.items()}
         grants.update({k: ADMIN for k in admins})
+        # A peer's key is a peer's only: an agent's key must not also act as a tenant or admin.
+        grants.update({_z85_key(k): Grant(peer=host) for k, host in (peers or {}).items() if k})
         return cls(grants, curve=bool(sec.server_secret_key_file))
 
     @property
@@ -124,9 +137,20 @@ class Policy:
     def authorize(self, grant: Grant, op: str, args: Any, project_of: ProjectOf) -> None:
         """Raise FORBIDDEN (or NOT_FOUND, for an instance the client may not see) unless
         ``grant`` allows ``op`` with ``args``."""
+        kind = protocol.OPS[op].access
+        if kind == "peer":
+            if not self.curve:
+                return  # by endpoint only: the handler refuses a host it does not list
+            if grant.peer is None:
+                raise Forbidden(f"{op} is for peer agents only ([[migration.peers]])")
+            if args.peer != grant.peer:
+                raise Forbidden(f"this key is peer {grant.peer!r}'s, not {args.peer!r}'s",
+                                {"peer": args.peer})
+            return
+        if grant.peer is not None:
+            raise Forbidden(f"a peer agent's key may call only migration.* ops, not {op}")
         if grant.admin:
             return
-        kind = protocol.OPS[op].access
         if kind == "open":
             return
         if kind == "host-read":

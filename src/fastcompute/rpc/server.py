@@ -16,7 +16,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -97,7 +97,8 @@ def _project_unknown(_uuid: str) -> str | None:
 
 
 class Server:
-    """Binds the sockets and serves requests until closed."""
+    """Binds the sockets and serves requests until closed; ``peers`` are the peer agents' keys
+    (``[[migration.peers]]``) to their hosts."""
 
     def __init__(
         self,
@@ -106,13 +107,14 @@ class Server:
         store: Store,
         handlers: dict[str, Handler],
         observe: Observer | None = None,
+        peers: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.security = security
         self.store = store
         self.handlers = handlers
         self.observe = observe
-        self.policy = Policy.from_config(security, load_client_keys(security))
+        self.policy = Policy.from_config(security, load_client_keys(security), peers)
         # The project of an instance (None: no such instance), for the policy; the agent sets it.
         self.project_of: ProjectOf = _project_unknown
         self.ctx = zmq.asyncio.Context()
@@ -350,7 +352,7 @@ class Server:
         client, rid = key
         args = protocol.decode_args(op, raw)
         grant = self.policy.grant(client)
-        if not grant.admin:
+        if not grant.admin or protocol.OPS[op].access == "peer":
             # Refusals are not remembered: they depend on the grants, not on the request.
             self.policy.authorize(grant, op, args, self.project_of)
         mutating = op in protocol.MUTATING_OPS
