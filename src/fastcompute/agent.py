@@ -40,7 +40,7 @@ from fastcompute.hypervisor.libvirt.driver import LibvirtDriver
 from fastcompute.images.cache import ImageCache
 from fastcompute.network import Network
 from fastcompute.network.metadata import Documents, MetadataService, documents_lookup
-from fastcompute.protocol.schema import GetConsoleArgs, MigrateArgs, ResizeArgs, SetPasswordArgs
+from fastcompute.protocol.schema import GetConsoleArgs
 from fastcompute.resources.tracker import Tracker, cpu_traits
 from fastcompute.rpc.replies import entry_size
 from fastcompute.rpc.server import Handler, Server
@@ -99,10 +99,8 @@ class Agent:
         soft = self.soft_delete
         assert soft is not None and self.rebuilds is not None and self.rescues is not None
         rebuilds, rescues = self.rebuilds, self.rescues
-        ports = Ports(m)
-
-        async def delete(a: protocol.UuidArgs) -> Any:
-            return await soft.delete(a.uuid)
+        ports, moves = Ports(m), m.migrations
+        guest_agent, vols = GuestAgent(m, self.cfg.hypervisor), Volumes(m, self.cfg.hypervisor)
 
         async def get(a: protocol.UuidArgs) -> Any:
             return m.get(a.uuid)
@@ -110,47 +108,10 @@ class Agent:
         async def list_(a: protocol.ListArgs) -> Any:
             return m.list_instances(a.project_id, a.vm_state)
 
-        async def console(a: protocol.ConsoleArgs) -> Any:
-            return await m.console(a.uuid, a.tail_bytes)
-
         async def get_console(a: GetConsoleArgs) -> Any:
             if self.consoles is None:
                 raise Conflict("consoles are not enabled on this host ([console] enabled)", {"type": a.type})
             return await self.consoles.get_console(m.get(a.uuid), a.type)
-
-        guest_agent = GuestAgent(m, self.cfg.hypervisor)
-
-        async def set_password(a: SetPasswordArgs) -> Any:
-            return await guest_agent.set_password(a.uuid, a.user, a.password)
-
-        async def quiesce(a: protocol.UuidArgs) -> Any:
-            return await guest_agent.quiesce(a.uuid)
-
-        async def unquiesce(a: protocol.UuidArgs) -> Any:
-            return await guest_agent.unquiesce(a.uuid)
-
-        async def attach_port(a: protocol.AttachPortArgs) -> Any:
-            return await ports.attach(a.uuid, a.port)
-
-        async def detach_port(a: protocol.DetachPortArgs) -> Any:
-            return await ports.detach(a.uuid, a.port_id)
-
-        async def set_groups(a: protocol.SecurityGroupsArgs) -> Any:
-            return await ports.set_security_groups(a.uuid, a.port_id, a.security_groups)
-
-        vols = Volumes(m, self.cfg.hypervisor)
-
-        async def attach_volume(a: protocol.AttachVolumeArgs) -> Any:
-            return await vols.attach(a.uuid, a.volume)
-
-        async def detach_volume(a: protocol.DetachVolumeArgs) -> Any:
-            return await vols.detach(a.uuid, a.volume_id)
-
-        async def extend_volume(a: protocol.ExtendVolumeArgs) -> Any:
-            return await vols.extend(a.uuid, a.volume_id, a.new_size_bytes)
-
-        async def set_enabled(a: protocol.SetEnabledArgs) -> Any:
-            return await m.set_enabled(a.enabled, a.reason)
 
         async def images_list(_a: Any) -> Any:
             assert self.images is not None
@@ -161,20 +122,6 @@ class Agent:
             assert self.images is not None
             return {"removed": await self.images.prune(a.max_age_s)}
 
-        moves = m.migrations
-
-        async def migrate(a: MigrateArgs) -> Any:
-            return await moves.start(a.uuid, "migrate", a.destination, None, a.wait)
-
-        async def resize(a: ResizeArgs) -> Any:
-            return await moves.start(a.uuid, "resize", a.destination, a.flavor, a.wait)
-
-        async def confirm_resize(a: protocol.UuidArgs) -> Any:
-            return await moves.confirm(a.uuid)
-
-        async def revert_resize(a: protocol.UuidArgs) -> Any:
-            return await moves.revert(a.uuid)
-
         async def stats(a: protocol.StatsArgs) -> Any:
             if a.uuid is None:
                 return self.stats.last()
@@ -184,57 +131,45 @@ class Agent:
         snapshots, shelver = self.snapshots, self.shelver
         assert snapshots is not None and shelver is not None
 
-        async def snapshot(a: protocol.SnapshotArgs) -> Any:
-            return await snapshots.snapshot(a.uuid, a.name, a.properties)
-
-        async def shelve(a: protocol.UuidArgs) -> Any:
-            return await shelver.shelve(a.uuid)
-
-        async def shelve_offload(a: protocol.UuidArgs) -> Any:
-            return await shelver.offload(a.uuid)
-
-        async def unshelve(a: protocol.UnshelveArgs) -> Any:
-            return await shelver.unshelve(a.uuid, a.shelved)
-
         async def get_shelved(a: protocol.UuidArgs) -> Any:
             return shelver.get_shelved(a.uuid)
 
         own: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "ping": ping,
             "host.info": host_info,
-            "instance.delete": delete,
+            "instance.delete": lambda a: soft.delete(a.uuid),
             "instance.get": get,
             "instance.list": list_,
-            "instance.console": console,
+            "instance.console": lambda a: m.console(a.uuid, a.tail_bytes),
             "instance.get_console": get_console,
-            "instance.set_password": set_password,
-            "instance.quiesce": quiesce,
-            "instance.unquiesce": unquiesce,
+            "instance.set_password": lambda a: guest_agent.set_password(a.uuid, a.user, a.password),
+            "instance.quiesce": lambda a: guest_agent.quiesce(a.uuid),
+            "instance.unquiesce": lambda a: guest_agent.unquiesce(a.uuid),
             "instance.stats": stats,
-            "host.set_enabled": set_enabled,
+            "host.set_enabled": lambda a: m.set_enabled(a.enabled, a.reason),
             "images.list": images_list,
             "images.prune": images_prune,
-            "instance.attach_port": attach_port,
-            "instance.detach_port": detach_port,
-            "instance.set_security_groups": set_groups,
+            "instance.attach_port": lambda a: ports.attach(a.uuid, a.port),
+            "instance.detach_port": lambda a: ports.detach(a.uuid, a.port_id),
+            "instance.set_security_groups": lambda a: ports.set_security_groups(a.uuid, a.port_id, a.security_groups),
             "instance.rebuild": lambda a: rebuilds.rebuild(a.uuid, a.image),
             "instance.rescue": lambda a: rescues.rescue(a.uuid, a.image),
             "instance.unrescue": lambda a: rescues.unrescue(a.uuid),
             "instance.restore": lambda a: soft.restore(a.uuid),
             "instance.force_delete": lambda a: soft.force_delete(a.uuid),
             "instance.crash_dump": lambda a: crash_dump(m, a.uuid),
-            "instance.attach_volume": attach_volume,
-            "instance.detach_volume": detach_volume,
-            "instance.extend_volume": extend_volume,
-            "instance.snapshot": snapshot,
-            "instance.shelve": shelve,
-            "instance.shelve_offload": shelve_offload,
-            "instance.unshelve": unshelve,
+            "instance.attach_volume": lambda a: vols.attach(a.uuid, a.volume),
+            "instance.detach_volume": lambda a: vols.detach(a.uuid, a.volume_id),
+            "instance.extend_volume": lambda a: vols.extend(a.uuid, a.volume_id, a.new_size_bytes),
+            "instance.snapshot": lambda a: snapshots.snapshot(a.uuid, a.name, a.properties),
+            "instance.shelve": lambda a: shelver.shelve(a.uuid),
+            "instance.shelve_offload": lambda a: shelver.offload(a.uuid),
+            "instance.unshelve": lambda a: shelver.unshelve(a.uuid, a.shelved),
             "instance.get_shelved": get_shelved,
-            "instance.migrate": migrate,
-            "instance.resize": resize,
-            "instance.confirm_resize": confirm_resize,
-            "instance.revert_resize": revert_resize,
+            "instance.migrate": lambda a: moves.start(a.uuid, "migrate", a.destination, None, a.wait),
+            "instance.resize": lambda a: moves.start(a.uuid, "resize", a.destination, a.flavor, a.wait),
+            "instance.confirm_resize": lambda a: moves.confirm(a.uuid),
+            "instance.revert_resize": lambda a: moves.revert(a.uuid),
             "migration.prepare": moves.prepare,
             "migration.finish": moves.finish,
             "migration.read": moves.read,
