@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-from fastcompute.compute import tasks
 from fastcompute.compute.manager import Manager
 from fastcompute.protocol import InstanceRecord
 from fastcompute.protocol.ops import CRASH_DUMP_STATES
@@ -21,7 +20,7 @@ log = logging.getLogger("fastcompute.crashdump")
 
 async def crash_dump(m: Manager, uuid: str) -> InstanceRecord:
     """Inject an NMI into ``uuid``'s guest; the reply is the instance."""
-    async with tasks.held(m, uuid, "trigger a crash dump of", CRASH_DUMP_STATES) as stored:
+    async with m.held(uuid, "trigger a crash dump of", CRASH_DUMP_STATES) as stored:
         await m.driver.inject_nmi(uuid)
     log.warning("NMI injected into instance %s (crash dump asked for)", uuid)
     return stored.record

@@ -35,7 +35,7 @@ class GuestAgent:
 
     async def set_password(self, uuid: str, user: str, password: str) -> PasswordSet:
         """Set ``user``'s password in the guest."""
-        async with self.manager.in_guest(uuid, "set the password of"):
+        async with self.manager.held(uuid, "set the password of"):
             await self._answers(uuid)
             await self.manager.driver.set_password(uuid, user, password, self.timeout_s)
         log.info("password of user %s set in instance %s", user, uuid)
@@ -43,7 +43,7 @@ class GuestAgent:
 
     async def quiesce(self, uuid: str) -> Quiesced:
         """Freeze the guest's file systems (until ``unquiesce``: nothing thaws them otherwise)."""
-        async with self.manager.in_guest(uuid, "quiesce"):
+        async with self.manager.held(uuid, "quiesce"):
             await self._answers(uuid)
             frozen = await self.manager.driver.freeze_filesystems(uuid, self.timeout_s)
         log.info("instance %s: %d file systems frozen", uuid, frozen)
@@ -51,7 +51,7 @@ class GuestAgent:
 
     async def unquiesce(self, uuid: str) -> Quiesced:
         """Thaw the guest's file systems."""
-        async with self.manager.in_guest(uuid, "unquiesce"):
+        async with self.manager.held(uuid, "unquiesce"):
             await self._answers(uuid)
             thawed = await self.manager.driver.thaw_filesystems(uuid, self.timeout_s)
         log.info("instance %s: %d file systems thawed", uuid, thawed)

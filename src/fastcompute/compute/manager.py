@@ -654,15 +654,14 @@ class Manager:
                                       fault=rec.fault if target != "active" else None)
 
     @contextlib.asynccontextmanager
-    async def in_guest(self, uuid: str, op: str, allowed: frozenset[str] = _ACTIVE) -> AsyncIterator[InstanceRecord]:
-        """An instance in ``allowed`` (active) with no task, held under its lock, for an op on
-        its guest (the guest agent's, the volumes')."""
-        """An instance in ``allowed`` (active) with no task, held under its lock, for an op of
-        its own module (the guest agent's ops, which change nothing of the record)."""
+    async def held(self, uuid: str, op: str, allowed: frozenset[str] = _ACTIVE) -> AsyncIterator[Stored]:
+        """The instance under its lock, with no task under way and in a vm_state of ``allowed``
+        (active unless said), for an op of another module: CONFLICT naming its state otherwise,
+        NOT_FOUND if it went while the op waited for the lock."""
         before = self._check(uuid, op, allowed)
         async with self._locks[uuid]:
             self._same(uuid, before)
-            yield self._check(uuid, op, allowed).record
+            yield self._check(uuid, op, allowed)
 
     def _check(self, uuid: str, op: str, allowed: frozenset[str]) -> Stored:
         stored = self._get(uuid)

@@ -31,10 +31,7 @@ class Ports:
     async def attach(self, uuid: str, wanted: Port) -> InstanceRecord:
         """``instance.attach_port`` (extension): plug a port and add it to the domain."""
         m = self.m
-        before = m._check(uuid, "attach a port to", PORT_STATES)
-        async with m._locks[uuid]:
-            stored = m._check(uuid, "attach a port to", PORT_STATES)
-            m._same(uuid, before)
+        async with m.held(uuid, "attach a port to", PORT_STATES) as stored:
             port = (await m._validate_ports([wanted], uuid))[0]
             if any(p.id == port.id for p in stored.ports):
                 raise Conflict(f"port {port.id} is already attached to {uuid}", {"port_id": port.id})
@@ -53,10 +50,7 @@ class Ports:
     async def detach(self, uuid: str, port_id: str) -> InstanceRecord:
         """``instance.detach_port`` (extension): remove a port from the domain and unplug it."""
         m = self.m
-        before = m._check(uuid, "detach a port from", PORT_STATES)
-        async with m._locks[uuid]:
-            stored = m._check(uuid, "detach a port from", PORT_STATES)
-            m._same(uuid, before)
+        async with m.held(uuid, "detach a port from", PORT_STATES) as stored:
             plugged = next((p for p in m.network.plugged(uuid) if p.port_id == port_id), None)
             if plugged is None or not any(p.id == port_id for p in stored.ports):
                 raise NotFound(f"instance {uuid} has no port {port_id}", {"port_id": port_id})

@@ -40,7 +40,7 @@ class Rebuild:
     async def rebuild(self, uuid: str, image: SpawnImage) -> InstanceRecord:
         """Rebuild ``uuid`` from ``image``; the reply is the rebuilt instance."""
         m = self.m
-        async with tasks.held(m, uuid, "rebuild", _RULE.needs) as stored:
+        async with m.held(uuid, "rebuild", _RULE.needs) as stored:
             tasks.needs_claim(m, uuid, "rebuild")
             rec = stored.record
             new = image.without_token()

@@ -41,7 +41,7 @@ class Rescue:
     async def rescue(self, uuid: str, image: SpawnImage | None) -> InstanceRecord:
         """Boot ``uuid`` from ``image`` (None: its own image), its root disk second."""
         m = self.m
-        async with tasks.held(m, uuid, "rescue", _RESCUE.needs) as stored:
+        async with m.held(uuid, "rescue", _RESCUE.needs) as stored:
             tasks.needs_claim(m, uuid, "rescue")
             rec = stored.record
             if not disks.path(m.instance_dir(uuid), "root").exists():
@@ -66,7 +66,7 @@ class Rescue:
     async def unrescue(self, uuid: str) -> InstanceRecord:
         """Boot a rescued ``uuid`` from its own root disk again."""
         m = self.m
-        async with tasks.held(m, uuid, "unrescue", _UNRESCUE.needs):
+        async with m.held(uuid, "unrescue", _UNRESCUE.needs):
             await m._commit(uuid, task_state=_UNRESCUE.task)
             tasks.step("unrescue:recorded")
             return await self._unrescue(uuid, None)

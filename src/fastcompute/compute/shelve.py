@@ -70,8 +70,8 @@ class Shelver:
         m = self.manager
         if not m.cfg.images.glance_endpoint:
             raise Conflict("this host has no Image service to shelve to ([images] glance_endpoint)", {"uuid": uuid})
-        async with m.in_guest(uuid, "shelve", _SHELVE.needs) as rec:
-            stored = m.instances[uuid]
+        async with m.held(uuid, "shelve", _SHELVE.needs) as stored:
+            rec = stored.record
             await m._commit(uuid, task_state=_SHELVE.task)
             stopped = False
             try:
@@ -94,7 +94,7 @@ class Shelver:
 
     async def offload(self, uuid: str) -> InstanceRecord:
         """``instance.shelve_offload``: give back what a shelved instance holds here."""
-        async with self.manager.in_guest(uuid, "shelve-offload", _OFFLOAD.needs):
+        async with self.manager.held(uuid, "shelve-offload", _OFFLOAD.needs):
             return await self._offload(uuid)
 
     async def _offload(self, uuid: str) -> InstanceRecord:
@@ -151,8 +151,8 @@ class Shelver:
             assert shelved is not None
             await self._adopt(uuid, shelved)
         try:
-            async with m.in_guest(uuid, "unshelve", _UNSHELVE.needs) as rec:
-                stored = m.instances[uuid]
+            async with m.held(uuid, "unshelve", _UNSHELVE.needs) as stored:
+                rec = stored.record
                 image_id = rec.shelved_image_id
                 if rec.vm_state == "shelved":
                     await m._commit(uuid, task_state=_UNSHELVE.task)

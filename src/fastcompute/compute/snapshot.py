@@ -57,7 +57,7 @@ class Snapshots:
         if not m.cfg.images.glance_endpoint:
             raise Conflict("this host has no Image service to save snapshots to ([images] glance_endpoint)",
                            {"uuid": uuid})
-        async with m.in_guest(uuid, "snapshot", _RULE.needs):
+        async with m.held(uuid, "snapshot", _RULE.needs):
             await m._commit(uuid, task_state=_RULE.task)
             try:
                 image_id, size = await self.upload(uuid, name, properties, "")

@@ -44,7 +44,7 @@ class SoftDelete:
         rec = m._get(uuid).record
         if self.interval_s <= 0 or rec.task_state is not None or rec.vm_state not in _LAUNCHED:
             return await m.delete(uuid)
-        async with tasks.held(m, uuid, "soft delete", _LAUNCHED):
+        async with m.held(uuid, "soft delete", _LAUNCHED):
             await m._commit(uuid, task_state=_SOFT_DELETING)
             tasks.step("soft-delete:recorded")
             return await self._finish_delete(uuid, None)
@@ -56,7 +56,7 @@ class SoftDelete:
     async def restore(self, uuid: str) -> InstanceRecord:
         """``instance.restore``: a soft-deleted instance powered on again."""
         m = self.m
-        async with tasks.held(m, uuid, "restore", _RESTORE.needs):
+        async with m.held(uuid, "restore", _RESTORE.needs):
             await m._commit(uuid, task_state=_RESTORE.task)
             tasks.step("restore:recorded")
             try:

@@ -1,5 +1,6 @@
-"""What the image workflows (rebuild, rescue, soft delete, crash dump) share: an op held under
-the instance's lock in a state its rule allows, and the named steps a crash test stops at.
+"""What the image workflows (rebuild, rescue, soft delete, crash dump) share beyond
+``Manager.held``: the claim a launch needs, a disk of a role made through the cache, the
+resumer wrapper, and the named steps a crash test stops at.
 
 Each workflow records its task (and what it is about to make) in the store before its first
 change, and registers with the manager how start-up finishes or rolls back that task
@@ -15,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
 from fastcompute.compute.manager import Manager, _typed
-from fastcompute.compute.records import Stored, spec_of
+from fastcompute.compute.records import spec_of
 from fastcompute.errors import AgentError, Conflict
 from fastcompute.hypervisor import DomainInfo
 from fastcompute.protocol import Image
@@ -40,16 +41,6 @@ def step(name: str) -> None:
     """Mark a step of a workflow; with ``FASTCOMPUTE_CRASH_AT`` naming it, die there (SIGKILL)."""
     if _crash_at == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextlib.asynccontextmanager
-async def held(m: Manager, uuid: str, op: str, allowed: frozenset[str]) -> AsyncIterator[Stored]:
-    """The instance under its lock, with no task under way and in a vm_state of ``allowed``
-    (CONFLICT naming its state otherwise; NOT_FOUND if it went while the op waited)."""
-    before = m._check(uuid, op, allowed)
-    async with m._locks[uuid]:
-        m._same(uuid, before)
-        yield m._check(uuid, op, allowed)
 
 
 def needs_claim(m: Manager, uuid: str, op: str) -> None:

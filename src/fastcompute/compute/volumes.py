@@ -197,7 +197,7 @@ class Volumes:
         """Attach a volume: recorded ``attaching`` first, ``attached`` once the hypervisor has
         it; when the hypervisor fails, the record is as before and the error typed."""
         m = self.manager
-        async with m.in_guest(uuid, "attach a volume to", STATES):
+        async with m.held(uuid, "attach a volume to", STATES):
             stored = m.instances[uuid]
             if any(v.volume_id == spec.id for v in stored.record.volumes):
                 raise Conflict(f"volume {spec.id} is already attached to {uuid}", {"volume_id": spec.id})
@@ -229,7 +229,7 @@ class Volumes:
         """Detach a volume: recorded ``detaching``, gone once the guest has released it; a
         guest that does not leaves it ``attached`` and the error says so."""
         m = self.manager
-        async with m.in_guest(uuid, "detach a volume from", STATES):
+        async with m.held(uuid, "detach a volume from", STATES):
             stored = m.instances[uuid]
             vol = self._find(stored, uuid, volume_id)
             if vol.boot_index == 0:
@@ -251,7 +251,7 @@ class Volumes:
         """The volume grew (Cinder extended it): a running guest is told its new size now, a
         stopped one reads it at its next start."""
         m = self.manager
-        async with m.in_guest(uuid, "extend a volume of", STATES):
+        async with m.held(uuid, "extend a volume of", STATES):
             stored = m.instances[uuid]
             vol = self._find(stored, uuid, volume_id)
             if vol.size_bytes is not None and new_size_bytes < vol.size_bytes:
