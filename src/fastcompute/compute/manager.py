@@ -118,7 +118,7 @@ class Manager:
         self._locks: dict[str, asyncio.Lock] = {}
         # port id -> the instance it is given to, so that a spawn's check does not walk them all
         self._port_owners: dict[str, str] = {}
-        self._builds: dict[str, asyncio.Task[None]] = {}
+        self._builds: dict[str, asyncio.Task[InstanceRecord | None]] = {}
         # uuid -> deletes of it asked for and not yet over: a spawn of one is CONFLICT, and a
         # build in progress stops before its next stage
         self._deleting: Counter[str] = Counter()
@@ -500,24 +500,27 @@ class Manager:
     async def _after_spawn(self, uuid: str, wait: bool) -> InstanceRecord:
         build = self._builds.get(uuid)
         if wait and build is not None:
-            await asyncio.shield(build)
+            built = await asyncio.shield(build)
+            if built is not None:
+                return built
         return self._get(uuid).record
 
     def _start_build(self, uuid: str) -> None:
         task = asyncio.get_running_loop().create_task(self._build(uuid, self.instances[uuid]))
         self._builds[uuid] = task
 
-        def done(t: asyncio.Task[None]) -> None:
+        def done(t: asyncio.Task[InstanceRecord | None]) -> None:
             # A build of an earlier instance of this uuid must not forget the current one's.
             if self._builds.get(uuid) is t:
                 del self._builds[uuid]
 
         task.add_done_callback(done)
 
-    async def _build(self, uuid: str, stored: Stored) -> None:
+    async def _build(self, uuid: str, stored: Stored) -> InstanceRecord | None:
         """Fetch the image, make the disk, plug the ports, launch the domain: each stage under
         the instance's lock, and only while ``stored`` is still the instance and no delete of it
-        is asked for.
+        is asked for. Returns the record the build left (None when it stopped or failed): what a
+        spawn that waited for it answers, even if a delete takes the lock the moment it is let go.
 
         A delete so waits for one stage at most (it cancels a fetch), and a build never works on
         an instance that was deleted (or deleted and spawned again) under it: that delete has
@@ -525,11 +528,13 @@ class Manager:
         builds themselves, and downloads must not hold the slots that spawns of cached images need.
         """
         if not await self._stage(uuid, stored, self._build_fetch):
-            return
+            return None
         async with self._build_slots:
             for stage in (self._build_disk, self._build_ports, self._build_domain):
                 if not await self._stage(uuid, stored, stage):
-                    return
+                    return None
+        # A copy: the record is changed in place by whatever runs next (a delete's task).
+        return msgspec.structs.replace(stored.record)
 
     async def _stage(self, uuid: str, stored: Stored, stage: Callable[[str, Stored], Awaitable[bool]]) -> bool:
         """Run one build stage under the instance's lock; False when the build is to stop."""
