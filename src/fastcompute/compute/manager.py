@@ -441,7 +441,6 @@ class Manager:
         tracker = self.tracker
         assert tracker is not None
         uuid = protocol.normalise_uuid(args.uuid) if args.uuid else str(uuid_mod.uuid4())
-        numa_request = flavor_request(args.flavor)
         ports = await self._validate_ports(args.networks, uuid)
         token, image = args.image.token, args.image.without_token()
         # The token is no part of what the instance is: a retry with a fresh token is the
@@ -457,17 +456,14 @@ class Manager:
             if existing.digest != digest:
                 raise Conflict(f"instance {uuid} exists with other arguments", {"uuid": uuid})
             return await self._after_spawn(uuid, args.wait)
-        if self.host_cpu is not None:
-            check_traits(args.flavor.extra_specs, self.host_cpu)
-        check_host(hardware(args.flavor.extra_specs, args.flavor.vcpus), self.host_features, args.flavor.extra_specs)
         vols, conns = volumes.from_mapping(args)
         local_gb = 0 if protocol.boot_volume(args.block_device_mapping) else args.flavor.disk_gb
-        claim = tracker.claim(uuid, args.project_id, args.flavor.vcpus, args.flavor.memory_mb, local_gb, numa_request)
+        claim = self.claim_flavor(uuid, args.project_id, args.flavor, local_gb)
         ts = now()
         rec = InstanceRecord(
             uuid=uuid, name=args.name, project_id=args.project_id, vm_state="building",
             task_state="spawning", power_state="nostate", flavor=args.flavor, image=image,
-            host=self.hostname, numa=numa_cells(numa_request, claim.numa_placement), created_at=ts,
+            host=self.hostname, numa=numa_cells(claim.numa_request, claim.numa_placement), created_at=ts,
             updated_at=ts, metadata=args.metadata, volumes=vols,
         )
         stored = Stored(record=rec, digest=digest, request_id=request_id, ports=ports,
@@ -496,6 +492,19 @@ class Manager:
         self._mark_resources_changed()
         self.publish("instance." + uuid, rec)
         return await self._after_spawn(uuid, args.wait)
+
+    def claim_flavor(self, uuid: str, project_id: str, flavor: protocol.Flavor, disk_gb: int | None = None) -> Claim:
+        """Claim what a guest of ``flavor`` needs here (``disk_gb``: its local disk, the
+        flavor's unless said), once the host is seen to have the CPU traits and devices the
+        flavor asks for: for a spawn, an unshelve and an incoming move alike. NO_CAPACITY (or
+        QUOTA_EXCEEDED) when it does not fit; nothing is held then."""
+        tracker = self.tracker
+        assert tracker is not None
+        if self.host_cpu is not None:
+            check_traits(flavor.extra_specs, self.host_cpu)
+        check_host(hardware(flavor.extra_specs, flavor.vcpus), self.host_features, flavor.extra_specs)
+        return tracker.claim(uuid, project_id, flavor.vcpus, flavor.memory_mb,
+                             flavor.disk_gb if disk_gb is None else disk_gb, flavor_request(flavor))
 
     async def _after_spawn(self, uuid: str, wait: bool) -> InstanceRecord:
         build = self._builds.get(uuid)

@@ -41,8 +41,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from fastcompute.compute.cpu import check_traits
-from fastcompute.compute.hardware import check_host, hardware
 from fastcompute.compute.peers import Peers
 from fastcompute.compute.records import Stored, image_spec, numa_cells
 from fastcompute.compute.validate import flavor_request
@@ -441,12 +439,8 @@ class Migrations:
             if a.uuid in m.instances and a.peer != m.hostname:
                 raise Conflict(f"instance {a.uuid} is already on this host", {"uuid": a.uuid})
             stored = self._stored.decode(a.instance)
-            if m.host_cpu is not None:
-                check_traits(a.flavor.extra_specs, m.host_cpu)
-            check_host(hardware(a.flavor.extra_specs, a.flavor.vcpus), m.host_features, a.flavor.extra_specs)
             f = a.flavor
-            claim = tracker.claim(a.uuid, stored.record.project_id, f.vcpus, f.memory_mb, f.disk_gb,
-                                  flavor_request(f))
+            claim = m.claim_flavor(a.uuid, stored.record.project_id, f)
             move = Move(id=a.id, uuid=a.uuid, role="destination", kind=a.kind, source=a.peer,
                         destination=m.hostname, old_flavor=stored.record.flavor, new_flavor=f,
                         vm_state=a.vm_state, status="prepared", instance=a.instance)

@@ -32,12 +32,9 @@ import msgspec
 
 from fastcompute import protocol
 from fastcompute.compute.configdrive import Bootstrap
-from fastcompute.compute.cpu import check_traits
-from fastcompute.compute.hardware import check_host, hardware
 from fastcompute.compute.manager import Manager
 from fastcompute.compute.records import Stored, numa_cells
 from fastcompute.compute.snapshot import Snapshots
-from fastcompute.compute.validate import flavor_request
 from fastcompute.errors import AgentError, BadRequest, Conflict
 from fastcompute.hypervisor import DomainInfo
 from fastcompute.images.cache import ImageSpec
@@ -183,12 +180,8 @@ class Shelver:
         rec = stored.record
         if rec.shelved_image_id is None:
             raise Conflict(f"instance {uuid} has no shelved image to unshelve from", {"uuid": uuid})
-        if m.host_cpu is not None:
-            check_traits(rec.flavor.extra_specs, m.host_cpu)
-        check_host(hardware(rec.flavor.extra_specs, rec.flavor.vcpus), m.host_features, rec.flavor.extra_specs)
-        request = flavor_request(rec.flavor)
-        claim = tracker.claim(uuid, rec.project_id, rec.flavor.vcpus, rec.flavor.memory_mb, rec.flavor.disk_gb,
-                              request)
+        claim = m.claim_flavor(uuid, rec.project_id, rec.flavor)
+        request = claim.numa_request
         m._mark_resources_changed()
         try:
             await m._commit(uuid, task_state=_UNSHELVE.task, numa=numa_cells(request, claim.numa_placement),
