@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import re
 import shutil
 import socket
@@ -60,15 +61,6 @@ def hosts() -> Iterator[tuple[Host, Host]]:
     finally:
         for name in HOSTS:
             subprocess.run(["bash", str(HOSTS_SCRIPT), "stop", name], check=False, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """One event loop for the module: libvirt's event implementation is bound to the first
-    loop that registers it, for the life of the process."""
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
 
 
 @pytest.fixture
@@ -127,29 +119,37 @@ def ticks(console: Path) -> list[int]:
 
 
 Hosts = tuple[Host, Host]
-Loop = asyncio.AbstractEventLoop
+Body = Callable[[LibvirtDriver, LibvirtDriver, Move], Awaitable[None]]
 
 
-Body = Callable[[LibvirtDriver, LibvirtDriver], Awaitable[None]]
-
-
-def scenario(loop: Loop, hosts: Hosts, uuid: str, body: Body) -> None:
-    """Run ``body`` with a driver on each host; the guest is removed from both at the end."""
-
+def _run(hosts: Hosts, move: Move, body: Body) -> None:
     async def run() -> None:
         a, b = hosts
         da, db = LibvirtDriver(a.uri, 2), LibvirtDriver(b.uri, 2)
         await da.connect(_on_power)
         await db.connect(_on_power)
         try:
-            await body(da, db)
+            await body(da, db, move)
         finally:
             for d in (da, db):
                 with contextlib.suppress(HypervisorError):
-                    await d.destroy(uuid)
+                    await d.destroy(move.uuid)
                 await d.close()
 
-    loop.run_until_complete(run())
+    asyncio.run(run())
+
+
+def scenario(hosts: Hosts, move: Move, body: Body) -> None:
+    """Run ``body`` with a driver on each host, in a process of its own: libvirt dispatches its
+    events on one event loop per process, bound at the first connection (as in the agent), and
+    other tests of this run have bound theirs already. The guest is removed from both hosts at
+    the end; a failed assertion's traceback is the child's output."""
+    child = multiprocessing.get_context("spawn").Process(target=_run, args=(hosts, move, body))
+    child.start()
+    child.join(600)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, f"the scenario {body.__name__} failed in its process (exit {child.exitcode})"
 
 
 async def boot_busy_guest(driver: LibvirtDriver, guest: GuestSpec) -> None:
@@ -164,76 +164,76 @@ async def boot_busy_guest(driver: LibvirtDriver, guest: GuestSpec) -> None:
     type_into(shell, "i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.5; done &")
 
 
-def test_a_running_guest_moves_with_its_disk_and_keeps_running(hosts: Hosts, move: Move, loop: Loop) -> None:
+async def _moves_and_keeps_running(da: LibvirtDriver, db: LibvirtDriver, move: Move) -> None:
     uuid, on_a, on_b = move.uuid, move.on_a, move.on_b
     console_a, console_b = Path(on_a.console_path), Path(on_b.console_path)
-
-    async def body(da: LibvirtDriver, db: LibvirtDriver) -> None:
-        assert await da.launch(on_a, start=True) == "running"
-        await asyncio.to_thread(wait_for_console, console_a, READY)
-        type_into(on_a.console_socket or "", "i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.2; done &")
-        type_into(on_a.console_socket or "", "dd if=/dev/vda bs=1M count=1 2>/dev/null | md5sum")
-        await asyncio.to_thread(wait_for_console, console_a, "TICK 5")
-        before = re.findall(rb"([0-9a-f]{32})  -", console_a.read_bytes())
-        result = await da.live_migrate(uuid, move.to_b, MigrationPolicy(), lambda _p: None)
-        assert result.total_s > 0 and result.fallback == "none"
-        assert result.downtime_ms is not None and 0 <= result.downtime_ms < 10_000
-        on_dest = await db.info(uuid)
-        assert on_dest is not None and on_dest.power_state == "running"
-        left = await da.info(uuid)
-        assert left is not None and left.power_state != "running"  # defined, stopped: the caller's to remove
-        last_on_a = max(ticks(console_a))
-        await asyncio.to_thread(wait_for_console, console_b, f"TICK {last_on_a + 5}")
-        # The counter went on where it was: no reboot, no restart of the shell.
-        assert min(ticks(console_b)) <= last_on_a + 2
-        type_into(on_b.console_socket or "", "dd if=/dev/vda bs=1M count=1 2>/dev/null | md5sum")
-        deadline = time.monotonic() + 60
-        after: list[bytes] = []
-        while not after and time.monotonic() < deadline:
-            after = re.findall(rb"([0-9a-f]{32})  -", console_b.read_bytes())
-            await asyncio.sleep(0.2)
-        assert before and after and after[-1] == before[-1]
-        assert not await da.abort_migration(uuid)  # nothing under way any more
-
-    scenario(loop, hosts, uuid, body)
+    assert await da.launch(on_a, start=True) == "running"
+    await asyncio.to_thread(wait_for_console, console_a, READY)
+    type_into(on_a.console_socket or "", "i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.2; done &")
+    type_into(on_a.console_socket or "", "dd if=/dev/vda bs=1M count=1 2>/dev/null | md5sum")
+    await asyncio.to_thread(wait_for_console, console_a, "TICK 5")
+    before = re.findall(rb"([0-9a-f]{32})  -", console_a.read_bytes())
+    result = await da.live_migrate(uuid, move.to_b, MigrationPolicy(), lambda _p: None)
+    assert result.total_s > 0 and result.fallback == "none"
+    assert result.downtime_ms is not None and 0 <= result.downtime_ms < 10_000
+    on_dest = await db.info(uuid)
+    assert on_dest is not None and on_dest.power_state == "running"
+    left = await da.info(uuid)
+    assert left is not None and left.power_state != "running"  # defined, stopped: the caller's to remove
+    last_on_a = max(ticks(console_a))
+    await asyncio.to_thread(wait_for_console, console_b, f"TICK {last_on_a + 5}")
+    # The counter went on where it was: no reboot, no restart of the shell.
+    assert min(ticks(console_b)) <= last_on_a + 2
+    type_into(on_b.console_socket or "", "dd if=/dev/vda bs=1M count=1 2>/dev/null | md5sum")
+    deadline = time.monotonic() + 60
+    after: list[bytes] = []
+    while not after and time.monotonic() < deadline:
+        after = re.findall(rb"([0-9a-f]{32})  -", console_b.read_bytes())
+        await asyncio.sleep(0.2)
+    assert before and after and after[-1] == before[-1]
+    assert not await da.abort_migration(uuid)  # nothing under way any more
 
 
-def test_a_migration_that_cannot_converge_is_steered_then_aborted(hosts: Hosts, move: Move, loop: Loop) -> None:
+def test_a_running_guest_moves_with_its_disk_and_keeps_running(hosts: Hosts, move: Move) -> None:
+    scenario(hosts, move, _moves_and_keeps_running)
+
+
+async def _steered_then_aborted(da: LibvirtDriver, db: LibvirtDriver, move: Move) -> None:
     uuid, on_a = move.uuid, move.on_a
     policy = MigrationPolicy(downtime_start_ms=10, downtime_max_ms=100, downtime_steps=3, fallback="none",
                              timeout_s=15.0, bandwidth_mib_s=32)
-
-    async def body(da: LibvirtDriver, db: LibvirtDriver) -> None:
-        await boot_busy_guest(da, on_a)
-        seen: list[MigrationProgress] = []
-        with pytest.raises(HypervisorError, match="not done after 15 s"):
-            await da.live_migrate(uuid, move.to_b, policy, seen.append)
-        assert seen and seen[-1].memory_total > 0
-        # Steered: each pass that left as much to send raised the limit a step.
-        limits = [p.downtime_limit_ms for p in seen]
-        assert limits[0] == 10 and max(limits) > 10 and limits == sorted(limits)
-        assert max(p.iteration for p in seen) >= 2
-        here = await da.info(uuid)
-        assert here is not None and here.power_state == "running"
-        assert await db.info(uuid) is None
-        console = Path(on_a.console_path)
-        await asyncio.to_thread(wait_for_console, console, f"TICK {max(ticks(console)) + 2}")
-
-    scenario(loop, hosts, uuid, body)
+    await boot_busy_guest(da, on_a)
+    seen: list[MigrationProgress] = []
+    with pytest.raises(HypervisorError, match="not done after 15 s"):
+        await da.live_migrate(uuid, move.to_b, policy, seen.append)
+    assert seen and seen[-1].memory_total > 0
+    # Steered: each pass that left as much to send raised the limit a step.
+    limits = [p.downtime_limit_ms for p in seen]
+    assert limits[0] == 10 and max(limits) > 10 and limits == sorted(limits)
+    assert max(p.iteration for p in seen) >= 2
+    here = await da.info(uuid)
+    assert here is not None and here.power_state == "running"
+    assert await db.info(uuid) is None
+    console = Path(on_a.console_path)
+    await asyncio.to_thread(wait_for_console, console, f"TICK {max(ticks(console)) + 2}")
 
 
-def test_post_copy_ends_a_migration_that_cannot_converge(hosts: Hosts, move: Move, loop: Loop) -> None:
+def test_a_migration_that_cannot_converge_is_steered_then_aborted(hosts: Hosts, move: Move) -> None:
+    scenario(hosts, move, _steered_then_aborted)
+
+
+async def _ended_by_post_copy(da: LibvirtDriver, db: LibvirtDriver, move: Move) -> None:
     uuid, on_a, on_b = move.uuid, move.on_a, move.on_b
     policy = MigrationPolicy(downtime_start_ms=10, downtime_max_ms=50, downtime_steps=1, fallback="post-copy",
                              fallback_after_s=8.0, timeout_s=120.0, bandwidth_mib_s=32)
+    await boot_busy_guest(da, on_a)
+    result = await da.live_migrate(uuid, move.to_b, policy, lambda _p: None)
+    assert result.fallback == "post-copy" and result.total_s >= 8.0
+    on_dest = await db.info(uuid)
+    assert on_dest is not None and on_dest.power_state == "running"
+    last = max(ticks(Path(on_a.console_path)))
+    await asyncio.to_thread(wait_for_console, Path(on_b.console_path), f"TICK {last + 2}")
 
-    async def body(da: LibvirtDriver, db: LibvirtDriver) -> None:
-        await boot_busy_guest(da, on_a)
-        result = await da.live_migrate(uuid, move.to_b, policy, lambda _p: None)
-        assert result.fallback == "post-copy" and result.total_s >= 8.0
-        on_dest = await db.info(uuid)
-        assert on_dest is not None and on_dest.power_state == "running"
-        last = max(ticks(Path(on_a.console_path)))
-        await asyncio.to_thread(wait_for_console, Path(on_b.console_path), f"TICK {last + 2}")
 
-    scenario(loop, hosts, uuid, body)
+def test_post_copy_ends_a_migration_that_cannot_converge(hosts: Hosts, move: Move) -> None:
+    scenario(hosts, move, _ended_by_post_copy)
