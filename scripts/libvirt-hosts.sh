@@ -122,6 +122,7 @@ start_daemon() {
       mkdir -p \"\${d#*:}\"
       mount --bind '$dir'/\"\${d%%:*}\" \"\${d#*:}\"
     done
+    umask 022
     exec '$dir/libvirtd-$name' --listen -d -p '$dir/libvirtd.pid' 9>&-
   "
 }

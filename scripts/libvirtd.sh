@@ -74,8 +74,10 @@ start_daemon() {
   if [ -n "$pid" ]; then
     return
   fi
-  # Closing fd 9 keeps our lock out of the daemon, which would otherwise hold it for ever.
-  "$name" -d 9>&-
+  # Closing fd 9 keeps our lock out of the daemon, which would otherwise hold it for ever. The
+  # daemon's umask is the distribution's, not the caller's: started from a test process whose
+  # in-process agent set 077, libvirtd made vTPM state directories swtpm's user cannot enter.
+  (umask 022 && exec "$name" -d 9>&-)
   for _ in $(seq 100); do
     pid="$(daemon_pid "$name")"
     [ -n "$pid" ] && break
