@@ -12,7 +12,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 from agent_fixtures import spawn_args
 from test_guest_cpu import kvm_guest, running_agent
@@ -23,7 +22,7 @@ from fastcompute.errors import BadRequest, NoCapacity
 from fastcompute.hypervisor.libvirt import capabilities
 from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.hypervisor.libvirt.xml import build
-from fastcompute.hypervisor.spec import CpuTopology, GuestSpec, HostFeatures, Interface, Limits, Rng, Tpm
+from fastcompute.hypervisor.spec import CpuTopology, GuestSpec, HostFeatures, Limits, Rng, Tpm
 from fastcompute.protocol import Flavor, Image, InstanceRecord
 from fastcompute.resources import cpusets, numa
 from fastcompute.resources.tracker import Claim
@@ -169,9 +168,8 @@ def test_refused_flavor_keys_are_bad_request_naming_the_key(tmp_path: Path, imag
 
 
 def test_what_the_host_lacks_is_no_capacity(tmp_path: Path, image_file: Path) -> None:
-    """A host without OVMF, secure-boot firmware or swtpm, without a machine type, or whose
-    kernel cannot shape interfaces, takes no guest that needs it (as a scheduler would have
-    placed it elsewhere)."""
+    """A host without OVMF, secure-boot firmware or swtpm, or without a machine type, takes no
+    guest that needs it (as a scheduler would have placed it elsewhere)."""
     async def run() -> None:
         async with running_agent(tmp_path, "", "test:///default") as (agent, client):
             agent.manager.host_features = HostFeatures(machines=["pc", "pc-i440fx-7.2", "q35"], uefi=True,
@@ -180,9 +178,7 @@ def test_what_the_host_lacks_is_no_capacity(tmp_path: Path, image_file: Path) ->
                                ({"hw:firmware_type": "uefi", "hw:machine_type": "q35", "os:secure_boot": "required"},
                                 "os:secure_boot"),
                                ({"hw:tpm_version": "1.2"}, "hw:tpm_version"),
-                               ({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}, "hw:tpm_model"),
-                               ({"quota:vif_outbound_average": "100", "quota:vif_inbound_average": "100"},
-                                "quota:vif_inbound_average")):
+                               ({"hw:tpm_version": "2.0", "hw:tpm_model": "tpm-crb"}, "hw:tpm_model")):
                 flavor = {"vcpus": 1, "memory_mb": 64, "disk_gb": 1, "extra_specs": specs}
                 with pytest.raises(NoCapacity) as info:
                     await client.call("instance.spawn", spawn_args(image_file, flavor=flavor))
@@ -194,29 +190,6 @@ def test_what_the_host_lacks_is_no_capacity(tmp_path: Path, image_file: Path) ->
             assert (await client.call("host.info"))["usage"]["VCPU"] == 0, "refused spawns hold nothing"
 
     asyncio.run(run())
-
-
-def test_network_limits_reach_each_interface_as_libvirt_bandwidth() -> None:
-    """The vif quotas through libvirt's test hypervisor (a spawn with ports needs bridges; the
-    agent's network tests cover those): average and peak in KiB/s, burst in KiB."""
-    limits = Limits(vif_inbound_average=1000, vif_inbound_peak=2000, vif_inbound_burst=512,
-                    vif_outbound_average=500)
-    spec = kvm_guest(virt_type="test", cells=[], vcpupin={}, emulatorpin=[], limits=limits, packed_ring=True,
-                     interfaces=[Interface("tapa", "fa:16:3e:00:00:01", 1500),
-                                 Interface("tapb", "fa:16:3e:00:00:02", 1500)])
-    conn = libvirt.open("test:///default")
-    try:
-        root = ET.fromstring(conn.defineXML(build(spec)).XMLDesc())
-    finally:
-        conn.close()
-    ifaces = root.findall("devices/interface")
-    assert len(ifaces) == 2
-    for iface in ifaces:
-        inbound, outbound = iface.find("bandwidth/inbound"), iface.find("bandwidth/outbound")
-        assert inbound is not None and outbound is not None
-        assert dict(inbound.items()) == {"average": "1000", "peak": "2000", "burst": "512"}
-        assert dict(outbound.items()) == {"average": "500"}
-        assert _get(iface, "driver@packed") == "on"
 
 
 def test_the_hardware_keys_are_the_ones_numa_lets_through() -> None:
@@ -268,8 +241,7 @@ VALIDATE = shutil.which("virt-xml-validate")
     {"firmware": "uefi", "machine": "q35", "secure_boot": True, "tpm": Tpm("tpm-crb", "2.0"), "watchdog": "pause",
      "rng": Rng(1024, 1000), "video": "virtio", "serial_ports": 4, "topology": CpuTopology(2, 1, 2),
      "boot_menu": True, "pmu": False, "hide_hypervisor": True, "locked_memory": True, "packed_ring": True,
-     "limits": Limits(disk_total_bytes_sec=1, disk_total_iops_sec=2, vif_inbound_average=3, vif_outbound_average=4,
-                      vif_outbound_peak=5, vif_outbound_burst=6)},
+     "limits": Limits(disk_total_bytes_sec=1, disk_total_iops_sec=2)},
     {"firmware": "uefi", "tpm": Tpm("tpm-tis", "1.2"), "rng": Rng(), "video": "none"},
 ], ids=["everything", "uefi-tis"])
 def test_the_devices_domain_xml_is_valid_for_libvirts_schema(tmp_path: Path, over: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from fastcompute.network.nft import encoding, plan
 from fastcompute.network.nft.plan import Listing, TableState
 from fastcompute.network.nft.render import Renderer
 from fastcompute.network.ports import Plugged
+from fastcompute.network.shaping import Shaping
 from fastcompute.protocol.ports import Port
 
 OWNER = "fcplan"
@@ -24,7 +25,8 @@ ALLOW_SSH = [{"id": "g2", "rules": [{"direction": "ingress", "protocol": "tcp", 
                                      "port_range_max": 22}]}]  # fmt: skip
 
 
-def plugged(n: int, groups: list[dict[str, Any]] = ALLOW_ICMP, network: str = "net1", security: bool = True) -> Plugged:
+def plugged(n: int, groups: list[dict[str, Any]] = ALLOW_ICMP, network: str = "net1", security: bool = True,
+            shaping: Shaping | None = None) -> Plugged:
     port = msgspec.convert(
         {
             "id": f"port{n}",
@@ -36,7 +38,7 @@ def plugged(n: int, groups: list[dict[str, Any]] = ALLOW_ICMP, network: str = "n
         },
         Port,
     )
-    return Plugged(f"instance{n}", port, f"tap{n}", f"br-{network}", 1500)
+    return Plugged(f"instance{n}", port, f"tap{n}", f"br-{network}", 1500, shaping)
 
 
 class Tables:
@@ -45,6 +47,7 @@ class Tables:
     def __init__(self) -> None:
         self.chains: dict[tuple[str, str], list[str | None]] = {}
         self.sets: dict[tuple[str, str], set[Any]] = {}
+        self.limits: set[str] = set()  # the bridge table's limit objects
 
     def run(self, cmds: list[dict[str, Any]]) -> None:
         for cmd in cmds:
@@ -54,6 +57,7 @@ class Tables:
                 if verb == "delete":
                     self.chains = {k: v for k, v in self.chains.items() if k[0] != obj["family"]}
                     self.sets = {k: v for k, v in self.sets.items() if k[0] != obj["family"]}
+                    self.limits = set() if obj["family"] == "bridge" else self.limits
                 continue
             key = (obj["family"], obj.get("chain", obj.get("name")))
             if kind in ("set", "map"):
@@ -67,9 +71,18 @@ class Tables:
                     assert self.chains.pop(key) == [], f"{key} deleted with rules in it"
             elif kind == "rule":
                 self.chains[key].append(obj.get("comment"))
+            elif kind == "limit":
+                if verb == "add":
+                    self.limits.add(obj["name"])
+                else:
+                    named = {e[2] for e in self.sets.get(encoding.OUT_LIMIT, set())}
+                    assert obj["name"] not in named, f"limit {obj['name']} deleted while an element names it"
+                    self.limits.remove(obj["name"])
             else:
                 elems = {encoding.from_json(e) for e in obj["elem"]}
                 if verb == "add":
+                    if key == encoding.OUT_LIMIT:
+                        assert {e[2] for e in elems} <= self.limits, f"{elems} name missing limits"
                     self.sets[key] |= elems
                 else:
                     assert elems <= self.sets[key], f"deleting {elems - self.sets[key]} not in {key}"
@@ -80,6 +93,7 @@ class Tables:
         for (family, name), elems in self.sets.items():
             body = {"family": family, "name": name, "elem": [encoding.to_json(e) for e in elems]}
             objs.append({"set": body})
+        objs += [{"limit": {"family": "bridge", "name": name}} for name in self.limits]
         for (family, name), comments in self.chains.items():
             objs.append({"chain": {"family": family, "name": name}})
             for comment in comments:
@@ -221,3 +235,34 @@ def test_numbers_run_out_loudly() -> None:
         plan.take_id(range(1, encoding.MAX_CHAIN_ID + 1))
     with pytest.raises(AgentError):
         plan.take_zone(range(65000, 65536), 65000)
+
+
+def out_limits(tables: Tables) -> dict[str, tuple[int, int]]:
+    """tap -> (rate, burst) of the outbound limits the tables hold; each object named once."""
+    elems = tables.sets.get(encoding.OUT_LIMIT, set())
+    named = [lim for e in elems if (lim := encoding.limit_of(e))]
+    assert sorted(name for name, _, _ in named) == sorted(tables.limits), "no limit object without its element"
+    return {tap: lim[1:] for e in elems if (tap := encoding.tap_of(e)) and (lim := encoding.limit_of(e))}
+
+
+def test_outbound_limits_follow_their_ports_with_or_without_port_security() -> None:
+    tables = Tables()
+    a = plugged(1, shaping=Shaping(outbound_average=100))
+    b = plugged(2, security=False, shaping=Shaping(outbound_average=200, outbound_burst=50))
+    c, d = plugged(3), plugged(4, shaping=Shaping(inbound_average=10))  # no outbound limit
+    state = sync(tables, TableState(), [a, c, d]).state
+    assert out_limits(tables) == {"tap1": (100 * 1024, 100 * 1024)}, "a second's worth without a burst"
+    _, state = change(tables, state, [b], [])
+    assert out_limits(tables) == {"tap1": (100 * 1024, 100 * 1024), "tap2": (200 * 1024, 50 * 1024)}
+    assert sync(tables, state, [a, b, c, d]).cmds == [], "the change leaves what a sync would"
+
+    # A restart: b's limit went behind our back, a's flavor changed, c is no longer wanted.
+    gone = next(e for e in tables.sets[encoding.OUT_LIMIT] if encoding.tap_of(e) == "tap2")
+    tables.sets[encoding.OUT_LIMIT].discard(gone)
+    a2 = plugged(1, shaping=Shaping(outbound_average=300))
+    state = sync(tables, TableState(), [a2, b, d]).state
+    assert out_limits(tables) == {"tap1": (300 * 1024, 300 * 1024), "tap2": (200 * 1024, 50 * 1024)}
+
+    _, state = change(tables, state, [], [a2, b])
+    assert out_limits(tables) == {} and tables.limits == set()
+    assert sync(tables, state, [d]).cmds == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -14,10 +15,14 @@ from fastcompute.compute.hardware import Hardware, cell_cpus, hardware
 from fastcompute.config import ConsoleConfig
 from fastcompute.errors import BadRequest
 from fastcompute.hypervisor.spec import Disk, Graphics, GuestCell, GuestSpec, Interface, Limits
+from fastcompute.network.shaping import Shaping
 from fastcompute.protocol import InstanceRecord
 from fastcompute.protocol.ports import Port
 from fastcompute.resources.numa_types import HostUsage
 from fastcompute.resources.tracker import Claim
+
+if TYPE_CHECKING:
+    from fastcompute.compute.records import Stored
 
 QUOTA_LIMITS: dict[str, str] = {
     "quota:cpu_shares": "cpu_shares",
@@ -29,14 +34,17 @@ QUOTA_LIMITS: dict[str, str] = {
     "quota:disk_write_iops_sec": "disk_write_iops_sec",
     "quota:disk_total_bytes_sec": "disk_total_bytes_sec",
     "quota:disk_total_iops_sec": "disk_total_iops_sec",
-    "quota:vif_inbound_average": "vif_inbound_average",
-    "quota:vif_inbound_peak": "vif_inbound_peak",
-    "quota:vif_inbound_burst": "vif_inbound_burst",
-    "quota:vif_outbound_average": "vif_outbound_average",
-    "quota:vif_outbound_peak": "vif_outbound_peak",
-    "quota:vif_outbound_burst": "vif_outbound_burst",
 }
 """A flavor's ``quota:*`` extra spec -> the :class:`Limits` field it sets."""
+VIF_SHAPING: dict[str, str] = {
+    "quota:vif_inbound_average": "inbound_average",
+    "quota:vif_inbound_peak": "inbound_peak",
+    "quota:vif_inbound_burst": "inbound_burst",
+    "quota:vif_outbound_average": "outbound_average",
+    "quota:vif_outbound_peak": "outbound_peak",
+    "quota:vif_outbound_burst": "outbound_burst",
+}
+"""A flavor's ``quota:vif_*`` extra spec -> the :class:`Shaping` field of its ports it sets."""
 
 log = logging.getLogger("fastcompute.guest")
 
@@ -44,6 +52,15 @@ log = logging.getLogger("fastcompute.guest")
 def limits(extra_specs: dict[str, str]) -> Limits:
     """The limits a flavor's (validated) ``quota:*`` extra specs set."""
     return Limits(**{QUOTA_LIMITS[k]: int(v) for k, v in extra_specs.items() if k in QUOTA_LIMITS})
+
+
+def port_shaping(stored: Stored | None) -> Shaping | None:
+    """The bandwidth limits of an instance's ports (its flavor's ``quota:vif_*``); None
+    when it has none (or is not known)."""
+    if stored is None:
+        return None
+    specs = stored.record.flavor.extra_specs
+    return Shaping(**{VIF_SHAPING[k]: int(v) for k, v in specs.items() if k in VIF_SHAPING}) or None
 
 
 def address_hints(ports: list[Port]) -> list[str]:

@@ -311,9 +311,6 @@ def _cells_text(cells: Cells) -> str:
 def check_host(hw: Hardware, host: HostFeatures, extra_specs: Mapping[str, str]) -> None:
     """NO_CAPACITY when this host cannot give what ``hw`` (read from ``extra_specs``) asks for."""
     missing: list[tuple[str, str]] = []
-    if not host.interface_bandwidth:
-        missing.extend((key, "its kernel cannot shape interfaces as libvirt does (tc's sfq qdisc and police "
-                             "action)") for key in sorted(extra_specs) if key.startswith("quota:vif_"))
     if hw.machine is not None and host.machines and hw.machine not in host.machines:
         missing.append(("hw:machine_type", f"its QEMU has no machine type {hw.machine}"))
     if hw.firmware == "uefi" and not host.uefi:

@@ -103,6 +103,7 @@ class Manager:
         self.driver = driver
         self.images = images
         self.network = network
+        network.shaping_of = lambda uuid: guest.port_shaping(self.instances.get(uuid))
         self.publish = publish
         self.state_dir = Path(cfg.agent.state_dir)
         self.hostname = cfg.agent.host or socket.gethostname()
@@ -818,6 +819,8 @@ class Manager:
 
     def on_power_event(self, event: PowerEvent) -> None:
         """A lifecycle event from the hypervisor (on the event loop)."""
+        if event.power_state == "running":  # a started guest's taps lost their limits (network/shaping.py)
+            asyncio.get_running_loop().create_task(self.network.reshape(event.uuid))
         stored = self.instances.get(event.uuid)
         if stored is None or stored.record.task_state is not None or self._locks[event.uuid].locked():
             return

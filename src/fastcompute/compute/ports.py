@@ -42,6 +42,7 @@ class Ports:
             except AgentError:
                 await m.network.unplug(uuid, [port.id])
                 raise
+            await m.network.reshape(uuid)  # the hot-plug reset the tap's qdisc (network/shaping.py)
             stored.ports = [*stored.ports, port]
             m._own_ports(uuid, [port])
             await self._remake_config_drive(uuid)

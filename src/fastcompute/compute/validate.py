@@ -22,7 +22,7 @@ import msgspec
 from fastcompute import protocol
 from fastcompute.compute import cpu, hardware
 from fastcompute.compute.configdrive import decode_user_data
-from fastcompute.compute.guest import QUOTA_LIMITS
+from fastcompute.compute.guest import QUOTA_LIMITS, VIF_SHAPING
 from fastcompute.errors import BadRequest
 from fastcompute.images.cache import check_url, parse_checksum
 from fastcompute.network import check_ports, check_rule
@@ -52,7 +52,7 @@ from fastcompute.protocol.volumes import (
 from fastcompute.resources import numa
 from fastcompute.resources.numa_types import NumaRequest
 
-QUOTA_KEYS: Final = frozenset(QUOTA_LIMITS)
+QUOTA_KEYS: Final = frozenset(QUOTA_LIMITS) | frozenset(VIF_SHAPING)
 _INT64_MAX: Final = 2**63 - 1  # libvirt's cputune and iotune values are 64-bit
 MAX_VENDOR_DATA: Final = 65535
 """The most bytes of a spawn's vendor data, encoded as JSON."""

@@ -112,10 +112,10 @@ class CpuTopology(msgspec.Struct, frozen=True):
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
-    """CPU, disk I/O and network limits (the flavor's ``quota:*`` extra specs); None = no limit.
+    """CPU and disk I/O limits (the flavor's ``quota:*`` extra specs); None = no limit.
 
-    The disk limits apply to each disk of the guest, the ``vif_*`` ones (KiB/s for average
-    and peak, KiB for burst) to each interface.
+    The disk limits apply to each disk of the guest. (The ``quota:vif_*`` ones are the
+    agent's own shaping of the guest's taps, not the hypervisor's: network/shaping.py.)
     """
 
     cpu_shares: int | None = None
@@ -127,12 +127,6 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     disk_write_iops_sec: int | None = None
     disk_total_bytes_sec: int | None = None
     disk_total_iops_sec: int | None = None
-    vif_inbound_average: int | None = None
-    vif_inbound_peak: int | None = None
-    vif_inbound_burst: int | None = None
-    vif_outbound_average: int | None = None
-    vif_outbound_peak: int | None = None
-    vif_outbound_burst: int | None = None
 
 
 class Graphics(msgspec.Struct, frozen=True):
@@ -254,15 +248,13 @@ class HostFeatures(msgspec.Struct, frozen=True, kw_only=True):
     """What the hypervisor can give guests beyond CPUs and memory, read once at start:
     ``machines`` the machine types it offers (empty: it does not say), UEFI firmware,
     secure-boot firmware (on q35), the emulated TPM's versions and models (empty: no
-    swtpm), and whether interfaces' bandwidth limits can be applied (the kernel's traffic
-    control)."""
+    swtpm)."""
 
     machines: list[str] = []
     uefi: bool = False
     secure_boot: bool = False
     tpm_versions: list[str] = []
     tpm_models: list[str] = []
-    interface_bandwidth: bool = False
 
 
 class DomainStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import ipaddress
 import logging
 import threading
@@ -33,6 +34,7 @@ from fastcompute.network.ports import (
     link_local,
 )
 from fastcompute.network.queue import Change, ChangeQueue, settle
+from fastcompute.network.shaping import Shaping
 from fastcompute.protocol.ports import Port, PortNetwork, SecurityGroup
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class Network:
         self._index = PortIndex()  # the plugged ports, and those of the batch being plugged
         self._at: dict[tuple[str, str], Plugged] = {}  # (bridge, address) -> its secured port
         self.on_ports: Callable[[], object] | None = None
+        # The bandwidth limits of an instance's ports (its flavor's), asked at each plug.
+        self.shaping_of: Callable[[str], Shaping | None] = lambda _uuid: None
 
     @property
     def on_batch(self) -> Callable[[str, int, float], object] | None:
@@ -193,6 +197,22 @@ class Network:
         report: ReconcileReport = await self._changes.submit(self._changes.change("other", call=change))
         return report
 
+    async def reshape(self, instance_uuid: str) -> None:
+        """Put the inbound limits of the instance's taps back where they are missing: the
+        hypervisor resets the qdisc of a tap whose guest it starts (or hot-plugs it into).
+        A failure is logged, not raised (a tap gone meanwhile is no error of the caller's)."""
+        shaped = [p for p in self._of.get(instance_uuid, {}).values() if p.shaping and p.shaping.inbound_class()]
+        if not shaped:
+            return
+
+        async def change() -> None:
+            try:
+                await self._run(self._links.shape, shaped)
+            except Exception:
+                log.warning("could not put back the inbound limits of %s's taps", instance_uuid, exc_info=True)
+
+        await self._changes.submit(self._changes.change("other", call=change))
+
     def plugged(self, instance_uuid: str | None = None) -> list[PluggedPort]:
         """The ports plugged here (of one instance, or all), as the guests' interfaces need them."""
         if instance_uuid is None:
@@ -233,7 +253,8 @@ class Network:
 
     def _plugged_for(self, instance_uuid: str, port: Port) -> Plugged:
         mtu = port.network.mtu or self.cfg.default_mtu
-        return Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu)
+        return Plugged(instance_uuid, port, self.tap_name(port.id), self.bridge_name(port.network), mtu,
+                       self.shaping_of(instance_uuid))
 
     def _remember(self, p: Plugged) -> None:
         self._ports[p.port.id] = p
@@ -418,7 +439,7 @@ class Network:
 
     def _set_groups_sync(self, plugged: Plugged, groups: list[SecurityGroup]) -> Plugged:
         port = msgspec.structs.replace(plugged.port, security_groups=groups)
-        updated = Plugged(plugged.instance_uuid, port, plugged.tap, plugged.bridge, plugged.mtu)
+        updated = dataclasses.replace(plugged, port=port)
         if self._tables.ready:
             self._tables.change([updated], [plugged])
         else:

@@ -31,6 +31,7 @@ from fastcompute.network.netlink import (
     raise_error,
 )
 from fastcompute.network.ports import Plugged, bad, normal_mac
+from fastcompute.network.shaping import Shaping, shape_tap
 from fastcompute.protocol.ports import IFNAMSIZ, Port, PortNetwork
 
 _IFF_UP: Final = 1
@@ -273,8 +274,9 @@ class Links:
         self._bridges[name] = bridge_index
         return bridge_index
 
-    def ensure_tap(self, instance_uuid: str, port: Port, bridge_index: int, mtu: int, made: list[str]) -> str:
-        """Make (or fix) the port's tap on the bridge; its name."""
+    def ensure_tap(self, instance_uuid: str, port: Port, bridge_index: int, mtu: int, made: list[str],
+                   shaping: Shaping | None = None) -> str:
+        """Make (or fix) the port's tap on the bridge, with its inbound limit; its name."""
         tap = self.names.tap(port.id)
         alias = self.names.alias("tap", instance_uuid, port.id)
         mac = normal_mac(port.mac) or port.mac
@@ -286,6 +288,8 @@ class Links:
             index = ifindex(tap)
             assert index is not None
             self.raw.set_up(index, master=bridge_index, mtu=mtu, address=address, alias=alias)
+            if shaping:
+                shape_tap(self.ipr, index, shaping, fresh=True)
             return tap
         link = self.link(tap)
         assert link is not None
@@ -294,6 +298,7 @@ class Links:
         wanted = {"ifalias": alias, "address": address, "mtu": mtu, "master": bridge_index, "group": 0}
         if any(link.get(k) != v for k, v in wanted.items()) or not link["flags"] & _IFF_UP:
             self.raw.set_up(link["index"], master=bridge_index, mtu=mtu, address=address, alias=alias)
+        shape_tap(self.ipr, link["index"], shaping, fresh=False)
         return tap
 
     def delete(self, names: Iterable[str]) -> None:
@@ -303,7 +308,13 @@ class Links:
     def ensure_port(self, p: Plugged, made: list[str]) -> None:
         """Make (or fix) the port's bridge, VLAN link and tap; names of links made go in ``made``."""
         bridge_index = self.ensure_bridge(p.port.network, p.mtu, made)
-        self.ensure_tap(p.instance_uuid, p.port, bridge_index, p.mtu, made)
+        self.ensure_tap(p.instance_uuid, p.port, bridge_index, p.mtu, made, p.shaping)
+
+    def shape(self, ports: Iterable[Plugged]) -> None:
+        """Bring the existing taps of ``ports`` to their inbound limits."""
+        for p in ports:
+            if (index := ifindex(p.tap)) is not None:
+                shape_tap(self.ipr, index, p.shaping, fresh=False)
 
     def our_taps(self, ports: Iterable[tuple[str, str]]) -> list[str]:
         """The taps of (instance, port id) pairs that exist and are ours."""

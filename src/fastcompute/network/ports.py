@@ -19,6 +19,7 @@ import msgspec
 from msgspec import Struct
 
 from fastcompute.errors import BadRequest, Conflict
+from fastcompute.network.shaping import Shaping
 from fastcompute.protocol.ports import Port, SecurityGroup, SecurityGroupRule
 from fastcompute.protocol.schema import invalid_from, parse_uint
 
@@ -54,6 +55,7 @@ class Plugged:
     tap: str
     bridge: str
     mtu: int
+    shaping: Shaping | None = None  # the instance's bandwidth limits
 
     @property
     def secured(self) -> bool:

@@ -14,14 +14,12 @@ from typing import Any, Final, TypeVar, cast
 import libvirt
 import libvirt_qemu
 import libvirtaio
-import msgspec
 
 from fastcompute.errors import Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor.driver import DomainInfo, PowerEvent
 from fastcompute.hypervisor.libvirt import capabilities, consoles, secrets, stats
 from fastcompute.hypervisor.libvirt.migration import Migration
 from fastcompute.hypervisor.libvirt.names import domain_name, qemu_pid
-from fastcompute.hypervisor.libvirt.shaping import bandwidth_problem
 from fastcompute.hypervisor.libvirt.xml import (
     NAMESPACE,
     USER_ALIAS,
@@ -325,7 +323,7 @@ class LibvirtDriver:
         a host whose libvirt cannot say has none of it."""
         if self.uri.startswith("test:"):
             return HostFeatures(uefi=True, secure_boot=True, tpm_versions=["1.2", "2.0"],
-                                tpm_models=["tpm-tis", "tpm-crb"], interface_bandwidth=True)
+                                tpm_models=["tpm-tis", "tpm-crb"])
         conn = await self._ready()
         try:
             caps = await self._call(conn.getCapabilities)
@@ -337,10 +335,7 @@ class LibvirtDriver:
             q35: str | None = await self._call(conn.getDomainCapabilities, None, "x86_64", "q35", virt_type)
         except HypervisorError:
             q35 = None
-        shaping = await bandwidth_problem()
-        if shaping is not None:
-            log.warning("no interface bandwidth limits (quota:vif_* flavors are refused): %s", shaping)
-        found = msgspec.structs.replace(capabilities.host_features(pc, q35, caps), interface_bandwidth=shaping is None)
+        found = capabilities.host_features(pc, q35, caps)
         log.info("guest features: UEFI %s, secure boot %s, vTPM versions %s (models %s), %d machine types",
                  "yes" if found.uefi else "no", "yes" if found.secure_boot else "no",
                  ", ".join(found.tpm_versions) or "none", ", ".join(found.tpm_models) or "none", len(found.machines))

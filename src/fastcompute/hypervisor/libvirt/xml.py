@@ -220,24 +220,14 @@ def _iotune(limits: Limits) -> str:
 
 def interface_xml(iface: Interface, guest: GuestSpec | None = None) -> str:
     """An ``<interface type='ethernet'>`` on a tap the agent made (libvirt must not manage it),
-    with the ``guest``'s bandwidth limits and virtqueue format."""
+    with the ``guest``'s virtqueue format. Its bandwidth limits are not libvirt's to apply: the
+    agent shapes its taps itself (network/shaping.py)."""
     packed = "<driver packed='on'/>" if guest is not None and guest.packed_ring else ""
     return (
         f"<interface type='ethernet'><mac address='{_a(iface.mac)}'/>"
         f"<target dev='{_a(iface.tap)}' managed='no'/><model type='virtio'/>{packed}"
-        + (_bandwidth(guest.limits) if guest is not None else "")
         + f"<mtu size='{int(iface.mtu)}'/></interface>"
     )
-
-
-def _bandwidth(limits: Limits) -> str:
-    ways = []
-    for way in ("inbound", "outbound"):
-        attrs = "".join(f" {what}='{int(v)}'" for what in ("average", "peak", "burst")
-                        if (v := getattr(limits, f"vif_{way}_{what}")) is not None)
-        if attrs:
-            ways.append(f"<{way}{attrs}/>")
-    return f"<bandwidth>{''.join(ways)}</bandwidth>" if ways else ""
 
 
 def _os_open(spec: GuestSpec) -> str:

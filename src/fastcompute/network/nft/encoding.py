@@ -66,8 +66,12 @@ SETS: Final[dict[SetKey, SetSpec]] = {
     ("inet", "ingress"): SetSpec("mark", "chain", map="verdict"),
     # bridge -> jump to the chain that sets its conntrack zone
     ("inet", "zones"): SetSpec("ifname", "zone", map="verdict"),
+    # tap -> the named limit (token bucket) of what the guest sends (see network/shaping.py)
+    ("bridge", "out_limit"): SetSpec("ifname", "port", map="limit"),
 }
 ZONES: Final[SetKey] = ("inet", "zones")
+OUT_LIMIT: Final[SetKey] = ("bridge", "out_limit")
+LIMIT_PREFIX: Final = "o-"
 
 
 def owner_mark(table: str) -> int:
@@ -87,6 +91,21 @@ def port_elements(port: Port, tap: str, egress_mark: int, ingress_mark: int) -> 
         ("bridge", "egress_mark"): frozenset({("map", tap, egress_mark)}),
         ("bridge", "ingress_mark"): frozenset({("map", tap, ingress_mark)}),
     }
+
+
+def limit_elem(tap: str, rate: int, burst: int) -> Elem:
+    """The out_limit element of ``tap``. It names the tap's own limit object, whose rate
+    (bytes/s) and burst (bytes) the name carries: a changed limit is another object."""
+    return ("map", tap, f"{LIMIT_PREFIX}{tap}-{rate}-{burst}")
+
+
+def limit_of(elem: Elem) -> tuple[str, int, int] | None:
+    """(name, rate, burst) of the limit an out_limit element names; None when not one of ours."""
+    if _is_map(elem) and isinstance(elem[2], str) and elem[2].startswith(LIMIT_PREFIX):
+        _tap, rate, burst = elem[2].rsplit("-", 2)
+        if rate.isdigit() and burst.isdigit():
+            return elem[2], int(rate), int(burst)
+    return None
 
 
 def verdict_map(chain_name: str) -> SetKey:

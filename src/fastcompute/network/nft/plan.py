@@ -22,7 +22,7 @@ from typing import Any
 
 from fastcompute.errors import AgentError
 from fastcompute.network.nft import encoding
-from fastcompute.network.nft.encoding import MAX_CHAIN_ID, SETS, ZONES, Elem, SetKey
+from fastcompute.network.nft.encoding import MAX_CHAIN_ID, OUT_LIMIT, SETS, ZONES, Elem, SetKey
 from fastcompute.network.nft.render import BASE_CHAINS, ChainKey, Renderer, Rules, number_chains, ruleset
 from fastcompute.network.ports import Plugged
 
@@ -36,6 +36,7 @@ class Listing:
     base_ok: bool = False  # both tables, every base chain as we write it and every set
     chain_tags: dict[ChainKey, str] = field(default_factory=dict)  # chain -> its first rule's comment
     elements: dict[SetKey, set[Elem]] = field(default_factory=dict)
+    limits: set[str] = field(default_factory=set)  # names of the bridge table's limit objects
 
     def have(self, key: SetKey) -> set[Elem]:
         """The listed elements of a set (none when it is missing)."""
@@ -67,6 +68,8 @@ def parse_listing(
         if kind is not None:
             body = obj[kind]
             state.elements[(body["family"], body["name"])] = {encoding.from_json(e) for e in body.get("elem", [])}
+        elif "limit" in obj:
+            state.limits.add(obj["limit"]["name"])
         elif "chain" in obj:
             c = obj["chain"]
             state.chain_tags.setdefault((c["family"], c["name"]), "")
@@ -146,7 +149,28 @@ def plan_change(
     after = TableState(
         base_ready=True, chain_ids=ids, chain_refs=refs, foreign_ids=state.foreign_ids, zones=zones, bridge_refs=bridges
     )
-    return zone_cmds + port_cmds, after
+    return zone_cmds + port_cmds + _limit_cmds(render, adds, removes), after
+
+
+def _limits_of(ports: Iterable[Plugged]) -> set[Elem]:
+    """The out_limit elements of ports with an outbound limit (port security or not)."""
+    return {
+        encoding.limit_elem(p.tap, *bucket) for p in ports if p.shaping and (bucket := p.shaping.outbound()) is not None
+    }
+
+
+def _limit_cmds(render: Renderer, adds: Sequence[Plugged], removes: Sequence[Plugged]) -> list[Command]:
+    """The outbound limits of ports leaving (elements, then their objects) and joining."""
+    old, new = _limits_of(removes), _limits_of(adds)
+    if not old and not new:
+        return []
+    gone, joining = old - new, new - old
+    return [
+        *render.elements("delete", OUT_LIMIT, gone),
+        *render.drop_limits(lim[0] for e in gone if (lim := encoding.limit_of(e)) is not None),
+        *render.limits(joining),
+        *render.elements("add", OUT_LIMIT, joining),
+    ]
 
 
 def _port_cmds(
@@ -247,7 +271,7 @@ def plan_sync(
             zones=zones,
             bridge_refs=Counter(p.bridge for p in ports),
         )
-        cmds = ruleset(render.table, [(p.port, p.tap) for p in secured], zones, render.metadata)
+        cmds = ruleset(render.table, [(p.port, p.tap) for p in secured], zones, render.metadata, _limits_of(ports))
         return SyncPlan(cmds, after, rebuilt=True, made_ports=[p.port.id for p in secured])
     want_chains: dict[ChainKey, Rules] = {}
     refs: Counter[ChainKey] = Counter()
@@ -257,6 +281,7 @@ def plan_sync(
         refs.update(chains.keys())
     ids = _keep_ids(listing, want_chains)
     want = _wanted_elements(render, secured, want_chains, ids, zones)
+    want[OUT_LIMIT] = _limits_of(ports)
     extra = _extra_elements(listing, want, _forgotten(render, state, listing, forget), prune)
     kept_ids = _ids_in_port_sets(listing, extra)
     foreign = {} if prune else {k: n for k, n in listing.chain_ids().items() if n in kept_ids}
@@ -264,6 +289,11 @@ def plan_sync(
     cmds = _chain_cmds(render, listing, want_chains, zones)
     for key in SETS:
         cmds += render.elements("delete", key, extra[key])
+    # Limit objects follow the out_limit elements that stay: unnamed ones go, missing ones come.
+    stay = (listing.have(OUT_LIMIT) - extra[OUT_LIMIT]) | want[OUT_LIMIT]
+    named = {lim[0] for e in stay if (lim := encoding.limit_of(e))}
+    cmds += render.drop_limits(sorted(listing.limits - named))
+    cmds += render.limits(e for e in want[OUT_LIMIT] if (lim := encoding.limit_of(e)) and lim[0] not in listing.limits)
     for key in SETS:
         cmds += render.elements("add", key, want[key] - listing.have(key))
     zone_chains = (("inet", encoding.zone_chain(z)) for z in kept_zones.values())
@@ -357,6 +387,7 @@ def _forgotten(
     known = [p for p in forget if p.secured and all(k in state.chain_ids for k in render.chains(p.port))]
     for key, elems in _elements_of(render, known, state.chain_ids).items():
         forgotten[key] |= elems
+    forgotten[OUT_LIMIT] = _limits_of(forget)
     bridges = {p.bridge for p in forget}
     forgotten[ZONES] = {e for e in listing.have(ZONES) if encoding.bridge_of(e) in bridges}
     return forgotten

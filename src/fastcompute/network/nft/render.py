@@ -16,7 +16,7 @@ from typing import Any, Final
 import msgspec
 
 from fastcompute.network.nft import encoding
-from fastcompute.network.nft.encoding import MARK_OURS, MARK_PORT_BITS, SETS, ZONES, Elem, SetKey
+from fastcompute.network.nft.encoding import MARK_OURS, MARK_PORT_BITS, OUT_LIMIT, SETS, ZONES, Elem, SetKey
 from fastcompute.network.ports import ICMP_PROTOCOLS, PORT_PROTOCOLS, protocol_number
 from fastcompute.protocol.ports import Port, SecurityGroup, SecurityGroupRule
 
@@ -127,9 +127,11 @@ def ruleset(
     ports: Iterable[tuple[Port, str]],
     zones: Mapping[str, int] | None = None,
     metadata: tuple[str, int] | None = None,
+    limits: Iterable[Elem] = (),
 ) -> list[dict[str, Any]]:
-    """One transaction that replaces both tables with the rules of ``(port, tap)`` pairs and
-    the conntrack ``zones`` of bridges (and the metadata service's chains, see :class:`Renderer`).
+    """One transaction that replaces both tables with the rules of ``(port, tap)`` pairs, the
+    conntrack ``zones`` of bridges and the ports' outbound ``limits`` (out_limit elements),
+    and the metadata service's chains (see :class:`Renderer`).
 
     What the agent sends when it finds its tables missing or of another layout, e.g. at the
     first start-up with instances to restore.
@@ -151,6 +153,8 @@ def ruleset(
     for bridge, zone in (zones or {}).items():
         cmds += render.zone_chain(zone, exists=False)
         elements[ZONES].add(encoding.zone_elem(bridge, zone))
+    elements[OUT_LIMIT].update(limits)
+    cmds += render.limits(elements[OUT_LIMIT])
     for key, members in elements.items():
         cmds += render.elements("add", key, members)
     return cmds
@@ -233,6 +237,8 @@ class Renderer:
             # Frames from the wire carry mark 0: only frames from our ports get our mark, which
             # names the rule chain of the sender's egress.
             self._rule("bridge", "prerouting", [mark_set(iif, "@egress_mark")], tag),
+            # A port's outbound limit: what its token bucket cannot cover is dropped.
+            self._rule("bridge", "prerouting", [{"limit": {"map": {"key": iif, "data": "@out_limit"}}}, drop]),
             self._rule("bridge", "prerouting", [ours, jump_spoof]),
             # The sender's egress is judged in inet prerouting before this hook; from here on
             # the mark names the receiver's ingress chain, or none when it is not our port.
@@ -395,6 +401,20 @@ class Renderer:
             return []
         family, name = key
         return [{verb: self._obj(family, "element", name=name, elem=items)}]
+
+    def limits(self, elems: Iterable[Elem]) -> list[dict[str, Any]]:
+        """Commands that add the limit objects out_limit elements name."""
+        return [
+            {"add": self._obj("bridge", "limit", name=name, rate=rate, per="second", rate_unit="bytes", burst=burst,
+                              burst_unit="bytes", inv=True)}
+            for e in elems
+            if (lim := encoding.limit_of(e)) is not None
+            for name, rate, burst in [lim]
+        ]
+
+    def drop_limits(self, names: Iterable[str]) -> list[dict[str, Any]]:
+        """Commands that delete limit objects (once no element names them)."""
+        return [{"delete": self._obj("bridge", "limit", name=name)} for name in names]
 
     @staticmethod
     def chain_tag(rules: Rules) -> str:
