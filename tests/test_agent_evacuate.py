@@ -1,0 +1,124 @@
+"""Evacuate between real agents on the embedded test driver: an instance of an agent killed
+with kill -9 rebuilt on its peer with the same uuid, metadata and bootstrap data; the dead
+agent's copy dropped when it comes back; refused while the source answers; kill -9 of the
+destination in the middle of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fixtures import AgentProcess, call_error, disk_dirs, spawn_args
+from test_agent_image_workflows import crash_during
+from test_agent_migration import gone, pair, usage
+
+USER_DATA = b"#!/bin/sh\necho evacuated-user-data\n"
+FAST = "evacuate_probe_s = 1\n"
+
+
+def spawned(agent: AgentProcess, image: Path, **over: Any) -> str:
+    rec = agent.call("instance.spawn", spawn_args(
+        image, wait=True, metadata={"role": "web"}, user_data=base64.b64encode(USER_DATA).decode(),
+        config_drive=True, **over))
+    assert rec["vm_state"] == "active", rec
+    return str(rec["uuid"])
+
+
+def nothing_at(agent: AgentProcess, uuid: str, timeout_s: float = 30.0) -> None:
+    """No record, claim or files of ``uuid`` left at ``agent``."""
+    gone(agent, uuid)
+    deadline = time.monotonic() + timeout_s
+    while usage(agent) or disk_dirs(agent):
+        assert time.monotonic() < deadline, (usage(agent), disk_dirs(agent))
+        time.sleep(0.1)
+
+
+def evacuated(agent: AgentProcess, uuid: str, host: str = "host-b") -> dict[str, Any]:
+    """The instance runs at ``agent`` (``host``) with what it had: metadata, bootstrap data, claim."""
+    rec = agent.call("instance.get", {"uuid": uuid})
+    assert (rec["vm_state"], rec["task_state"], rec["power_state"], rec["host"]) == ("active", None, "running", host)
+    assert rec["metadata"] == {"role": "web"}
+    assert USER_DATA in (agent.state_dir / "instances" / uuid / "disk.config").read_bytes()
+    assert usage(agent) == 64 and disk_dirs(agent) == {uuid}
+    return dict(rec)
+
+
+def test_evacuate_from_a_dead_host_and_its_return_drops_its_copy(make_agent: Any, image_file: Path) -> None:
+    a, b = pair(make_agent, a_migration=FAST, b_migration=FAST)
+    uuid = spawned(a, image_file)
+    copy = a.call("instance.export", {"uuid": uuid})
+    assert copy["bootstrap"]["user_data"] == USER_DATA and copy["bootstrap"].get("admin_pass") is None
+    a.kill()
+
+    rec = b.call("instance.evacuate", {"uuid": uuid, "instance": copy})
+    assert rec["uuid"] == uuid and rec["name"] == "vm"
+    evacuated(b, uuid)
+
+    a.start()  # its start-up learns the instance lives at host-b and drops its copy
+    nothing_at(a, uuid)
+    evacuated(b, uuid)
+    # Its copy stays dropped across another restart (and host-b's mark is settled).
+    a.kill()
+    a.start()
+    nothing_at(a, uuid)
+    evacuated(b, uuid)
+    b.call("instance.delete", {"uuid": uuid})
+    nothing_at(b, uuid)
+
+
+def test_evacuate_is_refused_while_the_source_answers(make_agent: Any, image_file: Path) -> None:
+    a, b = pair(make_agent, a_migration=FAST, b_migration=FAST)
+    uuid = spawned(a, image_file)
+    copy = a.call("instance.export", {"uuid": uuid})
+    e = call_error(b, "instance.evacuate", {"uuid": uuid, "instance": copy})
+    assert (e.code, e.details["source"]) == ("CONFLICT", "host-a")
+    nothing_at(b, uuid)
+    assert a.call("instance.get", {"uuid": uuid})["power_state"] == "running" and usage(a) == 64
+
+
+def test_evacuate_refusals(make_agent: Any, image_file: Path) -> None:
+    a, b = pair(make_agent, a_migration=FAST, b_migration=FAST)
+    uuid = spawned(a, image_file)
+    copy = a.call("instance.export", {"uuid": uuid})
+    other = "00000000-0000-4000-8000-000000000001"
+    e = call_error(b, "instance.evacuate", {"uuid": other, "instance": copy})
+    assert (e.code, e.details["field"]) == ("BAD_REQUEST", "args.instance.record.uuid")
+    e = call_error(b, "instance.evacuate", {"uuid": uuid, "instance": copy, "source": "host-z"})
+    assert e.code == "FORBIDDEN"
+    e = call_error(a, "instance.evacuate", {"uuid": uuid, "instance": copy})
+    assert (e.code, e.details["field"]) == ("BAD_REQUEST", "args.source")
+    nothing_at(b, uuid)
+
+
+@pytest.mark.parametrize("step", ["evacuate:recorded", "evacuate:fetched", "evacuate:launched"])
+def test_kill_9_of_the_destination_mid_evacuate_rolls_it_back(make_agent: Any, image_file: Path,
+                                                               step: str) -> None:
+    a, b = pair(make_agent, a_migration=FAST, b_migration=FAST)
+    uuid = spawned(a, image_file)
+    copy = a.call("instance.export", {"uuid": uuid})
+    a.kill()
+    args = {"uuid": uuid, "instance": copy}
+    crash_during(b, step, "instance.evacuate", args)
+    nothing_at(b, uuid)  # rolled back: nothing held, so the evacuate can be asked again
+    b.call("instance.evacuate", args)
+    evacuated(b, uuid)
+    a.start()
+    nothing_at(a, uuid)
+
+
+def test_cli_export_and_evacuate(make_agent: Any, image_file: Path, tmp_path: Path) -> None:
+    from test_cli import fc, fc_json
+
+    a, b = pair(make_agent, a_migration=FAST, b_migration=FAST)
+    uuid = spawned(a, image_file, name="web")
+    saved = tmp_path / "web.fcx"
+    fc("export", "web", "--output", str(saved), "--endpoint", a.control)
+    assert saved.stat().st_mode & 0o077 == 0
+    a.kill()
+    rec = fc_json("evacuate", str(saved), "--endpoint", b.control)
+    assert (rec["uuid"], rec["host"]) == (uuid, "host-b")
+    evacuated(b, uuid)
