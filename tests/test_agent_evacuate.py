@@ -7,6 +7,7 @@ destination in the middle of it.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,74 @@ def test_cli_export_and_evacuate(make_agent: Any, image_file: Path, tmp_path: Pa
     rec = fc_json("evacuate", str(saved), "--endpoint", b.control)
     assert (rec["uuid"], rec["host"]) == (uuid, "host-b")
     evacuated(b, uuid)
+
+
+# -- the scheduler picks the destination ---------------------------------------------------------
+
+FULL = "[resources]\nreserved_host_memory_mb = 6000\n"
+# Room for a 256 MiB guest, but less free memory than host-a: spreading alone would pick host-a.
+TIGHT = "[resources]\nreserved_host_memory_mb = 2500\n"
+BIG = {"vcpus": 1, "memory_mb": 256, "disk_gb": 1}
+
+
+def trio(make_agent: Any) -> tuple[AgentProcess, AgentProcess, AgentProcess]:
+    """Agents host-a, host-b (too full for a 256 MiB guest) and host-c (less room than host-a),
+    each the others' peer."""
+    agents = [make_agent(start=False) for _ in range(3)]
+    names = ["host-a", "host-b", "host-c"]
+    for i, agent in enumerate(agents):
+        peers = "".join(f'[[migration.peers]]\nhost = "{names[j]}"\ncontrol = "{agents[j].control}"\n'
+                        for j in range(3) if j != i)
+        agent.config_path.write_text(f'[agent]\nhost = "{names[i]}"\n{["", FULL, TIGHT][i]}\n'
+                                     f"[migration]\nretry_interval_s = 0.3\ncall_timeout_s = 5\n{FAST}\n{peers}")
+        agent.start()
+    return agents[0], agents[1], agents[2]
+
+
+def fleet(*agents: AgentProcess) -> list[str]:
+    return [f"{x.control},{x.events}" for x in agents]
+
+
+def test_the_scheduler_resizes_to_a_host_with_room_not_the_source(make_agent: Any, image_file: Path) -> None:
+    import asyncio
+
+    from fastcompute.scheduler import Endpoint, Scheduler
+    from fastcompute.scheduler.moves import move
+
+    a, b, c = trio(make_agent)
+    uuid = spawned(a, image_file)
+
+    async def run() -> Any:
+        async with Scheduler([Endpoint.parse(e) for e in fleet(a, b, c)]) as sched:
+            return await move(sched, "resize", uuid=uuid, flavor=BIG, wait=True)
+
+    placed = asyncio.run(run())
+    assert (placed.host, placed.record.host, placed.record.vm_state) == ("host-c", "host-c", "resized")
+    assert usage(b) == 0 and disk_dirs(b) == set()
+    c.call("instance.confirm_resize", {"uuid": uuid})
+    nothing_at(a, uuid)
+    assert usage(c) == 256
+
+
+def test_the_scheduler_evacuates_to_a_host_with_room_and_says_when_none_has(make_agent: Any, image_file: Path,
+                                                                            tmp_path: Path) -> None:
+    from test_cli import fc
+
+    a, b, c = trio(make_agent)
+    uuid = spawned(a, image_file, flavor=BIG)
+    saved = tmp_path / "vm.fcx"
+    fc("export", uuid, "--output", str(saved), "--endpoint", a.control)
+    c.kill()
+    a.kill()
+    # host-b has no room and host-c is down: no host but the source would do.
+    agents = [x for e in fleet(a, b, c) for x in ("--agent", e)]
+    failed = fc("move", "evacuate", str(saved), *agents, "--timeout", "3", check=False)
+    assert failed.returncode == 1 and "NO_CAPACITY" in failed.stderr, failed.stderr
+    nothing_at(b, uuid)
+    c.start()
+    done = fc("move", "evacuate", str(saved), *agents, "--timeout", "10", "--json")
+    assert json.loads(done.stdout)["host"] == "host-c"
+    rec = c.call("instance.get", {"uuid": uuid})
+    assert (rec["vm_state"], rec["power_state"], rec["host"]) == ("active", "running", "host-c")
+    a.start()
+    nothing_at(a, uuid)
