@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid as uuid_mod
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_fixtures import AgentProcess, call_error, disk_dirs, spawn_args
+from network_fixtures import links, remove_owned
 from test_agent_image_workflows import crash_during
 from test_agent_migration import gone, pair, usage
 
@@ -69,6 +71,41 @@ def test_evacuate_from_a_dead_host_and_its_return_drops_its_copy(make_agent: Any
     evacuated(b, uuid)
     b.call("instance.delete", {"uuid": uuid})
     nothing_at(b, uuid)
+
+
+@pytest.fixture
+def net_pair(make_agent: Any) -> Any:
+    """host-a and host-b, peers, each with its own network names (taps on this machine)."""
+    tags = [uuid_mod.uuid4().hex[:6] for _ in range(2)]
+    nets = [f'[network]\nowner = "fct{t}"\nbridge_prefix = "b{t}"\ntap_prefix = "t{t[:3]}"\n' for t in tags]
+    a, b = pair(make_agent, a_extra=nets[0], b_extra=nets[1], a_migration=FAST, b_migration=FAST)
+    yield (a, f"t{tags[0][:3]}"), (b, f"t{tags[1][:3]}")
+    for agent in (a, b):
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.terminate()
+    for t in tags:
+        remove_owned(f"fct{t}")
+
+
+def test_the_evacuated_instance_keeps_its_port_and_the_returning_source_unplugs_only_its_own(
+        net_pair: Any, image_file: Path) -> None:
+    (a, tap_a), (b, tap_b) = net_pair
+    port = {"id": "evacport1", "mac": "52:54:00:79:00:01", "network": {"id": "ev", "mtu": 1400},
+            "fixed_ips": [{"ip": "10.79.0.11", "prefix": 24}]}
+    uuid = spawned(a, image_file, networks=[port])
+    copy = a.call("instance.export", {"uuid": uuid})
+    assert [p["id"] for p in copy["ports"]] == ["evacport1"]
+    a.kill()  # its tap stays, as on a host whose agent died
+    assert f"{tap_a}evacport1"[:15] in links()
+
+    b.call("instance.evacuate", {"uuid": uuid, "instance": copy})
+    evacuated(b, uuid)
+    assert f"{tap_b}evacport1"[:15] in links()
+    a.start()
+    nothing_at(a, uuid)
+    assert f"{tap_a}evacport1"[:15] not in links()
+    assert f"{tap_b}evacport1"[:15] in links()
+    assert b.call("instance.get", {"uuid": uuid})["power_state"] == "running"
 
 
 def test_evacuate_is_refused_while_the_source_answers(make_agent: Any, image_file: Path) -> None:
