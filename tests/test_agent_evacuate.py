@@ -73,6 +73,25 @@ def test_evacuate_from_a_dead_host_and_its_return_drops_its_copy(make_agent: Any
     nothing_at(b, uuid)
 
 
+def test_a_source_back_while_the_destination_is_down_drops_its_copy_once_it_is_up(make_agent: Any,
+                                                                                  image_file: Path) -> None:
+    a, b = pair(make_agent, a_migration=FAST, b_migration=FAST)
+    uuid = spawned(a, image_file)
+    copy = a.call("instance.export", {"uuid": uuid})
+    a.kill()
+    b.call("instance.evacuate", {"uuid": uuid, "instance": copy})
+    b.kill()
+    a.start()  # nobody tells it: it runs its copy again, the only one running
+    assert a.call("instance.get", {"uuid": uuid})["power_state"] == "running"
+    b.start()  # asked again by host-a, and telling host-a: the copy there goes
+    deadline = time.monotonic() + 30
+    while a.call("instance.list"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    nothing_at(a, uuid)
+    evacuated(b, uuid)
+
+
 @pytest.fixture
 def net_pair(make_agent: Any) -> Any:
     """host-a and host-b, peers, each with its own network names (taps on this machine)."""
