@@ -23,6 +23,7 @@ import msgspec
 from fastcompute import protocol
 from fastcompute.compute import validate
 from fastcompute.compute.crashdump import crash_dump
+from fastcompute.compute.evacuate import Evacuations
 from fastcompute.compute.guestagent import GuestAgent
 from fastcompute.compute.manager import Manager
 from fastcompute.compute.peers import peer_keys
@@ -82,6 +83,7 @@ class Agent:
         self._background: list[asyncio.Task[None]] = []
         self.snapshots: Snapshots | None = None
         self.shelver: Shelver | None = None
+        self.evacuations: Evacuations | None = None
 
     def _handlers(self, m: Manager) -> dict[str, Handler]:
         """One handler per op of ``protocol.OPS``: the validation stage, then the manager.
@@ -134,6 +136,12 @@ class Agent:
         async def get_shelved(a: protocol.UuidArgs) -> Any:
             return shelver.get_shelved(a.uuid)
 
+        evacuations = self.evacuations
+        assert evacuations is not None
+
+        async def export(a: protocol.UuidArgs) -> Any:
+            return evacuations.export(a.uuid)
+
         own: dict[str, Callable[[Any], Awaitable[Any]]] = {
             "ping": ping,
             "host.info": host_info,
@@ -177,6 +185,10 @@ class Agent:
             "migration.abort": moves.abort,
             "migration.confirm": moves.peer_confirm,
             "migration.revert": moves.peer_revert,
+            "instance.export": export,
+            "instance.evacuate": evacuations.evacuate,
+            "migration.evacuated": evacuations.evacuated,
+            "migration.evacuees": evacuations.evacuees,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -236,6 +248,7 @@ class Agent:
         # Before the manager's start-up: it finishes or rolls back their interrupted tasks.
         self.snapshots = Snapshots(manager)
         self.shelver = Shelver(manager, self.snapshots)
+        self.evacuations = Evacuations(manager)
         if md.enabled:
             # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
             self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))
@@ -277,6 +290,7 @@ class Agent:
             loop.create_task(self.images.run_cleaner(self._stop)),
             loop.create_task(self.shelver.run_offloader(self._stop)),
             loop.create_task(self._every(cfg.migration.retry_interval_s, manager.migrations.tick)),
+            loop.create_task(self._every(cfg.migration.retry_interval_s, self.evacuations.tick)),
         ]
         if cfg.compute.reclaim_instance_interval_s > 0:
             # Nova reclaims every interval; half of it (at most a minute) bounds the overstay.

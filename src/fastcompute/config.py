@@ -226,6 +226,7 @@ class MigrationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_interval_s: Annotated[float, msgspec.Meta(gt=0), _doc("Period of the retries of an interrupted move's steps and of the resize_confirm_window check")] = 5.0
     test_hold_step: Annotated[Literal["", "prep", "migrating", "finishing", "copying"], _doc("Tests only: the move step (prep, migrating, finishing, copying) at which this agent waits test_hold_s after recording it, so that a test can kill it there; empty = never")] = ""
     test_hold_s: Annotated[float, msgspec.Meta(ge=0), _doc("Tests only: see test_hold_step")] = 0.0
+    evacuate_probe_s: Annotated[float, msgspec.Meta(gt=0), _doc("How long an agent asked to evacuate an instance waits for its source agent's answer before it takes that host for down (an answer refuses the evacuate); also the wait for each peer's answer when a restarted agent asks which of its instances were evacuated")] = 5.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

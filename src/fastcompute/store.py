@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS settings (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS evacuations (
+    uuid TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
 """
 
 Statement = tuple[str, Sequence[Any]]
@@ -211,6 +215,15 @@ class Store:
         """Forget one side of a move."""
         return ("DELETE FROM migrations WHERE id = ? AND role = ?", (move_id, role))
 
+    def put_evacuation(self, uuid: str, body: Any) -> Statement:
+        """Record an instance evacuated to this host (until its source has dropped its copy)."""
+        return ("INSERT OR REPLACE INTO evacuations (uuid, body) VALUES (?, ?)", (uuid, self._encoder.encode(body)))
+
+    @staticmethod
+    def delete_evacuation(uuid: str) -> Statement:
+        """Forget an evacuation."""
+        return ("DELETE FROM evacuations WHERE uuid = ?", (uuid,))
+
     @staticmethod
     def put_reply(client: bytes, request_id: str, reply: bytes, ttl_s: float) -> Statement:
         """Remember a reply for retries of the same request id by the same client."""
@@ -271,6 +284,15 @@ class Store:
         settings = {k: msgspec.msgpack.decode(v) for k, v in conn.execute("SELECT key, value FROM settings")}
         migrations = [bytes(b) for (b,) in conn.execute("SELECT body FROM migrations")]
         return Loaded(instances, claims, settings, migrations)
+
+    async def load_evacuations(self) -> list[bytes]:
+        """The evacuations to this host (bodies)."""
+        return await self._thread.run(self._load_evacuations)
+
+    def _load_evacuations(self) -> list[bytes]:
+        conn = self._conn
+        assert conn is not None
+        return [bytes(b) for (b,) in conn.execute("SELECT body FROM evacuations")]
 
     async def load_replies(self, max_bytes: int, entry_size: SizeOf) -> StoredReplies:
         """The newest unexpired replies whose ``entry_size`` adds up to at most ``max_bytes``."""

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -145,6 +146,32 @@ def _resize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export(a: argparse.Namespace) -> int:
+    with client(a) as c:
+        r = c.call("instance.export", {"uuid": resolve(c, [a.uuid])[0]})
+    # MessagePack, not JSON: the bootstrap data holds bytes (user data). It holds the user
+    # data too, so the file is the caller's only.
+    fd = os.open(a.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.msgpack.encode(r))
+    emit(a, r["record"], show)
+    return 0
+
+
+def _evacuate(a: argparse.Namespace) -> int:
+    try:
+        copy = msgspec.msgpack.decode(Path(a.file).read_bytes())
+    except (OSError, msgspec.DecodeError) as exc:
+        raise SystemExit(f"{a.file}: {exc}") from None
+    args: dict[str, Any] = {"uuid": copy["record"]["uuid"], "instance": copy}
+    if a.source:
+        args["source"] = a.source
+    with client(a) as c:
+        r = c.call("instance.evacuate", args)
+    emit(a, r, show)
+    return 0
+
+
 def _each(op: protocol.Op, options: list[str]) -> Callable[[argparse.Namespace], int]:
     def run(a: argparse.Namespace) -> int:
         extra: dict[str, Any] = {name: getattr(a, name) for name in options if getattr(a, name) is not None}
@@ -276,6 +303,17 @@ def add_verbs(sub: Any, common: argparse.ArgumentParser) -> None:
     rs.add_argument("--destination", help="the host to move to (default: this one, where allowed)")
     rs.add_argument("--wait", action="store_true", help="return when the instance is resized (or the move failed)")
     rs.set_defaults(fn=_resize)
+
+    ex = sub.add_parser("export", parents=[common], help=ops["instance.export"].help
+                        + "; keep the file to evacuate the instance should its host go down")
+    ex.add_argument("uuid", help="uuid, uuid prefix or name")
+    ex.add_argument("--output", required=True, help="the file to write (MessagePack; it holds the user data)")
+    ex.set_defaults(fn=_export)
+    eva = sub.add_parser("evacuate", parents=[common], help=ops["instance.evacuate"].help
+                         + " (--endpoint: the host to rebuild it on)")
+    eva.add_argument("file", help="what export wrote while the instance's host was up")
+    eva.add_argument("--source", help="the host that is down (default: the instance's host in the file)")
+    eva.set_defaults(fn=_evacuate)
 
     for op in ops.values():
         if op.verb is None or not (op.transition is not None or op.name in _EACH):

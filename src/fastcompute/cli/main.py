@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schedule", add_help=False,
                    help="place spawns across several agents (see `fastcompute schedule --help`)")
 
+    sub.add_parser("move", add_help=False,
+                   help="migrate, resize or evacuate to a host the scheduler picks (see `fastcompute move --help`)")
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint", default=os.environ.get("FASTCOMPUTE_ENDPOINT", DEFAULT_ENDPOINT),
                         help="the agent's control endpoint (env FASTCOMPUTE_ENDPOINT)")
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastcompute.scheduler import fleet as scheduler
 
         return scheduler.main(args[1:])
+    if args[:1] == ["move"]:
+        from fastcompute.scheduler import moves
+
+        return moves.main(args[1:])
     a = build_parser().parse_args(args)
     try:
         return int(a.fn(a))

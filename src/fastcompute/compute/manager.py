@@ -138,6 +138,9 @@ class Manager:
         # what a delete also removes (their images).
         self.resumers: dict[str, Callable[[str, DomainInfo | None], Awaitable[bool]]] = {}
         self.on_delete: list[Callable[[Stored], Awaitable[None]]] = []
+        # Start-up steps of other modules before anything is reconciled (compute/evacuate.py
+        # drops the instances evacuated elsewhere while this host was down).
+        self.before_reconcile: list[Callable[[], Awaitable[None]]] = []
         self.migrations = Migrations(self)
         self._held: set[str] = set()  # what moves hold: the start-up leaves it to them
 
@@ -179,6 +182,8 @@ class Manager:
         if stale:
             log.warning("dropping %d claims of instances the store does not know", len(stale))
             await self.store.write([Store.delete_claim(u) for u in stale])
+        for step in self.before_reconcile:
+            await step()
         await self.reconcile()
 
     async def reconcile(self) -> None:

@@ -4,10 +4,12 @@ record fields derived from a claim."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 
 from fastcompute.compute import configdrive
+from fastcompute.errors import BadRequest
 from fastcompute.hypervisor.spec import SourceKind
 from fastcompute.images.cache import ImageSpec
 from fastcompute.protocol import Image, InstanceRecord, NumaCell
@@ -46,6 +48,26 @@ class Stored(msgspec.Struct, kw_only=True):
     it is created there, cleared once it is complete; one left by a crash is deleted."""
     shelved_at: float | None = None
     """When the instance was shelved (the offload timer's start)."""
+
+
+def portable_bootstrap(stored: Stored) -> dict[str, Any] | None:
+    """An instance's bootstrap data as another agent re-makes its drive from it: without the
+    password, which nothing keeps beyond the first boot's drive (as in Nova)."""
+    if stored.bootstrap is None:
+        return None
+    boot: dict[str, Any] = msgspec.to_builtins(msgspec.structs.replace(stored.bootstrap, admin_pass=None),
+                                               builtin_types=(bytes,))
+    return boot
+
+
+def bootstrap_of(raw: dict[str, Any] | None, field: str) -> configdrive.Bootstrap | None:
+    """Bootstrap data another agent gave (``portable_bootstrap``); BAD_REQUEST naming ``field``."""
+    if raw is None:
+        return None
+    try:
+        return msgspec.convert(raw, configdrive.Bootstrap)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid bootstrap data: {exc}", {"field": field}) from None
 
 
 def now() -> str:

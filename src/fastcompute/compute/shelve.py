@@ -31,9 +31,8 @@ import time
 import msgspec
 
 from fastcompute import protocol
-from fastcompute.compute.configdrive import Bootstrap
 from fastcompute.compute.manager import Manager
-from fastcompute.compute.records import Stored, numa_cells
+from fastcompute.compute.records import Stored, bootstrap_of, numa_cells, portable_bootstrap
 from fastcompute.compute.snapshot import Snapshots
 from fastcompute.errors import AgentError, BadRequest, Conflict
 from fastcompute.hypervisor import DomainInfo
@@ -224,12 +223,8 @@ class Shelver:
         if rec.vm_state not in _OFFLOADED or rec.shelved_image_id is None:
             raise Conflict(f"instance {uuid} is {rec.vm_state}, not shelved_offloaded",
                            {"vm_state": rec.vm_state})
-        boot = None
-        if stored.bootstrap is not None:
-            # Nothing keeps the password beyond the first boot's drive, as in Nova.
-            boot = msgspec.to_builtins(msgspec.structs.replace(stored.bootstrap, admin_pass=None),
-                                       builtin_types=(bytes,))
-        return ShelvedInstance(record=rec, image_id=rec.shelved_image_id, ports=stored.ports, bootstrap=boot)
+        return ShelvedInstance(record=rec, image_id=rec.shelved_image_id, ports=stored.ports,
+                               bootstrap=portable_bootstrap(stored))
 
     async def _adopt(self, uuid: str, shelved: ShelvedInstance) -> None:
         m = self.manager
@@ -241,10 +236,7 @@ class Shelver:
                              {"field": "args.shelved.record.vm_state"})
         if uuid in m._deleting:
             raise Conflict(f"instance {uuid} is being deleted", {"uuid": uuid})
-        try:
-            boot = msgspec.convert(shelved.bootstrap, Bootstrap) if shelved.bootstrap is not None else None
-        except msgspec.ValidationError as exc:
-            raise BadRequest(f"invalid shelved bootstrap data: {exc}", {"field": "args.shelved.bootstrap"}) from None
+        boot = bootstrap_of(shelved.bootstrap, "args.shelved.bootstrap")
         ports = await m._validate_ports(shelved.ports, uuid)
         if uuid in m.instances:
             raise Conflict(f"instance {uuid} is already on this host", {"uuid": uuid})

@@ -23,6 +23,8 @@ from fastcompute.protocol.schema import (
     ConsoleArgs,
     DetachPortArgs,
     DetachVolumeArgs,
+    EvacuateArgs,
+    EvacuatedArgs,
     ExtendVolumeArgs,
     FinishArgs,
     GetConsoleArgs,
@@ -187,6 +189,16 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     Op("migration.abort", PeerArgs, "undo an incoming move", mutating=False, access="peer"),
     Op("migration.confirm", PeerArgs, "drop what an outgoing move kept for a revert", mutating=False, access="peer"),
     Op("migration.revert", PeerArgs, "bring an outgoing move back", mutating=False, access="peer"),
+    # Evacuate (compute/evacuate.py): a member's export (it holds the user data); the rebuild
+    # on another host is an admin's, sent to that host (the instance's own is down).
+    Op("instance.export", UuidArgs, "an instance as another host rebuilds it if this one goes down",
+       mutating=False, verb="export"),
+    Op("instance.evacuate", EvacuateArgs, "rebuild an instance of a host that is down on this one",
+       access="host-write", verb="evacuate"),
+    Op("migration.evacuated", EvacuatedArgs, "instances evacuated from the callee: its copies go",
+       mutating=False, access="peer"),
+    Op("migration.evacuees", EvacuatedArgs, "which of the caller's instances were evacuated from it",
+       mutating=False, access="peer"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}

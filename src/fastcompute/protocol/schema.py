@@ -640,3 +640,29 @@ class UnshelveArgs(_Args):
 
     uuid: UuidStr
     shelved: ShelvedInstance | None = None
+
+
+class InstanceCopy(Struct, kw_only=True):
+    """An instance as ``instance.export`` gives it, for a rebuild on another host should its
+    own go down (``instance.evacuate``): its record, ports and what its guest is told at boot
+    (without its password). The caller keeps it, as Nova's database keeps the instance."""
+
+    record: InstanceRecord
+    ports: list[Port] = []
+    bootstrap: dict[str, Any] | None = None
+
+
+class EvacuateArgs(_Args):
+    """``instance.evacuate`` (to the destination): rebuild an instance of a host that is down."""
+
+    uuid: UuidStr
+    instance: Annotated[InstanceCopy, Meta(description="the instance as instance.export last gave it")]
+    source: Annotated[Id | None, Meta(description="the host it was on (default: instance.record.host)")] = None
+
+
+class EvacuatedArgs(_Args):
+    """``migration.evacuated`` (destination to source): these instances live on the caller now;
+    an empty list only asks whether the source answers."""
+
+    peer: Id
+    uuids: Annotated[list[UuidStr], Meta(max_length=4096)] = []
