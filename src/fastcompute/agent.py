@@ -24,6 +24,7 @@ from fastcompute import protocol
 from fastcompute.compute import validate
 from fastcompute.compute.crashdump import crash_dump
 from fastcompute.compute.guestagent import GuestAgent
+from fastcompute.compute.livemigration import LiveMigrations
 from fastcompute.compute.manager import Manager
 from fastcompute.compute.peers import peer_keys
 from fastcompute.compute.ports import Ports
@@ -82,6 +83,7 @@ class Agent:
         self._background: list[asyncio.Task[None]] = []
         self.snapshots: Snapshots | None = None
         self.shelver: Shelver | None = None
+        self.live: LiveMigrations | None = None
 
     def _handlers(self, m: Manager) -> dict[str, Handler]:
         """One handler per op of ``protocol.OPS``: the validation stage, then the manager.
@@ -181,6 +183,12 @@ class Agent:
             m.get(a.uuid)
             return self.stats.last(a.uuid)
 
+        live = self.live
+        assert live is not None
+
+        async def live_migrate(a: protocol.LiveMigrateArgs) -> Any:
+            return await live.start(a.uuid, a.destination, a.block_migration, a.wait)
+
         snapshots, shelver = self.snapshots, self.shelver
         assert snapshots is not None and shelver is not None
 
@@ -242,6 +250,12 @@ class Agent:
             "migration.abort": moves.abort,
             "migration.confirm": moves.peer_confirm,
             "migration.revert": moves.peer_revert,
+            "instance.live_migrate": live_migrate,
+            "instance.live_migrate_abort": lambda a: live.abort(a.uuid),
+            "migration.live_prepare": live.prepare,
+            "migration.live_finish": live.finish,
+            "migration.live_status": live.status,
+            "migration.live_abort": live.abort_incoming,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -301,6 +315,7 @@ class Agent:
         # Before the manager's start-up: it finishes or rolls back their interrupted tasks.
         self.snapshots = Snapshots(manager)
         self.shelver = Shelver(manager, self.snapshots)
+        self.live = LiveMigrations(manager.migrations)
         if md.enabled:
             # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
             self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))

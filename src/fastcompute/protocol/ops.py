@@ -27,6 +27,8 @@ from fastcompute.protocol.schema import (
     FinishArgs,
     GetConsoleArgs,
     ListArgs,
+    LiveMigrateArgs,
+    LivePrepareArgs,
     MigrateArgs,
     MoveRequest,
     NoArgs,
@@ -187,6 +189,16 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     Op("migration.abort", PeerArgs, "undo an incoming move", mutating=False, access="peer"),
     Op("migration.confirm", PeerArgs, "drop what an outgoing move kept for a revert", mutating=False, access="peer"),
     Op("migration.revert", PeerArgs, "bring an outgoing move back", mutating=False, access="peer"),
+    # Live moves: the client's ops go to the instance's host; no confirm (the move is final).
+    Op("instance.live_migrate", LiveMigrateArgs, "move running instances to another host while they run",
+       access="host-write", verb="live-migrate"),
+    Op("instance.live_migrate_abort", UuidArgs, "abort an instance's live migration under way (it goes on here)",
+       access="host-write", verb="live-migrate-abort"),
+    Op("migration.live_prepare", LivePrepareArgs, "claim, disks and ports for an incoming live migration",
+       mutating=False, access="peer"),
+    Op("migration.live_finish", PeerArgs, "take over an instance live-migrated here", mutating=False, access="peer"),
+    Op("migration.live_status", PeerArgs, "where an incoming live migration stands", mutating=False, access="peer"),
+    Op("migration.live_abort", PeerArgs, "undo an incoming live migration", mutating=False, access="peer"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}
