@@ -1,0 +1,193 @@
+"""Live migration through two real agents, each inside its host's network namespace
+(scripts/libvirt-hosts.sh: fc-lma and fc-lmb on bridge fchosts0, a libvirtd each on qemu+tcp).
+
+Each agent talks to its own libvirtd, serves CURVE on its namespace's address (reached from
+here over fchosts0) and calls the other as its migration peer. A TCG guest with a counter on
+its serial console moves A -> B -> A while it runs: the counter keeps counting, and the console
+tail through the agent that has it still shows the lines from before the move. A guest that
+dirties memory faster than a 1 MiB/s cap lets it converge is aborted by
+``instance.live_migrate_abort`` (it goes on at A, nothing is left at B); one whose source agent
+is killed mid-migration ends, after the restart, running at A alone, claimed once.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq.auth
+from agent_fixtures import AgentProcess, call_error, disk_dirs, wait_for_state
+from guest_fixtures import READY, guest_image, wait_for_console
+from test_agent_security import make_keys
+from test_guest_live_migration import Host, hosts
+
+from fastcompute.rpc.client import Curve
+
+pytestmark = pytest.mark.guest
+__all__ = ["guest_image", "hosts"]
+
+MEMORY_MB = 128
+
+
+def z85(public: Path) -> str:
+    return str(zmq.auth.load_certificate(public)[0].decode())
+
+
+def config(name: str, me: Host, peer: str, peer_host: Host, secret: Path, peer_public: Path, admin: Path,
+           sockets: Path, migration: str = "") -> str:
+    return (f'[agent]\nhost = "{name}"\nsync_power_state_interval_s = 2\n'
+            f'[security]\nserver_secret_key_file = "{secret}"\nclient_public_keys = ["{z85(admin)}"]\n'
+            f'[hypervisor]\ndomain_type = "qemu"\nshutdown_timeout_s = 5\n'
+            f'[stats]\ninterval_s = 0\n'
+            f'[network]\nowner = "fc{name[-1]}"\n'
+            f'[console]\nenabled = true\nlisten = "{me.address}:6080"\nsocket_dir = "{sockets}"\n'
+            f'[migration]\nlibvirt_uri = "{me.uri}"\nretry_interval_s = 0.5\ncall_timeout_s = 30\n{migration}\n'
+            f'[[migration.peers]]\nhost = "{peer}"\ncontrol = "tcp://{peer_host.address}:7780"\n'
+            f'public_key = "{z85(peer_public)}"\n')
+
+
+class Pair:
+    """Agents host-a and host-b in the namespaces of the two libvirt hosts."""
+
+    def __init__(self, root: Path, hosts: tuple[Host, Host]) -> None:
+        keys = root / "keys"
+        self.keys = {n: make_keys(keys, n) for n in ("host-a", "host-b", "admin")}
+        self.hosts = dict(zip(("host-a", "host-b"), hosts, strict=True))
+        self.sockets = {n: Path(f"/tmp/lm-{root.name[-6:]}-{n[-1]}") for n in self.hosts}
+        self.agents: dict[str, AgentProcess] = {}
+        for name, host in self.hosts.items():
+            agent = AgentProcess(root / name, hypervisor=host.uri, netns="fc-" + ("lma" if name == "host-a" else "lmb"),
+                                 address=host.address)
+            agent.curve = Curve.from_files(self.keys[name][0], self.keys["admin"][1])
+            self.agents[name] = agent
+            self.configure(name)
+
+    def configure(self, name: str, migration: str = "") -> None:
+        peer = "host-b" if name == "host-a" else "host-a"
+        self.agents[name].config_path.write_text(config(
+            name, self.hosts[name], peer, self.hosts[peer], self.keys[name][1], self.keys[peer][0],
+            self.keys["admin"][0], self.sockets[name], migration))
+
+    def socket_of(self, name: str, uuid: str) -> Path:
+        return self.sockets[name] / f"{uuid}.sock"
+
+
+@pytest.fixture
+def pair(hosts: tuple[Host, Host], tmp_path: Path) -> Iterator[Pair]:
+    p = Pair(tmp_path, hosts)
+    try:
+        for agent in p.agents.values():
+            agent.start()
+        yield p
+        for agent in p.agents.values():
+            for rec in agent.call("instance.list"):
+                agent.call("instance.delete", {"uuid": rec["uuid"]})
+    finally:
+        for agent in p.agents.values():
+            if agent.proc is not None and agent.proc.poll() is None:
+                agent.kill()
+
+
+def usage(agent: AgentProcess) -> int:
+    return int(agent.call("host.info")["usage"]["MEMORY_MB"])
+
+
+def type_into(sock: Path, line: str) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(line.encode() + b"\n")
+        time.sleep(0.3)
+
+
+def ticks(data: bytes) -> list[int]:
+    return [int(m) for m in re.findall(rb"TICK (\d+)\r?\n", data)]
+
+
+def console_of(agent: AgentProcess, uuid: str) -> bytes:
+    return bytes(agent.call("instance.console", {"uuid": uuid, "tail_bytes": 1 << 20})["data"])
+
+
+def wait_ticks_past(agent: AgentProcess, uuid: str, n: int, timeout_s: float = 120.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = ticks(console_of(agent, uuid))
+        if got and max(got) > n:
+            return got
+        assert time.monotonic() < deadline, f"the counter did not pass {n} on {agent.control}: {got[-5:]}"
+        time.sleep(0.5)
+
+
+def at_alone(here: AgentProcess, there: AgentProcess, uuid: str, host: str) -> dict[str, Any]:
+    """The instance is active at ``here`` alone, claimed there alone, nothing left at ``there``."""
+    rec = wait_for_state(here, uuid, "active", 120)
+    assert (rec["host"], rec["power_state"]) == (host, "running")
+    assert call_error(there, "instance.get", {"uuid": uuid}).code == "NOT_FOUND"
+    deadline = time.monotonic() + 60
+    while usage(there) or disk_dirs(there) or usage(here) != MEMORY_MB:
+        assert time.monotonic() < deadline, (usage(there), disk_dirs(there), usage(here))
+        time.sleep(0.3)
+    assert disk_dirs(here) == {uuid}
+    return rec
+
+
+def boot(pair: Pair, image: Path) -> str:
+    a = pair.agents["host-a"]
+    rec = a.call("instance.spawn", {"name": "migrant", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
+                                    "image": {"url": image.as_uri()}, "wait": True})
+    uuid = str(rec["uuid"])
+    wait_for_console(a.state_dir / "instances" / uuid / "console.log", READY)
+    return uuid
+
+
+def test_a_running_guest_moves_there_and_back_and_keeps_counting(pair: Pair, guest_image: Path) -> None:
+    a, b = pair.agents["host-a"], pair.agents["host-b"]
+    uuid = boot(pair, guest_image)
+    type_into(pair.socket_of("host-a", uuid), "i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.2; done &")
+    before = wait_ticks_past(a, uuid, 5)
+
+    rec = a.call("instance.live_migrate", {"uuid": uuid, "destination": "host-b", "wait": True})
+    assert (rec["host"], rec["vm_state"], rec["task_state"]) == ("host-b", "active", None)
+    at_alone(b, a, uuid, "host-b")
+    on_b = wait_ticks_past(b, uuid, max(before) + 5)
+    assert set(before) <= set(on_b)  # the lines from before the move, through B's console
+
+    rec = b.call("instance.live_migrate", {"uuid": uuid, "destination": "host-a", "wait": True})
+    assert rec["host"] == "host-a"
+    at_alone(a, b, uuid, "host-a")
+    back = wait_ticks_past(a, uuid, max(on_b) + 5)
+    assert set(before) <= set(back)
+
+
+def test_a_migration_that_does_not_converge_is_aborted_and_the_source_killed_mid_way_keeps_it(
+        pair: Pair, guest_image: Path) -> None:
+    a, b = pair.agents["host-a"], pair.agents["host-b"]
+    pair.configure("host-a", "bandwidth_mib_s = 1\ndowntime_steps = 3\n")
+    a.restart()
+    uuid = boot(pair, guest_image)
+    shell = pair.socket_of("host-a", uuid)
+    type_into(shell, "dd if=/dev/urandom of=/src bs=1M count=24 2>/dev/null; echo DIRTYING; "
+                     "while :; do cat /src > /dst; done &")
+    wait_for_console(a.state_dir / "instances" / uuid / "console.log", "DIRTYING", timeout_s=120)
+    type_into(shell, "i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.5; done &")
+
+    rec = a.call("instance.live_migrate", {"uuid": uuid, "destination": "host-b"})
+    assert rec["task_state"] == "migrating"
+    assert usage(b) == MEMORY_MB and disk_dirs(b) == {uuid}  # B is ready for it
+    time.sleep(5)
+    a.call("instance.live_migrate_abort", {"uuid": uuid})
+    at_alone(a, b, uuid, "host-a")
+    last = max(ticks(console_of(a, uuid)))
+    wait_ticks_past(a, uuid, last + 2)
+
+    a.call("instance.live_migrate", {"uuid": uuid, "destination": "host-b"})
+    time.sleep(5)
+    a.kill()
+    a.start()
+    at_alone(a, b, uuid, "host-a")
+    last = max(ticks(console_of(a, uuid)))
+    wait_ticks_past(a, uuid, last + 2)
