@@ -385,7 +385,8 @@ class LiveMigrateArgs(_Args):
     block_migration: Annotated[Literal["auto", "true", "false"], Meta(
         description="copy the local disks with the memory (auto: as this host's storage needs; "
                     "false needs instance storage shared with the destination)")] = "auto"
-    wait: _Wait = False
+    wait: Annotated[bool, Meta(description="reply when the guest runs at the destination (or the move failed) "
+                                           "instead of once the destination is ready for it")] = False
 
 
 class LivePrepareArgs(_Args):
