@@ -39,13 +39,13 @@ def z85(public: Path) -> str:
 
 
 def config(name: str, me: Host, peer: str, peer_host: Host, secret: Path, peer_public: Path, admin: Path,
-           sockets: Path, migration: str = "") -> str:
+           sockets: Path, migration: str = "", consoles: bool = True) -> str:
     return (f'[agent]\nhost = "{name}"\nsync_power_state_interval_s = 2\n'
             f'[security]\nserver_secret_key_file = "{secret}"\nclient_public_keys = ["{z85(admin)}"]\n'
             f'[hypervisor]\ndomain_type = "qemu"\nshutdown_timeout_s = 5\n'
             f'[stats]\ninterval_s = 0\n'
             f'[network]\nowner = "fc{name[-1]}"\n'
-            f'[console]\nenabled = true\nlisten = "{me.address}:6080"\nsocket_dir = "{sockets}"\n'
+            f'[console]\nenabled = {str(consoles).lower()}\nlisten = "{me.address}:6080"\nsocket_dir = "{sockets}"\n'
             f'[migration]\nlibvirt_uri = "{me.uri}"\nretry_interval_s = 0.5\ncall_timeout_s = 30\n{migration}\n'
             f'[[migration.peers]]\nhost = "{peer}"\ncontrol = "tcp://{peer_host.address}:7780"\n'
             f'public_key = "{z85(peer_public)}"\n')
@@ -54,7 +54,8 @@ def config(name: str, me: Host, peer: str, peer_host: Host, secret: Path, peer_p
 class Pair:
     """Agents host-a and host-b in the namespaces of the two libvirt hosts."""
 
-    def __init__(self, root: Path, hosts: tuple[Host, Host]) -> None:
+    def __init__(self, root: Path, hosts: tuple[Host, Host], consoles: bool = True) -> None:
+        self.consoles = consoles
         keys = root / "keys"
         self.keys = {n: make_keys(keys, n) for n in ("host-a", "host-b", "admin")}
         self.hosts = dict(zip(("host-a", "host-b"), hosts, strict=True))
@@ -71,7 +72,7 @@ class Pair:
         peer = "host-b" if name == "host-a" else "host-a"
         self.agents[name].config_path.write_text(config(
             name, self.hosts[name], peer, self.hosts[peer], self.keys[name][1], self.keys[peer][0],
-            self.keys["admin"][0], self.sockets[name], migration))
+            self.keys["admin"][0], self.sockets[name], migration, self.consoles))
 
     def socket_of(self, name: str, uuid: str) -> Path:
         return self.sockets[name] / f"{uuid}.sock"
@@ -79,7 +80,13 @@ class Pair:
 
 @pytest.fixture
 def pair(hosts: tuple[Host, Host], tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path, hosts)
+    """Agents host-a and host-b (started), each in its host's namespace; their instances
+    deleted at the end."""
+    yield from started(Pair(tmp_path, hosts))
+
+
+def started(p: Pair) -> Iterator[Pair]:
+    """The agents of ``p`` started; at the end their instances deleted, the agents stopped."""
     try:
         for agent in p.agents.values():
             agent.start()
@@ -136,6 +143,7 @@ def at_alone(here: AgentProcess, there: AgentProcess, uuid: str, host: str) -> d
 
 
 def boot(pair: Pair, image: Path) -> str:
+    """A guest booted on host-a, its shell ready."""
     a = pair.agents["host-a"]
     rec = a.call("instance.spawn", {"name": "migrant", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
                                     "image": {"url": image.as_uri()}, "wait": True})
@@ -169,11 +177,7 @@ def test_a_migration_that_does_not_converge_is_aborted_and_the_source_killed_mid
     pair.configure("host-a", "bandwidth_mib_s = 1\ndowntime_steps = 3\n")
     a.restart()
     uuid = boot(pair, guest_image)
-    shell = pair.socket_of("host-a", uuid)
-    type_into(shell, "dd if=/dev/urandom of=/src bs=1M count=24 2>/dev/null; echo DIRTYING; "
-                     "while :; do cat /src > /dst; done &")
-    wait_for_console(a.state_dir / "instances" / uuid / "console.log", "DIRTYING", timeout_s=120)
-    type_into(shell, "i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.5; done &")
+    dirty(pair, "host-a", uuid)
 
     rec = a.call("instance.live_migrate", {"uuid": uuid, "destination": "host-b"})
     assert rec["task_state"] == "migrating"
@@ -191,3 +195,43 @@ def test_a_migration_that_does_not_converge_is_aborted_and_the_source_killed_mid
     at_alone(a, b, uuid, "host-a")
     last = max(ticks(console_of(a, uuid)))
     wait_ticks_past(a, uuid, last + 2)
+
+
+def dirty(pair: Pair, host: str, uuid: str) -> None:
+    """Have the guest dirty 24 MiB over and over (more than 1 MiB/s can ever send) and count."""
+    shell, agent = pair.socket_of(host, uuid), pair.agents[host]
+    type_into(shell, "dd if=/dev/urandom of=/src bs=1M count=24 2>/dev/null; echo DIRTYING; "
+                     "while :; do cat /src > /dst; done &")
+    wait_for_console(agent.state_dir / "instances" / uuid / "console.log", "DIRTYING", timeout_s=120)
+    type_into(shell, "i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.5; done &")
+
+
+def test_source_killed_at_the_switch_over_and_destination_killed_mid_way(pair: Pair, guest_image: Path) -> None:
+    a, b = pair.agents["host-a"], pair.agents["host-b"]
+    pair.configure("host-a", 'test_hold_step = "switching"\ntest_hold_s = 120\n')
+    a.restart()
+    uuid = boot(pair, guest_image)
+    type_into(pair.socket_of("host-a", uuid), "i=0; while :; do echo TICK $i; i=$((i+1)); sleep 0.2; done &")
+    before = wait_ticks_past(a, uuid, 3)
+    a.call("instance.live_migrate", {"uuid": uuid, "destination": "host-b"})
+    deadline = time.monotonic() + 120
+    while "waiting 120.0s at step switching" not in a.log():
+        assert time.monotonic() < deadline, a.log()[-2000:]
+        time.sleep(0.2)
+    a.kill()  # the guest runs at B, which does not know it yet
+    pair.configure("host-a")
+    a.start()
+    at_alone(b, a, uuid, "host-b")
+    assert set(before) <= set(wait_ticks_past(b, uuid, max(before) + 3))
+
+    pair.configure("host-b", "bandwidth_mib_s = 1\n")
+    b.restart()
+    dirty(pair, "host-b", uuid)
+    b.call("instance.live_migrate", {"uuid": uuid, "destination": "host-a"})
+    time.sleep(3)
+    a.kill()  # the destination, while the memory is on its way
+    b.call("instance.live_migrate_abort", {"uuid": uuid})
+    time.sleep(2)
+    a.start()
+    at_alone(b, a, uuid, "host-b")
+    wait_ticks_past(b, uuid, max(ticks(console_of(b, uuid))) + 2)
