@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 import zmq.auth
 from agent_fixtures import AgentProcess, call_error, disk_dirs, wait_for_state
 from guest_fixtures import READY, guest_image, wait_for_console
+from network_fixtures import EGRESS_ALL, connect, group, ping, port, rule
 from test_agent_security import make_keys
 from test_guest_live_migration import Host, hosts
 
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.guest
 __all__ = ["guest_image", "hosts"]
 
 MEMORY_MB = 128
+NET = "10.78.0"  # the guests' VLAN network, shared by both hosts over fchosts0
 
 
 def z85(public: Path) -> str:
@@ -44,7 +47,7 @@ def config(name: str, me: Host, peer: str, peer_host: Host, secret: Path, peer_p
             f'[security]\nserver_secret_key_file = "{secret}"\nclient_public_keys = ["{z85(admin)}"]\n'
             f'[hypervisor]\ndomain_type = "qemu"\nshutdown_timeout_s = 5\n'
             f'[stats]\ninterval_s = 0\n'
-            f'[network]\nowner = "fc{name[-1]}"\n'
+            f'[network]\nowner = "fc{name[-1]}"\nphysical_interface = "eth0"\n'
             f'[console]\nenabled = {str(consoles).lower()}\nlisten = "{me.address}:6080"\nsocket_dir = "{sockets}"\n'
             f'[migration]\nlibvirt_uri = "{me.uri}"\nretry_interval_s = 0.5\ncall_timeout_s = 30\n{migration}\n'
             f'[[migration.peers]]\nhost = "{peer}"\ncontrol = "tcp://{peer_host.address}:7780"\n'
@@ -131,6 +134,10 @@ def wait_ticks_past(agent: AgentProcess, uuid: str, n: int, timeout_s: float = 1
 
 def at_alone(here: AgentProcess, there: AgentProcess, uuid: str, host: str) -> dict[str, Any]:
     """The instance is active at ``here`` alone, claimed there alone, nothing left at ``there``."""
+    deadline = time.monotonic() + 120
+    while not any(r["uuid"] == uuid for r in here.call("instance.list")):  # a restart's settling
+        assert time.monotonic() < deadline, here.log()[-3000:]
+        time.sleep(0.3)
     rec = wait_for_state(here, uuid, "active", 120)
     assert (rec["host"], rec["power_state"]) == (host, "running")
     assert call_error(there, "instance.get", {"uuid": uuid}).code == "NOT_FOUND"
@@ -142,11 +149,11 @@ def at_alone(here: AgentProcess, there: AgentProcess, uuid: str, host: str) -> d
     return rec
 
 
-def boot(pair: Pair, image: Path) -> str:
+def boot(pair: Pair, image: Path, **spawn: Any) -> str:
     """A guest booted on host-a, its shell ready."""
     a = pair.agents["host-a"]
     rec = a.call("instance.spawn", {"name": "migrant", "flavor": {"vcpus": 1, "memory_mb": MEMORY_MB, "disk_gb": 1},
-                                    "image": {"url": image.as_uri()}, "wait": True})
+                                    "image": {"url": image.as_uri()}, "wait": True, **spawn})
     uuid = str(rec["uuid"])
     wait_for_console(a.state_dir / "instances" / uuid / "console.log", READY)
     return uuid
@@ -235,3 +242,42 @@ def test_source_killed_at_the_switch_over_and_destination_killed_mid_way(pair: P
     a.start()
     at_alone(b, a, uuid, "host-b")
     wait_ticks_past(b, uuid, max(ticks(console_of(b, uuid))) + 2)
+
+
+@pytest.fixture
+def client_ns() -> Iterator[str]:
+    """A namespace on bridge fchosts0 with an address on VLAN 100 (the guests' network)."""
+    ns, outer = "fc-lmcli", "fclmcv"
+    sh = [["ip", "netns", "add", ns], ["ip", "link", "add", outer, "type", "veth", "peer", "name", "fclmci"],
+          ["ip", "link", "set", "fclmci", "netns", ns], ["ip", "link", "set", outer, "master", "fchosts0", "up"],
+          ["ip", "-n", ns, "link", "set", "lo", "up"], ["ip", "-n", ns, "link", "set", "fclmci", "up"],
+          ["ip", "-n", ns, "link", "add", "link", "fclmci", "name", "v100", "type", "vlan", "id", "100"],
+          ["ip", "-n", ns, "addr", "add", f"{NET}.1/24", "dev", "v100"], ["ip", "-n", ns, "link", "set", "v100", "up"]]
+    try:
+        for cmd in sh:
+            subprocess.run(cmd, check=True, capture_output=True)
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", outer], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+def test_a_guest_with_a_port_keeps_its_connection_and_answers_pings_across_moves(
+        pair: Pair, guest_image: Path, client_ns: str) -> None:
+    a, b = pair.agents["host-a"], pair.agents["host-b"]
+    ip = f"{NET}.10"
+    web = [group(EGRESS_ALL, rule("ingress", "icmp"), rule("ingress", "tcp", 80))]
+    uuid = boot(pair, guest_image, networks=[port(ip, network="lmnet", vlan=100, groups=web)])
+    assert any(ping(client_ns, ip, timeout=2.0) for _ in range(30)), "the guest never answered a ping"
+    conn = connect(client_ns, ip, 80, timeout=5.0)
+    assert conn is not None, "the guest's HTTP server does not take connections"
+    with conn:
+        conn.sendall(b"GET /nothing-here HTTP/1.0\r\n")  # the request's end comes after the moves
+        for src, dst, agent in (("host-a", "host-b", a), ("host-b", "host-a", b)):
+            agent.call("instance.live_migrate", {"uuid": uuid, "destination": dst, "wait": True})
+            here = pair.agents[dst]
+            at_alone(here, agent, uuid, dst)
+            assert any(ping(client_ns, ip, timeout=2.0) for _ in range(10)), f"no ping answer after {src} -> {dst}"
+        conn.settimeout(30)
+        conn.sendall(b"Host: guest\r\n\r\n")
+        assert conn.recv(64).startswith(b"HTTP/1."), "the connection did not survive the moves"
