@@ -34,7 +34,8 @@ pytestmark = pytest.mark.guest
 __all__ = ["guest_image", "hosts"]
 
 MEMORY_MB = 128
-NET = "10.78.0"  # the guests' VLAN network, shared by both hosts over fchosts0
+NET = "10.78.0"  # the guests' network, shared by both hosts over fchosts0
+BRIDGE = "lmbr"
 
 
 def z85(public: Path) -> str:
@@ -47,7 +48,7 @@ def config(name: str, me: Host, peer: str, peer_host: Host, secret: Path, peer_p
             f'[security]\nserver_secret_key_file = "{secret}"\nclient_public_keys = ["{z85(admin)}"]\n'
             f'[hypervisor]\ndomain_type = "qemu"\nshutdown_timeout_s = 5\n'
             f'[stats]\ninterval_s = 0\n'
-            f'[network]\nowner = "fc{name[-1]}"\nphysical_interface = "eth0"\n'
+            f'[network]\nowner = "fc{name[-1]}"\n'
             f'[console]\nenabled = {str(consoles).lower()}\nlisten = "{me.address}:6080"\nsocket_dir = "{sockets}"\n'
             f'[migration]\nlibvirt_uri = "{me.uri}"\nretry_interval_s = 0.5\ncall_timeout_s = 30\n{migration}\n'
             f'[[migration.peers]]\nhost = "{peer}"\ncontrol = "tcp://{peer_host.address}:7780"\n'
@@ -246,19 +247,29 @@ def test_source_killed_at_the_switch_over_and_destination_killed_mid_way(pair: P
 
 @pytest.fixture
 def client_ns() -> Iterator[str]:
-    """A namespace on bridge fchosts0 with an address on VLAN 100 (the guests' network)."""
-    ns, outer = "fc-lmcli", "fclmcv"
-    sh = [["ip", "netns", "add", ns], ["ip", "link", "add", outer, "type", "veth", "peer", "name", "fclmci"],
-          ["ip", "link", "set", "fclmci", "netns", ns], ["ip", "link", "set", outer, "master", "fchosts0", "up"],
-          ["ip", "-n", ns, "link", "set", "lo", "up"], ["ip", "-n", ns, "link", "set", "fclmci", "up"],
-          ["ip", "-n", ns, "link", "add", "link", "fclmci", "name", "v100", "type", "vlan", "id", "100"],
-          ["ip", "-n", ns, "addr", "add", f"{NET}.1/24", "dev", "v100"], ["ip", "-n", ns, "link", "set", "v100", "up"]]
+    """The guests' network: in each host's namespace a bridge BRIDGE with a leg on fchosts0,
+    and a client namespace on fchosts0 with an address in it (this kernel has no VLANs)."""
+    ns = "fc-lmcli"
+    cmds = [["ip", "netns", "add", ns], ["ip", "link", "add", "fclmc0", "type", "veth", "peer", "name", "fclmc1"],
+            ["ip", "link", "set", "fclmc1", "netns", ns], ["ip", "link", "set", "fclmc0", "master", "fchosts0", "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"], ["ip", "-n", ns, "link", "set", "fclmc1", "up"],
+            ["ip", "-n", ns, "addr", "add", f"{NET}.1/24", "dev", "fclmc1"]]
+    for i, host in enumerate(("fc-lma", "fc-lmb")):
+        outer, inner = f"fclmh{i}", f"fclmg{i}"
+        cmds += [["ip", "link", "add", outer, "type", "veth", "peer", "name", inner],
+                 ["ip", "link", "set", inner, "netns", host], ["ip", "link", "set", outer, "master", "fchosts0", "up"],
+                 ["ip", "-n", host, "link", "add", BRIDGE, "type", "bridge"],
+                 ["ip", "-n", host, "link", "set", inner, "master", BRIDGE, "up"],
+                 ["ip", "-n", host, "link", "set", BRIDGE, "up"]]
     try:
-        for cmd in sh:
+        for cmd in cmds:
             subprocess.run(cmd, check=True, capture_output=True)
         yield ns
     finally:
-        subprocess.run(["ip", "link", "del", outer], check=False, capture_output=True)
+        for link in ("fclmc0", "fclmh0", "fclmh1"):
+            subprocess.run(["ip", "link", "del", link], check=False, capture_output=True)
+        for host in ("fc-lma", "fc-lmb"):
+            subprocess.run(["ip", "-n", host, "link", "del", BRIDGE], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
@@ -267,7 +278,9 @@ def test_a_guest_with_a_port_keeps_its_connection_and_answers_pings_across_moves
     a, b = pair.agents["host-a"], pair.agents["host-b"]
     ip = f"{NET}.10"
     web = [group(EGRESS_ALL, rule("ingress", "icmp"), rule("ingress", "tcp", 80))]
-    uuid = boot(pair, guest_image, networks=[port(ip, network="lmnet", vlan=100, groups=web)])
+    nic = port(ip, network="lmnet", groups=web)
+    nic["network"]["bridge"] = BRIDGE
+    uuid = boot(pair, guest_image, networks=[nic])
     assert any(ping(client_ns, ip, timeout=2.0) for _ in range(30)), "the guest never answered a ping"
     conn = connect(client_ns, ip, 80, timeout=5.0)
     assert conn is not None, "the guest's HTTP server does not take connections"
