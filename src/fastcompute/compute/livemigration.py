@@ -82,7 +82,7 @@ class LiveMigrations:
         """``instance.live_migrate``: reply once the destination is ready for the guest (or
         with its refusal, nothing changed); ``wait``: once the guest runs there."""
         m = self.m
-        stored = m._check(uuid, "live", _LIVE)
+        stored = m._check(uuid, "live-migrate", _LIVE)
         if destination == m.hostname:
             raise invalid("args.destination", "an instance cannot migrate to the host it is on")
         if block_migration == "false":

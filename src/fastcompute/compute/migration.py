@@ -62,6 +62,7 @@ log = logging.getLogger("fastcompute.migration")
 MOVABLE = frozenset({"active", "stopped"})
 RESIZED = frozenset({"resized"})
 HELD_SUFFIX = "_resize"
+_VERBS = {"live": "live-migrate"}  # a move's kind as its refusals name it
 # Made again at the destination from what the instance is there, not copied.
 _NOT_MOVED = frozenset({INFO, str(ROLES["config"].file)})
 
@@ -293,7 +294,7 @@ class Migrations:
         try:
             async with m._locks[uuid]:
                 m._same(uuid, stored)
-                rec = m._check(uuid, kind, allowed).record
+                rec = m._check(uuid, _VERBS.get(kind, kind), allowed).record
                 move = Move(id=str(uuid_mod.uuid4()), uuid=uuid, role="source", kind=kind, source=m.hostname,
                             destination=dest, old_flavor=rec.flavor, new_flavor=flavor or rec.flavor,
                             vm_state=rec.vm_state, status="running", step=step, instance=self._enc.encode(stored))
