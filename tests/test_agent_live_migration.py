@@ -9,11 +9,17 @@ source untouched, and nothing may be left at the destination.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from agent_fixtures import call_error, disk_dirs
 from test_agent_migration import gone, pair, spawn, usage
+
+from fastcompute.rpc.client import ClientTimeout
+
+URI = 'libvirt_uri = "qemu+tcp://127.0.0.1/system"\n'  # where B's libvirtd would be: B prepares
 
 
 def test_destination_without_a_migration_uri_refuses(make_agent: Any, image_file: Path) -> None:
@@ -28,7 +34,7 @@ def test_destination_without_a_migration_uri_refuses(make_agent: Any, image_file
 
 def test_failed_migration_leaves_the_guest_at_the_source_and_nothing_at_the_destination(
         make_agent: Any, image_file: Path) -> None:
-    a, b = pair(make_agent, b_migration='libvirt_uri = "qemu+tcp://127.0.0.1/system"\n')
+    a, b = pair(make_agent, b_migration=URI)
     uuid = spawn(a, image_file, config_drive=True)
     (a.state_dir / "instances" / uuid / "console.log").write_bytes(b"login: earlier line\n")
     err = call_error(a, "instance.live_migrate", {"uuid": uuid, "destination": "host-b", "wait": True})
@@ -44,7 +50,7 @@ def test_failed_migration_leaves_the_guest_at_the_source_and_nothing_at_the_dest
 
 
 def test_live_migrate_refusals(make_agent: Any, image_file: Path) -> None:
-    a, b = pair(make_agent, b_migration='libvirt_uri = "qemu+tcp://127.0.0.1/system"\n')
+    a, b = pair(make_agent, b_migration=URI)
     uuid = spawn(a, image_file)
     err = call_error(a, "instance.live_migrate", {"uuid": uuid, "destination": "host-a"})
     assert (err.code, err.details.get("field")) == ("BAD_REQUEST", "args.destination")
@@ -55,3 +61,31 @@ def test_live_migrate_refusals(make_agent: Any, image_file: Path) -> None:
     a.call("instance.stop", {"uuid": uuid, "timeout_s": 0})
     assert call_error(a, "instance.live_migrate", {"uuid": uuid, "destination": "host-b"}).code == "CONFLICT"
     assert (usage(a), usage(b), disk_dirs(b)) == (64, 0, set())
+
+
+@pytest.mark.parametrize(("step", "killed"), [("live_prep", "a"), ("live_migrating", "a"), ("live_migrating", "b")])
+def test_kill_9_before_the_switch_over_leaves_the_guest_at_the_source_alone(
+        make_agent: Any, image_file: Path, step: str, killed: str) -> None:
+    # B killed: A goes on after a short hold, whether B is back by then or not.
+    hold = f'test_hold_step = "{step}"\ntest_hold_s = {60 if killed == "a" else 3}\n'
+    a, b = pair(make_agent, a_migration=hold, b_migration=URI)
+    uuid = spawn(a, image_file, config_drive=True)
+    if step == "live_prep":
+        with pytest.raises(ClientTimeout), a.client(timeout_s=2) as c:  # the reply waits for B's answer
+            c.call("instance.live_migrate", {"uuid": uuid, "destination": "host-b"})
+    else:
+        assert a.call("instance.live_migrate", {"uuid": uuid, "destination": "host-b"})["task_state"] == "migrating"
+        assert usage(b) == 64 and disk_dirs(b) == {uuid}  # B made its side
+    victim = a if killed == "a" else b
+    victim.kill()
+    if killed == "a":
+        a.config_path.write_text(a.config_path.read_text().replace(hold, ""))
+    victim.start()
+    deadline = time.monotonic() + 60
+    while a.call("instance.get", {"uuid": uuid})["task_state"] is not None or usage(b) or disk_dirs(b):
+        assert time.monotonic() < deadline, (a.log()[-2000:], b.log()[-2000:])
+        time.sleep(0.2)
+    rec = a.call("instance.get", {"uuid": uuid})
+    assert (rec["vm_state"], rec["power_state"], rec["host"]) == ("active", "running", "host-a")
+    gone(b, uuid)
+    assert (usage(a), disk_dirs(a)) == (64, {uuid})
