@@ -2,7 +2,8 @@
 project's image (1 vCPU, 128 MiB, a qcow2 overlay of the same base) moved between the same two
 libvirt hosts (scripts/libvirt-hosts.sh) by ``instance.live_migrate`` (``wait``) of two agents in
 the hosts' namespaces, and by ``virsh migrate --live --p2p --copy-storage-inc`` of a guest
-started directly, rounds alternating, each guest moved there and back.
+started directly from the agent's guest's own domain XML (its own files, no config drive),
+rounds alternating, each guest moved there and back.
 
 The agents' move also prepares the destination (claim, overlay, config, ports) and cleans the
 source: gated at 1.2x libvirt's time. The downtime of each (libvirt's measure of the guest's
@@ -16,12 +17,13 @@ import statistics
 import subprocess
 import time
 import uuid as uuid_mod
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from guest_fixtures import READY, direct_domain_xml, guest_image, make_overlay, wait_for_console
+from guest_fixtures import READY, guest_image, make_overlay, wait_for_console
 from test_guest_live_migration import Host, hosts
 from test_guest_live_migration_agents import Pair, boot, started
 
@@ -40,9 +42,11 @@ def pair(hosts: tuple[Host, Host], tmp_path: Path) -> Iterator[Pair]:
 
 
 class Direct:
-    """A guest started directly on host A's libvirtd, with an overlay on each side."""
+    """A guest started directly on host A's libvirtd, with an overlay on each side: the agent's
+    guest as libvirt has it (same devices, CPU model, machine), renamed, with its own files, no
+    config drive and no metadata."""
 
-    def __init__(self, hosts: tuple[Host, Host], image: Path, workdir: Path) -> None:
+    def __init__(self, hosts: tuple[Host, Host], image: Path, workdir: Path, agent_xml: str) -> None:
         self.hosts = hosts
         self.image = image
         self.uuid = str(uuid_mod.uuid4())
@@ -51,12 +55,39 @@ class Direct:
         self.xml = []
         for i, disk in enumerate(self.disks):
             path = workdir / f"dom{i}.xml"
-            path.write_text(direct_domain_xml(self.name, self.uuid, disk, workdir / f"console{i}.log"))
+            path.write_text(self._shape(agent_xml, disk, workdir / f"console{i}.log"))
             self.xml.append(path)
         self.console = workdir / "console0.log"
         make_overlay(image, self.disks[0])
         virsh(hosts[0].uri, "create", str(self.xml[0]))
         self.at = 0
+
+    def _shape(self, agent_xml: str, disk: Path, console: Path) -> str:
+        dom = ET.fromstring(agent_xml)
+        for tag, value in (("name", self.name), ("uuid", self.uuid)):
+            el = dom.find(tag)
+            assert el is not None
+            el.text = value
+        for parent, tags in ((dom, ("metadata", "seclabel")), (dom.find("devices"), ("interface", "graphics"))):
+            assert parent is not None
+            for tag in tags:
+                for el in parent.findall(tag):
+                    parent.remove(el)
+        devices = dom.find("devices")
+        assert devices is not None
+        for d in devices.findall("disk"):
+            source = d.find("source")
+            if d.get("device") == "cdrom" or source is None:
+                devices.remove(d)
+            else:
+                source.set("file", str(disk))
+        for source in [*devices.findall("serial/source"), *devices.findall("console/source")]:
+            source.attrib = {"path": str(console), "append": "on"}
+        for el in [*devices.findall("serial"), *devices.findall("console")]:
+            el.set("type", "file")
+            for log in el.findall("log"):
+                el.remove(log)
+        return ET.tostring(dom, encoding="unicode")
 
     def move(self) -> tuple[float, int | None]:
         """Move it to the other host; the wall time and the downtime libvirt measured."""
@@ -112,7 +143,7 @@ def agent_move(pair: Pair, uuid: str, src: str, dst: str) -> tuple[float, int | 
 def test_live_migration_through_the_agents_vs_virsh(pair: Pair, hosts: tuple[Host, Host], guest_image: Path,
                                                     tmp_path: Path) -> None:
     uuid = boot(pair, guest_image)
-    direct = Direct(hosts, guest_image, tmp_path)
+    direct = Direct(hosts, guest_image, tmp_path, virsh(hosts[0].uri, "dumpxml", "--inactive", uuid))
     try:
         wait_for_console(direct.console, READY)
         ours: list[float] = []
