@@ -38,6 +38,7 @@ import msgspec
 from fastcompute.compute import configdrive
 from fastcompute.compute.migration import Move
 from fastcompute.compute.records import Stored, image_spec, numa_cells
+from fastcompute.config import MigrationConfig
 from fastcompute.errors import AgentError, Busy, Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor.spec import GuestSpec, MigrationPolicy, MigrationProgress, MigrationTarget
 from fastcompute.images import iso
@@ -58,7 +59,7 @@ COPIED_ROLES = ["root"]
 _LIVE = frozenset({"active"})
 
 
-def policy(mc: Any) -> MigrationPolicy:
+def policy(mc: MigrationConfig) -> MigrationPolicy:
     """The steering policy of ``[migration]``."""
     return MigrationPolicy(downtime_start_ms=mc.downtime_start_ms,
                            downtime_max_ms=max(mc.downtime_max_ms, mc.downtime_start_ms),
