@@ -22,7 +22,7 @@ import msgspec
 import pytest
 import zmq
 
-from fastcompute.rpc.client import Client
+from fastcompute.rpc.client import Client, Curve
 
 
 def _ephemeral_range() -> range:
@@ -65,15 +65,21 @@ FILE_ROOTS = ["--file-root", tempfile.gettempdir(),
 class AgentProcess:
     """An agent subprocess with its own state dir, ports and config."""
 
-    def __init__(self, base: Path, config: str = "", hypervisor: str = "test:///default") -> None:
+    def __init__(self, base: Path, config: str = "", hypervisor: str = "test:///default",
+                 netns: str | None = None, address: str = "127.0.0.1") -> None:
         self.base = base
+        self.netns = netns
+        """The network namespace the agent runs in (``ip netns exec``), reached at ``address``."""
+        self.curve: Curve | None = None
+        """The CURVE keys this test's calls use (an agent on another address needs them)."""
         base.mkdir(parents=True, exist_ok=True)
         self.state_dir = base / "state"
         self.config_path = base / "agent.toml"
         self.config_path.write_text(config)
         self.hypervisor = hypervisor
-        self.control = f"tcp://127.0.0.1:{free_port()}"
-        self.events = f"tcp://127.0.0.1:{free_port()}"
+        # In a namespace of its own, every port is free.
+        self.control = f"tcp://{address}:{free_port() if netns is None else 7780}"
+        self.events = f"tcp://{address}:{free_port() if netns is None else 7781}"
         self.log_path = base / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env: dict[str, str] = {}
@@ -83,7 +89,8 @@ class AgentProcess:
         """Start the agent and wait until it answers ping."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastcompute.cli", "agent", "--config", str(self.config_path),
+            [*(["ip", "netns", "exec", self.netns] if self.netns else []),
+             sys.executable, "-m", "fastcompute.cli", "agent", "--config", str(self.config_path),
              "--state-dir", str(self.state_dir), "--control", self.control, "--events", self.events,
              "--hypervisor", self.hypervisor, *FILE_ROOTS],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
@@ -99,7 +106,7 @@ class AgentProcess:
             if self.proc.poll() is not None:
                 pytest.fail(f"agent exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with Client(self.control, timeout_s=0.5) as c:
+                with self.client(timeout_s=0.5) as c:
                     c.call("ping")
                 return
             except TimeoutError:
@@ -112,7 +119,7 @@ class AgentProcess:
 
     def client(self, timeout_s: float = 60.0) -> Client:
         """A synchronous client of this agent."""
-        return Client(self.control, timeout_s=timeout_s)
+        return Client(self.control, timeout_s=timeout_s, curve=self.curve)
 
     def call(self, op: str, args: dict[str, Any] | None = None) -> Any:
         """One request, result or typed error."""

@@ -25,6 +25,7 @@ from fastcompute.compute import validate
 from fastcompute.compute.crashdump import crash_dump
 from fastcompute.compute.evacuate import Evacuations
 from fastcompute.compute.guestagent import GuestAgent
+from fastcompute.compute.livemigration import LiveMigrations
 from fastcompute.compute.manager import Manager
 from fastcompute.compute.peers import peer_keys
 from fastcompute.compute.ports import Ports
@@ -84,6 +85,7 @@ class Agent:
         self.snapshots: Snapshots | None = None
         self.shelver: Shelver | None = None
         self.evacuations: Evacuations | None = None
+        self.live: LiveMigrations | None = None
 
     def _handlers(self, m: Manager) -> dict[str, Handler]:
         """One handler per op of ``protocol.OPS``: the validation stage, then the manager.
@@ -130,6 +132,8 @@ class Agent:
             m.get(a.uuid)
             return self.stats.last(a.uuid)
 
+        live = self.live
+        assert live is not None
         snapshots, shelver = self.snapshots, self.shelver
         assert snapshots is not None and shelver is not None
 
@@ -189,6 +193,12 @@ class Agent:
             "instance.evacuate": evacuations.evacuate,
             "migration.evacuated": evacuations.evacuated,
             "migration.evacuees": evacuations.evacuees,
+            "instance.live_migrate": lambda a: live.start(a.uuid, a.destination, a.block_migration, a.wait),
+            "instance.live_migrate_abort": lambda a: live.abort(a.uuid),
+            "migration.live_prepare": live.prepare,
+            "migration.live_finish": live.finish,
+            "migration.live_status": live.status,
+            "migration.live_abort": live.abort_incoming,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -249,6 +259,7 @@ class Agent:
         self.snapshots = Snapshots(manager)
         self.shelver = Shelver(manager, self.snapshots)
         self.evacuations = Evacuations(manager)
+        self.live = LiveMigrations(manager.migrations)
         if md.enabled:
             # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
             self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))

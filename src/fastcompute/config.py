@@ -224,9 +224,19 @@ class MigrationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     finish_timeout_s: Annotated[float, msgspec.Meta(gt=0), _doc("How long the destination has to copy the disks and start the instance")] = 3600.0
     chunk_bytes: Annotated[int, msgspec.Meta(ge=4096, le=32 << 20), _doc("Bytes of a disk per read from the source (holes are skipped)")] = 4 << 20
     retry_interval_s: Annotated[float, msgspec.Meta(gt=0), _doc("Period of the retries of an interrupted move's steps and of the resize_confirm_window check")] = 5.0
-    test_hold_step: Annotated[Literal["", "prep", "migrating", "finishing", "copying"], _doc("Tests only: the move step (prep, migrating, finishing, copying) at which this agent waits test_hold_s after recording it, so that a test can kill it there; empty = never")] = ""
+    test_hold_step: Annotated[Literal["", "prep", "migrating", "finishing", "copying", "live_prep", "live_migrating", "switching"], _doc("Tests only: the move step (prep, migrating, finishing, copying; of a live move live_prep, live_migrating, switching) at which this agent waits test_hold_s after recording it, so that a test can kill it there; empty = never")] = ""
     test_hold_s: Annotated[float, msgspec.Meta(ge=0), _doc("Tests only: see test_hold_step")] = 0.0
     evacuate_probe_s: Annotated[float, msgspec.Meta(gt=0), _doc("How long an agent asked to evacuate an instance waits for its source agent's answer before it takes that host for down (an answer refuses the evacuate); also the wait for each peer's answer when a restarted agent asks which of its instances were evacuated")] = 5.0
+    libvirt_uri: Annotated[str, _doc("The libvirt URI a peer's libvirtd uses to reach this host's for a live migration (peer to peer), e.g. qemu+tcp://10.0.0.2/system; empty = [hypervisor] uri")] = ""
+    address: Annotated[str, _doc("The address this host receives a live migration's memory and disks on; empty = the host part of libvirt_uri")] = ""
+    downtime_start_ms: Annotated[int, msgspec.Meta(ge=1), _doc("Live migration: the longest the guest may be stopped at the switch-over at first")] = 50
+    downtime_max_ms: Annotated[int, msgspec.Meta(ge=1), _doc("Live migration: the most that limit is raised to while the migration does not converge")] = 500
+    downtime_steps: Annotated[int, msgspec.Meta(ge=0), _doc("Live migration: in how many steps the limit goes from downtime_start_ms to downtime_max_ms (one per pass over memory that did not shrink what is left)")] = 10
+    fallback: Annotated[Literal["none", "auto-converge", "post-copy"], _doc("Live migration: what a migration that does not converge falls back to: auto-converge (QEMU throttles the guest's vCPUs) or post-copy (switch over, fetch the rest on demand)")] = "auto-converge"
+    fallback_after_s: Annotated[float, msgspec.Meta(ge=0), _doc("Live migration: when post-copy is taken")] = 30.0
+    live_timeout_s: Annotated[float, msgspec.Meta(gt=0), _doc("Live migration: a migration not done after this long is aborted (the guest goes on at the source)")] = 600.0
+    bandwidth_mib_s: Annotated[int, msgspec.Meta(ge=0), _doc("Live migration: the transfer's cap in MiB/s; 0 = none")] = 0
+    console_copy_bytes: Annotated[int, msgspec.Meta(ge=0, le=16 << 20), _doc("Live migration: how much of the end of the guest's console log the destination gets before the move (so a console tail there still shows earlier lines)")] = 1 << 20
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

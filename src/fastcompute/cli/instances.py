@@ -22,7 +22,7 @@ from fastcompute.cli.tables import instances_table, show
 # Ops besides the lifecycle ones that act on each instance named, taking only its uuid.
 _EACH = frozenset({"instance.delete", "instance.quiesce", "instance.unquiesce", "instance.force_delete",
                    "instance.crash_dump", "instance.get_shelved", "instance.migrate", "instance.confirm_resize",
-                   "instance.revert_resize"})
+                   "instance.revert_resize", "instance.live_migrate", "instance.live_migrate_abort"})
 _SCALARS = (msgspec.inspect.BoolType, msgspec.inspect.FloatType, msgspec.inspect.IntType, msgspec.inspect.StrType,
             msgspec.inspect.NoneType)
 

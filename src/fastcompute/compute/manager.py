@@ -190,6 +190,7 @@ class Manager:
         """Bring the store and the hypervisor into agreement after a (re)start."""
         wanted = {u: s.ports for u, s in self.instances.items()
                   if s.ports and s.record.vm_state not in _HOSTLESS and u not in self._held}
+        wanted.update(self.migrations.incoming_ports())
         report = await self.network.reconcile(wanted)
         if report.changed:
             log.info("network reconciled: %s", report)
@@ -269,14 +270,16 @@ class Manager:
         """Where an instance's files (disk, console log) live."""
         return self.state_dir / "instances" / uuid
 
-    def _guest(self, uuid: str, skip_taps: frozenset[str] = frozenset()) -> GuestSpec:
-        """The instance as the driver is to run it (without the taps in ``skip_taps``)."""
-        stored = self.instances[uuid]
+    def _guest(self, uuid: str, skip_taps: frozenset[str] = frozenset(), stored: Stored | None = None) -> GuestSpec:
+        """The instance as the driver is to run it (without the taps in ``skip_taps``);
+        ``stored``: one not (yet) this host's, an incoming live migration's."""
+        stored = stored or self.instances[uuid]
         idir = self.instance_dir(uuid)
         tracker = self.tracker
+        drive = stored.bootstrap is not None and stored.bootstrap.config_drive
         return guest.guest_spec(
             stored.record, stored.ports, idir,
-            disks=volumes.instance_disks(uuid, stored, idir, self.images.disk_format(), self._drive_wanted(uuid)),
+            disks=volumes.instance_disks(uuid, stored, idir, self.images.disk_format(), drive),
             interfaces=[Interface(p.tap, p.mac, p.mtu) for p in self.network.plugged(uuid) if p.tap not in skip_taps],
             claim=tracker.claims.get(uuid) if tracker is not None else None,
             numa_host=tracker.numa_host if tracker is not None else None,

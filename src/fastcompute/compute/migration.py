@@ -48,7 +48,8 @@ from fastcompute.errors import AgentError, Busy, Conflict, Forbidden, ImageError
 from fastcompute.images import transfer
 from fastcompute.images.disks import INFO, ROLES
 from fastcompute.protocol import Flavor, InstanceRecord, invalid
-from fastcompute.protocol.schema import Chunk, FinishArgs, MoveRequest, PeerArgs, ReadArgs
+from fastcompute.protocol.ports import Port
+from fastcompute.protocol.schema import Chunk, FinishArgs, LivePrepareArgs, MoveRequest, PeerArgs, ReadArgs
 from fastcompute.store import Statement, Store
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ log = logging.getLogger("fastcompute.migration")
 MOVABLE = frozenset({"active", "stopped"})
 RESIZED = frozenset({"resized"})
 HELD_SUFFIX = "_resize"
+_VERBS = {"live": "live-migrate"}  # a move's kind as its refusals name it
 # Made again at the destination from what the instance is there, not copied.
 _NOT_MOVED = frozenset({INFO, str(ROLES["config"].file)})
 
@@ -103,6 +105,8 @@ class Migrations:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stored = msgspec.msgpack.Decoder(Stored)
         self._enc = msgspec.msgpack.Encoder()
+        # How other kinds of moves (compute/livemigration.py) settle what the ticks find open.
+        self.settlers: dict[str, Callable[[Move], Coroutine[Any, Any, None]]] = {}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -123,6 +127,15 @@ class Migrations:
             elif move.status == "confirming" and (stored := self.m.instances.get(move.uuid)) is not None:
                 stored.record.task_state = None  # asked again by the next tick
         return held
+
+    def incoming_ports(self) -> dict[str, list[Port]]:
+        """The ports of live moves coming here, plugged before their guest arrives: the start-up
+        keeps them."""
+        out: dict[str, list[Port]] = {}
+        for move in self.moves.values():
+            if move.role == "destination" and move.kind == "live" and move.status == "copying":
+                out[move.uuid] = self._stored.decode(move.instance).ports
+        return out
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -267,17 +280,25 @@ class Migrations:
 
     async def _move(self, uuid: str, stored: Stored, kind: str, dest: str, flavor: Flavor,
                     started: asyncio.Future[InstanceRecord]) -> InstanceRecord:
+        return await self.drive_new(uuid, stored, kind, dest, flavor, MOVABLE, "prep", self._drive, started)
+
+    async def drive_new(self, uuid: str, stored: Stored, kind: str, dest: str, flavor: Flavor | None,
+                        allowed: frozenset[str], step: str,
+                        drive: Callable[[Move, asyncio.Future[InstanceRecord]], Coroutine[Any, Any, InstanceRecord]],
+                        started: asyncio.Future[InstanceRecord]) -> InstanceRecord:
+        """Under the instance's lock, a new outgoing move of ``kind`` at ``step``, driven by
+        ``drive``; ``started`` gets the refusal if there is one before ``drive`` answers it."""
         m = self.m
         try:
             async with m._locks[uuid]:
                 m._same(uuid, stored)
-                rec = m._check(uuid, kind, MOVABLE).record
+                rec = m._check(uuid, _VERBS.get(kind, kind), allowed).record
                 move = Move(id=str(uuid_mod.uuid4()), uuid=uuid, role="source", kind=kind, source=m.hostname,
-                            destination=dest, old_flavor=rec.flavor, new_flavor=flavor, vm_state=rec.vm_state,
-                            status="running", step="prep", instance=self._enc.encode(stored))
+                            destination=dest, old_flavor=rec.flavor, new_flavor=flavor or rec.flavor,
+                            vm_state=rec.vm_state, status="running", step=step, instance=self._enc.encode(stored))
                 self._driving.add(move.id)
                 try:
-                    return await self._drive(move, started)
+                    return await drive(move, started)
                 finally:
                     self._driving.discard(move.id)
         except BaseException as exc:
@@ -418,7 +439,7 @@ class Migrations:
             raise Forbidden(f"move {a.id} goes to {move.destination}, not to {a.peer}", {"peer": a.peer})
         return move
 
-    def _in(self, a: PeerArgs | MoveRequest) -> Move | None:
+    def _in(self, a: PeerArgs | MoveRequest | LivePrepareArgs) -> Move | None:
         self.peers.check(a.peer)
         move = self.moves.get((a.id, "destination"))
         if move is not None and move.source != a.peer:
@@ -427,31 +448,37 @@ class Migrations:
 
     async def prepare(self, a: MoveRequest) -> dict[str, str]:
         """``migration.prepare``: the move claim for an incoming instance."""
-        m = self.m
-        tracker = m.tracker
-        assert tracker is not None
         async with self._lock(a.id, "destination"):
             if self._in(a) is not None:
                 return {"id": a.id}
-            if a.disk_format != m.images.disk_format():
-                raise Conflict(f"this host's disks are {m.images.disk_format()}, the instance's {a.disk_format}",
-                               {"disk_format": a.disk_format})
-            if a.uuid in m.instances and a.peer != m.hostname:
-                raise Conflict(f"instance {a.uuid} is already on this host", {"uuid": a.uuid})
-            stored = self._stored.decode(a.instance)
-            f = a.flavor
-            claim = m.claim_flavor(a.uuid, stored.record.project_id, f)
-            move = Move(id=a.id, uuid=a.uuid, role="destination", kind=a.kind, source=a.peer,
-                        destination=m.hostname, old_flavor=stored.record.flavor, new_flavor=f,
-                        vm_state=a.vm_state, status="prepared", instance=a.instance)
-            try:
-                await m.store.write([self._row(move), m.store.put_claim(a.uuid, claim.project_id, claim)])
-            except BaseException:
-                tracker.release(a.uuid)
-                raise
-            self.moves[(a.id, "destination")] = move
-            m._mark_resources_changed()
+            await self.claim_incoming(a, a.kind, a.vm_state, "prepared")
             return {"id": a.id}
+
+    async def claim_incoming(self, a: MoveRequest | LivePrepareArgs, kind: str, vm_state: str, status: str) -> Move:
+        """The checks and the claim of an incoming move, recorded with its move (as ``status``)
+        before anything is made for it, so that a restart finds what to remove."""
+        m = self.m
+        tracker = m.tracker
+        assert tracker is not None
+        if a.disk_format != m.images.disk_format():
+            raise Conflict(f"this host's disks are {m.images.disk_format()}, the instance's {a.disk_format}",
+                           {"disk_format": a.disk_format})
+        if a.uuid in m.instances and (a.peer != m.hostname or kind == "live"):
+            raise Conflict(f"instance {a.uuid} is already on this host", {"uuid": a.uuid})
+        stored = self._stored.decode(a.instance)
+        f = a.flavor
+        claim = m.claim_flavor(a.uuid, stored.record.project_id, f)
+        move = Move(id=a.id, uuid=a.uuid, role="destination", kind=kind, source=a.peer,
+                    destination=m.hostname, old_flavor=stored.record.flavor, new_flavor=f,
+                    vm_state=vm_state, status=status, instance=a.instance)
+        try:
+            await m.store.write([self._row(move), m.store.put_claim(a.uuid, claim.project_id, claim)])
+        except BaseException:
+            tracker.release(a.uuid)
+            raise
+        self.moves[(a.id, "destination")] = move
+        m._mark_resources_changed()
+        return move
 
     async def finish(self, a: FinishArgs) -> InstanceRecord:
         """``migration.finish``: pull the files, take the instance over, define its domain."""
@@ -607,6 +634,10 @@ class Migrations:
 
     async def _tick_one(self, move: Move, window: float) -> None:
         m, uuid = self.m, move.uuid
+        if (settle := self.settlers.get(move.kind)) is not None:
+            if move.id not in self._driving:
+                await settle(move)
+            return
         if move.role == "source":
             if move.status == "finished" or move.id in self._driving:
                 return

@@ -29,6 +29,8 @@ from fastcompute.protocol.schema import (
     FinishArgs,
     GetConsoleArgs,
     ListArgs,
+    LiveMigrateArgs,
+    LivePrepareArgs,
     MigrateArgs,
     MoveRequest,
     NoArgs,
@@ -199,6 +201,16 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
        mutating=False, access="peer"),
     Op("migration.evacuees", EvacuatedArgs, "which of the caller's instances were evacuated from it",
        mutating=False, access="peer"),
+    # Live moves: the client's ops go to the instance's host; no confirm (the move is final).
+    Op("instance.live_migrate", LiveMigrateArgs, "move running instances to another host while they run",
+       access="host-write", verb="live-migrate"),
+    Op("instance.live_migrate_abort", UuidArgs, "abort an instance's live migration under way (it goes on here)",
+       access="host-write", verb="live-migrate-abort"),
+    Op("migration.live_prepare", LivePrepareArgs, "claim, disks and ports for an incoming live migration",
+       mutating=False, access="peer"),
+    Op("migration.live_finish", PeerArgs, "take over an instance live-migrated here", mutating=False, access="peer"),
+    Op("migration.live_status", PeerArgs, "where an incoming live migration stands", mutating=False, access="peer"),
+    Op("migration.live_abort", PeerArgs, "undo an incoming live migration", mutating=False, access="peer"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}

@@ -377,6 +377,33 @@ class Chunk(Struct):
     eof: bool
 
 
+class LiveMigrateArgs(_Args):
+    """``instance.live_migrate``: move a running instance to another host while it runs."""
+
+    uuid: UuidStr
+    destination: Annotated[Id, Meta(description="the host to move to (one of [[migration.peers]])")]
+    block_migration: Annotated[Literal["auto", "true", "false"], Meta(
+        description="copy the local disks with the memory (auto: as this host's storage needs; "
+                    "false needs instance storage shared with the destination)")] = "auto"
+    wait: Annotated[bool, Meta(description="reply when the guest runs at the destination (or the move failed) "
+                                           "instead of once the destination is ready for it")] = False
+
+
+class LivePrepareArgs(_Args):
+    """``migration.live_prepare`` (between agents): the destination's claim, disks, config
+    drive and ports for an incoming live migration."""
+
+    peer: Id
+    id: UuidStr
+    uuid: UuidStr
+    flavor: Flavor
+    disk_format: Literal["qcow2", "raw"]
+    instance: bytes
+    """The instance as the source keeps it (MessagePack), opaque to the protocol."""
+    console: bytes = b""
+    """The end of the guest's console log at the source, continued at the destination."""
+
+
 class NumaCell(Struct, kw_only=True):
     """One guest NUMA cell's placement in the instance record."""
 

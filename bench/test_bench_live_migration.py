@@ -1,0 +1,169 @@
+"""Live migration through the agents against libvirt's own, in the same run: a TCG guest of the
+project's image (1 vCPU, 128 MiB, a qcow2 overlay of the same base) moved between the same two
+libvirt hosts (scripts/libvirt-hosts.sh) by ``instance.live_migrate`` (``wait``) of two agents in
+the hosts' namespaces, and by ``virsh migrate --live --p2p --copy-storage-inc`` of a guest
+started directly from the agent's guest's own domain XML (its own files, no config drive),
+rounds alternating, each guest moved there and back.
+
+The agents' move also prepares the destination (claim, overlay, config, ports) and cleans the
+source: gated at 1.2x libvirt's time. The downtime of each (libvirt's measure of the guest's
+stop at the switch-over) is reported; the goal for an idle guest is under 100 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import time
+import uuid as uuid_mod
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guest_fixtures import READY, guest_image, make_overlay, wait_for_console
+from test_guest_live_migration import Host, hosts
+from test_guest_live_migration_agents import Pair, boot, started
+
+from fastcompute.rpc.client import subscribe
+
+pytestmark = pytest.mark.guest
+__all__ = ["guest_image", "hosts"]
+
+ROUNDS = 3
+GATE = 1.2
+
+
+@pytest.fixture
+def pair(hosts: tuple[Host, Host], tmp_path: Path) -> Iterator[Pair]:
+    yield from started(Pair(tmp_path, hosts, consoles=False))
+
+
+class Direct:
+    """A guest started directly on host A's libvirtd, with an overlay on each side: the agent's
+    guest as libvirt has it (same devices, CPU model, machine), renamed, with its own files, no
+    config drive and no metadata."""
+
+    def __init__(self, hosts: tuple[Host, Host], image: Path, workdir: Path, agent_xml: str) -> None:
+        self.hosts = hosts
+        self.image = image
+        self.uuid = str(uuid_mod.uuid4())
+        self.name = "lmbench-" + self.uuid[:8]
+        self.disks = [workdir / "a.qcow2", workdir / "b.qcow2"]
+        self.xml = []
+        for i, disk in enumerate(self.disks):
+            path = workdir / f"dom{i}.xml"
+            path.write_text(self._shape(agent_xml, disk, workdir / f"console{i}.log"))
+            self.xml.append(path)
+        self.console = workdir / "console0.log"
+        make_overlay(image, self.disks[0])
+        virsh(hosts[0].uri, "create", str(self.xml[0]))
+        self.at = 0
+
+    def _shape(self, agent_xml: str, disk: Path, console: Path) -> str:
+        dom = ET.fromstring(agent_xml)
+        for tag, value in (("name", self.name), ("uuid", self.uuid)):
+            el = dom.find(tag)
+            assert el is not None
+            el.text = value
+        for parent, tags in ((dom, ("metadata", "seclabel")), (dom.find("devices"), ("interface", "graphics"))):
+            assert parent is not None
+            for tag in tags:
+                for el in parent.findall(tag):
+                    parent.remove(el)
+        devices = dom.find("devices")
+        assert devices is not None
+        for d in devices.findall("disk"):
+            source = d.find("source")
+            if d.get("device") == "cdrom" or source is None:
+                devices.remove(d)
+            else:
+                source.set("file", str(disk))
+        for source in [*devices.findall("serial/source"), *devices.findall("console/source")]:
+            source.attrib = {"path": str(console), "append": "on"}
+        for el in [*devices.findall("serial"), *devices.findall("console")]:
+            el.set("type", "file")
+            for log in el.findall("log"):
+                el.remove(log)
+        return ET.tostring(dom, encoding="unicode")
+
+    def move(self) -> tuple[float, int | None]:
+        """Move it to the other host; the wall time and the downtime libvirt measured."""
+        src, dst = self.at, 1 - self.at
+        self.disks[dst].unlink(missing_ok=True)
+        make_overlay(self.image, self.disks[dst])
+        t = time.perf_counter()
+        virsh(self.hosts[src].uri, "migrate", "--live", "--p2p", "--copy-storage-inc", "--migrate-disks", "vda",
+              "--xml", str(self.xml[dst]), "--migrateuri", f"tcp://{self.hosts[dst].address}",
+              "--disks-uri", f"tcp://{self.hosts[dst].address}", self.name, self.hosts[dst].uri)
+        took = time.perf_counter() - t
+        self.at = dst
+        info = virsh(self.hosts[dst].uri, "domjobinfo", self.name, "--completed")
+        downtime = next((int(line.split(":")[1].split()[0]) for line in info.splitlines()
+                         if line.startswith("Total downtime:")), None)
+        return took, downtime
+
+    def remove(self) -> None:
+        for h in self.hosts:
+            subprocess.run(["virsh", "-c", h.uri, "destroy", self.name], capture_output=True, check=False)
+
+
+def virsh(uri: str, *args: str) -> str:
+    return subprocess.run(["virsh", "-c", uri, *args], check=True, capture_output=True, text=True,
+                          timeout=600).stdout
+
+
+def agent_move(pair: Pair, uuid: str, src: str, dst: str) -> tuple[float, int | None]:
+    """``instance.live_migrate`` with ``wait``; its time, and the downtime its last event gives."""
+    agent = pair.agents[src]
+
+    async def run() -> tuple[float, int | None]:
+        events = subscribe(agent.events, [f"migration.{uuid}"], curve=agent.curve)
+        got: list[Any] = []
+
+        async def listen() -> None:
+            async for _topic, body in events:
+                if body.get("done"):
+                    got.append(body)
+                    return
+
+        listener = asyncio.get_running_loop().create_task(listen())
+        await asyncio.sleep(0.5)  # the subscription is in place
+        t = time.perf_counter()
+        await asyncio.to_thread(agent.call, "instance.live_migrate", {"uuid": uuid, "destination": dst, "wait": True})
+        took = time.perf_counter() - t
+        await asyncio.wait_for(listener, 10)
+        return took, got[0]["downtime_ms"]
+
+    return asyncio.run(run())
+
+
+def test_live_migration_through_the_agents_vs_virsh(pair: Pair, hosts: tuple[Host, Host], guest_image: Path,
+                                                    tmp_path: Path) -> None:
+    uuid = boot(pair, guest_image)
+    direct = Direct(hosts, guest_image, tmp_path, virsh(hosts[0].uri, "dumpxml", "--inactive", uuid))
+    try:
+        wait_for_console(direct.console, READY)
+        ours: list[float] = []
+        theirs: list[float] = []
+        downtimes: dict[str, list[int | None]] = {"agents": [], "virsh": []}
+        where = ["host-a", "host-b"]
+        for _ in range(ROUNDS):
+            for _leg in range(2):
+                took, down = agent_move(pair, uuid, where[0], where[1])
+                ours.append(took)
+                downtimes["agents"].append(down)
+                where.reverse()
+                took, down = direct.move()
+                theirs.append(took)
+                downtimes["virsh"].append(down)
+    finally:
+        direct.remove()
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    print(f"\nlive migration through the agents {statistics.median(ours):.2f} s, "
+          f"virsh {statistics.median(theirs):.2f} s, "
+          f"ratio {ratio:.2f} (gate <= {GATE}); downtime ms: agents {downtimes['agents']}, "
+          f"virsh {downtimes['virsh']} (goal < 100 for an idle guest)")
+    assert ratio <= GATE
