@@ -655,10 +655,8 @@ class Manager:
 
     @contextlib.asynccontextmanager
     async def in_guest(self, uuid: str, op: str, allowed: frozenset[str] = _ACTIVE) -> AsyncIterator[InstanceRecord]:
-        """An instance in ``allowed`` (active) with no task, held under its lock, for an op on
-        its guest (the guest agent's, the volumes')."""
         """An instance in ``allowed`` (active) with no task, held under its lock, for an op of
-        its own module (the guest agent's ops, which change nothing of the record)."""
+        its own module (the guest agent's, the volumes', snapshots and shelving)."""
         before = self._check(uuid, op, allowed)
         async with self._locks[uuid]:
             self._same(uuid, before)

@@ -16,6 +16,15 @@ offloaded instance when ``instance.unshelve`` carries it (``shelved``: what
 own for the unshelve, and forgets it again if the unshelve fails. The agent that offloaded it
 keeps its record (``shelved_offloaded``, nothing held) until it is deleted there.
 
+Volumes stay the instance's through a shelve (Nova keeps their attachments): the record keeps
+them and the store their connections. The offload disconnects them with the domain (their
+secrets go with it) and the unshelve connects them again with the same connection info. An
+instance booted from a volume is not imaged: its shelve stops it and offloads it at once
+(Nova's rule for volume-backed instances), it claims no ``DISK_GB`` on unshelve, and its guest
+boots from its volume again. An offloaded instance with volumes is unshelved only by the
+agent that offloaded it: ``instance.get_shelved`` refuses it (CONFLICT), since the connection
+info of its volumes is not part of what moves between agents.
+
 Every step is durable before the next: after a crash, an interrupted shelve is rolled back
 (its unfinished image deleted), an interrupted offload is finished, and an interrupted
 unshelve is rolled back to ``shelved_offloaded`` with its claim given back.
@@ -31,6 +40,7 @@ import time
 import msgspec
 
 from fastcompute import protocol
+from fastcompute.compute import volumes
 from fastcompute.compute.configdrive import Bootstrap
 from fastcompute.compute.cpu import check_traits
 from fastcompute.compute.hardware import check_host, hardware
@@ -74,10 +84,12 @@ class Shelver:
             stored = m.instances[uuid]
             await m._commit(uuid, task_state=_SHELVE.task)
             stopped = False
+            bfv = volumes.boots_from_volume(stored)
             try:
                 power = await m.driver.power_off(uuid, m.cfg.hypervisor.shutdown_timeout_s)
                 stopped = True
-                image_id, _size = await self.snapshots.upload(uuid, f"{rec.name}-shelved", {}, "shelving_")
+                image_id = None if bfv else (await self.snapshots.upload(uuid, f"{rec.name}-shelved", {},
+                                                                           "shelving_"))[0]
             except BaseException:
                 # The guest stays stopped if it was: the state says what it is.
                 if stopped:
@@ -88,7 +100,7 @@ class Shelver:
             stored.shelved_at = time.time()
             rec = await m._commit(uuid, vm_state=_SHELVE.target, task_state=None, power_state=power,
                                   shelved_image_id=image_id)
-            if m.cfg.compute.shelved_offload_time_s == 0:
+            if bfv or m.cfg.compute.shelved_offload_time_s == 0:
                 rec = await self._offload(uuid)
         return rec
 
@@ -181,14 +193,15 @@ class Shelver:
         tracker = m.tracker
         assert tracker is not None
         rec = stored.record
-        if rec.shelved_image_id is None:
+        bfv = volumes.boots_from_volume(stored)
+        if rec.shelved_image_id is None and not bfv:
             raise Conflict(f"instance {uuid} has no shelved image to unshelve from", {"uuid": uuid})
         if m.host_cpu is not None:
             check_traits(rec.flavor.extra_specs, m.host_cpu)
         check_host(hardware(rec.flavor.extra_specs, rec.flavor.vcpus), m.host_features, rec.flavor.extra_specs)
         request = flavor_request(rec.flavor)
-        claim = tracker.claim(uuid, rec.project_id, rec.flavor.vcpus, rec.flavor.memory_mb, rec.flavor.disk_gb,
-                              request)
+        claim = tracker.claim(uuid, rec.project_id, rec.flavor.vcpus, rec.flavor.memory_mb,
+                              0 if bfv else rec.flavor.disk_gb, request)
         m._mark_resources_changed()
         try:
             await m._commit(uuid, task_state=_UNSHELVE.task, numa=numa_cells(request, claim.numa_placement),
@@ -197,10 +210,13 @@ class Shelver:
             tracker.release(uuid)
             raise
         try:
-            image = ImageSpec(id=rec.shelved_image_id, disk_format="qcow2")
-            progress = m._progress(uuid)
-            await m.images.fetch_base(image, rec.flavor.disk_gb, progress)
-            await m.images.prepare_disk(uuid, image, rec.flavor.disk_gb, progress)
+            if rec.shelved_image_id is not None:
+                image = ImageSpec(id=rec.shelved_image_id, disk_format="qcow2")
+                progress = m._progress(uuid)
+                await m.images.fetch_base(image, rec.flavor.disk_gb, progress)
+                await m.images.prepare_disk(uuid, image, rec.flavor.disk_gb, progress)
+            else:
+                m.instance_dir(uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
             if m._drive_wanted(uuid):
                 await m._write_config_drive(uuid)
             if stored.ports:
@@ -228,9 +244,12 @@ class Shelver:
         m = self.manager
         stored = m._get(uuid)
         rec = stored.record
-        if rec.vm_state not in _OFFLOADED or rec.shelved_image_id is None:
+        if rec.vm_state not in _OFFLOADED:
             raise Conflict(f"instance {uuid} is {rec.vm_state}, not shelved_offloaded",
                            {"vm_state": rec.vm_state})
+        if rec.volumes or rec.shelved_image_id is None:
+            raise Conflict(f"instance {uuid} has volumes: only this agent, which holds their connections, "
+                           "unshelves it", {"uuid": uuid, "volumes": len(rec.volumes)})
         boot = None
         if stored.bootstrap is not None:
             # Nothing keeps the password beyond the first boot's drive, as in Nova.
