@@ -109,7 +109,8 @@ def test_rescue_keeps_the_volumes_and_boots_the_rescue_disk(tmp_path: Path, imag
     asyncio.run(run())
 
 
-def test_rebuild_keeps_the_volumes_and_refuses_a_volume_backed_instance(tmp_path: Path, image_file: Path) -> None:
+def test_rebuild_keeps_the_volumes_and_refuses_a_volume_backed_instance_which_shelves_without_glance(
+        tmp_path: Path, image_file: Path) -> None:
     other = _image(tmp_path, "other.raw")
     lun = _lun(tmp_path)
 
@@ -130,6 +131,10 @@ def test_rebuild_keeps_the_volumes_and_refuses_a_volume_backed_instance(tmp_path
             assert "boots from a volume" in err.value.message
             after = await client.call("instance.get", {"uuid": bfv["uuid"]})
             assert (after["vm_state"], after["task_state"]) == ("active", None) and after["image"] == bfv["image"]
+            # Its shelve makes no image: it needs no Image service (this agent has none).
+            shelved = await client.call("instance.shelve", {"uuid": bfv["uuid"]})
+            assert shelved["vm_state"] == "shelved_offloaded"
+            assert (await client.call("instance.unshelve", {"uuid": bfv["uuid"]}))["vm_state"] == "active"
 
     asyncio.run(run())
 

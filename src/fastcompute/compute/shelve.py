@@ -78,13 +78,14 @@ class Shelver:
     async def shelve(self, uuid: str) -> InstanceRecord:
         """``instance.shelve``: stop, snapshot, and offload when ``shelved_offload_time_s`` is 0."""
         m = self.manager
-        if not m.cfg.images.glance_endpoint:
-            raise Conflict("this host has no Image service to shelve to ([images] glance_endpoint)", {"uuid": uuid})
         async with m.in_guest(uuid, "shelve", _SHELVE.needs) as rec:
             stored = m.instances[uuid]
+            bfv = volumes.boots_from_volume(stored)
+            if not bfv and not m.cfg.images.glance_endpoint:
+                raise Conflict("this host has no Image service to shelve to ([images] glance_endpoint)",
+                               {"uuid": uuid})
             await m._commit(uuid, task_state=_SHELVE.task)
             stopped = False
-            bfv = volumes.boots_from_volume(stored)
             try:
                 power = await m.driver.power_off(uuid, m.cfg.hypervisor.shutdown_timeout_s)
                 stopped = True
