@@ -255,3 +255,11 @@ def test_migration_of_a_volume_backed_instance(make_agent: Any) -> None:
         assert [v["volume_id"] for v in here["volumes"]] == ["root-vol", "data-vol"]
     assert (rec["vm_state"], rec["host"]) == ("resized", "host-b")
     assert b.call("host.info")["usage"]["DISK_GB"] == 0
+    moved = b.call("instance.confirm_resize", {"uuid": uuid})
+    assert [v["volume_id"] for v in moved["volumes"]] == ["root-vol", "data-vol"]
+    # A smaller root disk in the flavor is no shrink: the root is the volume (Nova's rule).
+    smaller = {**moved["flavor"], "disk_gb": 1, "memory_mb": 96}
+    back = b.call("instance.resize", {"uuid": uuid, "destination": "host-a", "flavor": smaller, "wait": True})
+    assert (back["host"], back["flavor"]["disk_gb"]) == ("host-a", 1)
+    a.call("instance.confirm_resize", {"uuid": uuid})
+    assert a.call("host.info")["usage"]["DISK_GB"] == b.call("host.info")["usage"]["DISK_GB"] == 0
