@@ -7,8 +7,9 @@ guest releases it) and attached to a second guest, which reads the marker; a gue
 an iSCSI volume with no local disk; an extended volume shows its new size in the guest; a kill
 -9 of the agent during an attach and during a detach leaves nothing half attached once the
 agent is back; a volume stays through a rescue and comes back (secret and all) after a shelve
-and unshelve. The RBD disk's XML and its secret check are tested against libvirt without a
-Ceph cluster (none can run here).
+and unshelve; a guest whose boot volume cannot boot is rescued from a rescue disk the firmware
+boots instead, repaired, and boots from its volume again. The RBD disk's XML and its secret
+check are tested against libvirt without a Ceph cluster (none can run here).
 """
 
 from __future__ import annotations
@@ -408,3 +409,39 @@ def test_a_volume_stays_through_rescue_and_comes_back_after_shelve(
     assert root_mark in shell.run(read.format("vda", 900))  # the root disk came back from the snapshot
     agent.call("instance.delete", {"uuid": uuid})
     assert our_secrets(conn, uuid) == [] and lun.read_bytes()[:len(marker)] == marker.encode()
+
+
+def test_a_guest_booted_from_a_volume_is_rescued_from_a_rescue_disk_and_repaired(
+        guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path, socket_dir: Path,
+        iscsi: IscsiTarget, shells: Callable[[Path, str], Shell], tmp_path: Path) -> None:
+    agent = guest_agent(config(socket_dir))
+    lun = tmp_path / "boot.img"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(guest_image), str(lun)], check=True)
+    with lun.open("r+b") as f:
+        f.write(bytes(512))  # its boot sector gone: the firmware finds nothing to boot on it
+    rec = agent.call("instance.spawn", {
+        "name": "bfv-rescue", "flavor": {"vcpus": 1, "memory_mb": 128, "disk_gb": 1}, "image": {}, "wait": True,
+        "block_device_mapping": [{"boot_index": 0, "source_type": "volume", "destination_type": "volume",
+                                  "volume_id": "root", "connection_info": iscsi.lun("bfv-rescue", lun)}]})
+    uuid = rec["uuid"]
+
+    # Stable device rescue: the firmware boots the rescue disk (vdb), the volume stays vda.
+    rescued = agent.call("instance.rescue", {"uuid": uuid, "image": {"url": guest_image.as_uri()}})
+    assert rescued["vm_state"] == "rescued" and len(our_secrets(conn, uuid)) == 1
+    wait_console(agent, uuid, READY)
+    shell = shells(socket_dir, uuid)
+    assert shell.run("cat /sys/block/vda/serial").strip() == "root"
+    sector = "dd if=/dev/{} bs=512 count=1 2>/dev/null | md5sum | cut -c1-32"
+    assert shell.run(sector.format("vda")).strip() != shell.run(sector.format("vdb")).strip()
+    shell.run("dd if=/dev/vdb of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; sync")
+    shell.close()
+
+    # Unrescued: it boots from its (repaired) volume again, the rescue disk gone.
+    assert agent.call("instance.unrescue", {"uuid": uuid})["vm_state"] == "active"
+    wait_console(agent, uuid, READY, count=2)
+    shell = shells(socket_dir, uuid)
+    assert shell.run("ls /sys/block | grep -c '^vd'").strip() == "1"
+    assert shell.run("cat /sys/block/vda/serial").strip() == "root"
+    assert not (agent.state_dir / "instances" / uuid / "disk.rescue").exists()
+    agent.call("instance.delete", {"uuid": uuid})
+    assert our_secrets(conn, uuid) == []
