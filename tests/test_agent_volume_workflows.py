@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fixtures import spawn_args, wait_for_state
+from agent_fixtures import call_error, spawn_args, wait_for_state
 from glance_fixtures import Glance, glance
 from image_workflow_fixtures import download, glance_config, glance_images, write_marker
 from scheduler_fixtures import agent_config
 from test_agent_migration import pair
-from test_agent_volumes import ISCSI, NBD, local, volume
+from test_agent_volumes import ISCSI, NBD, _with, local, volume
 from test_guest_cpu import running_agent
 
 from fastcompute.errors import BadRequest, Conflict
@@ -193,9 +193,7 @@ def test_shelve_disconnects_the_volumes_and_unshelve_connects_them_again(
             shelved = await client.call("instance.shelve", {"uuid": bfv})
             assert (shelved["vm_state"], shelved["shelved_image_id"]) == ("shelved_offloaded", None)
             assert glance_images(glance, bfv) == []
-            with pytest.raises(Conflict) as err:
-                await client.call("instance.get_shelved", {"uuid": bfv})
-            assert err.value.details["volumes"] == 2
+            assert (await client.call("instance.get_shelved", {"uuid": bfv}))["image_id"] is None
             usage = (await client.call("host.info"))["usage"]
             back = await client.call("instance.unshelve", {"uuid": bfv})
             assert back["vm_state"] == "active"
@@ -209,6 +207,35 @@ def test_shelve_disconnects_the_volumes_and_unshelve_connects_them_again(
             assert (await client.call("host.info"))["usage"] == before
 
     asyncio.run(run())
+
+
+def test_unshelve_on_another_agent_connects_the_volumes_it_is_given(make_agent: Any) -> None:
+    a, b = make_agent(), make_agent()
+    uuid = a.call("instance.spawn", _bfv())["uuid"]
+    assert a.call("instance.shelve", {"uuid": uuid})["vm_state"] == "shelved_offloaded"
+    moving = a.call("instance.get_shelved", {"uuid": uuid})
+    # What the instance's volumes are reached through on b (Cinder's answer for b's connector).
+    here = [{"id": "root-vol", "connection_info": NBD},
+            {"id": "data-vol", "connection_info": _with(ISCSI, target_lun=7)}]
+    assert ISCSI["data"]["auth_password"] not in repr(moving)  # a's connections never leave it
+    for wrong in ([], here[:1], [*here, {"id": "other", "connection_info": NBD}]):
+        err = call_error(b, "instance.unshelve", {"uuid": uuid, "shelved": moving, "volumes": wrong})
+        assert (err.code, err.details["field"]) == ("BAD_REQUEST", "args.volumes"), wrong
+    bad = [here[0], {"id": "data-vol", "connection_info": _with(ISCSI, target_portal="h:99999")}]
+    err = call_error(b, "instance.unshelve", {"uuid": uuid, "shelved": moving, "volumes": bad})
+    assert err.details["field"] == "args.volumes[1].connection_info.data.target_portal"
+    err = call_error(a, "instance.unshelve", {"uuid": uuid, "volumes": here})
+    assert err.details["field"] == "args.volumes"
+    assert b.call("instance.list") == [] and not b.call("host.info")["usage"]["MEMORY_MB"]
+
+    on_b = b.call("instance.unshelve", {"uuid": uuid, "shelved": moving, "volumes": here})
+    assert on_b["vm_state"] == "active" and on_b["host"] == b.call("host.info")["hostname"]
+    assert [(v["volume_id"], v["driver_volume_type"], v["device_name"], v["boot_index"]) for v in on_b["volumes"]] == [
+        ("root-vol", "nbd", "/dev/vda", 0), ("data-vol", "iscsi", "/dev/vdb", None)]
+    assert b.call("host.info")["usage"]["DISK_GB"] == 0
+    # b holds the connections now: it detaches the data volume as any of its own.
+    assert [v["volume_id"] for v in b.call("instance.detach_volume", {"uuid": uuid, "volume_id": "data-vol"})[
+        "volumes"]] == ["root-vol"]
 
 
 def test_scheduler_counts_no_local_disk_for_a_boot_volume(make_agent: Any, image_file: Path) -> None:

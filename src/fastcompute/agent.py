@@ -194,7 +194,8 @@ class Agent:
             return await shelver.offload(a.uuid)
 
         async def unshelve(a: protocol.UnshelveArgs) -> Any:
-            return await shelver.unshelve(a.uuid, a.shelved)
+            a = validate.request(a)
+            return await shelver.unshelve(a.uuid, a.shelved, a.volumes)
 
         async def get_shelved(a: protocol.UuidArgs) -> Any:
             return shelver.get_shelved(a.uuid)

@@ -21,9 +21,9 @@ them and the store their connections. The offload disconnects them with the doma
 secrets go with it) and the unshelve connects them again with the same connection info. An
 instance booted from a volume is not imaged: its shelve stops it and offloads it at once
 (Nova's rule for volume-backed instances), it claims no ``DISK_GB`` on unshelve, and its guest
-boots from its volume again. An offloaded instance with volumes is unshelved only by the
-agent that offloaded it: ``instance.get_shelved`` refuses it (CONFLICT), since the connection
-info of its volumes is not part of what moves between agents.
+boots from its volume again. Another agent unshelving an instance with volumes is given its
+own connection of each (``volumes`` of ``instance.unshelve``: what Cinder answers for that
+host, as Nova asks it): the connections of the agent that offloaded it never leave it.
 
 Every step is durable before the next: after a crash, an interrupted shelve is rolled back
 (its unfinished image deleted), an interrupted offload is finished, and an interrupted
@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
 import msgspec
 
@@ -45,13 +46,14 @@ from fastcompute.compute.configdrive import Bootstrap
 from fastcompute.compute.cpu import check_traits
 from fastcompute.compute.hardware import check_host, hardware
 from fastcompute.compute.manager import Manager
-from fastcompute.compute.records import Stored, numa_cells
+from fastcompute.compute.records import Stored, VolumeConnection, numa_cells
 from fastcompute.compute.snapshot import Snapshots
 from fastcompute.compute.validate import flavor_request
 from fastcompute.errors import AgentError, BadRequest, Conflict
 from fastcompute.hypervisor import DomainInfo
 from fastcompute.images.cache import ImageSpec
 from fastcompute.protocol import InstanceRecord, ShelvedInstance
+from fastcompute.protocol.volumes import VolumeConnectionSpec, VolumeRecord, volume_type
 from fastcompute.store import Store
 
 log = logging.getLogger("fastcompute.shelve")
@@ -156,13 +158,15 @@ class Shelver:
 
     # -- unshelve --------------------------------------------------------------------------------
 
-    async def unshelve(self, uuid: str, shelved: ShelvedInstance | None) -> InstanceRecord:
-        """``instance.unshelve``: here, or (``shelved``) an instance offloaded on another agent."""
+    async def unshelve(self, uuid: str, shelved: ShelvedInstance | None,
+                       conns: Sequence[VolumeConnectionSpec] = ()) -> InstanceRecord:
+        """``instance.unshelve``: here, or (``shelved``) an instance offloaded on another agent,
+        its volumes reached through ``conns``."""
         m = self.manager
         adopted = shelved is not None and uuid not in m.instances
         if adopted:
             assert shelved is not None
-            await self._adopt(uuid, shelved)
+            await self._adopt(uuid, shelved, conns)
         try:
             async with m.in_guest(uuid, "unshelve", _UNSHELVE.needs) as rec:
                 stored = m.instances[uuid]
@@ -248,9 +252,8 @@ class Shelver:
         if rec.vm_state not in _OFFLOADED:
             raise Conflict(f"instance {uuid} is {rec.vm_state}, not shelved_offloaded",
                            {"vm_state": rec.vm_state})
-        if rec.volumes or rec.shelved_image_id is None:
-            raise Conflict(f"instance {uuid} has volumes: only this agent, which holds their connections, "
-                           "unshelves it", {"uuid": uuid, "volumes": len(rec.volumes)})
+        if rec.shelved_image_id is None and not volumes.boots_from_volume(stored):
+            raise Conflict(f"instance {uuid} has no shelved image", {"uuid": uuid})
         boot = None
         if stored.bootstrap is not None:
             # Nothing keeps the password beyond the first boot's drive, as in Nova.
@@ -258,7 +261,7 @@ class Shelver:
                                        builtin_types=(bytes,))
         return ShelvedInstance(record=rec, image_id=rec.shelved_image_id, ports=stored.ports, bootstrap=boot)
 
-    async def _adopt(self, uuid: str, shelved: ShelvedInstance) -> None:
+    async def _adopt(self, uuid: str, shelved: ShelvedInstance, conns: Sequence[VolumeConnectionSpec]) -> None:
         m = self.manager
         if protocol.normalise_uuid(shelved.record.uuid) != uuid:
             raise BadRequest("the shelved instance is another instance than uuid",
@@ -272,12 +275,15 @@ class Shelver:
             boot = msgspec.convert(shelved.bootstrap, Bootstrap) if shelved.bootstrap is not None else None
         except msgspec.ValidationError as exc:
             raise BadRequest(f"invalid shelved bootstrap data: {exc}", {"field": "args.shelved.bootstrap"}) from None
+        vols, vol_conns = _connected(shelved.record.volumes, conns)
         ports = await m._validate_ports(shelved.ports, uuid)
         if uuid in m.instances:
             raise Conflict(f"instance {uuid} is already on this host", {"uuid": uuid})
         rec = msgspec.structs.replace(shelved.record, uuid=uuid, host=m.hostname, task_state=None,
-                                      power_state="nostate", numa=None, shelved_image_id=shelved.image_id)
-        stored = Stored(record=rec, digest="", ports=ports, bootstrap=boot, shelved_at=time.time())
+                                      power_state="nostate", numa=None, shelved_image_id=shelved.image_id,
+                                      volumes=vols)
+        stored = Stored(record=rec, digest="", ports=ports, bootstrap=boot, shelved_at=time.time(),
+                        volumes=vol_conns)
         m.instances[uuid] = stored
         m._locks[uuid] = asyncio.Lock()
         m._own_ports(uuid, ports)
@@ -302,3 +308,22 @@ class Shelver:
         image_id = stored.record.shelved_image_id
         if image_id is not None:
             await self.snapshots.delete_quietly(image_id, stored.record.uuid)
+
+
+def _connected(vols: list[VolumeRecord], conns: Sequence[VolumeConnectionSpec],
+               ) -> tuple[list[VolumeRecord], dict[str, VolumeConnection]]:
+    """An adopted instance's volumes with this host's connections: one for each of them (and
+    none other), BAD_REQUEST naming ``args.volumes`` otherwise."""
+    wanted = [v.volume_id for v in vols]
+    if sorted(c.id for c in conns) != sorted(wanted):
+        raise BadRequest(f"invalid request: args.volumes: this host's connection of each volume of the instance "
+                         f"is needed, and only those: {', '.join(wanted) or 'none'}",
+                         {"field": "args.volumes", "volumes": wanted})
+    by_id = {c.id: (i, c.connection_info) for i, c in enumerate(conns)}
+    out: dict[str, VolumeConnection] = {}
+    for vid, (i, info) in by_id.items():
+        out[vid] = VolumeConnection(connection_info=info,
+                                    source_kind=volumes.source_kind(info, f"args.volumes[{i}].connection_info"))
+    # The type may differ here (Cinder answers per host): the record says what this host uses.
+    return [msgspec.structs.replace(v, driver_volume_type=volume_type(out[v.volume_id].connection_info))
+            for v in vols], out
