@@ -103,6 +103,15 @@ def _snapshot_in_background(agent: Any, uuid: str, raising: bool = False) -> con
     return concurrent.futures.ThreadPoolExecutor(1).submit(call if raising else quietly)
 
 
+def _recorded_image(agent: Any, uuid: str) -> str:
+    """The snapshot's image id, once recorded: the task is written a step before it."""
+    deadline = time.monotonic() + 30
+    while (image_id := agent.call("instance.get", {"uuid": uuid})["snapshot_id"]) is None:
+        assert time.monotonic() < deadline, "the snapshot's image id was never recorded"
+        time.sleep(0.01)
+    return str(image_id)
+
+
 @pytest.mark.parametrize("step", ["image_snapshot", "image_uploading"])
 def test_kill_9_mid_snapshot_leaves_no_image_and_no_file(make_agent: Any, glance: Glance, image_file: Path,
                                                          step: str) -> None:
@@ -114,13 +123,13 @@ def test_kill_9_mid_snapshot_leaves_no_image_and_no_file(make_agent: Any, glance
         with glance_held(glance):  # the agent waits for Glance to create the image
             pending = _snapshot_in_background(agent, uuid)
             wait_task(agent, uuid, step)
-            image_id = agent.call("instance.get", {"uuid": uuid})["snapshot_id"]
+            image_id = _recorded_image(agent, uuid)
             agent.kill()
     else:
         pending = _snapshot_in_background(agent, uuid)
         wait_task(agent, uuid, step)
         with glance_held(glance):
-            image_id = agent.call("instance.get", {"uuid": uuid})["snapshot_id"]
+            image_id = _recorded_image(agent, uuid)
             agent.kill()
     pending.result()
     assert image_id

@@ -35,14 +35,16 @@ from fastcompute.rpc.client import AsyncClient
 
 
 @contextlib.asynccontextmanager
-async def running_agent(tmp_path: Path, config: str, uri: str) -> AsyncIterator[tuple[Agent, AsyncClient]]:
-    """A real agent on loopback in this event loop, and a client of it."""
+async def running_agent(tmp_path: Path, config: str, uri: str,
+                        images: str = "") -> AsyncIterator[tuple[Agent, AsyncClient]]:
+    """A real agent on loopback in this event loop, and a client of it (``images``: more lines
+    of its ``[images]`` section)."""
     control, events = free_port(), free_port()
     path = tmp_path / "agent.toml"
     path.write_text(
         f'[agent]\nstate_dir = "{tmp_path / "state"}"\ncontrol = "tcp://127.0.0.1:{control}"\n'
         f'events = "tcp://127.0.0.1:{events}"\n[hypervisor]\nuri = "{uri}"\n'
-        f'[images]\nfile_roots = ["/"]\n[stats]\ninterval_s = 0\n' + config)
+        f'[images]\nfile_roots = ["/"]\n{images}\n[stats]\ninterval_s = 0\n' + config)
     cfg: Config = load(path)
     agent = Agent(cfg)
     await agent.start()

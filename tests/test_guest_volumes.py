@@ -6,8 +6,10 @@ A guest writes a marker to a volume through its serial shell, the volume is deta
 guest releases it) and attached to a second guest, which reads the marker; a guest boots from
 an iSCSI volume with no local disk; an extended volume shows its new size in the guest; a kill
 -9 of the agent during an attach and during a detach leaves nothing half attached once the
-agent is back. The RBD disk's XML and its secret check are tested against libvirt without a
-Ceph cluster (none can run here).
+agent is back; a volume stays through a rescue and comes back (secret and all) after a shelve
+and unshelve; a guest whose boot volume cannot boot is rescued from a rescue disk the firmware
+boots instead, repaired, and boots from its volume again. The RBD disk's XML and its secret
+check are tested against libvirt without a Ceph cluster (none can run here).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any
 
 import pytest
 from agent_fixtures import AgentProcess, call_error, free_port
+from glance_fixtures import Glance, glance
 from guest_fixtures import READY, guest_image, libvirtd
+from image_workflow_fixtures import glance_config
 from storage_fixtures import (
     CHAP_PASSWORD,
     IscsiTarget,
@@ -40,7 +44,7 @@ from test_guest_console import socket_dir
 libvirt = pytest.importorskip("libvirt")
 
 pytestmark = pytest.mark.guest
-__all__ = ["conn", "guest_agent", "guest_image", "iscsi", "libvirtd", "nbd_exports", "socket_dir"]
+__all__ = ["conn", "glance", "guest_agent", "guest_image", "iscsi", "libvirtd", "nbd_exports", "socket_dir"]
 
 MIB = 1 << 20
 
@@ -359,3 +363,85 @@ def test_a_restart_attaches_what_the_record_has_and_detaches_what_it_does_not(
     # The stranger is gone from the guest too: the CD-ROM, the root disk and the volume, no more.
     blocks = shell.run("ls /sys/block").split()
     assert len(blocks) == 3 and {"sr0", "vda"} < set(blocks), blocks
+
+
+def test_a_volume_stays_through_rescue_and_comes_back_after_shelve(
+        guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path, socket_dir: Path,
+        iscsi: IscsiTarget, glance: Glance, shells: Callable[[Path, str], Shell], tmp_path: Path) -> None:
+    agent = guest_agent(config(socket_dir) + glance_config(glance, "[compute]\nshelved_offload_time_s = 0\n"))
+    uuid = boot(agent, guest_image, "vol-rescue")["uuid"]
+    lun = raw_file(tmp_path / "lun.img", 16 * MIB)
+    marker = f"FCMARK-{uuid_mod.uuid4().hex[:12]}"
+    with lun.open("r+b") as f:
+        f.write(marker.encode())
+    agent.call("instance.attach_volume", {"uuid": uuid, "volume": {"id": "vol-keep",
+                                                                   "connection_info": iscsi.lun("keep", lun)}})
+    wait_console(agent, uuid, READY)
+    shell = shells(socket_dir, uuid)
+    # A mark on the root disk, far from its file systems: found again on the rescued guest's vdc.
+    root_mark = f"FCROOT-{uuid_mod.uuid4().hex[:12]}"
+    shell.run(f"echo {root_mark} | dd of=/dev/vda bs=1M seek=900 conv=notrunc 2>/dev/null; sync")
+    shell.close()
+    read = "dd if=/dev/{} bs=1M skip={} count=1 2>/dev/null | head -c 40"
+
+    # Rescued: the rescue disk is vda, the volume (its CHAP secret too) is still vdb, the root vdc.
+    rescued = agent.call("instance.rescue", {"uuid": uuid, "image": {"url": guest_image.as_uri()}})
+    assert rescued["vm_state"] == "rescued" and len(our_secrets(conn, uuid)) == 1
+    wait_console(agent, uuid, READY, count=2)
+    shell = shells(socket_dir, uuid)
+    shell.wait_for("cat /sys/block/vdb/serial", "vol-keep")
+    assert marker in shell.run(read.format("vdb", 0))
+    assert root_mark in shell.run(read.format("vdc", 900))
+    assert root_mark not in shell.run(read.format("vda", 900))
+    shell.close()
+    agent.call("instance.unrescue", {"uuid": uuid})
+
+    # Offloaded: no domain and no secret; unshelved: connected again, the same device.
+    shelved = agent.call("instance.shelve", {"uuid": uuid})
+    assert shelved["vm_state"] == "shelved_offloaded" and [v["volume_id"] for v in shelved["volumes"]] == ["vol-keep"]
+    assert our_secrets(conn, uuid) == [] and uuid not in {d.UUIDString() for d in conn.listAllDomains()}
+    assert agent.call("instance.unshelve", {"uuid": uuid})["vm_state"] == "active"
+    assert len(our_secrets(conn, uuid)) == 1
+    wait_console(agent, uuid, READY)  # a new console log: the offload removed the old one
+    shell = shells(socket_dir, uuid)
+    shell.wait_for("cat /sys/block/vdb/serial", "vol-keep")
+    assert marker in shell.run(read.format("vdb", 0))
+    assert root_mark in shell.run(read.format("vda", 900))  # the root disk came back from the snapshot
+    agent.call("instance.delete", {"uuid": uuid})
+    assert our_secrets(conn, uuid) == [] and lun.read_bytes()[:len(marker)] == marker.encode()
+
+
+def test_a_guest_booted_from_a_volume_is_rescued_from_a_rescue_disk_and_repaired(
+        guest_agent: Callable[..., AgentProcess], conn: Any, guest_image: Path, socket_dir: Path,
+        iscsi: IscsiTarget, shells: Callable[[Path, str], Shell], tmp_path: Path) -> None:
+    agent = guest_agent(config(socket_dir))
+    lun = tmp_path / "boot.img"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(guest_image), str(lun)], check=True)
+    with lun.open("r+b") as f:
+        f.write(bytes(512))  # its boot sector gone: the firmware finds nothing to boot on it
+    rec = agent.call("instance.spawn", {
+        "name": "bfv-rescue", "flavor": {"vcpus": 1, "memory_mb": 128, "disk_gb": 1}, "image": {}, "wait": True,
+        "block_device_mapping": [{"boot_index": 0, "source_type": "volume", "destination_type": "volume",
+                                  "volume_id": "root", "connection_info": iscsi.lun("bfv-rescue", lun)}]})
+    uuid = rec["uuid"]
+
+    # Stable device rescue: the firmware boots the rescue disk (vdb), the volume stays vda.
+    rescued = agent.call("instance.rescue", {"uuid": uuid, "image": {"url": guest_image.as_uri()}})
+    assert rescued["vm_state"] == "rescued" and len(our_secrets(conn, uuid)) == 1
+    wait_console(agent, uuid, READY)
+    shell = shells(socket_dir, uuid)
+    assert shell.run("cat /sys/block/vda/serial").strip() == "root"
+    sector = "dd if=/dev/{} bs=512 count=1 2>/dev/null | md5sum | cut -c1-32"
+    assert shell.run(sector.format("vda")).strip() != shell.run(sector.format("vdb")).strip()
+    shell.run("dd if=/dev/vdb of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; sync")
+    shell.close()
+
+    # Unrescued: it boots from its (repaired) volume again, the rescue disk gone.
+    assert agent.call("instance.unrescue", {"uuid": uuid})["vm_state"] == "active"
+    wait_console(agent, uuid, READY, count=2)
+    shell = shells(socket_dir, uuid)
+    assert shell.run("ls /sys/block | grep -c '^vd'").strip() == "1"
+    assert shell.run("cat /sys/block/vda/serial").strip() == "root"
+    assert not (agent.state_dir / "instances" / uuid / "disk.rescue").exists()
+    agent.call("instance.delete", {"uuid": uuid})
+    assert our_secrets(conn, uuid) == []

@@ -176,7 +176,7 @@ class Agent:
             "instance.snapshot": lambda a: snapshots.snapshot(a.uuid, a.name, a.properties),
             "instance.shelve": lambda a: shelver.shelve(a.uuid),
             "instance.shelve_offload": lambda a: shelver.offload(a.uuid),
-            "instance.unshelve": lambda a: shelver.unshelve(a.uuid, a.shelved),
+            "instance.unshelve": lambda a: shelver.unshelve(a.uuid, a.shelved, a.volumes),
             "instance.get_shelved": get_shelved,
             "instance.migrate": lambda a: moves.start(a.uuid, "migrate", a.destination, None, a.wait),
             "instance.resize": lambda a: moves.start(a.uuid, "resize", a.destination, a.flavor, a.wait),

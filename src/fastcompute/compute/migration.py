@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from fastcompute.compute import volumes
 from fastcompute.compute.peers import Peers
 from fastcompute.compute.records import Stored, image_spec, numa_cells
 from fastcompute.compute.validate import flavor_request
@@ -206,7 +207,8 @@ class Migrations:
         old = stored.record.flavor
         if flavor is not None:
             flavor_request(flavor)
-            if flavor.disk_gb < old.disk_gb:
+            # A volume-backed instance's root is its volume: the flavor's disk size is not its own.
+            if flavor.disk_gb < old.disk_gb and not volumes.boots_from_volume(stored):
                 raise invalid("args.flavor.disk_gb", f"a resize cannot shrink the root disk "
                               f"({old.disk_gb} GiB to {flavor.disk_gb} GiB)")
             if flavor == old:
@@ -467,7 +469,7 @@ class Migrations:
             raise Conflict(f"instance {a.uuid} is already on this host", {"uuid": a.uuid})
         stored = self._stored.decode(a.instance)
         f = a.flavor
-        claim = m.claim_flavor(a.uuid, stored.record.project_id, f)
+        claim = m.claim_flavor(a.uuid, stored.record.project_id, f, 0 if volumes.boots_from_volume(stored) else None)
         move = Move(id=a.id, uuid=a.uuid, role="destination", kind=kind, source=a.peer,
                     destination=m.hostname, old_flavor=stored.record.flavor, new_flavor=f,
                     vm_state=vm_state, status=status, instance=a.instance)
@@ -502,7 +504,8 @@ class Migrations:
                 await self._pull(move, f.name, f.size, f.digest, idir)
             stored = self._stored.decode(move.instance)
             rec = stored.record
-            await m.images.adopt_disk(uuid, image_spec(rec), move.new_flavor.disk_gb)
+            if not volumes.boots_from_volume(stored):
+                await m.images.adopt_disk(uuid, image_spec(rec), move.new_flavor.disk_gb)
             tracker = m.tracker
             assert tracker is not None
             claim = tracker.claims[uuid]

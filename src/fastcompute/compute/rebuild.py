@@ -9,15 +9,19 @@ config drive re-made; the domain launched. A crash while ``rebuilding`` rolls ba
 disk removed, the old domain re-created as it was); a crash while ``rebuild_spawning`` finishes.
 A failed fetch or disk leaves the instance as it was, running; a launch that fails leaves it
 ``error`` with its new disk and its claim (a hard reboot recovers it). A stopped instance stays
-stopped (Nova's rule); an active or failed one ends ``active``.
+stopped (Nova's rule); an active or failed one ends ``active``. Its volumes stay attached:
+the new domain has them as the old one had. An instance booted from a volume is refused
+(CONFLICT): its root is the volume, which only Cinder could re-image (Nova's API before 2.93
+refuses a volume-backed rebuild to another image too).
 """
 
 from __future__ import annotations
 
 import logging
 
-from fastcompute.compute import tasks
+from fastcompute.compute import tasks, volumes
 from fastcompute.compute.manager import Manager, _typed
+from fastcompute.errors import Conflict
 from fastcompute.hypervisor import DomainInfo
 from fastcompute.protocol import OPS, Fault, InstanceRecord
 from fastcompute.protocol.schema import SpawnImage
@@ -42,6 +46,9 @@ class Rebuild:
         m = self.m
         async with m.held(uuid, "rebuild", _RULE.needs) as stored:
             tasks.needs_claim(m, uuid, "rebuild")
+            if volumes.boots_from_volume(stored):
+                raise Conflict(f"cannot rebuild instance {uuid} from an image: it boots from a volume, "
+                               "which only the volume service could re-image", {"uuid": uuid})
             rec = stored.record
             new = image.without_token()
             stored.rebuild = new

@@ -9,15 +9,22 @@ committed, rolls back: the rescue disk removed and the instance's own domain as 
 unrescue (``unrescuing``) removes the rescue domain and disk and launches the instance's own
 domain: ``active``; a crash in it finishes it at the next start. A rescued instance keeps its
 rescue domain over agent restarts, and a lost one is re-made rescued.
+
+Volumes stay attached through a rescue, after the instance's own disks (Nova's). An instance
+booted from a volume is rescued as Nova's stable device rescue does: the rescue disk is the
+boot disk, the boot volume and the others follow, and unrescue boots from the volume again;
+the rescue image is then required (BAD_REQUEST naming ``args.image``: there is no image of the
+instance's own). Volumes keep their device names; the rescue disk (and an image-backed
+instance's root disk) take the first free names.
 """
 
 from __future__ import annotations
 
 import logging
 
-from fastcompute.compute import tasks
+from fastcompute.compute import tasks, volumes
 from fastcompute.compute.manager import Manager, _typed
-from fastcompute.errors import Conflict
+from fastcompute.errors import BadRequest, Conflict
 from fastcompute.hypervisor import DomainInfo
 from fastcompute.images import disks
 from fastcompute.protocol import OPS, Fault, InstanceRecord
@@ -44,7 +51,11 @@ class Rescue:
         async with m.held(uuid, "rescue", _RESCUE.needs) as stored:
             tasks.needs_claim(m, uuid, "rescue")
             rec = stored.record
-            if not disks.path(m.instance_dir(uuid), "root").exists():
+            bfv = volumes.boots_from_volume(stored)
+            if bfv and image is None:
+                raise BadRequest("invalid request: args.image: an instance booted from a volume has no image "
+                                 "of its own to rescue it from", {"field": "args.image", "reason": "required"})
+            if not bfv and not disks.path(m.instance_dir(uuid), "root").exists():
                 raise Conflict(f"cannot rescue instance {uuid}: it has no root disk", {"uuid": uuid})
             chosen = image.without_token() if image is not None else rec.image
             was = rec.vm_state

@@ -16,6 +16,15 @@ offloaded instance when ``instance.unshelve`` carries it (``shelved``: what
 own for the unshelve, and forgets it again if the unshelve fails. The agent that offloaded it
 keeps its record (``shelved_offloaded``, nothing held) until it is deleted there.
 
+Volumes stay the instance's through a shelve (Nova keeps their attachments): the record keeps
+them and the store their connections. The offload disconnects them with the domain (their
+secrets go with it) and the unshelve connects them again with the same connection info. An
+instance booted from a volume is not imaged: its shelve stops it and offloads it at once
+(Nova's rule for volume-backed instances), it claims no ``DISK_GB`` on unshelve, and its guest
+boots from its volume again. Another agent unshelving an instance with volumes is given its
+own connection of each (``volumes`` of ``instance.unshelve``: what Cinder answers for that
+host, as Nova asks it): the connections of the agent that offloaded it never leave it.
+
 Every step is durable before the next: after a crash, an interrupted shelve is rolled back
 (its unfinished image deleted), an interrupted offload is finished, and an interrupted
 unshelve is rolled back to ``shelved_offloaded`` with its claim given back.
@@ -27,17 +36,20 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
 import msgspec
 
 from fastcompute import protocol
+from fastcompute.compute import volumes
 from fastcompute.compute.manager import Manager
-from fastcompute.compute.records import Stored, bootstrap_of, numa_cells, portable_bootstrap
+from fastcompute.compute.records import Stored, VolumeConnection, bootstrap_of, numa_cells, portable_bootstrap
 from fastcompute.compute.snapshot import Snapshots
 from fastcompute.errors import AgentError, BadRequest, Conflict
 from fastcompute.hypervisor import DomainInfo
 from fastcompute.images.cache import ImageSpec
 from fastcompute.protocol import InstanceRecord, ShelvedInstance
+from fastcompute.protocol.volumes import VolumeConnectionSpec, VolumeRecord, volume_type
 from fastcompute.store import Store
 
 log = logging.getLogger("fastcompute.shelve")
@@ -64,16 +76,19 @@ class Shelver:
     async def shelve(self, uuid: str) -> InstanceRecord:
         """``instance.shelve``: stop, snapshot, and offload when ``shelved_offload_time_s`` is 0."""
         m = self.manager
-        if not m.cfg.images.glance_endpoint:
-            raise Conflict("this host has no Image service to shelve to ([images] glance_endpoint)", {"uuid": uuid})
         async with m.held(uuid, "shelve", _SHELVE.needs) as stored:
             rec = stored.record
+            bfv = volumes.boots_from_volume(stored)
+            if not bfv and not m.cfg.images.glance_endpoint:
+                raise Conflict("this host has no Image service to shelve to ([images] glance_endpoint)",
+                               {"uuid": uuid})
             await m._commit(uuid, task_state=_SHELVE.task)
             stopped = False
             try:
                 power = await m.driver.power_off(uuid, m.cfg.hypervisor.shutdown_timeout_s)
                 stopped = True
-                image_id, _size = await self.snapshots.upload(uuid, f"{rec.name}-shelved", {}, "shelving_")
+                image_id = None if bfv else (await self.snapshots.upload(uuid, f"{rec.name}-shelved", {},
+                                                                           "shelving_"))[0]
             except BaseException:
                 # The guest stays stopped if it was: the state says what it is.
                 if stopped:
@@ -84,7 +99,7 @@ class Shelver:
             stored.shelved_at = time.time()
             rec = await m._commit(uuid, vm_state=_SHELVE.target, task_state=None, power_state=power,
                                   shelved_image_id=image_id)
-            if m.cfg.compute.shelved_offload_time_s == 0:
+            if bfv or m.cfg.compute.shelved_offload_time_s == 0:
                 rec = await self._offload(uuid)
         return rec
 
@@ -139,13 +154,15 @@ class Shelver:
 
     # -- unshelve --------------------------------------------------------------------------------
 
-    async def unshelve(self, uuid: str, shelved: ShelvedInstance | None) -> InstanceRecord:
-        """``instance.unshelve``: here, or (``shelved``) an instance offloaded on another agent."""
+    async def unshelve(self, uuid: str, shelved: ShelvedInstance | None,
+                       conns: Sequence[VolumeConnectionSpec] = ()) -> InstanceRecord:
+        """``instance.unshelve``: here, or (``shelved``) an instance offloaded on another agent,
+        its volumes reached through ``conns``."""
         m = self.manager
         adopted = shelved is not None and uuid not in m.instances
         if adopted:
             assert shelved is not None
-            await self._adopt(uuid, shelved)
+            await self._adopt(uuid, shelved, conns)
         try:
             async with m.held(uuid, "unshelve", _UNSHELVE.needs) as stored:
                 rec = stored.record
@@ -177,9 +194,10 @@ class Shelver:
         tracker = m.tracker
         assert tracker is not None
         rec = stored.record
-        if rec.shelved_image_id is None:
+        bfv = volumes.boots_from_volume(stored)
+        if rec.shelved_image_id is None and not bfv:
             raise Conflict(f"instance {uuid} has no shelved image to unshelve from", {"uuid": uuid})
-        claim = m.claim_flavor(uuid, rec.project_id, rec.flavor)
+        claim = m.claim_flavor(uuid, rec.project_id, rec.flavor, 0 if bfv else None)
         request = claim.numa_request
         m._mark_resources_changed()
         try:
@@ -189,10 +207,13 @@ class Shelver:
             tracker.release(uuid)
             raise
         try:
-            image = ImageSpec(id=rec.shelved_image_id, disk_format="qcow2")
-            progress = m._progress(uuid)
-            await m.images.fetch_base(image, rec.flavor.disk_gb, progress)
-            await m.images.prepare_disk(uuid, image, rec.flavor.disk_gb, progress)
+            if rec.shelved_image_id is not None:
+                image = ImageSpec(id=rec.shelved_image_id, disk_format="qcow2")
+                progress = m._progress(uuid)
+                await m.images.fetch_base(image, rec.flavor.disk_gb, progress)
+                await m.images.prepare_disk(uuid, image, rec.flavor.disk_gb, progress)
+            else:
+                m.instance_dir(uuid).mkdir(mode=0o700, parents=True, exist_ok=True)
             if m._drive_wanted(uuid):
                 await m._write_config_drive(uuid)
             if stored.ports:
@@ -220,13 +241,15 @@ class Shelver:
         m = self.manager
         stored = m._get(uuid)
         rec = stored.record
-        if rec.vm_state not in _OFFLOADED or rec.shelved_image_id is None:
+        if rec.vm_state not in _OFFLOADED:
             raise Conflict(f"instance {uuid} is {rec.vm_state}, not shelved_offloaded",
                            {"vm_state": rec.vm_state})
+        if rec.shelved_image_id is None and not volumes.boots_from_volume(stored):
+            raise Conflict(f"instance {uuid} has no shelved image", {"uuid": uuid})
         return ShelvedInstance(record=rec, image_id=rec.shelved_image_id, ports=stored.ports,
                                bootstrap=portable_bootstrap(stored))
 
-    async def _adopt(self, uuid: str, shelved: ShelvedInstance) -> None:
+    async def _adopt(self, uuid: str, shelved: ShelvedInstance, conns: Sequence[VolumeConnectionSpec]) -> None:
         m = self.manager
         if protocol.normalise_uuid(shelved.record.uuid) != uuid:
             raise BadRequest("the shelved instance is another instance than uuid",
@@ -237,12 +260,15 @@ class Shelver:
         if uuid in m._deleting:
             raise Conflict(f"instance {uuid} is being deleted", {"uuid": uuid})
         boot = bootstrap_of(shelved.bootstrap, "args.shelved.bootstrap")
+        vols, vol_conns = _connected(shelved.record.volumes, conns)
         ports = await m._validate_ports(shelved.ports, uuid)
         if uuid in m.instances:
             raise Conflict(f"instance {uuid} is already on this host", {"uuid": uuid})
         rec = msgspec.structs.replace(shelved.record, uuid=uuid, host=m.hostname, task_state=None,
-                                      power_state="nostate", numa=None, shelved_image_id=shelved.image_id)
-        stored = Stored(record=rec, digest="", ports=ports, bootstrap=boot, shelved_at=time.time())
+                                      power_state="nostate", numa=None, shelved_image_id=shelved.image_id,
+                                      volumes=vols)
+        stored = Stored(record=rec, digest="", ports=ports, bootstrap=boot, shelved_at=time.time(),
+                        volumes=vol_conns)
         m.instances[uuid] = stored
         m._locks[uuid] = asyncio.Lock()
         m._own_ports(uuid, ports)
@@ -267,3 +293,22 @@ class Shelver:
         image_id = stored.record.shelved_image_id
         if image_id is not None:
             await self.snapshots.delete_quietly(image_id, stored.record.uuid)
+
+
+def _connected(vols: list[VolumeRecord], conns: Sequence[VolumeConnectionSpec],
+               ) -> tuple[list[VolumeRecord], dict[str, VolumeConnection]]:
+    """An adopted instance's volumes with this host's connections: one for each of them (and
+    none other), BAD_REQUEST naming ``args.volumes`` otherwise."""
+    wanted = [v.volume_id for v in vols]
+    if sorted(c.id for c in conns) != sorted(wanted):
+        raise BadRequest(f"invalid request: args.volumes: this host's connection of each volume of the instance "
+                         f"is needed, and only those: {', '.join(wanted) or 'none'}",
+                         {"field": "args.volumes", "volumes": wanted})
+    by_id = {c.id: (i, c.connection_info) for i, c in enumerate(conns)}
+    out: dict[str, VolumeConnection] = {}
+    for vid, (i, info) in by_id.items():
+        out[vid] = VolumeConnection(connection_info=info,
+                                    source_kind=volumes.source_kind(info, f"args.volumes[{i}].connection_info"))
+    # The type may differ here (Cinder answers per host): the record says what this host uses.
+    return [msgspec.structs.replace(v, driver_volume_type=volume_type(out[v.volume_id].connection_info))
+            for v in vols], out

@@ -12,6 +12,11 @@ The image's id is chosen here and recorded (``Stored.pending_image``) before Gla
 to create it, so that whatever stops the agent, the next start deletes an image that was not
 completed (:meth:`Snapshots.recover`), merges an overlay left behind and thaws the guest: no
 half image stays in Glance and no temporary disk on the host.
+
+Only the root disk is saved: attached volumes are not part of the image (Nova's snapshot of
+an image-backed instance). An instance booted from a volume is refused (CONFLICT): Nova
+snapshots its volumes through Cinder and uploads an image holding only their mapping, and
+this agent has no volume service to ask.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import uuid as uuid_mod
 from typing import Any
 
 from fastcompute import protocol
+from fastcompute.compute import volumes
 from fastcompute.compute.manager import Manager
 from fastcompute.compute.records import Stored
 from fastcompute.errors import AgentError, Conflict, ImageError
@@ -57,7 +63,10 @@ class Snapshots:
         if not m.cfg.images.glance_endpoint:
             raise Conflict("this host has no Image service to save snapshots to ([images] glance_endpoint)",
                            {"uuid": uuid})
-        async with m.held(uuid, "snapshot", _RULE.needs):
+        async with m.held(uuid, "snapshot", _RULE.needs) as stored:
+            if volumes.boots_from_volume(stored):
+                raise Conflict(f"cannot snapshot instance {uuid}: it boots from a volume, whose snapshot is "
+                               "the volume service's to take", {"uuid": uuid})
             await m._commit(uuid, task_state=_RULE.task)
             try:
                 image_id, size = await self.upload(uuid, name, properties, "")

@@ -38,7 +38,7 @@ from fastcompute.protocol import (
     SpawnArgs,
 )
 from fastcompute.protocol.ports import Port, SecurityGroup
-from fastcompute.protocol.schema import AttachVolumeArgs
+from fastcompute.protocol.schema import AttachVolumeArgs, UnshelveArgs
 from fastcompute.protocol.volumes import (
     QOS_KEYS,
     BlockDevice,
@@ -330,6 +330,18 @@ def _attach_volume(a: AttachVolumeArgs) -> None:
     check_volume(a.volume, "args.volume")
 
 
+def _unshelve(a: UnshelveArgs) -> None:
+    if a.volumes and a.shelved is None:
+        raise protocol.invalid("args.volumes", "only an instance offloaded on another agent (args.shelved) "
+                               "takes this host's volume connections")
+    seen: set[str] = set()
+    for i, v in enumerate(a.volumes):
+        if v.id in seen:
+            raise protocol.invalid(f"args.volumes[{i}].id", f"volume {v.id} is given twice")
+        seen.add(v.id)
+        check_connection(v.connection_info, f"args.volumes[{i}].connection_info")
+
+
 _CHECKS: Final[dict[type[Any], Callable[[Any], None]]] = {
     SpawnArgs: _spawn,
     AttachPortArgs: _attach,
@@ -337,6 +349,7 @@ _CHECKS: Final[dict[type[Any], Callable[[Any], None]]] = {
     RebuildArgs: lambda a: check_image(a.image),
     RescueArgs: _rescue,
     AttachVolumeArgs: _attach_volume,
+    UnshelveArgs: _unshelve,
 }
 
 

@@ -18,7 +18,7 @@ from msgspec import Meta, Raw, Struct
 from fastcompute.errors import AgentError, BadRequest
 from fastcompute.hypervisor.spec import HostCell, HypervisorInfo
 from fastcompute.protocol.ports import Port, SecurityGroup
-from fastcompute.protocol.volumes import BlockDevice, VolumeId, VolumeRecord, VolumeSpec
+from fastcompute.protocol.volumes import BlockDevice, VolumeConnectionSpec, VolumeId, VolumeRecord, VolumeSpec
 from fastcompute.resources.numa_types import HostUsage
 
 VERSION: Final = 1
@@ -654,19 +654,22 @@ class Snapshotted(msgspec.Struct, frozen=True):
 
 class ShelvedInstance(Struct, kw_only=True):
     """An offloaded instance as another agent unshelves it: its record, its ports, the
-    snapshot it is built from and what its guest is told at boot (without its password)."""
+    snapshot it is built from (None: it boots from a volume) and what its guest is told at
+    boot (without its password)."""
 
     record: InstanceRecord
-    image_id: Id
+    image_id: Id | None
     ports: list[Port] = []
     bootstrap: dict[str, Any] | None = None
 
 
 class UnshelveArgs(_Args):
-    """``instance.unshelve``: ``shelved`` carries an instance offloaded on another agent."""
+    """``instance.unshelve``: ``shelved`` carries an instance offloaded on another agent, and
+    ``volumes`` this host's connection of each of its volumes."""
 
     uuid: UuidStr
     shelved: ShelvedInstance | None = None
+    volumes: Annotated[list[VolumeConnectionSpec], Meta(max_length=26)] = []
 
 
 class InstanceCopy(Struct, kw_only=True):

@@ -187,6 +187,14 @@ def split_portal(portal: str, default_port: int = 3260) -> tuple[str, int] | Non
     return host, int(port)
 
 
+class VolumeConnectionSpec(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """A volume's connection on the host an instance comes to: what Cinder answers Nova for
+    that host (``volumes`` of ``instance.unshelve`` of an instance offloaded elsewhere)."""
+
+    id: VolumeId
+    connection_info: ConnectionInfo
+
+
 def boot_volume(mapping: list[BlockDevice]) -> BlockDevice | None:
     """The volume a spawn boots from (its ``boot_index`` 0), or None for a local root disk."""
     return next((b for b in mapping if b.boot_index == 0 and b.source_type == "volume"), None)

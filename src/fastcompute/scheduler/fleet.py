@@ -47,6 +47,7 @@ from fastcompute.protocol import (
     HostInfo,
     InstanceRecord,
     SpawnArgs,
+    boot_volume,
     invalid_from,
 )
 from fastcompute.resources import numa
@@ -677,6 +678,8 @@ class Scheduler:
         instance = wanted.uuid or str(uuid_mod.uuid4())
         args["uuid"] = instance
         req, numa_request = request_tuple(wanted.flavor)
+        if boot_volume(wanted.block_device_mapping) is not None:
+            req = (*req[:3], 0)  # booted from a volume: no local root disk, as the agent claims
         if group is not None:
             args["metadata"] = {**wanted.metadata, SERVER_GROUP_KEY: group.name,
                                 SERVER_GROUP_POLICY_KEY: group.policy}
