@@ -18,7 +18,8 @@ import msgpack
 import pytest
 import zmq
 import zmq.auth
-from agent_fixtures import AgentProcess, call_error, disk_dirs, spawn_args, wait_for_state
+from agent_fixtures import AgentProcess, call_error, disk_dirs, free_port, spawn_args, wait_for_state
+from test_agent_console import status_of
 from test_agent_security import make_keys
 
 from fastcompute.errors import AgentError
@@ -470,3 +471,15 @@ def test_revert_while_the_source_is_down_finishes_when_it_is_back(make_agent: An
         assert time.monotonic() < deadline
         time.sleep(0.1)
     settled_at(a, b, uuid)
+
+
+def test_a_move_spends_the_sources_console_urls(make_agent: Any, image_file: Path, tmp_path: Path) -> None:
+    port = free_port()
+    console = f'[console]\nenabled = true\nlisten = "127.0.0.1:{port}"\nsocket_dir = "{tmp_path / "s"}"\n'
+    a, b = pair(make_agent, a_extra=console)
+    uuid = spawn(a, image_file)
+    url = a.call("instance.get_console", {"uuid": uuid, "type": "serial"})["url"]
+    assert a.call("instance.migrate", {"uuid": uuid, "destination": "host-b", "wait": True})["host"] == "host-b"
+    assert b.call("instance.get", {"uuid": uuid})["vm_state"] == "resized"
+    # The guest is no longer behind the source's proxy: a URL handed out before the move is refused.
+    assert status_of(url) == 403
