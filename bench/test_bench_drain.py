@@ -7,8 +7,11 @@ host A (scripts/libvirt-hosts.sh).
   own files, no config drive), each moved by ``virsh migrate --live --p2p --copy-storage-inc``
   to B, one after another.
 
-The ratio is the drain's wall time over the sum of the direct moves'. The issue's goal is 0.5;
-the gate is what this 2-core TCG machine reliably gives (see GATE).
+The ratio is the drain's wall time over the sum of the direct moves'. Six guests: two full
+rounds of three. Measured here: 0.48-0.49 (the issue's goal is 0.5). Each migration is
+CPU-bound under TCG, so three at once on two cores take ~2.9 s each against ~2.0 s alone, and
+two rounds cannot do better than about 0.48: the gate, 0.6, leaves room for the load of other
+work on the machine (docs/MIGRATION.md, *Draining a host*).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ pytestmark = pytest.mark.guest
 __all__ = ["guest_image", "hosts"]
 
 GUESTS = 6
-GATE = 1.0
+GATE = 0.6
 
 
 @pytest.fixture
