@@ -13,11 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import zmq.auth
 from agent_fixtures import AgentProcess, call_error, disk_dirs
 from test_agent_live_migration import URI
-from test_agent_migration import pair, spawn, usage
+from test_agent_migration import config, pair, spawn, usage
+from test_agent_security import make_keys
 
 from fastcompute.errors import AgentError
+from fastcompute.rpc.client import Client, Curve
 
 
 def running_here(agent: AgentProcess, uuids: list[str]) -> None:
@@ -116,3 +120,28 @@ def test_cli_drain(make_agent: Any, image_file: Path) -> None:
     report = json.loads(proc.stdout)
     assert [f["uuid"] for f in report["failed"]] == [uuid] and report["host"] == a.call("host.info")["hostname"]
     assert fc("drain", "--endpoint", a.control, "--concurrency", "0", check=False).returncode == 1
+
+
+def test_over_curve_peers_read_each_others_host_info_and_nothing_more(make_agent: Any, image_file: Path,
+                                                                       tmp_path: Path) -> None:
+    pub = {n: make_keys(tmp_path / "keys", n) for n in ("host-a", "host-b", "admin")}
+    z85 = {n: zmq.auth.load_certificate(p)[0].decode() for n, (p, _s) in pub.items()}
+    a, b = make_agent(start=False), make_agent(start=False)
+    for me, name, other, oname in ((a, "host-a", b, "host-b"), (b, "host-b", a, "host-a")):
+        me.config_path.write_text(config(name, oname, other.control, peer_key=z85[oname], extra=(
+            f'[security]\nserver_secret_key_file = "{pub[name][1]}"\nclient_public_keys = ["{z85["admin"]}"]\n')))
+        me.curve = Curve.from_files(pub[name][0], pub["admin"][1])
+        me.start()
+    uuid = spawn(a, image_file)
+    # A read B's host.info over the peer link (B is not "down"), then B refused the live move.
+    failed = a.call("host.drain", {"wait": True})["failed"]
+    assert [f["uuid"] for f in failed] == [uuid] and "host-b: CONFLICT" in failed[0]["message"], failed
+    as_a = Curve.from_files(pub["host-b"][0], pub["host-a"][1])
+    with Client(b.control, timeout_s=30, curve=as_a) as c:
+        assert c.call("migration.host_info", {"peer": "host-a"})["hostname"] == "host-b"
+        for op, args in (("host.drain", {}), ("migration.host_info", {"peer": "host-c"})):
+            with pytest.raises(AgentError) as info:
+                c.call(op, args)
+            assert info.value.code == "FORBIDDEN", op
+    assert call_error(b, "migration.host_info", {"peer": "host-a"}).code == "FORBIDDEN"  # an admin is no peer
+    assert b.call("host.info")["enabled"] is True
