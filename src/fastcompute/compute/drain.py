@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from fastcompute.compute.cpu import flavor_traits
-from fastcompute.errors import AgentError, Busy, Conflict, NoCapacity
+from fastcompute.errors import AgentError, Conflict, NoCapacity
 from fastcompute.protocol import HostInfo, invalid
 from fastcompute.protocol.schema import DrainArgs, DrainFailed, DrainMoved, DrainReport
 from fastcompute.scheduler.fleet import HostView, Weights, request_tuple, select
@@ -93,6 +93,9 @@ class Drain:
                     report.moved.append(DrainMoved(uuid=uuid, destination=destination))
                 except AgentError as exc:
                     report.failed.append(DrainFailed(uuid=uuid, code=exc.code, message=exc.message))
+                except Exception as exc:  # reported for this instance; the other moves go on
+                    log.exception("drain: moving instance %s failed", uuid)
+                    report.failed.append(DrainFailed(uuid=uuid, code="INTERNAL", message=str(exc)))
                 finally:
                     report.running -= 1
                 self._publish(report)
@@ -137,8 +140,8 @@ class Drain:
             try:
                 v.update(msgspec.convert(await self.peers.call(name, "migration.host_info", {}), HostInfo))
                 v.alive = True
-            except (Busy, AgentError) as exc:
-                log.info("drain: peer %s does not answer host_info: %s", name, exc)
+            except (AgentError, msgspec.ValidationError) as exc:  # left out as a host that is down
+                log.info("drain: peer %s gave no host.info: %s", name, exc)
             return v
 
         names = [n for n in self.peers.endpoints if n != self.m.hostname]
