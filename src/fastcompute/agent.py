@@ -23,6 +23,7 @@ import msgspec
 from fastcompute import protocol
 from fastcompute.compute import validate
 from fastcompute.compute.crashdump import crash_dump
+from fastcompute.compute.drain import Drain
 from fastcompute.compute.evacuate import Evacuations
 from fastcompute.compute.guestagent import GuestAgent
 from fastcompute.compute.livemigration import LiveMigrations
@@ -86,6 +87,7 @@ class Agent:
         self.shelver: Shelver | None = None
         self.evacuations: Evacuations | None = None
         self.live: LiveMigrations | None = None
+        self.drain: Drain | None = None
 
     def _handlers(self, m: Manager) -> dict[str, Handler]:
         """One handler per op of ``protocol.OPS``: the validation stage, then the manager.
@@ -132,8 +134,8 @@ class Agent:
             m.get(a.uuid)
             return self.stats.last(a.uuid)
 
-        live = self.live
-        assert live is not None
+        live, drain = self.live, self.drain
+        assert live is not None and drain is not None
         snapshots, shelver = self.snapshots, self.shelver
         assert snapshots is not None and shelver is not None
 
@@ -199,6 +201,8 @@ class Agent:
             "migration.live_finish": live.finish,
             "migration.live_status": live.status,
             "migration.live_abort": live.abort_incoming,
+            "host.drain": drain.drain,
+            "migration.host_info": host_info,
         }
 
         def lifecycle(op: protocol.Op) -> Callable[[Any], Awaitable[Any]]:
@@ -260,6 +264,7 @@ class Agent:
         self.shelver = Shelver(manager, self.snapshots)
         self.evacuations = Evacuations(manager)
         self.live = LiveMigrations(manager.migrations)
+        self.drain = Drain(self.live)
         if md.enabled:
             # Before the manager's start-up reconciles the ports: that tells it the bridges to serve.
             self.metadata = MetadataService(md, documents_lookup(self.network.port_at, self._documents))

@@ -2,7 +2,7 @@
 
 Client commands print tables for people and, with ``--json``, JSON for scripts. The verbs live
 by group: ``host`` (agent, keys, config, ping, host, images), ``instances`` (boot, list, show,
-console and the lifecycle verbs of ``protocol.OPS``), ``events``.
+console and the lifecycle verbs of ``protocol.OPS``), ``events``, ``drain``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from fastcompute.cli import events, host, instances
+from fastcompute.cli import drain, events, host, instances
 from fastcompute.cli.common import err
 from fastcompute.errors import AgentError
 
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.set_defaults(fn=host.images)
 
     events.add_verb(sub, common)
+    drain.add_verb(sub, common)
     return p
 
 

@@ -82,21 +82,33 @@ class LiveMigrations:
     async def start(self, uuid: str, destination: str, block_migration: str, wait: bool) -> InstanceRecord:
         """``instance.live_migrate``: reply once the destination is ready for the guest (or
         with its refusal, nothing changed); ``wait``: once the guest runs there."""
-        m = self.m
-        stored = m._check(uuid, "live-migrate", _LIVE)
-        if destination == m.hostname:
+        stored = self.movable(uuid)
+        if destination == self.m.hostname:
             raise invalid("args.destination", "an instance cannot migrate to the host it is on")
         if block_migration == "false":
             raise invalid("args.block_migration", "this host's instance storage is not shared with other hosts: "
                           "the disks must be copied (auto or true)")
+        rec, task = await self.begin(uuid, stored, destination)
+        return await asyncio.shield(task) if wait else rec
+
+    def movable(self, uuid: str) -> Stored:
+        """The instance, if it can live-migrate now: CONFLICT naming why not (its state, a task
+        under way, volumes attached), NOT_FOUND."""
+        stored = self.m._check(uuid, "live-migrate", _LIVE)
         if stored.record.volumes:
             raise Conflict(f"instance {uuid} has volumes attached: detach them to live-migrate it", {"uuid": uuid})
+        return stored
+
+    async def begin(self, uuid: str, stored: Stored, destination: str
+                    ) -> tuple[InstanceRecord, asyncio.Task[InstanceRecord]]:
+        """Start a live move of a ``movable`` instance: once the destination holds its claim,
+        the record and the task that drives the rest; the destination's refusal (nothing
+        changed) raised."""
         self.moves.peers.check(destination)
         started: asyncio.Future[InstanceRecord] = asyncio.get_running_loop().create_future()
         task = self.moves._spawn(self.moves.drive_new(uuid, stored, "live", destination, None, _LIVE, "live_prep",
                                                        self._drive, started))
-        rec = await asyncio.shield(started)
-        return await asyncio.shield(task) if wait else rec
+        return await asyncio.shield(started), task
 
     async def abort(self, uuid: str) -> InstanceRecord:
         """``instance.live_migrate_abort``: the guest stays here (CONFLICT when it is past the

@@ -23,6 +23,7 @@ from fastcompute.protocol.schema import (
     ConsoleArgs,
     DetachPortArgs,
     DetachVolumeArgs,
+    DrainArgs,
     EvacuateArgs,
     EvacuatedArgs,
     ExtendVolumeArgs,
@@ -35,6 +36,7 @@ from fastcompute.protocol.schema import (
     MoveRequest,
     NoArgs,
     PeerArgs,
+    PeerHostArgs,
     PruneArgs,
     ReadArgs,
     RebootArgs,
@@ -211,6 +213,11 @@ OPS: Final[dict[str, Op]] = {op.name: op for op in (
     Op("migration.live_finish", PeerArgs, "take over an instance live-migrated here", mutating=False, access="peer"),
     Op("migration.live_status", PeerArgs, "where an incoming live migration stands", mutating=False, access="peer"),
     Op("migration.live_abort", PeerArgs, "undo an incoming live migration", mutating=False, access="peer"),
+    # Draining (compute/drain.py): the host's live moves placed among its peers by their host.info.
+    Op("host.drain", DrainArgs, "take the host out of scheduling and live-migrate its instances away",
+       access="host-write", verb="drain"),
+    Op("migration.host_info", PeerHostArgs, "the callee's host.info, for a drain's placement", mutating=False,
+       access="peer"),
 )}
 
 OP_ARGS: Final[dict[str, type[_Args]]] = {name: op.args for name, op in OPS.items()}

@@ -696,3 +696,45 @@ class EvacuatedArgs(_Args):
 
     peer: Id
     uuids: Annotated[list[UuidStr], Meta(max_length=4096)] = []
+
+
+class DrainArgs(_Args):
+    """``host.drain`` (extension): take the host out of scheduling and move its instances away."""
+
+    live: Annotated[bool, Meta(description="move running instances live (cold drains are not built: false "
+                                           "is refused)")] = True
+    concurrency: Annotated[int, Meta(ge=1, le=8, description="moves under way at once")] = 3
+    wait: Annotated[bool, Meta(description="reply with the final report instead of once the drain started")] = False
+
+
+class PeerHostArgs(_Args):
+    """``migration.host_info`` (between agents): the callee's ``host.info``, for a drain's placement."""
+
+    peer: Id
+
+
+class DrainMoved(Struct, kw_only=True):
+    """An instance a drain moved, and where to."""
+
+    uuid: str
+    destination: str
+
+
+class DrainFailed(Struct, kw_only=True):
+    """An instance a drain could not move: the error code and why."""
+
+    uuid: str
+    code: str
+    message: str
+
+
+class DrainReport(Struct, kw_only=True):
+    """``host.drain``'s reply and the body of its ``host.drain`` events: counts so far, and
+    ``done`` once every instance has moved or been reported."""
+
+    host: str
+    done: bool
+    total: int
+    running: int
+    moved: list[DrainMoved]
+    failed: list[DrainFailed]

@@ -59,7 +59,8 @@ async def locate(sched: Scheduler, uuid: str) -> tuple[str, InstanceRecord]:
     raise NotFound(f"no live agent of the fleet has instance {uuid} (settled)", {"uuid": uuid})
 
 
-def _group(rec: InstanceRecord) -> Group | None:
+def group_of(rec: InstanceRecord) -> Group | None:
+    """The server group an instance's metadata names (as the scheduler marked it), or None."""
     name, policy = rec.metadata.get(SERVER_GROUP_KEY), rec.metadata.get(SERVER_GROUP_POLICY_KEY)
     return Group(name, policy) if name and policy in POLICIES else None
 
@@ -83,7 +84,7 @@ async def move(sched: Scheduler, kind: Kind, *, uuid: str | None = None, flavor:
     except msgspec.ValidationError as exc:
         raise invalid_from(exc, "args.flavor") from None
     req, numa_request = request_tuple(wanted)
-    group = _group(rec)
+    group = group_of(rec)
     tried = {source}
     refusals: list[str] = []
     while len(tried) <= sched.max_attempts:
