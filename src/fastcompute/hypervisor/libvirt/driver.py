@@ -832,7 +832,8 @@ class LibvirtDriver:
             raise Conflict(f"instance {uuid} is already migrating")
         conn = await self._ready()
         dom = await self._call(self._lookup, conn, uuid)
-        migration = self._migrations[uuid] = Migration(dom, target, policy)
+        running = await self._call(dom.XMLDesc, 0)
+        migration = self._migrations[uuid] = Migration(dom, target, policy, running)
         try:
             return await migration.run(self._call, on_progress)
         finally:
