@@ -25,15 +25,15 @@ CHAP_USER = "fcuser"
 CHAP_PASSWORD = "Chap-Secret-4b1e9"
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, address: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"{what} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=1):
             return
         time.sleep(0.05)
-    pytest.fail(f"{what} did not listen on 127.0.0.1:{port}")
+    pytest.fail(f"{what} did not listen on {address}:{port}")
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
@@ -46,17 +46,19 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
 
 
 class IscsiTarget:
-    """``tgtd`` on 127.0.0.1:``port`` with its own control port; LUNs added with :meth:`lun`."""
+    """``tgtd`` on ``address``:``port`` with its own control port; LUNs added with :meth:`lun`,
+    open to the initiators at ``initiators`` (an address, or ``ALL``)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, address: str = "127.0.0.1", initiators: str = "127.0.0.1") -> None:
         self.workdir = workdir
+        self.address, self.initiators = address, initiators
         self.port = free_port()
         # tgtd's management socket is /var/run/tgtd/socket.<N>: one of our own.
         self.control = str(random.randrange(1000, 30000))  # tgtd takes up to 32767
         self.log = (workdir / "tgtd.log").open("ab")
-        self.proc = subprocess.Popen(["tgtd", "-f", "-C", self.control, "--iscsi", f"portal=127.0.0.1:{self.port}"],
+        self.proc = subprocess.Popen(["tgtd", "-f", "-C", self.control, "--iscsi", f"portal={address}:{self.port}"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_port(self.port, self.proc, "tgtd")
+        _wait_port(self.port, self.proc, "tgtd", address)
         self.tids = 0
 
     def adm(self, *args: str) -> str:
@@ -70,8 +72,8 @@ class IscsiTarget:
         tid, iqn = str(self.tids), f"iqn.2026-12.org.fastcompute:{name}"
         self.adm("--op", "new", "--mode", "target", "--tid", tid, "-T", iqn)
         self.adm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1", "-b", str(backing))
-        self.adm("--op", "bind", "--mode", "target", "--tid", tid, "-I", "127.0.0.1")
-        data: dict[str, Any] = {"target_portal": f"127.0.0.1:{self.port}", "target_iqn": iqn, "target_lun": 1}
+        self.adm("--op", "bind", "--mode", "target", "--tid", tid, "-I", self.initiators)
+        data: dict[str, Any] = {"target_portal": f"{self.address}:{self.port}", "target_iqn": iqn, "target_lun": 1}
         if chap:
             if self.tids == 1:
                 self.adm("--op", "new", "--mode", "account", "--user", CHAP_USER, "--password", CHAP_PASSWORD)
@@ -94,22 +96,22 @@ class IscsiTarget:
 
 
 class NbdExport:
-    """``qemu-storage-daemon`` exporting a raw file over NBD on 127.0.0.1:``port`` as ``name``."""
+    """``qemu-storage-daemon`` exporting a raw file over NBD on ``host``:``port`` as ``name``."""
 
-    def __init__(self, workdir: Path, backing: Path, name: str = "vol") -> None:
-        self.port, self.name = free_port(), name
+    def __init__(self, workdir: Path, backing: Path, name: str = "vol", host: str = "127.0.0.1") -> None:
+        self.port, self.name, self.host = free_port(), name, host
         self.log = (workdir / f"qsd-{name}.log").open("ab")
         self.proc = subprocess.Popen([
             "qemu-storage-daemon",
             "--blockdev", f"driver=file,node-name=f0,filename={backing}",
-            "--nbd-server", f"addr.type=inet,addr.host=127.0.0.1,addr.port={self.port}",
+            "--nbd-server", f"addr.type=inet,addr.host={host},addr.port={self.port}",
             "--export", f"type=nbd,id=e0,node-name=f0,name={name},writable=on",
         ], stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_port(self.port, self.proc, "qemu-storage-daemon")
+        _wait_port(self.port, self.proc, "qemu-storage-daemon", host)
 
     def connection_info(self) -> dict[str, Any]:
         """Cinder's shape of this export."""
-        return {"driver_volume_type": "nbd", "data": {"host": "127.0.0.1", "port": self.port, "export_name": self.name}}
+        return {"driver_volume_type": "nbd", "data": {"host": self.host, "port": self.port, "export_name": self.name}}
 
     def stop(self) -> None:
         """Stop the daemon."""

@@ -3,8 +3,10 @@ a hypervisor that migrates (tests/test_guest_live_migration_agents.py has the re
 
 The test driver cannot migrate: a destination whose [migration] libvirt_uri says where its
 libvirtd would be prepares everything (claim, root overlay from the same base, config drive,
-console log), then the source's hypervisor fails the migration: the guest must go on at the
-source untouched, and nothing may be left at the destination.
+console log; for a volume-backed instance no root overlay and no DISK_GB), then the source's
+hypervisor fails the migration: the guest must go on at the source untouched, its volumes
+attached, and nothing may be left at the destination. (The test driver has no libvirt secrets:
+that the destination's go with an aborted migration is checked on real hosts.)
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import pytest
 from agent_fixtures import call_error, disk_dirs
 from test_agent_migration import gone, pair, spawn, usage
+from test_agent_volume_workflows import _bfv
+from test_agent_volumes import ISCSI, NBD, local, volume
 
 from fastcompute.rpc.client import ClientTimeout
 
@@ -89,3 +93,65 @@ def test_kill_9_before_the_switch_over_leaves_the_guest_at_the_source_alone(
     assert (rec["vm_state"], rec["power_state"], rec["host"]) == ("active", "running", "host-a")
     gone(b, uuid)
     assert (usage(a), disk_dirs(a)) == (64, {uuid})
+
+
+def _disk_gb(agent: Any) -> int:
+    return int(agent.call("host.info")["usage"]["DISK_GB"])
+
+
+def _volumes(rec: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(v["volume_id"], v["device_name"], v["status"]) for v in rec["volumes"]]
+
+
+@pytest.mark.parametrize("backed", [False, True], ids=["attached", "volume-backed"])
+def test_volumes_go_with_the_live_migration_and_stay_when_it_fails(
+        make_agent: Any, image_file: Path, backed: bool) -> None:
+    # Held before the hypervisor is asked: B's side can be looked at, then the test driver
+    # fails the migration.
+    hold = 'test_hold_step = "live_migrating"\ntest_hold_s = 3\n'
+    a, b = pair(make_agent, a_migration=hold, b_migration=URI)
+    if backed:
+        uuid = a.call("instance.spawn", _bfv(config_drive=True))["uuid"]
+    else:
+        uuid = spawn(a, image_file, config_drive=True)
+        a.call("instance.attach_volume", {"uuid": uuid, "volume": volume("v1", ISCSI)})
+        a.call("instance.attach_volume", {"uuid": uuid, "volume": volume("v2", NBD)})
+    before = _volumes(a.call("instance.get", {"uuid": uuid}))
+    disk_a = _disk_gb(a)
+    assert a.call("instance.live_migrate", {"uuid": uuid, "destination": "host-b"})["task_state"] == "migrating"
+    # B prepared: a claim (no DISK_GB for a volume-backed instance), no root overlay for one.
+    assert usage(b) == 64 and disk_dirs(b) == {uuid}
+    assert _disk_gb(b) == (0 if backed else disk_a)
+    made = {p.name for p in (b.state_dir / "instances" / uuid).iterdir()}
+    assert ("disk" in made) is not backed and "disk.config" in made, made
+    rec = wait_for_task(a, uuid)
+    assert (rec["vm_state"], rec["power_state"], rec["host"]) == ("active", "running", "host-a")
+    assert _volumes(rec) == before and len(before) == 2
+    gone(b, uuid)
+    assert (usage(b), _disk_gb(b), disk_dirs(b)) == (0, 0, set())
+    if not backed:  # A still holds the connections: it detaches as before
+        assert _volumes(a.call("instance.detach_volume", {"uuid": uuid, "volume_id": "v2"})) == before[:1]
+
+
+def test_volumes_on_host_paths_refuse_the_live_migration(make_agent: Any, image_file: Path, tmp_path: Path) -> None:
+    lun = tmp_path / "lun.img"
+    lun.write_bytes(b"\0" * (1 << 20))
+    a, b = pair(make_agent, b_migration=URI)
+    uuid = spawn(a, image_file)
+    a.call("instance.attach_volume", {"uuid": uuid, "volume": volume("v1", NBD)})
+    a.call("instance.attach_volume", {"uuid": uuid, "volume": volume("v2", local(lun, "file"))})
+    err = call_error(a, "instance.live_migrate", {"uuid": uuid, "destination": "host-b"})
+    assert err.code == "CONFLICT" and err.details["volumes"] == ["v2"], err
+    rec = a.call("instance.get", {"uuid": uuid})
+    assert (rec["vm_state"], rec["task_state"], rec["host"]) == ("active", None, "host-a")
+    assert [v["volume_id"] for v in rec["volumes"]] == ["v1", "v2"]
+    assert (usage(b), disk_dirs(b)) == (0, set())
+
+
+def wait_for_task(agent: Any, uuid: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The instance once no task runs on it."""
+    deadline = time.monotonic() + timeout_s
+    while (rec := agent.call("instance.get", {"uuid": uuid}))["task_state"] is not None:
+        assert time.monotonic() < deadline, (agent.log()[-2000:], rec)
+        time.sleep(0.2)
+    return dict(rec)

@@ -50,16 +50,21 @@ class Host(msgspec.Struct, frozen=True):
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[tuple[Host, Host]]:
     """Two libvirt hosts, each in its own network namespace; removed at the end."""
+    yield from libvirt_hosts(HOSTS)
+
+
+def libvirt_hosts(names: tuple[str, str]) -> Iterator[tuple[Host, Host]]:
+    """The libvirt hosts ``names`` (namespaces fc-NAME), started; removed at the end."""
     made = []
     try:
-        for name in HOSTS:
+        for name in names:
             out = subprocess.run(["bash", str(HOSTS_SCRIPT), "start", name], check=True, capture_output=True,
                                  text=True, timeout=300)
             address, uri = out.stdout.split()[-2:]
             made.append(Host(address, uri))
         yield made[0], made[1]
     finally:
-        for name in HOSTS:
+        for name in names:
             subprocess.run(["bash", str(HOSTS_SCRIPT), "stop", name], check=False, timeout=120)
 
 

@@ -90,16 +90,16 @@ def config(name: str, me: Host, peer: str, peer_host: Host, secret: Path, peer_p
 class Pair:
     """Agents host-a and host-b in the namespaces of the two libvirt hosts."""
 
-    def __init__(self, root: Path, hosts: tuple[Host, Host], consoles: bool = True) -> None:
+    def __init__(self, root: Path, hosts: tuple[Host, Host], consoles: bool = True,
+                 namespaces: tuple[str, str] = ("fc-lma", "fc-lmb")) -> None:
         self.consoles = consoles
         keys = root / "keys"
         self.keys = {n: make_keys(keys, n) for n in ("host-a", "host-b", "admin")}
         self.hosts = dict(zip(("host-a", "host-b"), hosts, strict=True))
         self.sockets = {n: Path(f"/tmp/lm-{root.name[-6:]}-{n[-1]}") for n in self.hosts}
         self.agents: dict[str, AgentProcess] = {}
-        for name, host in self.hosts.items():
-            agent = AgentProcess(root / name, hypervisor=host.uri, netns="fc-" + ("lma" if name == "host-a" else "lmb"),
-                                 address=host.address)
+        for (name, host), netns in zip(self.hosts.items(), namespaces, strict=True):
+            agent = AgentProcess(root / name, hypervisor=host.uri, netns=netns, address=host.address)
             agent.curve = Curve.from_files(self.keys[name][0], self.keys["admin"][1])
             self.agents[name] = agent
             self.configure(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid as uuid_mod
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 
 from fastcompute.errors import HypervisorError
 from fastcompute.hypervisor.libvirt import driver as libvirt_driver
-from fastcompute.hypervisor.libvirt.migration import Steering, downtime_limit
+from fastcompute.hypervisor.libvirt.migration import Steering, downtime_limit, with_addresses
 from fastcompute.hypervisor.spec import GuestSpec, HostFacts, Interface, MigrationPolicy, MigrationTarget
 from fastcompute.images import disks
 
@@ -143,3 +144,23 @@ def test_the_test_hypervisor_refuses_a_live_migration_at_once(tmp_path: Path) ->
     target = MigrationTarget(uri="test:///default", address="127.0.0.1", guest=guest)
     with pytest.raises(HypervisorError, match="cannot migrate guests live"):
         asyncio.run(drv.live_migrate(guest.uuid, target, MigrationPolicy(), lambda _p: None))
+
+
+def test_the_destination_keeps_the_device_addresses_the_guest_has() -> None:
+    # The guest got vdb plugged in while it ran, in the slot free then (after the NIC); given
+    # all its devices at once, the destination would have put vdb before the NIC.
+    dest = ("<domain type='qemu'><devices><disk type='file'><target dev='vda'/></disk>"
+            "<disk type='network'><target dev='vdb'/></disk>"
+            "<interface type='ethernet'><mac address='52:54:00:aa:bb:cc'/></interface>"
+            "<memballoon model='virtio'/></devices></domain>")
+    here = ("<domain><devices><disk><target dev='vda'/><address type='pci' slot='0x04'/></disk>"
+            "<controller type='virtio-serial' index='0'><address type='pci' slot='0x05'/></controller>"
+            "<interface><mac address='52:54:00:AA:BB:CC'/><address type='pci' slot='0x03'/></interface>"
+            "<memballoon model='virtio'><address type='pci' slot='0x06'/></memballoon>"
+            "<disk><target dev='vdb'/><address type='pci' slot='0x07'/></disk></devices></domain>")
+    got = ET.fromstring(with_addresses(dest, here)).find("devices")
+    assert got is not None
+    slots = [(d.tag, a.get("slot")) for d in got if (a := d.find("address")) is not None]
+    assert slots == [("disk", "0x04"), ("disk", "0x07"), ("interface", "0x03"), ("memballoon", "0x06"),
+                     ("controller", "0x05")]
+    assert [d.get("type") for d in got.iterfind("disk")] == ["file", "network"]  # the destination's disks

@@ -5,23 +5,32 @@ link and retries (compute/migration.py); the steps differ. The source drives, wr
 step before it is taken:
 
 source  ``live_prep``       ``migration.live_prepare`` at the destination: a claim there under
-                            the instance's uuid (NUMA and pins fitted there), the root overlay
-                            made from the same base (fetched there through its cache), the
-                            config drive made, the source's console log copied, the ports
-                            plugged (security groups in force); it answers with the guest as it
-                            describes it (paths, taps, pins), its libvirt URI and address.
+                            the instance's uuid (NUMA and pins fitted there; no DISK_GB for a
+                            volume-backed one), the root overlay made from the same base
+                            (fetched there through its cache; none when the instance boots from
+                            a volume), the config drive made, the source's console log copied,
+                            the volumes' secrets defined, the ports plugged (security groups in
+                            force); it answers with the guest as it describes it (paths, taps,
+                            pins, the same volume targets), its libvirt URI and address.
         ``live_migrating``  the hypervisor moves the guest (``Driver.live_migrate``, steered by
                             ``[migration]``'s policy); progress is published on
                             ``migration.<uuid>``.
         ``switching``       the guest runs at the destination: ``migration.live_finish`` makes
-                            it the instance's host (its record, active); then this host removes
-                            its domain, files, ports, claim and console tokens.
+                            it the instance's host (its record, active, its volumes attached
+                            under the same device names); then this host removes its domain,
+                            volume secrets, files, ports, claim and console tokens.
+
+Only the root overlay is mirrored by the hypervisor. Volumes are network disks (iSCSI, NBD,
+RBD) that both hosts reach: the destination's QEMU opens the same target when the guest
+arrives, and nothing of them is copied. Volumes given as a path on the source host (``local``,
+``file``) cannot move so, and refuse the migration.
 
 There is no confirm step. A migration that fails, is aborted or times out leaves the guest
-running here; the destination's claim, files, ports and domain are removed
-(``migration.live_abort``, which refuses while a guest runs there). After a restart of either
-agent, an unfinished move is settled by asking the hypervisors where the guest runs: here,
-the destination's side is undone; there (and not here), the switch-over is finished.
+running here, its volumes attached; the destination's claim, files, volume secrets, ports and
+domain are removed (``migration.live_abort``, which refuses while a guest runs there). After a
+restart of either agent, an unfinished move is settled by asking the hypervisors where the
+guest runs: here, the destination's side is undone; there (and not here), the switch-over is
+finished.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from fastcompute.compute import configdrive
+from fastcompute.compute import configdrive, volumes
 from fastcompute.compute.migration import Move
 from fastcompute.compute.records import Stored, image_spec, numa_cells
 from fastcompute.config import MigrationConfig
@@ -54,9 +63,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastcompute.livemigration")
 
 # The disks the destination makes from the base and the hypervisor fills (the config drive is
-# made anew there; instances with volumes are refused).
+# made anew there; volumes are the same network targets, reached from both hosts).
 COPIED_ROLES = ["root"]
 _LIVE = frozenset({"active"})
+# Volumes given as a path on the source host (Cinder's ``local``, and ``file``): nothing says
+# that the same path on another host is the same volume.
+_HOST_PATHS = frozenset({"local", "file"})
 
 
 def policy(mc: MigrationConfig) -> MigrationPolicy:
@@ -93,10 +105,11 @@ class LiveMigrations:
 
     def movable(self, uuid: str) -> Stored:
         """The instance, if it can live-migrate now: CONFLICT naming why not (its state, a task
-        under way, volumes attached), NOT_FOUND."""
+        under way, volumes on paths of this host), NOT_FOUND."""
         stored = self.m._check(uuid, "live-migrate", _LIVE)
-        if stored.record.volumes:
-            raise Conflict(f"instance {uuid} has volumes attached: detach them to live-migrate it", {"uuid": uuid})
+        if local := [v.volume_id for v in stored.record.volumes if v.driver_volume_type in _HOST_PATHS]:
+            raise Conflict(f"instance {uuid} has volumes on paths of this host ({', '.join(local)}), which no "
+                           "other host reaches: detach them to live-migrate it", {"uuid": uuid, "volumes": local})
         return stored
 
     async def begin(self, uuid: str, stored: Stored, destination: str
@@ -290,7 +303,7 @@ class LiveMigrations:
                 raise
 
     async def _make(self, uuid: str, stored: Stored, console: bytes) -> None:
-        m = self.m
+        m, moves = self.m, self.moves
         rec = stored.record
         boot = stored.bootstrap
         drive = boot is not None and boot.config_drive
@@ -302,7 +315,17 @@ class LiveMigrations:
                 files = configdrive.instance_metadata(rec, stored.ports, boot, default_mtu=self.cfg.network.default_mtu)
                 iso.write(disk_path(d, "config"), files, configdrive.LABEL, new=True)
 
-        await m.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, beside=beside)
+        def beside_only() -> None:
+            d = m.instance_dir(uuid)
+            d.mkdir(parents=True, exist_ok=True)
+            beside(d)
+
+        if volumes.boots_from_volume(stored):  # no root disk here: the boot volume is reached from here too
+            await moves._io(beside_only)
+        else:
+            await m.images.prepare_disk(uuid, image_spec(rec), rec.flavor.disk_gb, beside=beside)
+        if stored.volumes:
+            await m.driver.prepare_volumes(uuid, m._guest(uuid, stored=stored))
         if stored.ports:
             await m.network.plug(uuid, stored.ports)
 

@@ -491,6 +491,15 @@ class LibvirtDriver:
 
         await self._call(run)
 
+    async def prepare_volumes(self, uuid: str, guest: GuestSpec) -> None:
+        """Make ready here the volumes of a guest that is to arrive (a live migration's
+        destination): the secrets its network disks name. The disks themselves are reached by
+        QEMU, which connects when the guest comes; nothing is attached on the host."""
+        if not self._secrets:
+            return
+        conn = await self._ready()
+        await self._call(secrets.define, conn, uuid, [d.auth for d in guest.disks if d.auth is not None])
+
     def _device(self, conn: Any, uuid: str, device_xml: str, domain_xml: str, attach: bool,
                 live: bool = True) -> None:
         """Attach or detach a device, live too on a running domain (unless not ``live``); a
@@ -823,7 +832,8 @@ class LibvirtDriver:
             raise Conflict(f"instance {uuid} is already migrating")
         conn = await self._ready()
         dom = await self._call(self._lookup, conn, uuid)
-        migration = self._migrations[uuid] = Migration(dom, target, policy)
+        running = await self._call(dom.XMLDesc, 0)
+        migration = self._migrations[uuid] = Migration(dom, target, policy, running)
         try:
             return await migration.run(self._call, on_progress)
         finally:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ import libvirt
 
 from fastcompute.errors import HypervisorError
 from fastcompute.hypervisor import targets
-from fastcompute.hypervisor.libvirt.xml import build
+from fastcompute.hypervisor.libvirt.xml import NAMESPACE, PREFIX, build
 from fastcompute.hypervisor.spec import (
     MigrationFallback,
     MigrationPolicy,
@@ -40,6 +41,7 @@ from fastcompute.hypervisor.spec import (
 )
 
 POLL_S = 0.5
+ET.register_namespace(PREFIX, NAMESPACE)  # the instance's metadata keeps its prefix when rewritten
 # A pass over memory that leaves at least this share of what the previous one left has not
 # converged.
 _NOT_CONVERGING = 0.9
@@ -65,10 +67,51 @@ def copied_disks(target: MigrationTarget) -> list[str]:
             if disk.role in target.copy_roles]
 
 
-def params(target: MigrationTarget, policy: MigrationPolicy) -> dict[str, Any]:
-    """The migration's parameters: the guest's definition at the destination, and where its
-    memory and disks are sent (its address, not its host name, which need not resolve here)."""
+def _device_key(dev: ET.Element, seen: dict[str, int]) -> tuple[str, ...]:
+    """What names a device in both definitions: a disk its target, an interface its MAC, a
+    controller its type and index, anything else its place among its kind."""
+    if dev.tag == "disk" and (t := dev.find("target")) is not None:
+        return ("disk", t.get("dev", ""))
+    if dev.tag == "interface" and (mac := dev.find("mac")) is not None:
+        return ("interface", mac.get("address", "").lower())
+    if dev.tag == "controller":
+        return ("controller", dev.get("type", ""), dev.get("index", "0"))
+    seen[dev.tag] = seen.get(dev.tag, -1) + 1
+    return (dev.tag, str(seen[dev.tag]))
+
+
+def with_addresses(xml: str, running: str) -> str:
+    """The destination's definition ``xml`` with the device addresses the guest has here
+    (``running``, its live definition), and the controllers libvirt added here.
+
+    The guest's hardware must not change under it: a volume or an interface plugged in while it
+    ran sits where a free slot was then, where the destination, given all its devices at once,
+    would place it elsewhere (libvirt refuses such a migration)."""
+    dest, here = ET.fromstring(xml), ET.fromstring(running)
+    devices, have = dest.find("devices"), here.find("devices")
+    if devices is None or have is None:
+        return xml
+    seen: dict[str, int] = {}
+    theirs = {_device_key(d, seen): d for d in have}
+    seen = {}
+    mine = {_device_key(d, seen): d for d in devices}
+    for key, dev in theirs.items():
+        if key[0] == "controller" and key not in mine:
+            devices.append(dev)
+            continue
+        address = dev.find("address")
+        if (to := mine.get(key)) is not None and address is not None and to.find("address") is None:
+            to.append(address)
+    return ET.tostring(dest, encoding="unicode")
+
+
+def params(target: MigrationTarget, policy: MigrationPolicy, running: str | None = None) -> dict[str, Any]:
+    """The migration's parameters: the guest's definition at the destination (with the
+    device addresses of ``running``, the guest's definition here), and where its memory and
+    disks are sent (its address, not its host name, which need not resolve here)."""
     xml = build(target.guest)
+    if running is not None:
+        xml = with_addresses(xml, running)
     copied = copied_disks(target)
     p: dict[str, Any] = {
         libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml,
@@ -148,13 +191,13 @@ def progress(stats: dict[str, Any], elapsed_s: float, steering: Steering) -> Mig
 class Migration:
     """One live migration of ``dom`` under way; ``run`` drives it to its end."""
 
-    def __init__(self, dom: Any, target: MigrationTarget, policy: MigrationPolicy) -> None:
+    def __init__(self, dom: Any, target: MigrationTarget, policy: MigrationPolicy, running: str) -> None:
         self.dom = dom
         self.dest_uri = target.uri
         self.policy = policy
         self.steering = Steering(policy)
         self._flags = flags(policy, bool(copied_disks(target)))
-        self._params = params(target, policy)
+        self._params = params(target, policy, running)
         self.aborted: str | None = None
 
     def abort(self, why: str) -> None:
