@@ -153,7 +153,7 @@ stop_host() {
   [ -n "$n" ] && ip link del "fch$n" 2>/dev/null || true
   rm -rf "$dir" "/etc/netns/fc-$name"
   write_names
-  if [ -z "$(ls -A "$STATE" 2>/dev/null | grep -v '^\.lock$' || true)" ]; then ip link del "$BRIDGE" 2>/dev/null || true; fi
+  if [ -z "$(ls -A "$STATE" 2>/dev/null | grep -v '^\.' || true)" ]; then ip link del "$BRIDGE" 2>/dev/null || true; fi
 }
 
 cmd="${1:-status}"
@@ -170,9 +170,15 @@ case "$cmd" in
     ensure_namespace "$name" "$n"
     write_config "$name" "$n"
     write_names
+    # libvirtd probes every QEMU binary at its first start (seconds); the probe's results are
+    # the same for every host here, and libvirt checks a cached one against the binaries, the
+    # kernel and the CPU before it trusts it.
+    caps="$STATE/$name/cache/qemu/capabilities"
+    if [ -d "$STATE/.qemu-capabilities" ]; then mkdir -p "$caps" && cp -a "$STATE/.qemu-capabilities/." "$caps/"; fi
     start_daemon "$name"
     uri="qemu+tcp://$NET.$n/system"
     wait_ready "$uri"
+    [ -d "$STATE/.qemu-capabilities" ] || cp -a "$caps" "$STATE/.qemu-capabilities"
     echo "$NET.$n $uri"
     ;;
   stop)
