@@ -63,7 +63,3 @@ class Tokens:
         if (got_uuid, got_type) != (uuid, type_):
             raise Refused("console token is for another console")
         return Grant(got_uuid, got_type)
-
-    async def revoke(self, uuid: str) -> None:
-        """Forget every token of an instance (it moved away, or its consoles changed)."""
-        await self.store.write([Store.delete_console_tokens(uuid)])
