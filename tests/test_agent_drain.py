@@ -46,8 +46,14 @@ def test_drain_without_peers_disables_the_host_and_reports_every_instance(make_a
         assert why[uuid]["code"] == "NO_CAPACITY" and "no migration peers" in why[uuid]["message"]
     info = a.call("host.info")
     assert info["enabled"] is False and "COMPUTE_STATUS_DISABLED" in info["traits"]
+    assert info["disabled_reason"] == "draining"
     running_here(a, running)
     assert usage(a) == 3 * 64
+    # A host the operator disabled keeps the operator's reason through a drain.
+    a.call("host.set_enabled", {"enabled": True})
+    a.call("host.set_enabled", {"enabled": False, "reason": "disk replacement, ticket 42"})
+    a.call("host.drain", {"wait": True})
+    assert a.call("host.info")["disabled_reason"] == "disk replacement, ticket 42"
 
 
 def test_bad_arguments_are_refused_and_change_nothing(make_agent: Any) -> None:

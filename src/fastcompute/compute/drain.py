@@ -65,7 +65,8 @@ class Drain:
         if self._task is not None and not self._task.done():
             raise Conflict(f"host {self.m.hostname} is being drained already", {"host": self.m.hostname})
         m = self.m
-        await m.set_enabled(False, "draining")
+        if m.enabled:  # an operator's reason for a host already disabled stays
+            await m.set_enabled(False, "draining")
         report = DrainReport(host=m.hostname, done=False, total=len(m.instances), running=0, moved=[], failed=[])
         movable = []
         for uuid in sorted(m.instances):
