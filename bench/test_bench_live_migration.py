@@ -10,14 +10,9 @@ source. Both start from the same downtime limit (the agents' ``downtime_start_ms
 rival with ``virsh migrate-setmaxdowntime``); the downtime of each (libvirt's measure of the
 guest's stop at the switch-over) is reported; the goal for an idle guest is under 100 ms.
 
-The issue asks for 1.2x libvirt's time; measured here 1.21-1.31 (medians 2.4-2.6 s against
-2.0 s), and the gap is inside libvirt's own migration call, which takes the agents 2.4-2.8 s
-(their log) for the 2.0 s virsh's whole command takes: not the preparation or the cleanup
-around it, not the guest's NIC or config drive (the rival has both), not the downtime limit
-(the same), not the fallback (none gives the same). What is left between the two calls is
-their flags (the agents' keep the guest defined at the destination, PERSIST_DEST) and the
-destination definition (the agents' is built, the rival's dumped). Until that is found the
-gate is 1.4, which catches a regression of the agents' own steps.
+The issue asks for 1.2x libvirt's time, the gate; measured here 0.97-1.01 (medians of ten
+moves each, 0.7-0.8 s). The libvirt hosts run under scripts/reaper.py: without it each move
+also waited 1.2-2.0 s for this machine's PID 1 to reap the source's QEMU (docs/MIGRATION.md).
 """
 
 from __future__ import annotations
@@ -44,8 +39,8 @@ from fastcompute.rpc.client import subscribe
 pytestmark = pytest.mark.guest
 __all__ = ["guest_image", "hosts"]
 
-ROUNDS = 3
-GATE = 1.4
+ROUNDS = 10
+GATE = 1.2
 DOWNTIME_MS = MigrationConfig().downtime_start_ms
 
 

@@ -22,6 +22,7 @@ set -euo pipefail
 STATE="${FASTCOMPUTE_HOSTS_STATE:-/run/fastcompute-hosts}"
 BRIDGE=fchosts0
 NET=10.251.0
+REAPER="$(cd "$(dirname "$0")" && pwd)/reaper.py"
 log() { echo "libvirt-hosts.sh: $*" >&2; }
 
 # A host's number (its address's last byte): the first free one from 2, kept in its directory.
@@ -123,8 +124,12 @@ start_daemon() {
       mount --bind '$dir'/\"\${d%%:*}\" \"\${d#*:}\"
     done
     umask 022
-    exec '$dir/libvirtd-$name' --listen -d -p '$dir/libvirtd.pid' 9>&-
+    # Under reaper.py, which reaps the QEMUs that libvirtd kills as soon as they exit (see there).
+    setsid /usr/bin/python3 '$REAPER' '$dir/libvirtd-$name' --listen -d -p '$dir/libvirtd.pid' \
+      </dev/null >>'$dir/reaper.log' 2>&1 9>&- &
   "
+  for _ in $(seq 100); do [ -n "$(running_pid "$name")" ] && return; sleep 0.1; done
+  log "libvirtd-$name did not start: $(cat "$dir/reaper.log" 2>/dev/null)"; exit 1
 }
 
 wait_ready() {

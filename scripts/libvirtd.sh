@@ -22,6 +22,7 @@ URI=qemu:///system
 APT_PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils qemu-block-extra tgt)
 QEMU_CONF=/etc/libvirt/qemu.conf
 
+REAPER="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/reaper.py"
 log() { echo "libvirtd.sh: $*" >&2; }
 
 ensure_packages() {
@@ -77,7 +78,9 @@ start_daemon() {
   # Closing fd 9 keeps our lock out of the daemon, which would otherwise hold it for ever. The
   # daemon's umask is the distribution's, not the caller's: started from a test process whose
   # in-process agent set 077, libvirtd made vTPM state directories swtpm's user cannot enter.
-  (umask 022 && exec "$name" -d 9>&-)
+  # reaper.py reaps the QEMUs libvirtd stops as soon as they exit (this machine's PID 1 takes
+  # a second or two, and libvirtd waits for it each time a guest stops).
+  (umask 022; setsid /usr/bin/python3 "$REAPER" "$name" -d </dev/null >>"$STATE/reaper.log" 2>&1 9>&- &)
   for _ in $(seq 100); do
     pid="$(daemon_pid "$name")"
     [ -n "$pid" ] && break
