@@ -121,6 +121,28 @@ def test_spawn_of_a_uuid_being_deleted_is_conflict_or_a_new_instance(
     assert_no_traceback(agent)
 
 
+def test_a_spawn_waiting_for_its_build_is_refused_when_a_delete_stops_it(
+        agent: AgentProcess, gated_image: GatedImage) -> None:
+    uuid = str(uuid_mod.uuid4())
+    args = {**spawn_args(Path("/unused"), uuid=uuid, wait=True), "image": {"url": gated_image.url}}
+    pipe = Pipe(agent)
+    try:
+        pipe.send("spawn", "instance.spawn", args)
+        assert gated_image.asked.wait(30), "the build never asked for its image"
+        pipe.send("delete", "instance.delete", {"uuid": uuid})
+        gated_image.release()
+        spawn, delete = pipe.reply("spawn"), pipe.reply("delete")
+    finally:
+        pipe.close()
+    assert delete["ok"] and delete["result"] == {"uuid": uuid, "deleted": True}, delete
+    # Never an acknowledgement with a record about to vanish: the build it waited for is gone.
+    assert not spawn["ok"] and spawn["error"]["code"] == "CONFLICT", spawn
+    assert spawn["error"]["details"] == {"uuid": uuid, "task_state": "deleting"}, spawn
+    assert call_error(agent, "instance.get", {"uuid": uuid}).code == "NOT_FOUND"
+    assert memory_used(agent) == 0 and uuid not in disk_dirs(agent)
+    assert_no_traceback(agent)
+
+
 def test_deletes_and_a_stop_racing_a_build(agent: AgentProcess, image_file: Path, gated_image: GatedImage) -> None:
     uuid = str(gated_spawn(agent, gated_image)["uuid"])
     pipe = Pipe(agent)

@@ -521,7 +521,13 @@ class Manager:
             built = await asyncio.shield(build)
             if built is not None:
                 return built
-        return self._get(uuid).record
+        rec = self._get(uuid).record
+        if wait and (uuid in self._deleting or rec.task_state == "deleting"):
+            # The build stopped for a delete asked while the spawn waited: there is no
+            # instance to hand over, only one about to vanish.
+            raise Conflict(f"instance {uuid} was deleted before its build finished",
+                           {"uuid": uuid, "task_state": "deleting"})
+        return rec
 
     def _start_build(self, uuid: str) -> None:
         task = asyncio.get_running_loop().create_task(self._build(uuid, self.instances[uuid]))
