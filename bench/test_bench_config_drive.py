@@ -11,7 +11,7 @@
   building the documents (~40 us), libvirt's work for a second disk (define + create of a
   domain with a CD-ROM cost ~65 us more than without, measured on the test driver alone) and
   removing one more file at delete (measured 0.71-0.83 on an idle machine on 2026-12-05, so
-  the goal is still not met reliably; 0.66 and 0.73 on 2026-12-06, when this machine's speed
+  the goal is still not met reliably; 0.66-0.79 on 2026-12-06, when this machine's speed
   swung by half from minute to minute). The gate sits below that noise, so that a regression
   (a drive costing as much as the rest of a spawn) fails; the goal is printed beside it.
 """

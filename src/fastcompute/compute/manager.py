@@ -522,9 +522,10 @@ class Manager:
             if built is not None:
                 return built
         rec = self._get(uuid).record
-        if wait and (uuid in self._deleting or rec.task_state == "deleting"):
-            # The build stopped for a delete asked while the spawn waited: there is no
-            # instance to hand over, only one about to vanish.
+        if wait and uuid in self._deleting:
+            # The build stopped for a delete asked while the spawn waited (the uuid stays
+            # reserved until the record is gone): there is no instance to hand over, only one
+            # about to vanish.
             raise Conflict(f"instance {uuid} was deleted before its build finished",
                            {"uuid": uuid, "task_state": "deleting"})
         return rec
@@ -544,7 +545,8 @@ class Manager:
         """Fetch the image, make the disk, plug the ports, launch the domain: each stage under
         the instance's lock, and only while ``stored`` is still the instance and no delete of it
         is asked for. Returns the record the build left (None when it stopped or failed): what a
-        spawn that waited for it answers, even if a delete takes the lock the moment it is let go.
+        spawn that waited for it answers, even if a delete takes the lock the moment it is let go
+        (a build stopped by a delete leaves that spawn CONFLICT instead).
 
         A delete so waits for one stage at most (it cancels a fetch), and a build never works on
         an instance that was deleted (or deleted and spawned again) under it: that delete has
