@@ -121,35 +121,52 @@ def test_compiled_vs_reference(benchmark: Any) -> None:
     assert dict_hard >= 30, f"compiled fitter from dicts only {dict_hard:.1f}x on {HARD}"
 
 
+# Nova 34 leaves pyOpenSSL unbounded; a resolver preferring the newest cryptography then picks
+# pyOpenSSL 22, which cannot load with it (nova.virt.hardware fails on import). Newer pyOpenSSL
+# releases bound cryptography themselves.
+NOVA_PINS = ("pyopenssl>=24",)
+_nova_failure = ""
+
+
 def nova_python() -> Path | None:
-    """The python of a venv with Nova installed, installing it when possible."""
+    """The python of a venv with Nova installed, installing it when possible (once a run: the
+    reason it could not is kept for the skip)."""
+    global _nova_failure
     python = NOVA_VENV / "bin" / "python"
     probe = [str(python), "-c", "import nova.virt.hardware"]
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
+    if _nova_failure:
+        return None
     uv = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
     if uv is None:
+        _nova_failure = "uv is not installed"
         return None
     try:
-        subprocess.run([uv, "venv", "-q", "-p", "3.11", str(NOVA_VENV)], check=True, timeout=120)
-        subprocess.run(
-            [uv, "pip", "install", "-q", "--compile-bytecode", "--python", str(python),
-             f"nova=={NOVA_VERSION}"],
-            check=True,
-            timeout=600,
-        )
-    except (subprocess.SubprocessError, OSError):
+        # --clear: a venv left by an earlier, failed install is made again, not refused.
+        subprocess.run([uv, "venv", "-q", "--clear", "-p", "3.11", str(NOVA_VENV)], check=True, timeout=120,
+                       capture_output=True, text=True)
+        subprocess.run([uv, "pip", "install", "-q", "--compile-bytecode", "--python", str(python),
+                        f"nova=={NOVA_VERSION}", *NOVA_PINS], check=True, timeout=600, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        _nova_failure = f"{' '.join(exc.cmd[:3])} failed: {(exc.stderr or '').strip()[-300:]}"
         return None
-    ok = subprocess.run(probe, capture_output=True).returncode == 0
-    return python if ok else None
+    except (subprocess.SubprocessError, OSError) as exc:
+        _nova_failure = str(exc)
+        return None
+    probed = subprocess.run(probe, capture_output=True, text=True)
+    if probed.returncode != 0:
+        _nova_failure = f"import nova.virt.hardware failed: {probed.stderr.strip()[-300:]}"
+        return None
+    return python
 
 
 def test_compiled_vs_nova(benchmark: Any) -> None:
     python = nova_python()
     if python is None:
         pytest.skip(
-            f"Nova {NOVA_VERSION} is not installed in {NOVA_VENV} and uv could not install it"
-            " (no network to PyPI?): the comparison with Nova's own function is skipped"
+            f"Nova {NOVA_VERSION} is not installed in {NOVA_VENV} and could not be ({_nova_failure}):"
+            " the comparison with Nova's own function is skipped"
         )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
