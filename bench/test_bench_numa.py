@@ -148,11 +148,10 @@ def nova_python() -> Path | None:
                        capture_output=True, text=True)
         subprocess.run([uv, "pip", "install", "-q", "--compile-bytecode", "--python", str(python),
                         f"nova=={NOVA_VERSION}", *NOVA_PINS], check=True, timeout=600, capture_output=True, text=True)
-    except subprocess.CalledProcessError as exc:
-        _nova_failure = f"{' '.join(exc.cmd[:3])} failed: {(exc.stderr or '').strip()[-300:]}"
-        return None
     except (subprocess.SubprocessError, OSError) as exc:
-        _nova_failure = str(exc)
+        # A failed uv call's own words (its stderr) say more than its exit status.
+        said = (getattr(exc, "stderr", None) or "").strip()
+        _nova_failure = f"{exc} {said[-300:]}".strip()
         return None
     probed = subprocess.run(probe, capture_output=True, text=True)
     if probed.returncode != 0:
