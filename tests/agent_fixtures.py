@@ -33,24 +33,30 @@ def _ephemeral_range() -> range:
     return range(lo, hi + 1)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now.
+    """A TCP port on 127.0.0.1 that nothing listens on right now and no earlier call returned.
 
     Taken below the kernel's ephemeral range: a port from that range can be handed to any
     outgoing connection (every client of every agent makes some) between this check and the
-    agent's bind.
+    agent's bind. Never the same port twice in a process: an agent's control and events ports
+    are asked for one after the other and bound only when it starts, so a second call that
+    found the first port still free would give both the same one.
     """
     ephemeral = _ephemeral_range()
     rng = random.Random()
     while True:
         port = rng.randrange(10000, 32768)
-        if port in ephemeral:
+        if port in ephemeral or port in _handed_out:
             continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
 
 
