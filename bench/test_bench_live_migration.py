@@ -23,8 +23,9 @@ on who drives them (the likely mechanism, not proven: touching and freeing memor
 did not even the two out; the pause does). With the pause both start equally cold: medians of
 ten moves each 1.23-1.36 s, ratios 0.93-1.05 in six runs of five rounds here, 1.02 in one of
 four. GATE is the issue's 1.2; OWN_GATE bounds the agents' move against the migration call
-inside it (their preparing, switching and cleaning). The libvirt hosts run under scripts/reaper.py: without it each move
-also waited 1.2-2.0 s for this machine's PID 1 to reap the source's QEMU (docs/MIGRATION.md).
+inside it (their preparing, switching and cleaning). The libvirt hosts run under
+scripts/reaper.py: without it each move also waited 1.2-2.0 s for this machine's PID 1 to reap
+the source's QEMU (docs/MIGRATION.md).
 """
 
 from __future__ import annotations
@@ -150,10 +151,10 @@ def virsh(uri: str, *args: str) -> str:
                           timeout=600).stdout
 
 
-def agent_move(pair: Pair, uuid: str, src: str, dst: str, settle_s: float = 0.5) -> tuple[float, float, int | None]:
-    """``instance.live_migrate`` with ``wait``, ``settle_s`` after subscribing to its events (at
-    least the subscription's half second): its time, and the migration call's time and the
-    downtime its last event gives."""
+def agent_move(pair: Pair, uuid: str, src: str, dst: str) -> tuple[float, float, int | None]:
+    """``instance.live_migrate`` with ``wait``, SETTLE_S after subscribing to its events (which
+    takes half a second of it): its time, and the migration call's time and the downtime its
+    last event gives."""
     agent = pair.agents[src]
 
     async def run() -> tuple[float, float, int | None]:
@@ -167,7 +168,7 @@ def agent_move(pair: Pair, uuid: str, src: str, dst: str, settle_s: float = 0.5)
                     return
 
         listener = asyncio.get_running_loop().create_task(listen())
-        await asyncio.sleep(max(settle_s, 0.5))  # the subscription is in place
+        await asyncio.sleep(SETTLE_S)
         t = time.perf_counter()
         await asyncio.to_thread(agent.call, "instance.live_migrate", {"uuid": uuid, "destination": dst, "wait": True})
         took = time.perf_counter() - t
@@ -190,7 +191,7 @@ def test_live_migration_through_the_agents_vs_virsh(pair: Pair, hosts: tuple[Hos
         where = ["host-a", "host-b"]
         for _ in range(ROUNDS):
             for _leg in range(2):
-                took, call, down = agent_move(pair, uuid, where[0], where[1], SETTLE_S)
+                took, call, down = agent_move(pair, uuid, where[0], where[1])
                 ours.append(took)
                 calls.append(call)
                 downtimes["agents"].append(down)
