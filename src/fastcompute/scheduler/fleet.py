@@ -336,11 +336,13 @@ def select(hosts: Iterable[HostView], req: tuple[int, int, int, int], weights: W
     Placement candidates). Returns ``(None, reasons)`` when no host passes.
     """
     v, p, m, d = req
-    passed: list[tuple[HostView, list[int]]] = []
+    passed: list[HostView] = []
+    frees: list[list[int]] = []
     reasons = {"down": 0, "disabled": 0, "tried": 0, "capacity": 0, "traits": 0, "group": 0, "numa": 0}
-    group_hosts: bool | None = None
-    if group is not None:
-        group_hosts = any(group.name in h.members and h.members[group.name] for h in hosts)
+    gname = group.name if group is not None else ""
+    anti = group is not None and group.policy == "anti-affinity"
+    # Affinity binds a member to the hosts that have members, once there are any.
+    affine = group is not None and group.policy == "affinity" and any(h.members.get(gname) for h in hosts)
     for h in hosts:
         if not h.alive:
             reasons["down"] += 1
@@ -351,50 +353,48 @@ def select(hosts: Iterable[HostView], req: tuple[int, int, int, int], weights: W
         if h.name in exclude:
             reasons["tried"] += 1
             continue
-        if only is not None:
-            free = only.get(h.name)
-            if free is None:
-                reasons["capacity"] += 1
-                continue
-        else:
-            free, room = h.free, h.room
+        if only is None:
+            room = h.room
             if room[0] < v or room[1] < p or room[2] < m or room[3] < d:
                 reasons["capacity"] += 1
                 continue
+            free = h.free
+        else:
+            found = only.get(h.name)
+            if found is None:
+                reasons["capacity"] += 1
+                continue
+            free = found
         if (required and not required <= h.traits) or (forbidden and not forbidden.isdisjoint(h.traits)):
             reasons["traits"] += 1
             continue
-        if group is not None:
-            here = bool(h.members.get(group.name))
-            if (group.policy == "anti-affinity" and here) or (
-                    group.policy == "affinity" and group_hosts and not here):
-                reasons["group"] += 1
-                continue
+        # Members here refuse an anti-affine member; none here refuse an affine one.
+        if group is not None and (anti if h.members.get(gname) else affine):
+            reasons["group"] += 1
+            continue
         if numa_request is not None and not h.numa_fits(numa_request):
             reasons["numa"] += 1
             continue
-        passed.append((h, free))
+        passed.append(h)
+        frees.append(free)
     if not passed:
         return None, {k: n for k, n in reasons.items() if n}
-    if len(passed) == 1:
-        return passed[0][0], {}
+    # Each weigher scales its free amount to [0, 1] over the passing hosts. The score is built
+    # a column at a time in comprehensions: weighing host by host was half of a decision.
     mr, mc, md = weights.multipliers()
-    scales = []
+    scores: list[float] | None = None
     for idx, mult in ((2, mr), (0, mc), (3, md)):
-        if not mult:
+        if not mult or len(passed) == 1:
             continue
-        lo = min(f[idx] for _, f in passed)
-        hi = max(f[idx] for _, f in passed)
+        col = [f[idx] for f in frees]
+        lo, hi = min(col), max(col)
         if hi > lo:
-            scales.append((idx, mult / (hi - lo), lo))
-    best, best_score = passed[0][0], float("-inf")
-    for h, f in passed:
-        score = 0.0
-        for idx, k, lo in scales:
-            score += (f[idx] - lo) * k
-        if score > best_score:
-            best, best_score = h, score
-    return best, {}
+            k = mult / (hi - lo)
+            scores = [(c - lo) * k for c in col] if scores is None else [
+                s + (c - lo) * k for s, c in zip(scores, col, strict=True)]
+    if scores is None:
+        return passed[0], {}
+    return passed[max(range(len(scores)), key=scores.__getitem__)], {}
 
 
 class _Agent:
