@@ -201,6 +201,11 @@ class Evacuations:
     async def _ask(self, host: str) -> None:
         """Ask ``host`` which of this host's instances it evacuated, and drop them."""
         mine = [u for u, s in self.m.instances.items() if s.record.host == self.m.hostname and u not in self.marks]
+        if not mine:
+            # Nothing here a peer could have taken: no wait of up to evacuate_probe_s for a
+            # peer that is down too (as when a pair of hosts starts together).
+            self._unasked.discard(host)
+            return
         try:
             got = await self.peers.call(host, "migration.evacuees", {"uuids": mine},
                                         timeout_s=self.m.cfg.migration.evacuate_probe_s)
