@@ -34,6 +34,7 @@ import pytest
 from agent_fixtures import AgentProcess, spawn_args
 
 from fastcompute.compute import configdrive
+from fastcompute.config import GuestConfig
 from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.images import iso
 from fastcompute.protocol import Flavor, Image, InstanceRecord, KeyPair
@@ -60,7 +61,7 @@ def _documents() -> dict[str, bytes]:
                                            "dns_nameservers": ["10.0.0.2"]}]}, Port)
     boot = configdrive.Bootstrap(hostname="bench", user_data=b"#cloud-config\n" + b"x" * 2048,
                                  key_pairs=[KeyPair(name="k", public_key=SSH_KEY)])
-    return configdrive.instance_metadata(rec, [port], boot)
+    return configdrive.instance_metadata(rec, [port], boot, skip_ec2=GuestConfig().config_drive_skip_versions)
 
 
 def _ours(files: dict[str, bytes], out: Path) -> float:

@@ -181,6 +181,8 @@ def test_every_field_round_trips_through_cloud_init(net_agent: AgentProcess, ima
     assert not (got["tree"] / "openstack" / "2013-04-04" / "network_data.json").exists()
     assert (got["tree"] / "openstack" / "2015-10-15" / "network_data.json").exists()
     assert not (got["tree"] / "openstack" / "2016-06-30" / "vendor_data2.json").exists()
+    # and the EC2 versions Nova's drives carry by default
+    assert sorted(p.name for p in (got["tree"] / "ec2").iterdir()) == ["2009-04-04", "latest"]
 
     agent.call("instance.delete", {"uuid": uuid})
     assert not drive.exists()
@@ -260,6 +262,15 @@ def test_config_drive_off_by_spawn_or_by_config(make_agent: Any, image_file: Pat
     assert (agent.state_dir / "instances" / off["uuid"] / "disk").exists()
 
 
+def test_the_ec2_versions_on_the_drive_are_the_operators_choice(make_agent: Any, image_file: Path,
+                                                                tmp_path: Path) -> None:
+    agent = make_agent(config='[guest]\nconfig_drive_skip_versions = ["2009-04-04"]\n')
+    rec = agent.call("instance.spawn", spawn_args(image_file, wait=True))
+    tree = tmp_path / "tree"
+    extract(drive_of(agent, rec["uuid"]), tree)
+    assert {p.name for p in (tree / "ec2").iterdir()} == set(configdrive.EC2_VERSIONS) - {"2009-04-04"}
+
+
 def test_attach_and_detach_port_remake_the_drive(net_agent: AgentProcess, image_file: Path, tmp_path: Path) -> None:
     agent = net_agent
     p1 = _port("10.93.0.5", "fa:16:3e:00:93:05", "cd3", gateway="10.93.0.1")
@@ -302,6 +313,10 @@ def test_the_document_builder_is_pure() -> None:
     assert msgspec.json.encode([rec, ports, boot]) == before
     assert json.loads(files["openstack/latest/network_data.json"])["links"][0]["mtu"] == 1400
     assert files["openstack/latest/user_data"] == files["ec2/latest/user-data"] == b"u"
+    # The metadata service's documents hold every EC2 version; a drive's leave out those skipped.
+    assert "ec2/1.0/meta-data.json" in files
+    drive = configdrive.instance_metadata(rec, ports, boot, default_mtu=1400, skip_ec2=["1.0"])
+    assert drive == {p: d for p, d in files.items() if not p.startswith("ec2/1.0/")}
     assert all(isinstance(v, bytes) for v in files.values())
 
 
@@ -330,8 +345,12 @@ def test_a_first_image_is_written_in_place_and_a_later_one_replaces_it_whole(tmp
     iso.write(out, first, "config-2", new=True)
     assert out.read_bytes() == iso.image(first, "config-2")
     assert out.stat().st_mode & 0o777 == 0o600
+    # the zeros of the system area (32 KiB) are a hole, never allocated (the end of the file
+    # takes a whole block of 4 KiB)
+    assert out.stat().st_blocks * 512 <= out.stat().st_size - 32768 + 4096
     iso.write(out, second, "config-2", new=True)
     assert out.read_bytes() == iso.image(second, "config-2")
+    assert out.stat().st_blocks * 512 <= out.stat().st_size - 32768 + 4096
     extract(out, tmp_path / "tree")
     assert (tmp_path / "tree/openstack/latest/user_data").read_bytes() == b"short"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.config", "tree"]

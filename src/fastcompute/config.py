@@ -156,6 +156,9 @@ class GuestConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     config_drive: Annotated[bool, _doc("Give every guest a config drive (a spawn's config_drive says otherwise for its own)")] = True
     availability_zone: Annotated[str, _doc("The availability zone this host is in, as guests' metadata reports it")] = "nova"
+    config_drive_skip_versions: Annotated[list[str], _doc("EC2 metadata versions left out of config drives (the metadata service serves them all); Nova's default")] = msgspec.field(
+        default_factory=lambda: ["1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15",
+                                 "2008-02-01", "2008-09-01"])
 
 
 class ConsoleConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

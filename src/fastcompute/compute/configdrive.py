@@ -11,7 +11,10 @@ The layout is Nova's (``nova/virt/configdrive.py`` and ``nova/api/metadata/base.
 ``meta_data.json``, ``user_data`` (when given), ``vendor_data.json`` (from 2013-10-17),
 ``network_data.json`` (from 2015-10-15) and ``vendor_data2.json`` (from 2016-10-06); and
 ``ec2/<version>/meta-data.json`` and ``user-data``. cloud-init reads the newest version it
-knows (``2018-08-27`` today), others read ``latest``.
+knows (``2018-08-27`` today), others read ``latest``. Drives leave out the EC2 versions of
+``[guest] config_drive_skip_versions``, which by default are Nova's (all but ``2009-04-04`` and
+``latest``): two directories a version (ISO 9660 and Joliet), a sector each, were a fifth of a
+drive's size.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import base64
 import ipaddress
 import re
 import unicodedata
+from collections.abc import Collection
 from typing import Any, Final
 
 import msgspec
@@ -181,11 +185,11 @@ def ec2_meta_data(rec: InstanceRecord, ports: list[Port], boot: Bootstrap) -> di
     return doc
 
 
-def instance_metadata(rec: InstanceRecord, ports: list[Port], boot: Bootstrap,
-                      *, default_mtu: int = 1500) -> dict[str, bytes]:
-    """Every file of the instance's config drive by its path (``openstack/latest/user_data``):
-    a pure function of its record, its ports and its bootstrap data, which the config drive
-    and the metadata service both serve."""
+def instance_metadata(rec: InstanceRecord, ports: list[Port], boot: Bootstrap, *, default_mtu: int = 1500,
+                      skip_ec2: Collection[str] = ()) -> dict[str, bytes]:
+    """Every file of the instance's metadata by its path (``openstack/latest/user_data``): a
+    pure function of its record, its ports and its bootstrap data, which the config drive and
+    the metadata service both serve (a drive without the EC2 versions in ``skip_ec2``)."""
     enc = msgspec.json.encode
     docs = {
         "meta_data.json": enc(meta_data(rec, boot)),
@@ -204,6 +208,8 @@ def instance_metadata(rec: InstanceRecord, ports: list[Port], boot: Bootstrap,
                 files[f"openstack/{version}/{name}"] = data
     ec2 = enc(ec2_meta_data(rec, ports, boot))
     for version in EC2_VERSIONS:
+        if version in skip_ec2:
+            continue
         files[f"ec2/{version}/meta-data.json"] = ec2
         if boot.user_data is not None:
             files[f"ec2/{version}/user-data"] = boot.user_data

@@ -312,7 +312,8 @@ class LiveMigrations:
             if console:
                 (d / "console.log").write_bytes(console)
             if drive and boot is not None:
-                files = configdrive.instance_metadata(rec, stored.ports, boot, default_mtu=self.cfg.network.default_mtu)
+                files = configdrive.instance_metadata(rec, stored.ports, boot, default_mtu=self.cfg.network.default_mtu,
+                                                      skip_ec2=self.cfg.guest.config_drive_skip_versions)
                 iso.write(disk_path(d, "config"), files, configdrive.LABEL, new=True)
 
         def beside_only() -> None:

@@ -310,7 +310,8 @@ class Manager:
         stored = self.instances[uuid]
         assert stored.bootstrap is not None
         files = configdrive.instance_metadata(stored.record, stored.ports, stored.bootstrap,
-                                              default_mtu=self.cfg.network.default_mtu)
+                                              default_mtu=self.cfg.network.default_mtu,
+                                              skip_ec2=self.cfg.guest.config_drive_skip_versions)
 
         def write(instance_dir: Path) -> None:
             iso.write(disks.path(instance_dir, "config"), files, configdrive.LABEL, new=new)

@@ -26,6 +26,9 @@ import msgspec
 import pycdlib
 
 SECTOR = 2048
+# The system area, sectors 0-15, is zeros in a config drive (no boot record, no hybrid MBR):
+# it is left a hole in the file, 8 pages a drive never allocates.
+_SYSTEM_AREA = 16 * SECTOR
 _NOT_DCHAR = re.compile(r"[^A-Z0-9_]")
 _LE, _BE = struct.Struct("<I"), struct.Struct(">I")
 _VOLUME_SPACE_SIZE = 80  # in a primary or supplementary volume descriptor, both-endian
@@ -91,6 +94,8 @@ def _layout(paths: tuple[str, ...], label: str, publisher: str) -> _Layout:
     if [extents[p] for p in order] != list(range(first, last)) or len(image) != last * SECTOR:
         raise RuntimeError("pycdlib no longer puts file data last, one sector after another")
     head = image[:first * SECTOR]
+    if head[:_SYSTEM_AREA].count(0) != _SYSTEM_AREA:
+        raise RuntimeError("pycdlib wrote something in the system area")
     fields: dict[str, tuple[int, ...]] = {}
     for path in order:
         pattern = _both(extents[path]) + _both(1)
@@ -142,15 +147,16 @@ def image(files: Mapping[str, bytes], label: str, publisher: str = "fastcompute"
     return b"".join(_parts(files, label, publisher))
 
 
-def _write_all(fd: int, parts: list[bytes | bytearray]) -> None:
-    # One writev for the whole image (a regular file takes it whole); a short write goes on
+def _write_all(fd: int, parts: list[bytes | bytearray | memoryview], offset: int) -> None:
+    # One pwritev for the whole image (a regular file takes it whole); a short write goes on
     # from where it stopped.
-    done = os.writev(fd, parts)
+    done = os.pwritev(fd, parts, offset)
     total = sum(map(len, parts))
     if done < total:
         rest = memoryview(b"".join(parts))[done:]
         while rest:
-            rest = rest[os.write(fd, rest):]
+            n = os.pwrite(fd, rest, offset + total - len(rest))
+            rest = rest[n:]
 
 
 def write(path: Path, files: Mapping[str, bytes], label: str, *, new: bool = False) -> None:
@@ -162,7 +168,8 @@ def write(path: Path, files: Mapping[str, bytes], label: str, *, new: bool = Fal
     removes whatever it had half made: the image is then written at ``path`` directly, a
     file and a rename fewer (with the replacing way still taken if there is one after all).
     """
-    parts = _parts(files, label, "fastcompute")
+    parts: list[bytes | bytearray | memoryview] = [*_parts(files, label, "fastcompute")]
+    parts[0] = memoryview(parts[0])[_SYSTEM_AREA:]
     target, fd = path, -1
     if new:
         with contextlib.suppress(FileExistsError):
@@ -172,7 +179,7 @@ def write(path: Path, files: Mapping[str, bytes], label: str, *, new: bool = Fal
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         try:
-            _write_all(fd, parts)
+            _write_all(fd, parts, _SYSTEM_AREA)
         finally:
             os.close(fd)
         if target is not path:
