@@ -7,13 +7,17 @@
   rounds alternating: the issue's goal is STORM_GOAL of its rate; the gate is STORM_GATE.
   Session 5 measured 0.75-0.81 with the drive written on the event loop. Now the drive is
   written in the worker job that makes the root disk (one hand-off for both, the write's
-  syscalls off the loop), straight to its file with one writev: what is left of its cost is
+  syscalls off the loop), straight to its file with one pwritev: what is left of its cost is
   building the documents (~40 us), libvirt's work for a second disk (define + create of a
   domain with a CD-ROM cost ~65 us more than without, measured on the test driver alone) and
   removing one more file at delete (measured 0.71-0.83 on an idle machine on 2026-12-05, so
   the goal is still not met reliably; 0.66-0.79 on 2026-12-06, when this machine's speed
-  swung by half from minute to minute). The gate sits below that noise, so that a regression
-  (a drive costing as much as the rest of a spawn) fails; the goal is printed beside it.
+  swung by half from minute to minute). Since 2026-12-07 a drive holds Nova's default EC2
+  versions only (130 KiB, not 162) and leaves its 32 KiB system area a hole: 0.73-0.89 in twelve
+  runs, median 0.79. With the ISO write replaced by an empty file the storm read 0.88 and 0.94:
+  the write is what is left, and making the layout's copy once per thread instead of once a
+  drive did not move it (A/B, three runs each). The gate sits below that noise, so that a
+  regression (a drive costing as much as the rest of a spawn) fails; the goal is printed beside it.
 """
 
 from __future__ import annotations
