@@ -350,7 +350,7 @@ def select(hosts: Iterable[HostView], req: tuple[int, int, int, int], weights: W
         if h.disabled:
             reasons["disabled"] += 1
             continue
-        if h.name in exclude:
+        if exclude and h.name in exclude:
             reasons["tried"] += 1
             continue
         if only is None:
