@@ -92,6 +92,18 @@ def test_a_source_back_while_the_destination_is_down_drops_its_copy_once_it_is_u
     evacuated(b, uuid)
 
 
+def test_an_agent_asks_its_peers_at_start_only_when_it_has_instances_they_could_have_taken(
+        make_agent: Any, image_file: Path) -> None:
+    asked = "could not ask host-b which instances it evacuated from here"
+    a, b = pair(make_agent, a_migration=FAST, b_migration=FAST)  # host-a starts before host-b is up
+    assert asked not in a.log()
+    spawned(a, image_file)
+    b.kill()
+    a.kill()
+    a.start()
+    assert asked in a.log()
+
+
 @pytest.fixture
 def net_pair(make_agent: Any) -> Any:
     """host-a and host-b, peers, each with its own network names (taps on this machine)."""
