@@ -113,12 +113,12 @@ def _layout(paths: tuple[str, ...], label: str, publisher: str) -> _Layout:
     return _Layout(head, order, fields, tuple(descriptors))
 
 
-def _parts(files: Mapping[str, bytes], label: str, publisher: str) -> list[bytes | bytearray]:
+def _parts(files: Mapping[str, bytes], label: str, publisher: str) -> list[bytes | bytearray | memoryview]:
     """The image of ``files`` as the buffers that make it up, in order: the patched layout,
     then each distinct file's data and padding."""
     layout = _layout(tuple(files), label, publisher)
     head = bytearray(layout.head)
-    parts: list[bytes | bytearray] = [head]
+    parts: list[bytes | bytearray | memoryview] = [head]
     sector = len(head) // SECTOR
     # Files of the same bytes (a document in every version directory) share one extent, as
     # hard links do: a drive is then its layout and a few sectors of data. Their records'
@@ -168,7 +168,7 @@ def write(path: Path, files: Mapping[str, bytes], label: str, *, new: bool = Fal
     removes whatever it had half made: the image is then written at ``path`` directly, a
     file and a rename fewer (with the replacing way still taken if there is one after all).
     """
-    parts: list[bytes | bytearray | memoryview] = [*_parts(files, label, "fastcompute")]
+    parts = _parts(files, label, "fastcompute")
     parts[0] = memoryview(parts[0])[_SYSTEM_AREA:]
     target, fd = path, -1
     if new:
