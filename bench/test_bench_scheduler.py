@@ -14,6 +14,7 @@ import itertools
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,23 @@ def synthetic_fleet(n: int, seed: int = 7) -> list[HostView]:
 # if the vCPUs were unequal), and one window of 300 rounds read 1.32 ms where the code reads
 # 0.55. The gate takes the fastest window's median, as timeit takes the fastest repeat: the
 # slower ones time the machine. In a clean-clone CI run nine windows of ten were slow (0.85-0.95
-# ms), hence twenty, over ~5 s.
+# ms), hence twenty, over ~5 s. Beside each window, in the pause before it, its floor is timed:
+# one pass over the view keeping the hosts with room for the request, the least a decision
+# does; their ratio, window by window, is the same whatever mode the thread is in (6.0 here in
+# two runs, the floor 0.086 ms; the decision before dc68644 was ~1.3x slower).
 WINDOWS = 20
 WINDOW_ROUNDS = 50
 WINDOW_PAUSE_S = 0.2
+FLOOR_GATE = 8.0
+
+
+def _median_ms(fn: Callable[[], object], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
 
 
 def test_decision_over_1000_hosts_under_1ms(benchmark: Any) -> None:
@@ -71,26 +85,35 @@ def test_decision_over_1000_hosts_under_1ms(benchmark: Any) -> None:
     req, _ = request_tuple(Flavor(vcpus=4, memory_mb=8192, disk_gb=20))
     group = Group("web", "anti-affinity")
     need = frozenset({"HW_CPU_X86_AVX2"})
+    v, p, m, d = req
 
     def decide() -> HostView | None:
         return select(hosts, req, Weights(), required=need, group=group)[0]
 
-    rounds = itertools.count()
+    def floor() -> list[HostView]:
+        return [h for h in hosts if (r := h.room)[0] >= v and r[1] >= p and r[2] >= m and r[3] >= d]
 
-    def pause_between_windows() -> None:
+    rounds = itertools.count()
+    floors: list[float] = []
+
+    def between_windows() -> None:
         if next(rounds) % WINDOW_ROUNDS == 0:
             time.sleep(WINDOW_PAUSE_S)
+            floors.append(_median_ms(floor, WINDOW_ROUNDS))
 
     assert decide() is not None
-    benchmark.pedantic(decide, setup=pause_between_windows, rounds=WINDOWS * WINDOW_ROUNDS,
-                       warmup_rounds=20)
+    _median_ms(decide, 20)  # warm-up, outside the windows
+    benchmark.pedantic(decide, setup=between_windows, rounds=WINDOWS * WINDOW_ROUNDS)
     data = benchmark.stats.stats.data
-    medians = sorted(statistics.median(data[i:i + WINDOW_ROUNDS]) * 1000
-                     for i in range(0, len(data), WINDOW_ROUNDS))
-    print(f"\nplacement decision over 1,000 hosts: median {medians[0]:.3f} ms in the fastest of "
+    medians = [statistics.median(data[i:i + WINDOW_ROUNDS]) * 1000 for i in range(0, len(data), WINDOW_ROUNDS)]
+    ratio = statistics.median(dm / fm for dm, fm in zip(medians, floors, strict=True))
+    print(f"\nplacement decision over 1,000 hosts: median {min(medians):.3f} ms in the fastest of "
           f"{WINDOWS} windows (gate 1 ms); the windows' medians "
-          + ", ".join(f"{m:.2f}" for m in medians))
-    assert medians[0] < 1.0
+          + ", ".join(f"{x:.2f}" for x in sorted(medians))
+          + f"; against its floor (a pass keeping the hosts with room, {min(floors):.3f} ms at best) "
+          f"{ratio:.2f}x, median of the windows (gate <= {FLOOR_GATE}x)")
+    assert min(medians) < 1.0
+    assert ratio <= FLOOR_GATE
 
 
 async def _direct_storm(agent: Any, image: Path) -> float:
