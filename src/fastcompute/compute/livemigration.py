@@ -44,14 +44,12 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from fastcompute.compute import configdrive, volumes
+from fastcompute.compute import volumes
 from fastcompute.compute.migration import Move
 from fastcompute.compute.records import Stored, image_spec, numa_cells
 from fastcompute.config import MigrationConfig
 from fastcompute.errors import AgentError, Busy, Conflict, HypervisorError, NotFound
 from fastcompute.hypervisor.spec import GuestSpec, MigrationPolicy, MigrationProgress, MigrationTarget
-from fastcompute.images import iso
-from fastcompute.images.disks import path as disk_path
 from fastcompute.protocol import InstanceRecord, invalid
 from fastcompute.protocol.schema import LivePrepareArgs, PeerArgs
 from fastcompute.store import Statement, Store
@@ -306,15 +304,13 @@ class LiveMigrations:
         m, moves = self.m, self.moves
         rec = stored.record
         boot = stored.bootstrap
-        drive = boot is not None and boot.config_drive
+        drive = m._config_drive(uuid, new=True, stored=stored) if boot is not None and boot.config_drive else None
 
         def beside(d: Any) -> None:
             if console:
                 (d / "console.log").write_bytes(console)
-            if drive and boot is not None:
-                files = configdrive.instance_metadata(rec, stored.ports, boot, default_mtu=self.cfg.network.default_mtu,
-                                                      skip_ec2=self.cfg.guest.config_drive_skip_versions)
-                iso.write(disk_path(d, "config"), files, configdrive.LABEL, new=True)
+            if drive is not None:
+                drive(d)
 
         def beside_only() -> None:
             d = m.instance_dir(uuid)

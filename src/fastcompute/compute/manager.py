@@ -294,7 +294,8 @@ class Manager:
 
     def metadata_documents(self, uuid: str) -> dict[str, bytes] | None:
         """What the instance is told by the metadata service: the documents of its config drive
-        (an instance stored before bootstrap data existed is told what its record says)."""
+        and the EC2 versions a drive leaves out (an instance stored before bootstrap data existed
+        is told what its record says)."""
         stored = self.instances.get(uuid)
         if stored is None:
             return None
@@ -304,10 +305,11 @@ class Manager:
         return configdrive.instance_metadata(stored.record, stored.ports, boot,
                                              default_mtu=self.cfg.network.default_mtu)
 
-    def _config_drive(self, uuid: str, new: bool = False) -> Callable[[Path], None]:
+    def _config_drive(self, uuid: str, new: bool = False, stored: Stored | None = None) -> Callable[[Path], None]:
         """The writer of an instance's config drive into its directory, its documents made now
-        from its record, ports and bootstrap data (``new``: a build's first, see ``iso.write``)."""
-        stored = self.instances[uuid]
+        from its record, ports and bootstrap data (``new``: a build's first, see ``iso.write``;
+        ``stored``: the instance as a move brings it, before it is this host's)."""
+        stored = stored or self.instances[uuid]
         assert stored.bootstrap is not None
         files = configdrive.instance_metadata(stored.record, stored.ports, stored.bootstrap,
                                               default_mtu=self.cfg.network.default_mtu,
