@@ -354,3 +354,22 @@ def test_a_first_image_is_written_in_place_and_a_later_one_replaces_it_whole(tmp
     extract(out, tmp_path / "tree")
     assert (tmp_path / "tree/openstack/latest/user_data").read_bytes() == b"short"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.config", "tree"]
+
+
+def test_a_kept_layout_serves_only_images_of_its_shape(tmp_path: Path) -> None:
+    """Images of the same paths and lengths share one patched layout (it is kept); an image
+    whose files stop sharing their bytes at the same lengths, or whose lengths change, is
+    patched for its own, and every file of every image reads back whole."""
+    from fastcompute.images import iso
+
+    x, z = b"x" * 100, b"z" * 100
+    # the second and third have the first's lengths of distinct data, shared by other files
+    shapes = ({"a": x, "b": x, "c": z}, {"a": x, "b": z, "c": z}, {"a": z, "b": x, "c": z},
+              {"a": x, "b": x, "c": b"y"}, {"a": x, "b": x, "c": z})
+    for i, files in enumerate(shapes):
+        out = tmp_path / f"{i}.iso"
+        iso.write(out, files, "config-2", new=True)
+        extract(out, tmp_path / f"tree{i}")
+        assert {p: (tmp_path / f"tree{i}" / p).read_bytes() for p in files} == files
+    # the first and the last images have one shape: the same layout bytes, their files after it
+    assert (tmp_path / "0.iso").read_bytes() == (tmp_path / "4.iso").read_bytes()

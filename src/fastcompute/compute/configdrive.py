@@ -20,6 +20,7 @@ drive's size.
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -185,6 +186,25 @@ def ec2_meta_data(rec: InstanceRecord, ports: list[Port], boot: Bootstrap) -> di
     return doc
 
 
+@functools.lru_cache(maxsize=8)
+def _plan(user_data: bool, skip_ec2: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Every path of the documents and which document it holds (``ec2`` the EC2 metadata):
+    the same for all instances with user data or all without, so made once."""
+    plan = []
+    for version in OPENSTACK_VERSIONS:
+        for name in ("meta_data.json", "vendor_data.json", "network_data.json", "vendor_data2.json",
+                     *(("user_data",) if user_data else ())):
+            since = _SINCE.get(name)
+            if since is None or version == "latest" or version >= since:
+                plan.append((f"openstack/{version}/{name}", name))
+    for version in EC2_VERSIONS:
+        if version not in skip_ec2:
+            plan.append((f"ec2/{version}/meta-data.json", "ec2"))
+            if user_data:
+                plan.append((f"ec2/{version}/user-data", "user_data"))
+    return tuple(plan)
+
+
 def instance_metadata(rec: InstanceRecord, ports: list[Port], boot: Bootstrap, *, default_mtu: int = 1500,
                       skip_ec2: Collection[str] = ()) -> dict[str, bytes]:
     """Every file of the instance's metadata by its path (``openstack/latest/user_data``): a
@@ -197,20 +217,8 @@ def instance_metadata(rec: InstanceRecord, ports: list[Port], boot: Bootstrap, *
         "network_data.json": enc(network_data(ports, default_mtu)),
         # Dynamic vendor data comes from services Nova calls at boot; there are none here.
         "vendor_data2.json": b"{}",
+        "ec2": enc(ec2_meta_data(rec, ports, boot)),
     }
     if boot.user_data is not None:
         docs["user_data"] = boot.user_data
-    files: dict[str, bytes] = {}
-    for version in OPENSTACK_VERSIONS:
-        for name, data in docs.items():
-            since = _SINCE.get(name)
-            if since is None or version == "latest" or version >= since:
-                files[f"openstack/{version}/{name}"] = data
-    ec2 = enc(ec2_meta_data(rec, ports, boot))
-    for version in EC2_VERSIONS:
-        if version in skip_ec2:
-            continue
-        files[f"ec2/{version}/meta-data.json"] = ec2
-        if boot.user_data is not None:
-            files[f"ec2/{version}/user-data"] = boot.user_data
-    return files
+    return {path: docs[name] for path, name in _plan(boot.user_data is not None, tuple(skip_ec2))}
