@@ -22,7 +22,7 @@ from agent_fixtures import AgentProcess, call_error, disk_dirs, free_port, spawn
 from test_agent_console import status_of
 from test_agent_security import make_keys
 
-from fastcompute.errors import AgentError
+from fastcompute.errors import AgentError, Conflict
 from fastcompute.hypervisor.libvirt.testhost import write_test_host
 from fastcompute.rpc.client import Client, ClientTimeout, Curve
 
@@ -401,7 +401,15 @@ def test_kill_9_of_the_destination_before_the_copy_ends_in_one_place(make_agent:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     if here[0][0]["host"] == "host-b":
-        b.call("instance.confirm_resize", {"uuid": uuid})
+        # The destination shows the move ended once its finish is done; the source records
+        # that when the finish's reply reaches it, and a confirm in between is CONFLICT.
+        while True:
+            try:
+                b.call("instance.confirm_resize", {"uuid": uuid})
+                break
+            except Conflict as exc:
+                assert exc.message.endswith("is running here") and time.monotonic() < deadline
+                time.sleep(0.1)
         settled_at(b, a, uuid)
     else:
         settled_at(a, b, uuid)

@@ -120,8 +120,8 @@ def _layout(paths: tuple[str, ...], label: str, publisher: str) -> _Layout:
 def _patched(paths: tuple[str, ...], label: str, publisher: str, groups: tuple[int, ...],
              lengths: tuple[int, ...]) -> bytes:
     """The layout of ``paths`` with their extents and lengths patched in: the ``i``-th path
-    (in the order of their data) holds distinct data number ``groups[i]``, of ``lengths[g]``
-    bytes, placed in that order after the layout.
+    (in the order of their data) holds distinct data number ``g = groups[i]``, of
+    ``lengths[g]`` bytes, the distinct data placed in their order after the layout.
 
     Kept for the last 16 shapes (2 MiB for config drives): the drives of a boot storm differ in
     content, not in these numbers (a name one character longer changes two lengths), and a
