@@ -14,7 +14,7 @@
   with Nova's default EC2 versions only (130 KiB, not 162) and the system area a hole. Since
   then the documents' paths are planned once and the patched layout is kept per shape
   (``iso._patched``): 73 us of Python a drive became ~25. Six runs of this benchmark then read
-  0.80-0.90, median 0.87.
+  0.80-0.90, median 0.87, and 0.78 in a clean-clone ``.ci/run`` (after ``make test``).
 
   What a drive still costs a spawn, measured inside the agent during storms: the documents
   ~30 us on the event loop; the write ~120-190 us of CPU in the disk worker, nearly all of it
