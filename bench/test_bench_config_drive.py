@@ -52,7 +52,7 @@ from fastcompute.rpc.client import AsyncClient, Client
 
 DRIVE_GATE = 20.0
 STORM_GOAL = 0.8
-STORM_GATE = 0.7  # below the readings' spread (0.80-0.90), above a drive costing a third of a spawn
+STORM_GATE = 0.7  # below the readings' spread (0.78-0.90), above a drive costing a third of a spawn
 DRIVE_ROUNDS = 15
 STORM = 1000
 STORM_ROUNDS = 12
